@@ -1,0 +1,18 @@
+# fewstep on a CUDA host: docker build -t fewstep . && docker run --gpus all -p 8000:8000 -v /models:/models fewstep \
+#     fewstep serve --model /models/sd-turbo --host 0.0.0.0
+# The base image already has a CUDA build of torch; pip keeps it (pyproject asks for torch>=2.4 only).
+FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+WORKDIR /opt/fewstep
+COPY pyproject.toml README.md ./
+COPY server ./server
+COPY engines ./engines
+COPY kernels ./kernels
+COPY clients ./clients
+RUN pip install ".[triton]" && python -c "import fewstep.server, fewstep.engines, fewstep.kernels, fewstep.clients"
+
+EXPOSE 8000
+# No model downloads at run time: mount a diffusers-format directory and pass --model, or use the embedded default.
+CMD ["fewstep", "serve", "--host", "0.0.0.0", "--port", "8000"]

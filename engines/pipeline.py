@@ -1,0 +1,266 @@
+"""The model-agnostic few-step pipeline: encode_prompt -> denoise (sampler x model) -> decode.
+
+One class serves every family we load (SD/SD-Turbo/LCM UNets, SDXL UNets, PixArt-style DiTs, pixel-space
+DiTs such as our default model). Family differences are confined to three places: how prompts become
+conditioning (`encode_prompt`), how the denoiser is called (`_model`) and whether there is a VAE (`decode`).
+
+Randomness is per image: every image owns a ``torch.Generator`` (seeded on the CPU, so the draw is the same on
+every device), and initial latents and any re-noising are drawn per image. A batch therefore produces exactly the
+images its members would produce alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .loading import Checkpoint
+from .samplers import (
+    Schedule,
+    consistency_step,
+    euler_ancestral_step,
+    euler_step,
+    make_schedule,
+    rectified_flow_step,
+    x0_from_model_output,
+)
+
+log = logging.getLogger("fewstep.engines")
+
+
+@dataclass
+class PromptEmbeds:
+    """Conditioning for a batch of prompts. embeds: [B, L, D]; mask: [B, L] or None; pooled: [B, P] or None."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def __getitem__(self, i) -> PromptEmbeds:
+        sl = slice(i, i + 1) if isinstance(i, int) else i
+        return PromptEmbeds(self.embeds[sl], None if self.mask is None else self.mask[sl],
+                            None if self.pooled is None else self.pooled[sl])
+
+    @staticmethod
+    def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
+        def c(xs):
+            return None if xs[0] is None else torch.cat(xs)
+        return PromptEmbeds(c([p.embeds for p in items]), c([p.mask for p in items]), c([p.pooled for p in items]))
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance scale for guidance-distilled LCMs (``time_cond_proj_dim``). w: [B]."""
+    w = w * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = w.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb  # [B, dim]
+
+
+class FewStepPipeline:
+    def __init__(self, ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.ckpt = ckpt
+        self.device = torch.device(device)
+        self.dtype = dtype
+        c = ckpt.components
+        self.denoiser_name = ckpt.denoiser_name
+        self.denoiser = c[self.denoiser_name]
+        self.vae = c.get("vae")
+        self.text_encoder = c.get("text_encoder")
+        self.text_encoder_2 = c.get("text_encoder_2")
+        self.tokenizer = c.get("tokenizer")
+        self.tokenizer_2 = c.get("tokenizer_2")
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(f"{ckpt.path}: needs a text_encoder and a tokenizer component")
+        cfg = self.denoiser.config
+        if self.denoiser_name == "unet":
+            self.family = "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"
+        else:
+            self.family = "dit"
+        self.latent_channels = cfg.in_channels
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.time_cond_dim = cfg.get("time_cond_proj_dim") if self.family != "dit" else None
+        if self.vae is not None and dtype == torch.float16 and self.vae.config.get("force_upcast", False):
+            # SD/SDXL VAEs overflow in fp16 (the config says so); decode in fp32 as diffusers does.
+            log.info("VAE config sets force_upcast: decoding in float32")
+            self.vae.to(torch.float32)
+        meta = ckpt.meta
+        self.sampler = make_schedule(ckpt.scheduler_class, ckpt.scheduler_config, 1, ckpt.pipeline_class).kind
+        self.default_steps = int(meta.get("default_steps", 4 if self.sampler == "consistency" else 1))
+        self.default_guidance = float(meta.get("default_guidance_scale",
+                                               8.5 if self.time_cond_dim else 0.0))
+        sample = cfg.sample_size
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+        self.default_size = int(meta.get("default_size", sample * self.vae_scale_factor))
+        self.size_multiple = self.vae_scale_factor * (2 ** max(0, len(cfg.get("block_out_channels", [0])) - 1)
+                                                      if self.denoiser_name == "unet" else cfg.get("patch_size", 1))
+        self._schedules: dict[int, Schedule] = {}
+
+    # -- stage 1 ---------------------------------------------------------------------------------------------
+    def _tokenize(self, tokenizer, prompts: list[str], max_length: int):
+        return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                         return_tensors="pt")
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> PromptEmbeds:
+        dev = self.device
+        if self.family == "sd":
+            tok = self._tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length)
+            use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+            emb = self.text_encoder(tok.input_ids.to(dev),
+                                    attention_mask=tok.attention_mask.to(dev) if use_mask else None)[0]
+            return PromptEmbeds(emb.to(self.dtype))
+        if self.family == "sdxl":
+            embeds, pooled = [], None
+            for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+                if encoder is None:
+                    continue
+                tok = self._tokenize(tokenizer, prompts, tokenizer.model_max_length)
+                out = encoder(tok.input_ids.to(dev), output_hidden_states=True)
+                pooled = out[0]  # the last encoder's pooled (projected) output
+                embeds.append(out.hidden_states[-2])
+            return PromptEmbeds(torch.cat(embeds, dim=-1).to(self.dtype), pooled=pooled.to(self.dtype))
+        # DiTs (PixArt with T5, our default with a small CLIP text model): masked last hidden state.
+        # PixArt pads T5 prompts to 120 tokens (its pipeline default); other encoders use their own length.
+        max_len = int(self.ckpt.meta.get("max_sequence_length")
+                      or (120 if "T5" in type(self.text_encoder).__name__ else self.tokenizer.model_max_length))
+        tok = self._tokenize(self.tokenizer, prompts, max_len)
+        mask = tok.attention_mask.to(dev)
+        emb = self.text_encoder(tok.input_ids.to(dev), attention_mask=mask)[0]
+        return PromptEmbeds(emb.to(self.dtype), mask=mask)
+
+    def negative_embeds(self, negative_prompts: list[str]) -> PromptEmbeds:
+        """Unconditional branch for CFG. SDXL zeroes an empty negative prompt, as its pipeline does by default."""
+        if self.family == "sdxl" and all(not p for p in negative_prompts):
+            pos = self.encode_prompt([""])
+            z = PromptEmbeds(torch.zeros_like(pos.embeds), pooled=torch.zeros_like(pos.pooled))
+            return PromptEmbeds.cat([z] * len(negative_prompts))
+        return self.encode_prompt(negative_prompts)
+
+    # -- stage 2 ---------------------------------------------------------------------------------------------
+    def schedule(self, steps: int) -> Schedule:
+        if steps not in self._schedules:
+            self._schedules[steps] = make_schedule(self.ckpt.scheduler_class, self.ckpt.scheduler_config, steps,
+                                                   self.ckpt.pipeline_class)
+        return self._schedules[steps]
+
+    def check_size(self, height: int, width: int) -> None:
+        m = self.size_multiple
+        if height % m or width % m:
+            raise ValueError(f"size {width}x{height} must be a multiple of {m} on both sides for this model")
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def _noise(self, generators: list[torch.Generator], shape) -> torch.Tensor:
+        # Drawn per image on the CPU in fp32: identical across devices, batch sizes and precisions.
+        n = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators]
+        return torch.cat(n).to(self.device)
+
+    def _model(self, x: torch.Tensor, t: float, cond: PromptEmbeds, height: int, width: int,
+               guidance_scale: float) -> torch.Tensor:
+        b = x.shape[0]
+        x = x.to(self.dtype)
+        tt = torch.full((b,), t, device=self.device, dtype=torch.float32)
+        if self.denoiser_name == "unet":
+            kw = {}
+            if self.time_cond_dim:
+                w = torch.full((b,), guidance_scale - 1.0)
+                kw["timestep_cond"] = guidance_embedding(w, self.time_cond_dim).to(self.device, self.dtype)
+            if self.family == "sdxl":
+                time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype,
+                                        device=self.device).repeat(b, 1)
+                kw["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
+            return self.denoiser(x, tt, encoder_hidden_states=cond.embeds, return_dict=False, **kw)[0]
+        added = {"resolution": None, "aspect_ratio": None}
+        if getattr(self.denoiser, "use_additional_conditions", False):
+            added = {"resolution": torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(b, 1),
+                     "aspect_ratio": torch.tensor([[height / width]], dtype=self.dtype,
+                                                  device=self.device).repeat(b, 1)}
+        out = self.denoiser(x, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask, timestep=tt,
+                            added_cond_kwargs=added, return_dict=False)[0]
+        if out.shape[1] == 2 * self.latent_channels:  # learned-sigma DiTs: keep the mean prediction
+            out = out[:, : self.latent_channels]
+        return out
+
+    def _predict(self, x_in, t, cond, uncond, guidance_scale, height, width):
+        """Denoiser output with classifier-free guidance when asked for (scale > 1 and not guidance-embedded)."""
+        if uncond is None:
+            return self._model(x_in, t, cond, height, width, guidance_scale).float()
+        both = self._model(torch.cat([x_in, x_in]), t, PromptEmbeds.cat([uncond, cond]), height, width,
+                           guidance_scale).float()
+        u, c = both.chunk(2)
+        return u + guidance_scale * (c - u)
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        return guidance_scale > 1.0 and not self.time_cond_dim
+
+    @torch.no_grad()
+    def denoise(self, cond: PromptEmbeds, generators: list[torch.Generator], height: int, width: int, steps: int,
+                guidance_scale: float, uncond: PromptEmbeds | None = None) -> torch.Tensor:
+        """Sample clean latents [B, C, h, w] (fp32) for B images; generators[i] drives image i."""
+        sched = self.schedule(steps)
+        shape = self.latent_shape(height, width)
+        x = self._noise(generators, shape) * sched.init_noise_sigma
+        if not self.uses_cfg(guidance_scale):
+            uncond = None
+        for i, t in enumerate(sched.timesteps):
+            last = i == sched.steps - 1
+            if sched.kind in ("euler", "euler_ancestral"):
+                sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
+                out = self._predict(x / (sigma**2 + 1) ** 0.5, t, cond, uncond, guidance_scale, height, width)
+                x0 = x0_from_model_output(out, x, sigma, sched.prediction_type)
+                if sched.kind == "euler":
+                    x = euler_step(x, x0, sigma, sigma_next)
+                else:
+                    x = euler_ancestral_step(x, x0, sigma, sigma_next,
+                                             None if last else self._noise(generators, shape))
+            elif sched.kind == "consistency":
+                out = self._predict(x, t, cond, uncond, guidance_scale, height, width)
+                x, _ = consistency_step(out, x, sched.alphas[i], sched.alphas_next[i], sched.c_skip[i],
+                                        sched.c_out[i], sched.prediction_type,
+                                        None if last else self._noise(generators, shape))
+            else:  # flow
+                v = self._predict(x, t, cond, uncond, guidance_scale, height, width)
+                x = rectified_flow_step(x, v, sched.sigmas[i], sched.sigmas[i + 1], sched.flow_sign)
+        return x
+
+    # -- stage 3 ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> uint8 images [B, H, W, 3] on the pipeline's device."""
+        if self.vae is not None:
+            cfg = self.vae.config
+            z = latents / cfg.get("scaling_factor", 1.0)
+            if cfg.get("shift_factor") is not None:
+                z = z + cfg.shift_factor
+            vae_dtype = next(self.vae.parameters()).dtype
+            img = self.vae.decode(z.to(vae_dtype), return_dict=False)[0]
+        else:
+            img = latents  # pixel-space model: the sample already is the image in [-1, 1]
+        img = (img.float() / 2 + 0.5).clamp(0, 1)
+        return (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+    # -- convenience (tests, `fewstep generate`) ---------------------------------------------------------------
+    def __call__(self, prompts: list[str], seeds: list[int], height: int | None = None, width: int | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None,
+                 negative_prompts: list[str] | None = None) -> torch.Tensor:
+        height = height or self.default_size
+        width = width or self.default_size
+        steps = steps or self.default_steps
+        guidance_scale = self.default_guidance if guidance_scale is None else guidance_scale
+        self.check_size(height, width)
+        cond = self.encode_prompt(prompts)
+        uncond = (self.negative_embeds(negative_prompts or [""] * len(prompts))
+                  if self.uses_cfg(guidance_scale) else None)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return self.decode(self.denoise(cond, gens, height, width, steps, guidance_scale, uncond)).cpu()

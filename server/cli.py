@@ -1,0 +1,135 @@
+"""fewstep command line: serve | generate | bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="diffusers-format model directory (default: the embedded default model)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None)
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .config import load_config
+
+    cfg = load_config({"model": args.model, "model_name": args.model_name, "engine.device": args.device,
+                       "engine.dtype": args.dtype, "http.host": args.host, "http.port": args.port,
+                       "engine.batching.max_batch_size": args.max_batch_size,
+                       "engine.batching.max_wait_ms": args.max_wait_ms})
+    cfg.model_dir()  # fail fast, with a one-line message, before the server starts
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(cfg)
+    print(f"fewstep: serving {cfg.served_name()} on http://{cfg.http.host}:{cfg.http.port}", flush=True)
+    uvicorn.run(app, host=cfg.http.host, port=cfg.http.port, log_level=cfg.http.log_level)
+    return 0
+
+
+def _generate(args) -> int:
+    from fewstep.engines.core import EngineCore, GenerateRequest
+    from fewstep.engines.loading import CheckpointError, load_checkpoint
+    from fewstep.engines.pipeline import FewStepPipeline
+
+    from .config import load_config
+
+    cfg = load_config({"model": args.model, "engine.device": args.device, "engine.dtype": args.dtype})
+    path = cfg.model_dir()
+    device = cfg.engine.resolve_device()
+    dtype = cfg.engine.resolve_dtype(device)
+    try:
+        pipe = FewStepPipeline(load_checkpoint(path, device, dtype), device, dtype)
+    except CheckpointError as e:
+        print(f"fewstep: {e}", file=sys.stderr)
+        return 2
+    w = h = None
+    if args.size:
+        w, h = (int(x) for x in args.size.lower().split("x"))
+    fmt = {"jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}.get(args.output.rsplit(".", 1)[-1].lower(), "png")
+    core = EngineCore({"model": pipe}, cfg.engine.model_copy(update={"prompt_cache_size": 0}))
+    req = GenerateRequest(prompt=args.prompt, n=args.n, height=h, width=w, steps=args.steps,
+                          guidance_scale=args.guidance_scale, seed=args.seed, output_format=fmt)
+    try:
+        fut = core.add_request(req)
+    except Exception as e:  # EngineError: bad size, ...
+        print(f"fewstep: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    core.step()
+    out = fut.result()
+    core.shutdown()
+    if out.error:
+        print(f"fewstep: generation failed: {out.error}", file=sys.stderr)
+        return 1
+    paths = [args.output] if len(out.images) == 1 else [
+        args.output.replace(".", f"-{i}.", 1) if "." in args.output else f"{args.output}-{i}"
+        for i in range(len(out.images))]
+    for p, data in zip(paths, out.images):
+        with open(p, "wb") as f:
+            f.write(data)
+    t = out.timings
+    stages = " ".join(f"{k.removesuffix('_ms')}={v:.1f}ms" for k, v in t.items() if k.endswith("_ms"))
+    print(f"wrote {', '.join(paths)} (seed {out.seeds[0]}; {stages}; wall {1e3 * (time.perf_counter() - t0):.0f} ms)")
+    return 0
+
+
+def _bench_images(args) -> int:
+    from fewstep.clients.bench import run_images_bench
+
+    try:
+        report = run_images_bench(args)
+    except ValueError as e:
+        args._parser.error(str(e))
+    return 0 if report.get("completed", 0) > 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="fewstep", description="Serve distilled one- and few-step generative models.")
+    p.add_argument("--version", action="version", version=f"fewstep {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="serve the HTTP API")
+    _common_model_args(s)
+    s.add_argument("--model-name", help="model id in the API (default: directory name)")
+    s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    s.add_argument("--max-batch-size", type=int, default=None)
+    s.add_argument("--max-wait-ms", type=float, default=None)
+    s.set_defaults(func=_serve)
+
+    g = sub.add_parser("generate", help="generate images in-process, without a server")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default="out.png", help="output file (.png, .jpg, .webp)")
+    _common_model_args(g)
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--size", default=None, help="WxH, e.g. 512x512 (default: the model's native size)")
+    g.add_argument("--guidance-scale", type=float, default=None)
+    g.add_argument("-n", type=int, default=1)
+    g.set_defaults(func=_generate)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    bi = bsub.add_parser("images", help="load-test an OpenAI-compatible images endpoint")
+    from fewstep.clients.bench import add_images_args
+
+    add_images_args(bi)
+    bi.set_defaults(func=_bench_images, _parser=bi)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The one typed config tree. This is the only module that reads the environment (FEWSTEP_* variables).
+
+Precedence: defaults < environment < CLI flags (the CLI passes its overrides to ``load_config``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from fewstep.engines.config import BatchingConfig, EngineConfig
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "engines" / "default" / "image"
+
+
+class LimitsConfig(BaseModel):
+    max_prompt_chars: int = Field(2000, ge=1, description="longer prompts are refused (tokenizers truncate anyway)")
+    max_n: int = Field(16, ge=1, le=256)
+    max_side: int = Field(2048, ge=64, description="largest width or height in pixels")
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+
+class HTTPConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+
+
+class ServerConfig(BaseModel):
+    model: str | None = Field(None, description="diffusers-format directory; None = the embedded default model")
+    model_name: str | None = Field(None, description="id served in /v1/models; default: the directory name")
+    engine: EngineConfig = EngineConfig()
+    limits: LimitsConfig = LimitsConfig()
+    http: HTTPConfig = HTTPConfig()
+
+    def model_dir(self) -> Path:
+        if self.model:
+            return Path(self.model)
+        if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+            raise SystemExit("fewstep: the embedded default model has not landed yet; pass --model DIR "
+                             "(a diffusers-format directory)")
+        return DEFAULT_MODEL_DIR
+
+    def served_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        return "fewstep-default" if not self.model else Path(self.model).resolve().name
+
+
+_ENV = {  # variable -> (path in the tree, type)
+    "FEWSTEP_MODEL": ("model", str),
+    "FEWSTEP_MODEL_NAME": ("model_name", str),
+    "FEWSTEP_DEVICE": ("engine.device", str),
+    "FEWSTEP_DTYPE": ("engine.dtype", str),
+    "FEWSTEP_MAX_BATCH_SIZE": ("engine.batching.max_batch_size", int),
+    "FEWSTEP_MAX_WAIT_MS": ("engine.batching.max_wait_ms", float),
+    "FEWSTEP_HOST": ("http.host", str),
+    "FEWSTEP_PORT": ("http.port", int),
+}
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def load_config(overrides: dict | None = None, environ: dict | None = None) -> ServerConfig:
+    """Build the config from the environment plus ``overrides`` ({"engine.device": "cpu", ...}; None = unset)."""
+    environ = os.environ if environ is None else environ
+    tree: dict = {}
+    for var, (path, typ) in _ENV.items():
+        if var in environ:
+            _set(tree, path, typ(environ[var]))
+    for path, value in (overrides or {}).items():
+        if value is not None:
+            _set(tree, path, value)
+    return ServerConfig.model_validate(tree)
+
+
+__all__ = ["ServerConfig", "EngineConfig", "BatchingConfig", "LimitsConfig", "HTTPConfig", "load_config"]

@@ -1,0 +1,60 @@
+"""Prometheus metrics (seconds), fed by the same timings the response carries and the benchmarks read."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from fewstep.engines.core import STAGES, GenerateOutput
+
+# Few-step latencies span ~1 ms (cached prompt encode on a GPU) to tens of seconds (CPU, large batches).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """One registry per app, so several apps (tests) never share counters. Implements EngineObserver."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.queue_time = Histogram("fewstep_request_queue_time_seconds", "Time a request waited before its batch ran",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("fewstep_e2e_request_latency_seconds", "Arrival at the engine to encoded images",
+                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram("fewstep_stage_latency_seconds", "Per-stage latency", ["model", "stage"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram("fewstep_batch_size", "Images per forward pass", ["model"], buckets=BATCH_BUCKETS,
+                               registry=r)
+        self.running = Gauge("fewstep_num_requests_running", "Images in the running batch", registry=r)
+        self.waiting = Gauge("fewstep_num_requests_waiting", "Requests waiting in the engine queue", registry=r)
+        self.requests = Counter("fewstep_requests", "Finished HTTP generation requests", ["model", "status"],
+                                registry=r)
+        self.errors = Counter("fewstep_request_errors", "Failed requests by error code", ["model", "code"],
+                              registry=r)
+        self.images = Counter("fewstep_images_generated", "Images generated", ["model"], registry=r)
+
+    # EngineObserver
+    def on_batch(self, model: str, images: int) -> None:
+        self.batch.labels(model).observe(images)
+
+    def on_queue(self, waiting: int, running: int) -> None:
+        self.waiting.set(waiting)
+        self.running.set(running)
+
+    def on_output(self, out: GenerateOutput) -> None:
+        if out.error is not None:
+            return
+        t = out.timings
+        self.queue_time.labels(out.model).observe(t["queue_ms"] / 1e3)
+        self.e2e.labels(out.model).observe(t["total_ms"] / 1e3)
+        for s in STAGES:
+            self.stage.labels(out.model, s).observe(t[f"{s}_ms"] / 1e3)
+        self.images.labels(out.model).inc(len(out.images))
+
+    # HTTP layer
+    def on_request(self, model: str, status: int, code: str | None = None) -> None:
+        self.requests.labels(model, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(model, code or str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

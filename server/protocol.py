@@ -1,0 +1,93 @@
+"""Request / response types of the HTTP surface (pydantic). Shaped like OpenAI's Images API, plus the extra
+fields open servers add (seed, num_inference_steps, guidance_scale, negative_prompt) and fewstep's timings."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fewstep.engines.samplers import MAX_STEPS, MIN_STEPS
+
+MAX_PROMPT_CHARS = 2000  # mirrors LimitsConfig.max_prompt_chars; the route re-checks against the live config
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class ImageGenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (quality, style, user)
+
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=16)
+    size: str | None = Field(None, description='"WxH", e.g. "512x512"; default: the model\'s native size')
+    response_format: Literal["b64_json"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    seed: int | None = Field(None, ge=0, le=2**62)
+    num_inference_steps: int | None = Field(None, ge=MIN_STEPS, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must be a non-empty string")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is None or v == "auto":
+            return None
+        m = _SIZE.match(v)
+        if not m:
+            raise ValueError(f'size must look like "512x512" (width x height in pixels), got {v!r}')
+        w, h = int(m[1]), int(m[2])
+        if not (64 <= w <= 2048 and 64 <= h <= 2048):
+            raise ValueError(f"size sides must be in [64, 2048] pixels, got {w}x{h}")
+        return v
+
+    def dims(self) -> tuple[int | None, int | None]:
+        if self.size is None:
+            return None, None
+        w, h = (int(x) for x in self.size.split("x"))
+        return w, h
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int | None = None
+
+
+class ImageGenerationResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    timings: dict[str, float] = Field(default_factory=dict, description="per-stage milliseconds: queue, "
+                                      "encode_prompt, denoise, decode, encode_image, total; plus batch_size")
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "fewstep"
+    default_size: int | None = None
+    default_steps: int | None = None
+    sampler: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

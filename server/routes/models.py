@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ..protocol import ModelCard, ModelList
+
+router = APIRouter()
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    state = request.app.state.fewstep
+    cards = []
+    if state.core is not None:
+        for name, pipe in state.core.pipelines.items():
+            cards.append(ModelCard(id=name, created=state.started, default_size=pipe.default_size,
+                                   default_steps=pipe.default_steps, sampler=pipe.sampler))
+    return ModelList(data=cards)

@@ -1,0 +1,78 @@
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """All tiny random-weight checkpoints, built once per test session."""
+    from tests import tiny_models
+
+    root = tmp_path_factory.mktemp("tiny")
+    for name, build in tiny_models.BUILDERS.items():
+        build(root / name)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`fewstep serve` as a real subprocess; waits for /ready."""
+
+    def __init__(self, args: list[str], timeout: float = 120.0):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"fewstep-serve-{self.port}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fewstep.server.cli", "serve", "--port", str(self.port),
+                                      *args], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                r = httpx.get(self.url + "/ready", timeout=2)
+                if r.status_code == 200:
+                    return
+                if r.json().get("error"):
+                    raise RuntimeError(f"model failed to load: {r.json()['error']}")
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_dir):
+    srv = ServerProcess(["--model", str(tiny_dir / "sd_turbo"), "--device", "cpu", "--max-wait-ms", "20"])
+    yield srv
+    srv.stop()

@@ -1,0 +1,171 @@
+"""Tiny random-weight checkpoints in diffusers format, written to a directory, for tests.
+
+Each builder returns the directory. The architectures are the real diffusers/transformers classes with small
+configs, so the load path, the samplers and the pipelines are exercised exactly as for full-size checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+_BYTE_CHARS = None
+
+
+def _bytes_to_unicode() -> list[str]:
+    # GPT-2/CLIP byte-level alphabet: every byte maps to a printable unicode char.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def clip_tokenizer(folder: Path, max_length: int = 77):
+    """A byte-level CLIP BPE tokenizer with a handful of merges, built offline."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    merges = [("r", "e"), ("e", "d</w>"), ("c", "i"), ("a", "r"), ("o", "n"), ("b", "l")]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(dict.fromkeys(vocab))}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    return tok
+
+
+def _clip_text(vocab_size: int, hidden: int = 32, projection: bool = False, max_pos: int = 77):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=max_pos, projection_dim=hidden,
+                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                         hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         norm_num_groups=8, sample_size=32).eval()
+
+
+def _unet(cross_dim: int, **kw):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_dim,
+                                attention_head_dim=(2, 4), norm_num_groups=8, **kw).eval()
+
+
+def _save(pipe, path: Path) -> Path:
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def sd_turbo(path: Path, seed: int = 0) -> Path:
+    """SD-Turbo-style: SD 2.x UNet (epsilon), CLIP text encoder, VAE, Euler with trailing spacing."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer(path / "_tok")
+    pipe = StableDiffusionPipeline(
+        unet=_unet(32), vae=_vae(), text_encoder=_clip_text(len(tok)), tokenizer=tok,
+        scheduler=EulerDiscreteScheduler(timestep_spacing="trailing", beta_schedule="scaled_linear",
+                                         beta_start=0.00085, beta_end=0.012),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return _save(pipe, path)
+
+
+def lcm(path: Path, seed: int = 0) -> Path:
+    """LCM-style: UNet with a guidance-scale embedding (time_cond_proj_dim) and LCMScheduler."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer(path / "_tok")
+    pipe = LatentConsistencyModelPipeline(
+        unet=_unet(32, time_cond_proj_dim=32), vae=_vae(), text_encoder=_clip_text(len(tok)), tokenizer=tok,
+        scheduler=LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return _save(pipe, path)
+
+
+def sdxl_turbo(path: Path, seed: int = 0) -> Path:
+    """SDXL-Turbo-style: two text encoders, text_time added conditioning, Euler ancestral (trailing)."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer(path / "_tok")
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=8).eval()
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=_vae(), text_encoder=_clip_text(len(tok)), tokenizer=tok,
+        text_encoder_2=_clip_text(len(tok), projection=True), tokenizer_2=tok,
+        scheduler=EulerAncestralDiscreteScheduler(timestep_spacing="trailing", beta_schedule="scaled_linear",
+                                                  beta_start=0.00085, beta_end=0.012))
+    return _save(pipe, path)
+
+
+def pixart(path: Path, seed: int = 0, scheduler: str = "lcm") -> Path:
+    """PixArt-style DiT (T5 encoder, learned sigma) with LCMScheduler, as PixArt-LCM ships."""
+    from diffusers import DDIMScheduler, LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer(path / "_tok")
+    te = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 pad_token_id=len(tok) - 1)).eval()
+    tr = PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                  num_attention_heads=3, caption_channels=32, in_channels=4, cross_attention_dim=24,
+                                  out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+                                  num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                  norm_eps=1e-6).eval()
+    sched = (LCMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02) if scheduler == "lcm"
+             else DDIMScheduler(timestep_spacing="trailing"))
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=te, vae=_vae(), transformer=tr, scheduler=sched)
+    return _save(pipe, path)
+
+
+def pixel_dit(path: Path, seed: int = 0) -> Path:
+    """The default-model format: a pixel-space PixArt DiT with a CLIP text encoder and a FlowMatch scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = clip_tokenizer(path / "_tok", max_length=16)
+    tok.save_pretrained(path / "tokenizer")
+    _clip_text(len(tok), max_pos=16).save_pretrained(path / "text_encoder", safe_serialization=True)
+    PixArtTransformer2DModel(sample_size=16, num_layers=2, patch_size=4, attention_head_dim=8, num_attention_heads=2,
+                             caption_channels=32, in_channels=3, out_channels=3, cross_attention_dim=16,
+                             norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                             use_additional_conditions=False).eval().save_pretrained(path / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "FewstepPixelPipeline", "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "PixArtTransformer2DModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "fewstep": {"default_steps": 2, "default_guidance_scale": 0.0, "default_size": 16}}))
+    return path
+
+
+BUILDERS = {"sd_turbo": sd_turbo, "lcm": lcm, "sdxl_turbo": sdxl_turbo, "pixart": pixart, "pixel_dit": pixel_dit}
+
+if __name__ == "__main__":  # python tests/tiny_models.py KIND DIR (used by e2e tests and by hand)
+    import sys
+
+    BUILDERS[sys.argv[1]](Path(sys.argv[2]))

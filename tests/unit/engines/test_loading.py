@@ -1,0 +1,80 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewstep.engines.loading import CheckpointError, checkpoint_hash, load_checkpoint, read_index
+
+
+def _copy(tiny_dir, tmp_path, name="sd_turbo"):
+    dst = tmp_path / name
+    shutil.copytree(tiny_dir / name, dst)
+    return dst
+
+
+def test_loads_every_component(tiny_dir):
+    ck = load_checkpoint(tiny_dir / "sd_turbo")
+    assert set(ck.components) == {"unet", "vae", "text_encoder", "tokenizer"}
+    assert ck.scheduler_class == "EulerDiscreteScheduler" and ck.denoiser_name == "unet"
+
+
+def test_missing_directory_is_not_a_hub_lookup(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist .*local directories only"):
+        read_index("stabilityai/sd-turbo")
+
+
+def test_missing_model_index(tmp_path):
+    with pytest.raises(CheckpointError, match="model_index.json is missing"):
+        read_index(tmp_path)
+
+
+def test_missing_component_names_the_folder(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    shutil.rmtree(d / "vae")
+    with pytest.raises(CheckpointError, match=r"vae is missing \(model_index.json lists component 'vae'\)"):
+        load_checkpoint(d)
+
+
+def test_missing_weights_name_the_file(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    (d / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"unet/diffusion_pytorch_model.safetensors is missing"):
+        load_checkpoint(d)
+
+
+def test_pickled_weights_are_refused(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    f = d / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(f), d / "unet" / "diffusion_pytorch_model.bin")
+    f.unlink()
+    with pytest.raises(CheckpointError, match="pickled weight file; fewstep loads safetensors only"):
+        load_checkpoint(d)
+
+
+def test_missing_scheduler_config(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    (d / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(CheckpointError, match="scheduler_config.json is missing"):
+        load_checkpoint(d)
+
+
+def test_unknown_class_is_named(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    idx = json.loads((d / "model_index.json").read_text())
+    idx["unet"] = ["diffusers", "NoSuchUNet"]
+    (d / "model_index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match="NoSuchUNet"):
+        load_checkpoint(d)
+
+
+def test_content_hash_tracks_weights(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    h0 = checkpoint_hash(d)
+    assert checkpoint_hash(d) == h0
+    f = d / "unet" / "diffusion_pytorch_model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 1
+    f.write_bytes(bytes(raw))
+    assert checkpoint_hash(d) != h0
