@@ -11,35 +11,10 @@ from pathlib import Path
 
 import torch
 
-_BYTE_CHARS = None
-
-
-def _bytes_to_unicode() -> list[str]:
-    # GPT-2/CLIP byte-level alphabet: every byte maps to a printable unicode char.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def clip_tokenizer(folder: Path, max_length: int = 77):
-    """A byte-level CLIP BPE tokenizer with a handful of merges, built offline."""
-    from transformers import CLIPTokenizer
+    from benchmarks.random_weights import byte_level_clip_tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
-    merges = [("r", "e"), ("e", "d</w>"), ("c", "i"), ("a", "r"), ("o", "n"), ("b", "l")]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(dict.fromkeys(vocab))}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
-    return tok
+    return byte_level_clip_tokenizer(folder, max_length)
 
 
 def _clip_text(vocab_size: int, hidden: int = 32, projection: bool = False, max_pos: int = 77):

@@ -1,0 +1,193 @@
+"""In-process latency of fewstep's engine, per stage, against the plain diffusers pipeline on the same weights.
+
+    python -m benchmarks.pipeline_bench --config benchmarks/configs/sd-turbo --size 512 --steps 1 \
+        --batch 1 4 16 --iters 20 --baseline diffusers-eager --out benchmarks/results/pipeline.jsonl
+
+Every figure is a median over ``--iters`` timed runs after ``--warmup`` untimed ones; GPU stages are bracketed by
+synchronisation (the engine's own stage timer), so they are wall-clock device time. "cold" runs use a new prompt
+every iteration (text encoder runs); "cached" runs repeat one prompt (the prompt-embedding cache serves it).
+FLOPs come from torch.utils.flop_counter at batch 1; MFU is against the measured ceiling (--peak-tflops, 790 for
+bf16/fp16 dense on our H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+STAGE_KEYS = ("encode_prompt_ms", "denoise_ms", "decode_ms", "encode_image_ms", "total_ms")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def count_flops(pipe, size: int, steps: int) -> dict[str, float]:
+    """GFLOPs per image for each stage at batch 1 (the denoiser counted once per step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = {}
+    with FlopCounterMode(display=False) as fc:
+        cond = pipe.encode_prompt(["flop count"])
+    out["encode_prompt"] = fc.get_total_flops() / 1e9
+    gens = [torch.Generator().manual_seed(0)]
+    with FlopCounterMode(display=False) as fc:
+        lat = pipe.denoise(cond, gens, size, size, steps, 0.0)
+    out["denoise"] = fc.get_total_flops() / 1e9
+    with FlopCounterMode(display=False) as fc:
+        pipe.decode(lat)
+    out["decode"] = fc.get_total_flops() / 1e9
+    return out
+
+
+def bench_fewstep(pipe, size, steps, batch, iters, warmup, cached: bool, fmt: str) -> dict:
+    from fewstep.engines.config import BatchingConfig, EngineConfig
+    from fewstep.engines.core import EngineCore, GenerateRequest
+
+    core = EngineCore({"m": pipe}, EngineConfig(batching=BatchingConfig(max_batch_size=max(batch, 1))))
+    rows = []
+    for i in range(warmup + iters):
+        prompt = "a photo of a cat" if cached else f"a photo of a cat, variant {i} {time.time_ns()}"
+        core.add_request(GenerateRequest(prompt=prompt, n=batch, height=size, width=size, steps=steps, seed=i,
+                                         output_format=fmt))
+        t0 = time.perf_counter()
+        (out,) = core.step()
+        wall = (time.perf_counter() - t0) * 1e3
+        if out.error:
+            raise out.error
+        if i >= warmup:
+            rows.append(dict(out.timings, wall_ms=wall))
+    core.shutdown()
+    return {k: statistics.median(r[k] for r in rows) for k in (*STAGE_KEYS, "wall_ms")}
+
+
+def bench_diffusers(model_dir, dtype, device, size, steps, batch, iters, warmup, compile_mode=None) -> dict:
+    import diffusers
+
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    cls = getattr(diffusers, index["_class_name"])
+    pipe = cls.from_pretrained(model_dir, torch_dtype=dtype, local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    compile_s = None
+    if compile_mode:
+        pipe.unet = torch.compile(pipe.unet, mode=compile_mode)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode)
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        pipe([f"a photo of a cat {i}"] * batch, num_inference_steps=steps, guidance_scale=0.0, height=size,
+             width=size, generator=torch.Generator().manual_seed(i), output_type="pil")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+        if i == 0 and compile_mode:
+            compile_s = ms / 1e3
+        if i >= warmup:
+            times.append(ms)
+    del pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"total_ms": statistics.median(times), "first_call_s": compile_s}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="benchmarks/configs/<arch> (random weights are built from it)")
+    p.add_argument("--model", help="an existing checkpoint directory instead of --config")
+    p.add_argument("--work", default="/tmp/fewstep-bench-models", help="where random checkpoints are cached")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "raw"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    p.add_argument("--baseline", nargs="*", default=[], choices=["diffusers-eager", "diffusers-compile"])
+    p.add_argument("--peak-tflops", type=float, default=790.0)
+    p.add_argument("--out", help="append result rows (JSON lines) here")
+    a = p.parse_args()
+
+    from benchmarks.random_weights import build_random_checkpoint
+    from fewstep.engines.loading import load_checkpoint
+    from fewstep.engines.pipeline import FewStepPipeline
+
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if a.device == "auto" else a.device))
+    dtype = (torch.float16 if device.type == "cuda" else torch.float32) if a.dtype == "auto" else getattr(torch, a.dtype)
+    if a.model:
+        model_dir = Path(a.model)
+    else:
+        t0 = time.perf_counter()
+        model_dir = build_random_checkpoint(a.config, Path(a.work) / Path(a.config).name, dtype)
+        print(f"random checkpoint at {model_dir} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    arch = Path(a.config or a.model).name
+
+    t0 = time.perf_counter()
+    pipe = FewStepPipeline(load_checkpoint(model_dir, device, dtype), device, dtype)
+    load_s = time.perf_counter() - t0
+    flops = count_flops(pipe, a.size, a.steps)
+    print(f"loaded in {load_s:.1f} s; GFLOPs/image: " + ", ".join(f"{k} {v:.0f}" for k, v in flops.items()), flush=True)
+
+    meta = {"gpu": device_name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "torch": torch.__version__, "arch": arch, "size": a.size, "steps": a.steps,
+            "dtype": str(dtype).removeprefix("torch."), "command": "python -m benchmarks.pipeline_bench " +
+            " ".join(os.sys.argv[1:])}
+    rows = []
+    total_gflop = sum(flops.values())
+    for batch in a.batch:
+        for cached in (False, True):
+            r = bench_fewstep(pipe, a.size, a.steps, batch, a.iters, a.warmup, cached, a.format)
+            gpu_ms = r["encode_prompt_ms"] + r["denoise_ms"] + r["decode_ms"]
+            mfu = total_gflop * batch / (gpu_ms * 1e-3) / (a.peak_tflops * 1e3) if device.type == "cuda" else None
+            rows.append(dict(meta, system="fewstep-eager", batch=batch, prompt="cached" if cached else "cold",
+                             **{k: round(v, 3) for k, v in r.items()}, gflops_per_image=round(total_gflop, 1),
+                             mfu=None if mfu is None else round(mfu, 4)))
+            print(json.dumps(rows[-1]), flush=True)
+    del pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for base in a.baseline:
+        for batch in a.batch:
+            r = bench_diffusers(model_dir, dtype, device, a.size, a.steps, batch, a.iters, a.warmup,
+                                "max-autotune-no-cudagraphs" if base == "diffusers-compile" else None)
+            rows.append(dict(meta, system=base, batch=batch, prompt="cold", **r))
+            print(json.dumps(rows[-1]), flush=True)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(a.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    print(f"\n{'system':<18}{'batch':>6}{'prompt':>8}{'enc_prompt':>11}{'denoise':>9}{'decode':>8}{'enc_img':>8}"
+          f"{'total ms':>10}{'MFU':>7}")
+    def mfu_s(r):
+        return f"{100 * r['mfu']:.0f}%" if r.get("mfu") else "-"
+
+    for r in rows:
+        f = lambda k: f"{r[k]:.1f}" if r.get(k) is not None else "-"
+        print(f"{r['system']:<18}{r['batch']:>6}{r['prompt']:>8}{f('encode_prompt_ms'):>11}{f('denoise_ms'):>9}"
+              f"{f('decode_ms'):>8}{f('encode_image_ms'):>8}{f('total_ms'):>10}"
+              f"{mfu_s(r):>7}")
+
+
+if __name__ == "__main__":
+    main()
