@@ -1,0 +1,487 @@
+"""Block-sparse self-attention for diffusers DiTs without forking model code.
+
+``enable_block_sparse_attention(model, cfg)`` swaps the processor of every self-attention module
+whose processor is the stock ``AttnProcessor2_0`` (PixArt, DiT, ... ``attn1``) or
+``WanAttnProcessor`` (Wan 2.x ``attn1``) for a :class:`BlockSparseAttnProcessor`; cross-attention
+keeps its processor. The replacement computes q/k/v exactly like the stock processor (norms, Wan
+rotary embedding), builds an adaptive block mask from them (``block_sparse_mask.build_block_mask``)
+and runs the Triton kernel. Anything the kernel cannot take (CPU, fp32, unsupported head dim, no
+triton, an attention mask, cross-attention) goes to the stock processor, so that path is
+bit-identical to dense; each reason is logged once on the ``fewstep.kernels`` logger.
+
+Engine option syntax (:meth:`BlockSparseConfig.parse`)::
+
+    attention: dense
+    attention: block_sparse(threshold=0.9,topk=none,block=128,local=1,sinks=0,tile_3d=4x4x8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .block_sparse_mask import build_block_mask, tile_3d_permutation
+
+__all__ = [
+    "BlockSparseAttnProcessor",
+    "BlockSparseConfig",
+    "block_sparse_processors",
+    "disable_block_sparse_attention",
+    "enable_block_sparse_attention",
+]
+
+logger = logging.getLogger("fewstep.kernels")
+_logged_reasons: set[str] = set()
+_HOOK_ATTR = "_fewstep_block_sparse_hook"
+
+
+def _log_once(reason: str, level: int = logging.WARNING) -> None:
+    if reason not in _logged_reasons:
+        _logged_reasons.add(reason)
+        logger.log(level, "block-sparse attention falls back to dense SDPA: %s", reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseConfig:
+    """Adaptive block-sparse attention settings (see ``build_block_mask`` for the selection rule).
+
+    threshold: keep per query block the top key blocks holding this much estimated softmax mass
+        (None: off; >= 1.0: keep all blocks, i.e. dense through the kernel).
+    topk: also keep this many top-scoring key blocks per query block (None: off).
+    block: query and key block size in tokens (power of two, 16..256).
+    local: key blocks kept on each side of the diagonal. sinks: first key blocks always kept.
+    tile_3d: (tt, th, tw) space-time tile; tokens are regrouped into these cubes before blocking
+        (needs the token grid, recorded by the hook that ``enable_block_sparse_attention`` installs).
+    min_seq_len: shorter sequences run dense.
+    """
+
+    threshold: float | None = 0.9
+    topk: int | None = None
+    block: int = 128
+    local: int = 1
+    sinks: int = 0
+    tile_3d: tuple[int, int, int] | None = None
+    min_seq_len: int = 0
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.topk is not None and self.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if self.block < 16 or self.block > 256 or self.block & (self.block - 1):
+            raise ValueError(f"block must be a power of two in [16, 256], got {self.block}")
+        if self.local < 0 or self.sinks < 0 or self.min_seq_len < 0:
+            raise ValueError("local, sinks and min_seq_len must be >= 0")
+        if self.tile_3d is not None:
+            tile = tuple(int(s) for s in self.tile_3d)
+            if len(tile) != 3 or min(tile) < 1:
+                raise ValueError(f"tile_3d must be three positive ints, got {self.tile_3d}")
+            object.__setattr__(self, "tile_3d", tile)
+
+    @property
+    def full(self) -> bool:
+        """True when every block is kept (the mask need not be estimated)."""
+        return self.threshold is not None and self.threshold >= 1.0
+
+    @classmethod
+    def parse(cls, spec: str | None) -> BlockSparseConfig | None:
+        """``"dense"`` (or empty) -> None; ``"block_sparse(threshold=0.9,block=128)"`` -> config."""
+        text = (spec or "").strip()
+        if text.lower() in ("", "dense"):
+            return None
+        m = re.fullmatch(r"block_sparse\s*(?:\((.*)\))?", text, flags=re.IGNORECASE | re.DOTALL)
+        if m is None:
+            raise ValueError(f"attention option must be 'dense' or 'block_sparse(...)', got {spec!r}")
+        kwargs: dict[str, object] = {}
+        for item in filter(None, (s.strip() for s in (m.group(1) or "").split(","))):
+            key, sep, value = (s.strip() for s in item.partition("="))
+            if not sep or key not in _FIELD_PARSERS:
+                raise ValueError(f"bad block_sparse argument {item!r}; known: {', '.join(_FIELD_PARSERS)}")
+            try:
+                kwargs[key] = _FIELD_PARSERS[key](value)
+            except ValueError as e:
+                raise ValueError(f"bad value for {key}: {value!r}") from e
+        return cls(**kwargs)
+
+    def to_option(self) -> str:
+        """Inverse of :meth:`parse`."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "tile_3d" and value is not None:
+                value = "x".join(str(s) for s in value)
+            parts.append(f"{f.name}={'none' if value is None else value}")
+        return f"block_sparse({','.join(parts)})"
+
+
+def _optional(conv):
+    return lambda s: None if s.lower() in ("none", "null", "") else conv(s)
+
+
+_FIELD_PARSERS = {
+    "threshold": _optional(float),
+    "topk": _optional(int),
+    "block": int,
+    "local": int,
+    "sinks": int,
+    "tile_3d": _optional(lambda s: tuple(int(x) for x in re.split(r"[x*]", s))),
+    "min_seq_len": int,
+}
+
+
+class _SharedState:
+    """Per-model state shared by its processors: token grid of the current forward, caches."""
+
+    def __init__(self) -> None:
+        self.grid: tuple[int, int, int] | None = None
+        self.perm_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rope_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def _is_wan_attention(attn) -> bool:
+    # WanAttention (diffusers >= 0.35) takes rotary_emb positionally and has no `group_norm`
+    return type(attn).__name__ == "WanAttention"
+
+
+def _stock_processor_for(attn):
+    if _is_wan_attention(attn):
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        return WanAttnProcessor()
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return AttnProcessor2_0()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _kernel_module():
+    from . import block_sparse_attention
+
+    return block_sparse_attention
+
+
+def _apply_wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Same arithmetic as WanAttnProcessor's rotary embedding (interleaved pairs), so results match
+    # it bit for bit. x: [B, N, H, D], cos/sin: [1, N, 1, D]
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class BlockSparseAttnProcessor:
+    """Attention processor running self-attention through the block-sparse Triton kernel.
+
+    Works on ``Attention`` modules that use ``AttnProcessor2_0`` semantics and on ``WanAttention``.
+    ``last_sparsity`` holds the fraction of skipped blocks of the latest call (0-dim tensor, no host
+    sync) or None when that call ran dense. ``allow_cpu_interpreter`` lets the kernel run on CPU
+    under ``TRITON_INTERPRET=1`` (tests only; very slow).
+    """
+
+    def __init__(
+        self,
+        threshold: float | None = 0.9,
+        topk: int | None = None,
+        block: int = 128,
+        local: int = 1,
+        sinks: int = 0,
+        tile_3d: tuple[int, int, int] | None = None,
+        min_seq_len: int = 0,
+        *,
+        config: BlockSparseConfig | None = None,
+        dense_processor=None,
+        allow_cpu_interpreter: bool = False,
+        shared_state: _SharedState | None = None,
+    ) -> None:
+        self.config = config or BlockSparseConfig(
+            threshold=threshold, topk=topk, block=block, local=local, sinks=sinks, tile_3d=tile_3d,
+            min_seq_len=min_seq_len,
+        )
+        self.dense_processor = dense_processor
+        self.allow_cpu_interpreter = allow_cpu_interpreter
+        self.state = shared_state or _SharedState()
+        self.last_sparsity: torch.Tensor | None = None
+        self._stock_processors: dict[bool, object] = {}
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        wan = _is_wan_attention(attn)
+        reason = self._fallback_reason(attn, hidden_states, encoder_hidden_states, attention_mask)
+        if reason is not None:
+            self.last_sparsity = None
+            dense = self.dense_processor or self._stock(attn, wan)
+            if wan:
+                return dense(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+            return dense(attn, hidden_states, encoder_hidden_states, attention_mask, temb=temb, **kwargs)
+        if wan:
+            return self._wan_forward(attn, hidden_states, rotary_emb)
+        return self._attention_forward(attn, hidden_states, temb)
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def _stock(self, attn, wan: bool):
+        # installed model-wide via set_attn_processor: cross-attention lands here without a delegate
+        if wan not in self._stock_processors:
+            self._stock_processors[wan] = _stock_processor_for(attn)
+        return self._stock_processors[wan]
+
+    def _fallback_reason(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> str | None:
+        if encoder_hidden_states is not None:
+            _log_once("cross-attention stays dense", logging.DEBUG)
+            return "cross-attention"
+        if attention_mask is not None:
+            return self._reason("an attention mask is present")
+        if hidden_states.device.type != "cuda":
+            if not (self.allow_cpu_interpreter and _interpreting()):
+                return self._reason(f"not on CUDA (device {hidden_states.device.type})")
+        dtype = attn.to_out[0].weight.dtype
+        if torch.is_autocast_enabled(hidden_states.device.type):
+            dtype = torch.get_autocast_dtype(hidden_states.device.type)
+        if dtype not in (torch.float16, torch.bfloat16):
+            return self._reason(f"dtype {dtype} unsupported (fp16/bf16 only)")
+        kv_inner = getattr(attn, "kv_inner_dim", None) or getattr(attn, "inner_kv_dim", None)
+        if kv_inner is not None and kv_inner != attn.inner_dim:
+            return self._reason("grouped/multi-query kv heads unsupported")
+        head_dim = attn.inner_dim // attn.heads
+        kernels = _kernel_module()
+        if not kernels.is_supported_head_dim(head_dim):
+            return self._reason(f"head dim {head_dim} unsupported")
+        if not kernels.HAS_TRITON:
+            return self._reason("triton is not installed")
+        n = hidden_states.shape[1] if hidden_states.ndim == 3 else math.prod(hidden_states.shape[2:])
+        if n < self.config.min_seq_len:
+            _log_once(f"sequence shorter than min_seq_len={self.config.min_seq_len}", logging.DEBUG)
+            return "short sequence"
+        return None
+
+    @staticmethod
+    def _reason(reason: str) -> str:
+        _log_once(reason)
+        return reason
+
+    # -- token permutation (3-D tiling) -------------------------------------------------------------
+
+    def _permutation(self, n_tokens: int, device: torch.device):
+        tile = self.config.tile_3d
+        if tile is None:
+            return None, None
+        grid = self.state.grid
+        if grid is None or math.prod(grid) != n_tokens:
+            _log_once("tile_3d ignored: token grid unknown or not matching the sequence", logging.INFO)
+            return None, None
+        key = (grid, tile, str(device))
+        if key not in self.state.perm_cache:
+            self.state.perm_cache[key] = tile_3d_permutation(*grid, tile, device=device)
+        return self.state.perm_cache[key]
+
+    def _permuted_rope(self, rotary_emb, perm: torch.Tensor):
+        cos, sin = rotary_emb
+        key = (cos.data_ptr(), sin.data_ptr(), tuple(cos.shape), self.state.grid, self.config.tile_3d)
+        cached = self.state.rope_cache
+        if cached is None or cached[0] != key:
+            cached = (key, (cos.index_select(1, perm), sin.index_select(1, perm)))
+            self.state.rope_cache = cached
+        return cached[1]
+
+    # -- attention core ---------------------------------------------------------------------------
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q, k, v: [B, H, N, D] (possibly strided views) -> [B, H, N, D]
+        kernels = _kernel_module()
+        if not (q.dtype == k.dtype == v.dtype and q.dtype in kernels.SUPPORTED_DTYPES):
+            _log_once(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} unsupported")
+            self.last_sparsity = None
+            return F.scaled_dot_product_attention(q, k, v)
+        cfg = self.config
+        if cfg.full:
+            self.last_sparsity = torch.zeros((), device=q.device)
+            return kernels.block_sparse_attention(q, k, v, block_m=cfg.block, block_n=cfg.block)
+        res = build_block_mask(
+            q, k, block_m=cfg.block, block_n=cfg.block, threshold=cfg.threshold, topk=cfg.topk,
+            local=cfg.local, sinks=cfg.sinks,
+        )
+        self.last_sparsity = res.sparsity
+        return kernels.block_sparse_attention(q, k, v, res.mask, block_m=cfg.block, block_n=cfg.block)
+
+    def _wan_forward(self, attn, hidden_states: torch.Tensor, rotary_emb) -> torch.Tensor:
+        # hidden_states: [B, N, C]
+        perm, inv = self._permutation(hidden_states.shape[1], hidden_states.device)
+        if perm is not None:
+            # per-token ops (projections, norms, rope) commute with the permutation
+            hidden_states = hidden_states.index_select(1, perm)
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))  # query: [B, N, H, D]
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            cos, sin = self._permuted_rope(rotary_emb, perm) if perm is not None else rotary_emb
+            query = _apply_wan_rope(query, cos, sin)
+            key = _apply_wan_rope(key, cos, sin)
+        # the kernel takes [B, H, N, D] views of the [B, N, H, D] buffers; its output keeps that layout
+        out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)  # out: [B, N, C]
+        if inv is not None:
+            out = out.index_select(1, inv)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+    def _attention_forward(self, attn, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        # mirrors AttnProcessor2_0 for self-attention without a mask
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        perm, inv = self._permutation(hidden_states.shape[1], hidden_states.device)
+        if perm is not None:
+            hidden_states = hidden_states.index_select(1, perm)
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # query: [B, H, N, D]
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        out = self._attend(query, key, value)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        if inv is not None:
+            out = out.index_select(1, inv)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _is_self_attention(name: str, module) -> bool:
+    is_cross = getattr(module, "is_cross_attention", None)
+    if is_cross is not None:
+        return not is_cross and not getattr(module, "only_cross_attention", False)
+    return name.rsplit(".", 1)[-1] == "attn1"
+
+
+def _replaceable(processor) -> bool:
+    # only processors whose math the block-sparse path reproduces
+    return type(processor).__name__ in ("AttnProcessor2_0", "WanAttnProcessor")
+
+
+def _token_grid(model, x) -> tuple[int, int, int] | None:
+    """Post-patchify token grid (T, H, W) of a DiT input, row-major as the model flattens it."""
+    patch = getattr(getattr(model, "config", None), "patch_size", None)
+    if not isinstance(x, torch.Tensor) or patch is None:
+        return None
+    if x.ndim == 5:
+        pt, ph, pw = patch if isinstance(patch, (tuple, list)) and len(patch) == 3 else (1, patch, patch)
+        return x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
+    if x.ndim == 4:
+        p = patch[-1] if isinstance(patch, (tuple, list)) else patch
+        return 1, x.shape[2] // p, x.shape[3] // p
+    return None
+
+
+def enable_block_sparse_attention(
+    model: torch.nn.Module,
+    cfg: BlockSparseConfig | str | None,
+    *,
+    allow_cpu_interpreter: bool = False,
+) -> int:
+    """Install :class:`BlockSparseAttnProcessor` on the self-attention modules of ``model``.
+
+    ``cfg`` may be a config, an option string, or None/"dense" (restores dense, returns 0). Only
+    modules running the stock ``AttnProcessor2_0``/``WanAttnProcessor`` are replaced (calling this
+    again re-configures already replaced ones). Returns the number of modules now block-sparse.
+    """
+    if isinstance(cfg, str) or cfg is None:
+        cfg = BlockSparseConfig.parse(cfg)
+    if cfg is None:
+        disable_block_sparse_attention(model)
+        return 0
+    state = _SharedState()
+    replaced = 0
+    for name, module in model.named_modules():
+        if not hasattr(module, "set_processor") or not hasattr(module, "processor"):
+            continue
+        if not _is_self_attention(name, module):
+            continue
+        current = module.processor
+        if isinstance(current, BlockSparseAttnProcessor):
+            current = current.dense_processor or _stock_processor_for(module)
+        if not _replaceable(current):
+            _log_once(f"{name}: processor {type(current).__name__} is not replaced", logging.INFO)
+            continue
+        module.set_processor(
+            BlockSparseAttnProcessor(
+                config=cfg, dense_processor=current, allow_cpu_interpreter=allow_cpu_interpreter, shared_state=state
+            )
+        )
+        replaced += 1
+
+    old = getattr(model, _HOOK_ATTR, None)
+    if old is not None:
+        old.remove()
+
+    def _record_grid(mod, args, kwargs):
+        # the processors only see [B, N, C]; the 3-D tiling needs the (T, H, W) grid of this call
+        x = args[0] if args else kwargs.get("hidden_states")
+        state.grid = _token_grid(mod, x)
+        state.rope_cache = None
+
+    setattr(model, _HOOK_ATTR, model.register_forward_pre_hook(_record_grid, with_kwargs=True))
+    return replaced
+
+
+def disable_block_sparse_attention(model: torch.nn.Module) -> int:
+    """Put the original processors back; returns how many were restored."""
+    restored = 0
+    for _, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, BlockSparseAttnProcessor) and hasattr(module, "set_processor"):
+            module.set_processor(processor.dense_processor or _stock_processor_for(module))
+            restored += 1
+    hook = getattr(model, _HOOK_ATTR, None)
+    if hook is not None:
+        hook.remove()
+        delattr(model, _HOOK_ATTR)
+    return restored
+
+
+def block_sparse_processors(model: torch.nn.Module) -> list[BlockSparseAttnProcessor]:
+    """The installed processors, in module order (e.g. to read ``last_sparsity``)."""
+    return [
+        m.processor for m in model.modules() if isinstance(getattr(m, "processor", None), BlockSparseAttnProcessor)
+    ]
