@@ -29,6 +29,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHT_FILES = {
     "diffusers": "diffusion_pytorch_model.safetensors",
     "transformers": "model.safetensors",
+    "fewstep": "diffusion_pytorch_model.safetensors",  # our own ModelMixin classes (fewstep.engines.models)
 }
 DENOISERS = ("unet", "transformer")
 
@@ -109,22 +110,24 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     import diffusers
     import transformers
 
+    from . import models as fewstep_models
+
     path = Path(path).resolve()
     index = read_index(path)
     ckpt = Checkpoint(path=path, pipeline_class=index.get("_class_name", ""), index=index)
-    libs = {"diffusers": diffusers, "transformers": transformers}
+    libs = {"diffusers": diffusers, "transformers": transformers, "fewstep": fewstep_models}
 
     for name, (lib, cls_name) in _component_entries(index).items():
         folder = path / name
         if lib not in libs:
             raise CheckpointError(f"{path / 'model_index.json'}: component {name!r} comes from library {lib!r}; "
-                                  "fewstep loads diffusers and transformers components only")
+                                  "fewstep loads diffusers, transformers and fewstep components only")
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is missing (model_index.json lists component {name!r})")
         cls = getattr(libs[lib], cls_name, None)
         if cls is None:
             raise CheckpointError(f"{path / 'model_index.json'}: {lib} has no class {cls_name!r} for {name!r} "
-                                  f"(installed {lib} {libs[lib].__version__})")
+                                  f"(installed {lib} {getattr(libs[lib], '__version__', '')})")
         if name == "scheduler" or cls_name.endswith("Scheduler"):
             cfg_file = folder / "scheduler_config.json"
             if not cfg_file.is_file():
