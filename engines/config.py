@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class BatchingConfig(BaseModel):
@@ -26,7 +26,18 @@ class EngineConfig(BaseModel):
     prompt_cache_size: int = Field(1024, ge=0, description="LRU entries of prompt embeddings; 0 disables")
     encode_workers: int = Field(4, ge=1, le=64, description="threads that encode images (PNG/JPEG/WebP)")
     warmup: bool = True
+    attention: str = Field("dense", description='self-attention of DiT denoisers: "dense" or '
+                           '"block_sparse(threshold=0.9,block=128,...)" (Triton kernel; falls back to dense '
+                           'with a logged reason where a shape or device is unsupported)')
     batching: BatchingConfig = BatchingConfig()
+
+    @field_validator("attention")
+    @classmethod
+    def _attention(cls, v: str) -> str:
+        from fewstep.kernels.attention_processor import BlockSparseConfig
+
+        BlockSparseConfig.parse(v)  # raises ValueError with the accepted syntax
+        return v
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

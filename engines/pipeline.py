@@ -67,7 +67,8 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class FewStepPipeline:
-    def __init__(self, ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 attention: str = "dense"):
         self.ckpt = ckpt
         self.device = torch.device(device)
         self.dtype = dtype
@@ -104,6 +105,13 @@ class FewStepPipeline:
         self.size_multiple = self.vae_scale_factor * (2 ** max(0, len(cfg.get("block_out_channels", [0])) - 1)
                                                       if self.denoiser_name == "unet" else cfg.get("patch_size", 1))
         self._schedules: dict[int, Schedule] = {}
+        self.attention = attention
+        if attention != "dense":
+            from fewstep.kernels.attention_processor import BlockSparseConfig, enable_block_sparse_attention
+
+            n = enable_block_sparse_attention(self.denoiser, BlockSparseConfig.parse(attention))
+            log.info("attention %s installed on %d self-attention modules of the %s", attention, n,
+                     self.denoiser_name)
 
     # -- stage 1 ---------------------------------------------------------------------------------------------
     def _tokenize(self, tokenizer, prompts: list[str], max_length: int):

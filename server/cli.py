@@ -23,7 +23,7 @@ def _serve(args) -> int:
     cfg = load_config({"model": args.model, "model_name": args.model_name, "engine.device": args.device,
                        "engine.dtype": args.dtype, "http.host": args.host, "http.port": args.port,
                        "engine.batching.max_batch_size": args.max_batch_size,
-                       "engine.batching.max_wait_ms": args.max_wait_ms})
+                       "engine.batching.max_wait_ms": args.max_wait_ms, "engine.attention": args.attention})
     cfg.model_dir()  # fail fast, with a one-line message, before the server starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(cfg)
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
     s.add_argument("--max-batch-size", type=int, default=None)
     s.add_argument("--max-wait-ms", type=float, default=None)
+    s.add_argument("--attention", default=None,
+                   help='DiT self-attention: "dense" (default) or "block_sparse(threshold=0.9,block=128)"')
     s.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="generate images in-process, without a server")

@@ -37,7 +37,7 @@ class AppState:
             dtype = ecfg.resolve_dtype(device)
             path = self.config.model_dir()
             t0 = time.perf_counter()
-            pipe = FewStepPipeline(load_checkpoint(path, device, dtype), device, dtype)
+            pipe = FewStepPipeline(load_checkpoint(path, device, dtype), device, dtype, ecfg.attention)
             t1 = time.perf_counter()
             core = EngineCore({self.model_name: pipe}, ecfg)
             if ecfg.warmup:
