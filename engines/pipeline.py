@@ -169,78 +169,102 @@ class FewStepPipeline:
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
-    def _noise(self, generators: list[torch.Generator], shape) -> torch.Tensor:
-        # Drawn per image on the CPU in fp32: identical across devices, batch sizes and precisions.
-        n = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators]
-        return torch.cat(n).to(self.device)
+    def noise_steps(self, steps: int) -> int:
+        """How many fresh noise draws per image the sampler needs after the initial one."""
+        return steps - 1 if self.schedule(steps).kind in ("euler_ancestral", "consistency") else 0
 
-    def _model(self, x: torch.Tensor, t: float, cond: PromptEmbeds, height: int, width: int,
-               guidance_scale: float) -> torch.Tensor:
+    def draw_noise(self, generators: list[torch.Generator], height: int, width: int,
+                   steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Initial noise [B, C, h, w] and the per-step re-noising draws, on the device.
+
+        Drawn per image on the CPU in fp32, in the order diffusers draws them (initial, then one per re-noised
+        step), so results are identical across devices, batch sizes and precisions."""
+        shape = self.latent_shape(height, width)
+        per_image = [[torch.randn((1, *shape), generator=g, dtype=torch.float32)
+                      for _ in range(1 + self.noise_steps(steps))] for g in generators]
+        draws = [torch.cat(col).to(self.device) for col in zip(*per_image)]
+        return draws[0], draws[1:]
+
+    def conditioning(self, batch: int, height: int, width: int, guidance_scale: float) -> dict[str, torch.Tensor]:
+        """Constant extra inputs of the denoiser for one request shape (built once, outside any CUDA graph).
+        ``batch`` counts the CFG-doubled batch."""
+        c: dict[str, torch.Tensor] = {"guidance": torch.tensor(float(guidance_scale), device=self.device)}
+        if self.denoiser_name == "unet":
+            if self.time_cond_dim:
+                w = torch.full((batch,), guidance_scale - 1.0)
+                c["timestep_cond"] = guidance_embedding(w, self.time_cond_dim).to(self.device, self.dtype)
+            if self.family == "sdxl":
+                c["time_ids"] = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype,
+                                             device=self.device).repeat(batch, 1)
+        elif getattr(self.denoiser, "use_additional_conditions", False):
+            c["resolution"] = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(batch, 1)
+            c["aspect_ratio"] = torch.tensor([[height / width]], dtype=self.dtype,
+                                             device=self.device).repeat(batch, 1)
+        return c
+
+    def _model(self, x: torch.Tensor, t: float, cond: PromptEmbeds, consts: dict[str, torch.Tensor]) -> torch.Tensor:
         b = x.shape[0]
         x = x.to(self.dtype)
         tt = torch.full((b,), t, device=self.device, dtype=torch.float32)
         if self.denoiser_name == "unet":
             kw = {}
-            if self.time_cond_dim:
-                w = torch.full((b,), guidance_scale - 1.0)
-                kw["timestep_cond"] = guidance_embedding(w, self.time_cond_dim).to(self.device, self.dtype)
-            if self.family == "sdxl":
-                time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype,
-                                        device=self.device).repeat(b, 1)
-                kw["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
+            if "timestep_cond" in consts:
+                kw["timestep_cond"] = consts["timestep_cond"]
+            if "time_ids" in consts:
+                kw["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": consts["time_ids"]}
             return self.denoiser(x, tt, encoder_hidden_states=cond.embeds, return_dict=False, **kw)[0]
-        added = {"resolution": None, "aspect_ratio": None}
-        if getattr(self.denoiser, "use_additional_conditions", False):
-            added = {"resolution": torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(b, 1),
-                     "aspect_ratio": torch.tensor([[height / width]], dtype=self.dtype,
-                                                  device=self.device).repeat(b, 1)}
+        added = {"resolution": consts.get("resolution"), "aspect_ratio": consts.get("aspect_ratio")}
         out = self.denoiser(x, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask, timestep=tt,
                             added_cond_kwargs=added, return_dict=False)[0]
         if out.shape[1] == 2 * self.latent_channels:  # learned-sigma DiTs: keep the mean prediction
             out = out[:, : self.latent_channels]
         return out
 
-    def _predict(self, x_in, t, cond, uncond, guidance_scale, height, width):
-        """Denoiser output with classifier-free guidance when asked for (scale > 1 and not guidance-embedded)."""
+    def _predict(self, x_in, t, cond, uncond, consts):
+        """Denoiser output with classifier-free guidance when an unconditional branch is given."""
         if uncond is None:
-            return self._model(x_in, t, cond, height, width, guidance_scale).float()
-        both = self._model(torch.cat([x_in, x_in]), t, PromptEmbeds.cat([uncond, cond]), height, width,
-                           guidance_scale).float()
+            return self._model(x_in, t, cond, consts).float()
+        both = self._model(torch.cat([x_in, x_in]), t, PromptEmbeds.cat([uncond, cond]), consts).float()
         u, c = both.chunk(2)
-        return u + guidance_scale * (c - u)
+        return u + consts["guidance"] * (c - u)
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 1.0 and not self.time_cond_dim
+
+    def denoise_latents(self, noise: torch.Tensor, step_noise: list[torch.Tensor], cond: PromptEmbeds,
+                        uncond: PromptEmbeds | None, steps: int, consts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The device-only part of sampling: no host sync, no host->device copy, so it can be CUDA-graphed.
+        noise: [B, C, h, w] fp32; step_noise: one [B, C, h, w] per re-noised step."""
+        sched = self.schedule(steps)
+        x = noise * sched.init_noise_sigma
+        for i, t in enumerate(sched.timesteps):
+            fresh = step_noise[i] if i < len(step_noise) else None
+            if sched.kind in ("euler", "euler_ancestral"):
+                sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
+                out = self._predict(x / (sigma**2 + 1) ** 0.5, t, cond, uncond, consts)
+                x0 = x0_from_model_output(out, x, sigma, sched.prediction_type)
+                if sched.kind == "euler":
+                    x = euler_step(x, x0, sigma, sigma_next)
+                else:
+                    x = euler_ancestral_step(x, x0, sigma, sigma_next, fresh)
+            elif sched.kind == "consistency":
+                out = self._predict(x, t, cond, uncond, consts)
+                x, _ = consistency_step(out, x, sched.alphas[i], sched.alphas_next[i], sched.c_skip[i],
+                                        sched.c_out[i], sched.prediction_type, fresh)
+            else:  # flow
+                v = self._predict(x, t, cond, uncond, consts)
+                x = rectified_flow_step(x, v, sched.sigmas[i], sched.sigmas[i + 1], sched.flow_sign)
+        return x
 
     @torch.no_grad()
     def denoise(self, cond: PromptEmbeds, generators: list[torch.Generator], height: int, width: int, steps: int,
                 guidance_scale: float, uncond: PromptEmbeds | None = None) -> torch.Tensor:
         """Sample clean latents [B, C, h, w] (fp32) for B images; generators[i] drives image i."""
-        sched = self.schedule(steps)
-        shape = self.latent_shape(height, width)
-        x = self._noise(generators, shape) * sched.init_noise_sigma
         if not self.uses_cfg(guidance_scale):
             uncond = None
-        for i, t in enumerate(sched.timesteps):
-            last = i == sched.steps - 1
-            if sched.kind in ("euler", "euler_ancestral"):
-                sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
-                out = self._predict(x / (sigma**2 + 1) ** 0.5, t, cond, uncond, guidance_scale, height, width)
-                x0 = x0_from_model_output(out, x, sigma, sched.prediction_type)
-                if sched.kind == "euler":
-                    x = euler_step(x, x0, sigma, sigma_next)
-                else:
-                    x = euler_ancestral_step(x, x0, sigma, sigma_next,
-                                             None if last else self._noise(generators, shape))
-            elif sched.kind == "consistency":
-                out = self._predict(x, t, cond, uncond, guidance_scale, height, width)
-                x, _ = consistency_step(out, x, sched.alphas[i], sched.alphas_next[i], sched.c_skip[i],
-                                        sched.c_out[i], sched.prediction_type,
-                                        None if last else self._noise(generators, shape))
-            else:  # flow
-                v = self._predict(x, t, cond, uncond, guidance_scale, height, width)
-                x = rectified_flow_step(x, v, sched.sigmas[i], sched.sigmas[i + 1], sched.flow_sign)
-        return x
+        noise, step_noise = self.draw_noise(generators, height, width, steps)
+        consts = self.conditioning(len(cond) * (2 if uncond is not None else 1), height, width, guidance_scale)
+        return self.denoise_latents(noise, step_noise, cond, uncond, steps, consts)
 
     # -- stage 3 ---------------------------------------------------------------------------------------------
     @torch.no_grad()
