@@ -19,17 +19,58 @@ class BatchingConfig(BaseModel):
                                   "backlog turns into fast errors instead of unbounded latency")
 
 
+class CompileConfig(BaseModel):
+    """Settings of the `compiled` backend (torch.compile + CUDA graphs per declared shape bucket)."""
+
+    compile: bool = Field(True, description="torch.compile each stage (False: CUDA graphs of eager code only)")
+    mode: str = Field("max-autotune-no-cudagraphs", description="Inductor mode; we capture CUDA graphs ourselves")
+    cuda_graphs: bool = True
+    batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16],
+                                     description="a batch is padded up to the next bucket")
+    sizes: list[tuple[int, int]] = Field(default_factory=list, description="(height, width) buckets; "
+                                         "empty = the model's default size")
+    steps: list[int] = Field(default_factory=list, description="step counts to capture; empty = model default")
+    fuse_qkv: bool = False
+    channels_last: bool = False
+    cache_dir: str | None = Field("~/.cache/fewstep/inductor", description="persistent compiler cache")
+
+
+class StreamConfig(BaseModel):
+    """Video stream sessions (engines/stream/). Times in seconds unless the name says otherwise."""
+
+    max_sessions: int = Field(32, ge=1, le=4096, description="open stream sessions beyond this are refused "
+                              "with 503 (code 'overloaded')")
+    max_batch_sessions: int = Field(8, ge=1, le=256, description="most session buffers in one forward pass; "
+                                    "sessions beyond it take turns (round-robin)")
+    outbox_chunks: int = Field(2, ge=1, le=64, description="undelivered chunks kept per viewer; when a client "
+                               "falls behind, the oldest is dropped (latest wins) and its frames are counted")
+    max_fps: float = Field(60.0, gt=0, le=1000, description="highest fps target a client may ask for")
+    coalesce_ms: float = Field(15.0, ge=0, le=1000, description="a paced session due within this long joins "
+                               "the current step, so sessions share forward passes instead of drifting apart")
+    transition_steps: int | None = Field(None, ge=1, le=64, description="steps over which a prompt update "
+                                         "blends old into new embeddings; None: one per buffer chunk")
+    stats_interval_s: float = Field(1.0, gt=0, le=60, description="how often a stream socket gets a stats message")
+    max_video_frames: int = Field(600, ge=1, description="most frames of one POST /v1/videos clip")
+    max_viewers: int = Field(4, ge=0, le=64, description="extra MJPEG viewers per session")
+
+
 class EngineConfig(BaseModel):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    backend: Literal["eager"] = "eager"  # compiled | tensorrt arrive with the engines issue
+    backend: Literal["eager", "compiled", "auto"] = Field(
+        "eager", description="auto: compiled on CUDA, eager on the CPU (where compilation costs minutes and "
+        "CUDA graphs do not exist)")
+    compiled: CompileConfig = CompileConfig()
     prompt_cache_size: int = Field(1024, ge=0, description="LRU entries of prompt embeddings; 0 disables")
     encode_workers: int = Field(4, ge=1, le=64, description="threads that encode images (PNG/JPEG/WebP)")
+    threads: int | None = Field(None, ge=1, le=1024, description="intra-op CPU threads (torch.set_num_threads); "
+                                "None: torch's default. On a small shared CPU box 1 avoids OpenMP contention")
     warmup: bool = True
     attention: str = Field("dense", description='self-attention of DiT denoisers: "dense" or '
                            '"block_sparse(threshold=0.9,block=128,...)" (Triton kernel; falls back to dense '
                            'with a logged reason where a shape or device is unsupported)')
     batching: BatchingConfig = BatchingConfig()
+    stream: StreamConfig = StreamConfig()
 
     @field_validator("attention")
     @classmethod
@@ -45,6 +86,11 @@ class EngineConfig(BaseModel):
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
         return torch.device(self.device)
+
+    def resolve_backend(self, device: torch.device) -> str:
+        if self.backend == "auto":
+            return "compiled" if device.type == "cuda" else "eager"
+        return self.backend
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

@@ -67,6 +67,8 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class FewStepPipeline:
+    kind = "image"  # StreamPipeline (engines/stream/) says "video"
+
     def __init__(self, ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  attention: str = "dense"):
         self.ckpt = ckpt
@@ -118,33 +120,48 @@ class FewStepPipeline:
         return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                          return_tensors="pt")
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> PromptEmbeds:
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Host side of stage 1: token ids (and masks) on the device, fixed length per model."""
         dev = self.device
         if self.family == "sd":
             tok = self._tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length)
-            use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
-            emb = self.text_encoder(tok.input_ids.to(dev),
-                                    attention_mask=tok.attention_mask.to(dev) if use_mask else None)[0]
-            return PromptEmbeds(emb.to(self.dtype))
+            out = {"ids": tok.input_ids.to(dev)}
+            if getattr(self.text_encoder.config, "use_attention_mask", False):
+                out["mask"] = tok.attention_mask.to(dev)
+            return out
         if self.family == "sdxl":
-            embeds, pooled = [], None
-            for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-                if encoder is None:
-                    continue
-                tok = self._tokenize(tokenizer, prompts, tokenizer.model_max_length)
-                out = encoder(tok.input_ids.to(dev), output_hidden_states=True)
-                pooled = out[0]  # the last encoder's pooled (projected) output
-                embeds.append(out.hidden_states[-2])
-            return PromptEmbeds(torch.cat(embeds, dim=-1).to(self.dtype), pooled=pooled.to(self.dtype))
+            out = {"ids": self._tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length).input_ids.to(dev)}
+            if self.text_encoder_2 is not None:
+                out["ids_2"] = self._tokenize(self.tokenizer_2, prompts,
+                                              self.tokenizer_2.model_max_length).input_ids.to(dev)
+            return out
         # DiTs (PixArt with T5, our default with a small CLIP text model): masked last hidden state.
         # PixArt pads T5 prompts to 120 tokens (its pipeline default); other encoders use their own length.
         max_len = int(self.ckpt.meta.get("max_sequence_length")
                       or (120 if "T5" in type(self.text_encoder).__name__ else self.tokenizer.model_max_length))
         tok = self._tokenize(self.tokenizer, prompts, max_len)
-        mask = tok.attention_mask.to(dev)
-        emb = self.text_encoder(tok.input_ids.to(dev), attention_mask=mask)[0]
-        return PromptEmbeds(emb.to(self.dtype), mask=mask)
+        return {"ids": tok.input_ids.to(dev), "mask": tok.attention_mask.to(dev)}
+
+    def encode_tokens(self, tok: dict[str, torch.Tensor]) -> PromptEmbeds:
+        """Device side of stage 1 (graph-capturable)."""
+        if self.family == "sd":
+            emb = self.text_encoder(tok["ids"], attention_mask=tok.get("mask"))[0]
+            return PromptEmbeds(emb.to(self.dtype))
+        if self.family == "sdxl":
+            embeds, pooled = [], None
+            for key, encoder in (("ids", self.text_encoder), ("ids_2", self.text_encoder_2)):
+                if encoder is None:
+                    continue
+                out = encoder(tok[key], output_hidden_states=True)
+                pooled = out[0]  # the last encoder's pooled (projected) output
+                embeds.append(out.hidden_states[-2])
+            return PromptEmbeds(torch.cat(embeds, dim=-1).to(self.dtype), pooled=pooled.to(self.dtype))
+        emb = self.text_encoder(tok["ids"], attention_mask=tok["mask"])[0]
+        return PromptEmbeds(emb.to(self.dtype), mask=tok["mask"])
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> PromptEmbeds:
+        return self.encode_tokens(self.tokenize(prompts))
 
     def negative_embeds(self, negative_prompts: list[str]) -> PromptEmbeds:
         """Unconditional branch for CFG. SDXL zeroes an empty negative prompt, as its pipeline does by default."""
@@ -269,7 +286,7 @@ class FewStepPipeline:
     # -- stage 3 ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> uint8 images [B, H, W, 3] on the pipeline's device."""
+        """Latents -> uint8 images [B, H, W, 3] on the pipeline's device (graph-capturable)."""
         if self.vae is not None:
             cfg = self.vae.config
             z = latents / cfg.get("scaling_factor", 1.0)

@@ -1,4 +1,4 @@
-"""fewstep command line: serve | generate | bench."""
+"""fewstep command line: serve | generate | bench (images | stream)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def _serve(args) -> int:
     cfg = load_config({"model": args.model, "model_name": args.model_name, "engine.device": args.device,
                        "engine.dtype": args.dtype, "http.host": args.host, "http.port": args.port,
                        "engine.batching.max_batch_size": args.max_batch_size,
-                       "engine.batching.max_wait_ms": args.max_wait_ms, "engine.attention": args.attention})
+                       "engine.batching.max_wait_ms": args.max_wait_ms, "engine.attention": args.attention,
+                       "engine.backend": args.backend})
     cfg.model_dir()  # fail fast, with a one-line message, before the server starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(cfg)
@@ -34,7 +35,7 @@ def _serve(args) -> int:
 
 def _generate(args) -> int:
     from fewstep.engines.core import EngineCore, GenerateRequest
-    from fewstep.engines.loading import CheckpointError, load_checkpoint
+    from fewstep.engines.loading import CheckpointError, load_checkpoint, read_index
     from fewstep.engines.pipeline import FewStepPipeline
 
     from .config import load_config
@@ -44,6 +45,10 @@ def _generate(args) -> int:
     device = cfg.engine.resolve_device()
     dtype = cfg.engine.resolve_dtype(device)
     try:
+        if (read_index(path).get("fewstep") or {}).get("kind") == "video":
+            print(f"fewstep: {path} is a video model; serve it (fewstep serve --model ...) and use the WebSocket "
+                  "/v1/stream or POST /v1/videos", file=sys.stderr)
+            return 2
         pipe = FewStepPipeline(load_checkpoint(path, device, dtype), device, dtype)
     except CheckpointError as e:
         print(f"fewstep: {e}", file=sys.stderr)
@@ -89,6 +94,16 @@ def _bench_images(args) -> int:
     return 0 if report.get("completed", 0) > 0 else 1
 
 
+def _bench_stream(args) -> int:
+    from fewstep.clients.bench_stream import run_stream_bench
+
+    try:
+        report = run_stream_bench(args)
+    except ValueError as e:
+        args._parser.error(str(e))
+    return 0 if report.get("frames_delivered", 0) > 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -103,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
     s.add_argument("--max-batch-size", type=int, default=None)
     s.add_argument("--max-wait-ms", type=float, default=None)
+    s.add_argument("--engine", dest="backend", choices=["eager", "compiled", "auto"], default=None,
+                   help="eager (default), compiled (torch.compile + CUDA graphs per shape bucket), or auto")
     s.add_argument("--attention", default=None,
                    help='DiT self-attention: "dense" (default) or "block_sparse(threshold=0.9,block=128)"')
     s.set_defaults(func=_serve)
@@ -125,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_images_args(bi)
     bi.set_defaults(func=_bench_images, _parser=bi)
+    bs = bsub.add_parser("stream", help="load-test the WebSocket /v1/stream endpoint (N sessions x M frames)")
+    from fewstep.clients.bench_stream import add_stream_args
+
+    add_stream_args(bs)
+    bs.set_defaults(func=_bench_stream, _parser=bs)
     return p
 
 

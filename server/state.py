@@ -24,21 +24,47 @@ class AppState:
         self.load_error: str | None = None
         self.started = int(time.time())
         self.model_name = config.served_name()
+        self.kind = "image"  # "video" once a video (stream) model is loaded
+        self.compile_seconds: float | None = None
 
     def load(self) -> None:
         """Load the model, warm it up, start the engine thread. Runs in a background thread at start-up so that
         /health answers at once and /ready turns true only when requests will be fast."""
-        from fewstep.engines.loading import load_checkpoint
+        import torch
+
+        from fewstep.engines.loading import load_checkpoint, read_index
         from fewstep.engines.pipeline import FewStepPipeline
+        from fewstep.engines.stream import StreamPipeline
 
         try:
             ecfg = self.config.engine
+            if ecfg.threads:
+                torch.set_num_threads(ecfg.threads)
             device = ecfg.resolve_device()
             dtype = ecfg.resolve_dtype(device)
             path = self.config.model_dir()
+            # model_index.json's fewstep.kind picks the runner: "image" (default) or "video" (stream sessions)
+            kind = (read_index(path).get("fewstep") or {}).get("kind", "image")
+            if kind not in ("image", "video"):
+                raise ValueError(f"{path / 'model_index.json'}: fewstep.kind must be 'image' or 'video', got {kind!r}")
+            self.kind = kind
             t0 = time.perf_counter()
-            pipe = FewStepPipeline(load_checkpoint(path, device, dtype), device, dtype, ecfg.attention)
+            runner = StreamPipeline if kind == "video" else FewStepPipeline
+            pipe = runner(load_checkpoint(path, device, dtype), device, dtype, ecfg.attention)
+            backend = ecfg.resolve_backend(device)
+            if kind == "video" and backend == "compiled":
+                log.warning("the compiled backend covers image models only so far; the video model runs eager")
+                backend = "eager"
+            if ecfg.backend == "auto":
+                log.info("backend auto -> %s (device %s)", backend, device)
             t1 = time.perf_counter()
+            if backend == "compiled":
+                from fewstep.engines.backends.compiled import CompiledPipeline
+
+                pipe = CompiledPipeline(pipe, ecfg.compiled)
+                rep = pipe.warmup(progress=True)
+                self.compile_seconds = rep.total
+                log.info("compiled backend: compile + capture %.1f s over %d graphs", rep.total, len(rep.seconds))
             core = EngineCore({self.model_name: pipe}, ecfg)
             if ecfg.warmup:
                 core.warmup()
@@ -46,8 +72,8 @@ class AppState:
             core.observer = self.metrics  # attach after warm-up: warm-up requests are not traffic
             core.start()
             self.core, self.engine = core, AsyncEngine(core)
-            log.info("model %s loaded from %s on %s/%s in %.1f s, warm-up %.1f s", self.model_name, path, device,
-                     str(dtype).removeprefix("torch."), t1 - t0, t2 - t1)
+            log.info("%s model %s loaded from %s on %s/%s in %.1f s, warm-up %.1f s", kind, self.model_name, path,
+                     device, str(dtype).removeprefix("torch."), t1 - t0, t2 - t1)
             self.ready.set()
         except BaseException as e:  # noqa: BLE001 - reported on /ready and in the log, the process keeps serving
             self.load_error = f"{type(e).__name__}: {e}"

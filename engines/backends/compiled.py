@@ -1,0 +1,232 @@
+"""The `compiled` backend: torch.compile plus CUDA graphs, wrapped around an eager FewStepPipeline from outside.
+
+Each pipeline stage has a device-only function (``encode_tokens``, ``denoise_latents``, ``decode``). For every
+declared shape bucket (batch size in ``batch_buckets`` x resolution in ``sizes`` x step count in ``steps``) this
+backend compiles that function with Inductor (no Inductor CUDA graphs: we capture our own) and captures one CUDA
+graph per stage. A request runs as: host-side tokenisation and noise draws -> copies into the bucket's static
+inputs -> graph replays. A batch is padded up to its bucket; padded rows are computed and thrown away.
+
+Why three graphs rather than one: the prompt cache must be able to skip the text encoder, and the engine reports
+each stage's time. Replays are back to back, so the extra cost is three launches instead of one.
+
+Shapes outside the declared buckets run on the eager pipeline (logged once per shape), so a request is never
+refused for being unusual; it is only slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..pipeline import FewStepPipeline, PromptEmbeds
+
+log = logging.getLogger("fewstep.engines")
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Nested dict/list/PromptEmbeds of tensors -> flat {path: tensor} (None leaves are dropped)."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, PromptEmbeds):
+        obj = {"embeds": obj.embeds, "mask": obj.mask, "pooled": obj.pooled}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj or [])
+    out: dict[str, torch.Tensor] = {}
+    for k, v in items:
+        if v is not None:
+            out.update(_flatten(v, f"{prefix}/{k}"))
+    return out
+
+
+def _embeds(flat: dict[str, torch.Tensor], prefix: str) -> PromptEmbeds | None:
+    if f"{prefix}/embeds" not in flat:
+        return None
+    return PromptEmbeds(flat[f"{prefix}/embeds"], flat.get(f"{prefix}/mask"), flat.get(f"{prefix}/pooled"))
+
+
+def _pad_rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Pad dim 0 to n rows by repeating the last row (keeps embeddings and masks realistic)."""
+    if t is None or t.shape[0] == n:
+        return t
+    return torch.cat([t, t[-1:].expand(n - t.shape[0], *t.shape[1:])])
+
+
+class StaticGraph:
+    """A function of a flat dict of tensors, captured once into a CUDA graph (or just called on the CPU)."""
+
+    def __init__(self, fn: Callable[[dict[str, torch.Tensor]], Any], example: dict[str, torch.Tensor],
+                 cuda_graph: bool, pool=None, warmup: int = 2):
+        self.fn = fn
+        self.static = {k: v.clone() for k, v in example.items()}
+        self.graph = None
+        if cuda_graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(warmup):  # compiles, autotunes and allocates outside the capture
+                    fn(self.static)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool), torch.no_grad():
+                self.out = fn(self.static)
+        else:
+            with torch.no_grad():
+                fn(self.static)
+
+    def __call__(self, inputs: dict[str, torch.Tensor]):
+        for k, v in inputs.items():
+            self.static[k].copy_(v)
+        if self.graph is None:
+            with torch.no_grad():
+                return self.fn(self.static)
+        self.graph.replay()
+        return self.out
+
+
+@dataclass
+class CompileReport:
+    seconds: dict[str, float] = field(default_factory=dict)  # bucket -> compile + capture seconds
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+class CompiledPipeline:
+    """Drop-in for FewStepPipeline inside EngineCore (same stage methods), backed by compiled, captured graphs."""
+
+    def __init__(self, pipe: FewStepPipeline, cfg):
+        self.pipe = pipe
+        self.cfg = cfg
+        self.cuda_graphs = cfg.cuda_graphs and pipe.device.type == "cuda"
+        self.batch_buckets = sorted(set(cfg.batch_buckets))
+        self.sizes = [tuple(s) for s in (cfg.sizes or [(pipe.default_size, pipe.default_size)])]
+        self.steps = list(cfg.steps or [pipe.default_steps])
+        self.report = CompileReport()
+        self._graphs: dict[tuple, StaticGraph] = {}
+        self._warned: set[tuple] = set()
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        if cfg.cache_dir:
+            # Inductor's FX-graph and autotuning caches persist here, so a restart skips most compilation.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.cache_dir).expanduser()))
+        if cfg.fuse_qkv and hasattr(pipe.denoiser, "fuse_qkv_projections"):
+            pipe.denoiser.fuse_qkv_projections()
+        if cfg.channels_last:
+            pipe.denoiser.to(memory_format=torch.channels_last)
+        import torch._dynamo
+
+        # One compiled graph per bucket and stage: raise the recompile limit above the number of buckets.
+        limit = 4 * len(self.batch_buckets) * len(self.sizes) * len(self.steps)
+        for name in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+        wrap = (lambda f: torch.compile(f, mode=cfg.mode, dynamic=False)) if cfg.compile else (lambda f: f)
+        self._encode_fn = wrap(lambda flat: _flatten(pipe.encode_tokens(
+            {k.removeprefix("/"): v for k, v in flat.items()})))
+        self._decode_fn = wrap(lambda flat: pipe.decode(flat["/latents"]))
+        self._denoise_fns: dict[int, Callable] = {}
+        for steps in self.steps:
+            def fn(flat, steps=steps):
+                noise_steps = pipe.noise_steps(steps)
+                step_noise = [flat[f"/step_noise/{i}"] for i in range(noise_steps)]
+                consts = {k.removeprefix("/consts/"): v for k, v in flat.items() if k.startswith("/consts/")}
+                return pipe.denoise_latents(flat["/noise"], step_noise, _embeds(flat, "/cond"),
+                                            _embeds(flat, "/uncond"), steps, consts)
+            self._denoise_fns[steps] = wrap(fn)
+
+    def __getattr__(self, name):  # defaults, check_size, uses_cfg, negative_embeds' helpers ... come from eager
+        return getattr(self.pipe, name)
+
+    # -- buckets ---------------------------------------------------------------------------------------------
+    def _bucket(self, n: int) -> int | None:
+        return next((b for b in self.batch_buckets if b >= n), None)
+
+    def _graph(self, key: tuple, fn: Callable, example: dict[str, torch.Tensor]) -> StaticGraph:
+        g = self._graphs.get(key)
+        if g is None:
+            t0 = time.perf_counter()
+            g = self._graphs[key] = StaticGraph(fn, example, self.cuda_graphs, self._pool)
+            self.report.seconds["/".join(map(str, key))] = time.perf_counter() - t0
+        return g
+
+    def _fallback(self, key: tuple) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("compiled backend: no bucket for %s; running it eagerly (declare it at start-up)", key)
+
+    # -- stages (same signatures as FewStepPipeline) ---------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> PromptEmbeds:
+        b = self._bucket(len(prompts))
+        if b is None:
+            self._fallback(("encode", len(prompts)))
+            return self.pipe.encode_prompt(prompts)
+        tok = self.pipe.tokenize(prompts + [prompts[-1]] * (b - len(prompts)))
+        flat = {f"/{k}": v for k, v in tok.items()}
+        out = self._graph(("encode", b), self._encode_fn, flat)(flat)
+        n = len(prompts)
+        # clone: the graph's output buffers are overwritten by the next replay, and the prompt cache keeps rows
+        return PromptEmbeds(*(None if out.get(f"/{k}") is None else out[f"/{k}"][:n].clone()
+                              for k in ("embeds", "mask", "pooled")))
+
+    def negative_embeds(self, negative_prompts: list[str]) -> PromptEmbeds:
+        return self.pipe.negative_embeds(negative_prompts)
+
+    @torch.no_grad()
+    def denoise(self, cond: PromptEmbeds, generators: list[torch.Generator], height: int, width: int, steps: int,
+                guidance_scale: float, uncond: PromptEmbeds | None = None) -> torch.Tensor:
+        pipe = self.pipe
+        if not pipe.uses_cfg(guidance_scale):
+            uncond = None
+        n = len(generators)
+        b = self._bucket(n)
+        key = ("denoise", b, height, width, steps, uncond is not None)
+        if b is None or (height, width) not in self.sizes or steps not in self._denoise_fns:
+            self._fallback(key)
+            return pipe.denoise(cond, generators, height, width, steps, guidance_scale, uncond)
+        noise, step_noise = pipe.draw_noise(generators, height, width, steps)
+        pad = lambda e: None if e is None else PromptEmbeds(_pad_rows(e.embeds, b), _pad_rows(e.mask, b),
+                                                            _pad_rows(e.pooled, b))
+        consts = pipe.conditioning(b * (2 if uncond is not None else 1), height, width, guidance_scale)
+        flat = _flatten({"noise": _pad_rows(noise, b), "step_noise": [_pad_rows(s, b) for s in step_noise],
+                         "cond": pad(cond), "uncond": pad(uncond), "consts": consts})
+        out = self._graph(key, self._denoise_fns[steps], flat)(flat)
+        return out[:n].clone()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        n = latents.shape[0]
+        b = self._bucket(n)
+        key = ("decode", b, *latents.shape[1:])
+        if b is None:
+            self._fallback(key)
+            return self.pipe.decode(latents)
+        flat = {"/latents": _pad_rows(latents, b)}
+        return self._graph(key, self._decode_fn, flat)(flat)[:n].clone()
+
+    # -- start-up --------------------------------------------------------------------------------------------
+    def warmup(self, progress: bool = True) -> CompileReport:
+        """Compile and capture every declared bucket now, so /ready means every declared shape is fast."""
+        from tqdm import tqdm
+
+        pipe = self.pipe
+        cfg_modes = [False] + ([True] if pipe.uses_cfg(pipe.default_guidance) else [])
+        jobs = [(b, hw, s, c) for b in self.batch_buckets for hw in self.sizes for s in self.steps for c in cfg_modes]
+        t0 = time.perf_counter()
+        for b, (h, w), steps, cfg_on in tqdm(jobs, desc="compiling buckets", disable=not progress, unit="bucket"):
+            prompts = [f"warm-up {i}" for i in range(b)]
+            cond = self.encode_prompt(prompts)
+            uncond = self.negative_embeds([""] * b) if cfg_on else None
+            guidance = max(pipe.default_guidance, 2.0) if cfg_on else pipe.default_guidance
+            gens = [torch.Generator().manual_seed(i) for i in range(b)]
+            self.decode(self.denoise(cond, gens, h, w, steps, guidance, uncond))
+        if self.cuda_graphs:
+            torch.cuda.synchronize()
+        log.info("compiled backend: %d buckets ready in %.1f s (compile + capture)", len(jobs),
+                 time.perf_counter() - t0)
+        return self.report
