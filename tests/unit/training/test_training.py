@@ -1,0 +1,216 @@
+"""Training stages on the CPU with --tiny: export format, resume, distill, tokenizer, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training import data
+from training.__main__ import main
+from training.model import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer, fast_tokenize,
+                            scheduler_sigmas, tokenize)
+
+EXPECTED_FILES = {
+    "model_index.json",
+    "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json", "text_encoder/model.safetensors",
+    "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
+    "scheduler/scheduler_config.json",
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fewstep_train")
+    assert main(["teacher", "--tiny", "--device", "cpu", "--out", str(out), "--max-steps", "3"]) == 0
+    return out
+
+
+def _files(d: Path) -> set[str]:
+    return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+
+
+def _check_format(d: Path, fewstep_steps: int, guidance: float) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+    assert _files(d) == EXPECTED_FILES
+    idx = json.loads((d / "model_index.json").read_text())
+    assert idx["_class_name"] == "FewstepPixelPipeline"
+    assert idx["transformer"] == ["diffusers", "PixArtTransformer2DModel"]
+    assert idx["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert idx["tokenizer"] == ["transformers", "PreTrainedTokenizerFast"]
+    assert idx["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    fs = idx["fewstep"]
+    assert fs["default_steps"] == fewstep_steps and fs["default_guidance_scale"] == guidance
+    assert fs["default_size"] == 64 and fs["sizes"] == [64] and "distillation" in fs and "teacher_steps" in fs
+
+    for comp, f in (("transformer", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        with safe_open(str(d / comp / f), framework="pt") as sf:
+            assert all(sf.get_slice(k).get_dtype() == "F16" for k in sf.keys())
+
+    tr = PixArtTransformer2DModel.from_pretrained(str(d / "transformer"))
+    te = CLIPTextModel.from_pretrained(str(d / "text_encoder"))
+    tok = PreTrainedTokenizerFast.from_pretrained(str(d / "tokenizer"))
+    sch = FlowMatchEulerDiscreteScheduler.from_pretrained(str(d / "scheduler"))
+    c = tr.config
+    assert (c.sample_size, c.in_channels, c.out_channels, c.norm_type) == (64, 3, 3, "ada_norm_single")
+    assert c.caption_channels == te.config.hidden_size and not c.use_additional_conditions
+    assert c.cross_attention_dim == c.num_attention_heads * c.attention_head_dim
+    assert te.config.vocab_size == len(tok) and te.config.max_position_embeddings == tok.model_max_length
+    assert (te.config.pad_token_id, te.config.bos_token_id, te.config.eos_token_id) == (
+        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    assert sch.config.shift == 1.0 and sch.config.num_train_timesteps == 1000
+
+    # the serving loader's call sequence
+    tr, te = tr.float().eval(), te.float().eval()
+    enc = tok(["a red circle on the left on a white background", ""], padding="max_length",
+              max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        emb = te(enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        x = torch.randn(2, 3, 64, 64)
+        v = tr(hidden_states=x, encoder_hidden_states=emb, encoder_attention_mask=enc["attention_mask"],
+               timestep=torch.tensor([1000.0, 500.0]), added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    assert v.shape == x.shape and torch.isfinite(v).all()
+
+
+def test_teacher_export_format(run_dir):
+    _check_format(run_dir / "teacher", fewstep_steps=25, guidance=4.0)
+    assert not list(run_dir.rglob("*.pt")) and not list(run_dir.rglob("*.pkl")) and not list(run_dir.rglob("*.bin"))
+    log = [json.loads(x) for x in (run_dir / "teacher_log.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in log)
+
+
+def test_teacher_resume_continues_step(run_dir):
+    st = json.loads((run_dir / "teacher_ckpt" / "state.json").read_text())
+    assert st["step"] == 3
+    assert all(f.endswith(".safetensors") for f in st["shards"])
+    assert main(["teacher", "--tiny", "--device", "cpu", "--out", str(run_dir), "--max-steps", "5", "--resume"]) == 0
+    st2 = json.loads((run_dir / "teacher_ckpt" / "state.json").read_text())
+    assert st2["step"] == 5 and st2["generation"] > st["generation"]
+    log = [json.loads(x) for x in (run_dir / "teacher_log.jsonl").read_text().splitlines()]
+    assert {"event": "resume", "step": 3}.items() <= next(r for r in log if r.get("event") == "resume").items()
+    steps_after = [r["step"] for r in log if "loss" in r and r.get("event") is None]
+    assert steps_after[-2:] == [4, 5]
+    # only the current generation's shards remain
+    shards = sorted(p.name for p in (run_dir / "teacher_ckpt").glob("*.safetensors"))
+    assert shards == sorted(st2["shards"])
+    _check_format(run_dir / "teacher", fewstep_steps=25, guidance=4.0)
+
+
+def test_distill_tiny_exports_student(run_dir):
+    assert main(["distill", "--tiny", "--device", "cpu", "--teacher", str(run_dir / "teacher"),
+                 "--out", str(run_dir), "--max-steps", "2"]) == 0
+    _check_format(run_dir / "student", fewstep_steps=1, guidance=0.0)
+    idx = json.loads((run_dir / "student" / "model_index.json").read_text())
+    assert "teacher_guidance_scale" in idx["fewstep"]
+    log = [json.loads(x) for x in (run_dir / "distill_log.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "guidance_search" for r in log)
+    assert any(r.get("event") == "exported" for r in log)
+
+
+def test_pack_unpack_roundtrip(run_dir, tmp_path):
+    from training.pack import pack, unpack
+    files = pack(run_dir, tmp_path / "out", ckpt=["teacher"])
+    assert len(files) <= 8 and all(f.stat().st_size < 16_000_000 for f in files)
+    unpack(tmp_path / "out", tmp_path / "restored")
+    assert _files(tmp_path / "restored" / "teacher") == EXPECTED_FILES
+    st = json.loads((tmp_path / "restored" / "teacher_ckpt" / "state.json").read_text())
+    assert all((tmp_path / "restored" / "teacher_ckpt" / s).exists() for s in st["shards"])
+
+
+def test_tokenizer_roundtrip_and_padding():
+    tok = build_tokenizer(data.vocabulary(), 32)
+    assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (PAD_ID, UNK_ID, BOS_ID, EOS_ID)
+    words = data.vocabulary()
+    ids, mask = tokenize(tok, words)
+    assert ids.shape == (len(words), 32) and mask.shape == (len(words), 32)
+    for w, row, m in zip(words, ids, mask):
+        assert row[0] == BOS_ID and row[2] == EOS_ID and (row[3:] == PAD_ID).all()
+        assert row[1] != UNK_ID and tok.decode([int(row[1])]) == w
+        assert m.tolist() == [1, 1, 1] + [0] * 29
+    # every caption fits with room for <bos>/<eos>
+    caps = data.train_prompts(300, seed=1) + data.heldout_prompts(100)
+    assert max(len(c.split()) for c in caps) + 2 <= tok.model_max_length
+    ids, _ = tokenize(tok, caps)
+    assert not (ids == UNK_ID).any()
+
+
+def test_fast_tokenize_matches_tokenizer():
+    tok = build_tokenizer(data.vocabulary(), 32)
+    caps = data.train_prompts(100, seed=2) + ["", "A Red zebra", " ".join(["red"] * 40)]
+    ref_ids, ref_mask = tokenize(tok, caps)
+    ids, mask = fast_tokenize(caps, tok.get_vocab(), tok.model_max_length)
+    assert torch.equal(ref_ids, torch.from_numpy(ids)) and torch.equal(ref_mask, torch.from_numpy(mask))
+
+
+def test_checkpoint_shards_roundtrip(tmp_path, monkeypatch):
+    import training.common as C
+    monkeypatch.setattr(C, "SHARD_BYTES", 300_000)
+    t = {f"w{i}": torch.randn(128, 256).half() for i in range(6)}   # 64 KB each
+    C.save_checkpoint(tmp_path, "x", t, {"step": 7})
+    C.save_checkpoint(tmp_path, "x", t, {"step": 8})
+    got, st = C.load_checkpoint(tmp_path, "x")
+    assert st["step"] == 8 and st["generation"] == 1 and len(st["shards"]) >= 2
+    assert all(torch.equal(got[k], t[k]) for k in t)
+    assert sorted(p.name for p in (tmp_path / "x_ckpt").glob("*.safetensors")) == sorted(st["shards"])
+
+
+def test_sampler_matches_scheduler_convention():
+    """Our Euler loop == FlowMatchEulerDiscreteScheduler.step with the same velocity model."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from training.model import ModelConfig, build_model, sample
+    cfg = ModelConfig(text_hidden=16, text_layers=1, text_heads=2, text_ff=32, dim=32, heads=2, layers=1, patch=8)
+    tok = build_tokenizer(data.vocabulary(), 32)
+    torch.manual_seed(0)
+    model = build_model(cfg, len(tok)).eval()
+    with torch.no_grad():
+        for p in model.transformer.proj_out.parameters():
+            p.normal_(0, 0.05)   # non-zero output
+    ids, mask = tokenize(tok, ["a red circle on a white background"] * 2)
+    noise = torch.randn(2, 3, 64, 64)
+    for n in (1, 2, 4):
+        ours = sample(model, ids, mask, noise, scheduler_sigmas(n))
+        sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        sch.set_timesteps(n)
+        x = noise.clone()
+        with torch.no_grad():
+            for t in sch.timesteps:
+                v = model(x, (t / 1000.0).expand(2), ids, mask)
+                x = sch.step(v, t, x).prev_sample
+        assert torch.allclose(ours, x, atol=1e-5), n
+    assert scheduler_sigmas(1) == [1.0, 0.0]
+
+
+def test_flip_augmentation_is_exact():
+    """Mirroring an image and swapping left/right in its caption gives a valid sample."""
+    import copy
+
+    from benchmarks import quality
+    from training.stream import ReplayBuffer
+    rng = np.random.default_rng(5)
+    scenes = [data.sample_scene(rng, "train") for _ in range(48)]
+    mirrored = copy.deepcopy(scenes)
+    for m in mirrored:
+        for o in m.objects:
+            o.cx = 1.0 - o.cx
+        m.gradient = (-m.gradient[0], m.gradient[1])
+    a, b = data.render(scenes, 64), data.render(mirrored, 64)
+    assert (a.flip(-1) - b).abs().max() < 1e-3
+    tok = build_tokenizer(data.vocabulary(), 32)
+    caps = [s.caption for s in scenes]
+    ids, mask = tokenize(tok, caps)
+    buf = ReplayBuffer(64, 64, 32, "cpu", vocab=tok.get_vocab())
+    buf.add(a, ids, mask)
+    g = torch.Generator().manual_seed(0)
+    x, ids2, _ = buf.sample(48, g)
+    dec = [tok.decode(r, skip_special_tokens=True) for r in ids2]
+    assert set(dec) - set(caps), "no sample was mirrored"   # some captions had left/right swapped
+    u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert quality.adherence(list(u8), dec)["accuracy"] == 1.0

@@ -1,0 +1,145 @@
+"""``python -m training {teacher,distill,eval,all,pack,unpack,check} ...`` -- see training/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tiny", action="store_true", help="tiny model, a few steps, CPU-friendly (tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+
+
+def _train_common(p: argparse.ArgumentParser, minutes: float) -> None:
+    _common(p)
+    p.add_argument("--minutes", type=float, default=minutes,
+                   help="wall-clock budget of the stage, from process start, export included")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/<stage>_ckpt/")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop at this (absolute) step")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("teacher", help="train the flow-matching teacher from scratch")
+    t.add_argument("--out", required=True)
+    _train_common(t, 8.0)
+    t.add_argument("--preset", default="base", help="model preset (base | deep | p2 | tiny)")
+    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--workers", type=int, default=None, help="scene-sampling worker processes")
+    t.add_argument("--reuse", type=int, default=2, help="training steps per freshly rendered batch")
+    t.add_argument("--no-flip", dest="flip", action="store_false", help="no left-right flip augmentation")
+
+    d = sub.add_parser("distill", help="reflow + one-step distillation into the student")
+    d.add_argument("--teacher", required=True, help="exported teacher directory (DIR/teacher)")
+    d.add_argument("--out", required=True)
+    _train_common(d, 8.0)
+    d.add_argument("--teacher-steps", type=int, default=None, help="Euler steps for teacher pairs (25)")
+    d.add_argument("--guidance", type=float, default=None, help="CFG scale for the pairs (default: search)")
+    d.add_argument("--guidance-grid", type=float, nargs="+", default=None)
+    d.add_argument("--gen-frac", type=float, default=0.5, help="fraction of the budget spent making pairs")
+    d.add_argument("--max-pairs", type=int, default=None)
+    d.add_argument("--freeze-text", action="store_true")
+
+    e = sub.add_parser("eval", help="held-out adherence / diversity / grid of an exported model")
+    e.add_argument("--model", required=True)
+    e.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
+    e.add_argument("--teacher", default=None)
+    e.add_argument("--teacher-steps", type=int, default=25)
+    e.add_argument("--teacher-guidance", type=float, default=None)
+    e.add_argument("--n", type=int, default=512)
+    e.add_argument("--out", default=None, help="default: the parent of --model")
+    e.add_argument("--batch", type=int, default=512)
+    _common(e)
+
+    a = sub.add_parser("all", help="teacher -> distill -> eval in one process")
+    a.add_argument("--out", required=True)
+    _common(a)
+    a.add_argument("--teacher-minutes", type=float, default=8.0)
+    a.add_argument("--distill-minutes", type=float, default=8.0)
+    a.add_argument("--n", type=int, default=512)
+    a.add_argument("--no-compile", dest="compile", action="store_false")
+
+    pk = sub.add_parser("pack", help="pack DIR into DEST (an $OUT folder) in <= 8 files < 16 MB")
+    pk.add_argument("dir")
+    pk.add_argument("dest")
+    pk.add_argument("--exports", nargs="*", default=None, help="export folders (default: teacher student)")
+    pk.add_argument("--ckpt", nargs="*", default=[], help="stages whose checkpoint shards to include")
+
+    up = sub.add_parser("unpack", help="restore a packed folder into DIR")
+    up.add_argument("src")
+    up.add_argument("dir")
+
+    ck = sub.add_parser("check", help="validate an exported model directory")
+    ck.add_argument("dir")
+    return ap
+
+
+def _tiny_eval_kw(tiny: bool) -> dict:
+    return dict(n=8, div_prompts=2, div_seeds=2, grid_prompts=4, batch=8) if tiny else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "teacher":
+        from training.teacher import TeacherArgs, train_teacher
+        train_teacher(TeacherArgs(out=args.out, minutes=args.minutes, resume=args.resume, tiny=args.tiny,
+                                  preset=args.preset, batch=args.batch, lr=args.lr, ema_decay=args.ema_decay,
+                                  seed=args.seed, compile=args.compile, max_steps=args.max_steps,
+                                  ckpt_every=args.ckpt_every, workers=args.workers, device=args.device,
+                                  reuse=args.reuse, flip=args.flip))
+    elif args.cmd == "distill":
+        from training.distill import DEFAULT_GRID, DistillArgs, distill
+        distill(DistillArgs(teacher=args.teacher, out=args.out, minutes=args.minutes, resume=args.resume,
+                            tiny=args.tiny, batch=args.batch, lr=args.lr, teacher_steps=args.teacher_steps,
+                            guidance=args.guidance, guidance_grid=tuple(args.guidance_grid or DEFAULT_GRID),
+                            gen_frac=args.gen_frac, max_pairs=args.max_pairs, freeze_text=args.freeze_text,
+                            seed=args.seed, compile=args.compile, max_steps=args.max_steps,
+                            ckpt_every=args.ckpt_every, device=args.device))
+    elif args.cmd == "eval":
+        from training.evaluate import EvalArgs, evaluate
+        kw = dict(n=args.n, batch=args.batch)
+        kw.update(_tiny_eval_kw(args.tiny))
+        evaluate(EvalArgs(model=args.model, steps=args.steps, teacher=args.teacher,
+                          teacher_steps=(4 if args.tiny and args.teacher_steps == 25 else args.teacher_steps),
+                          teacher_guidance=args.teacher_guidance, out=args.out, seed=args.seed,
+                          tiny=args.tiny, device=args.device, **kw))
+    elif args.cmd == "all":
+        from training.distill import DistillArgs, distill
+        from training.evaluate import EvalArgs, evaluate
+        from training.teacher import TeacherArgs, train_teacher
+        out = Path(args.out)
+        tdir = train_teacher(TeacherArgs(out=str(out), minutes=args.teacher_minutes, tiny=args.tiny,
+                                         seed=args.seed, compile=args.compile, device=args.device,
+                                         budget_start=time.time()))
+        sdir = distill(DistillArgs(teacher=str(tdir), out=str(out), minutes=args.distill_minutes,
+                                   tiny=args.tiny, seed=args.seed, compile=args.compile, device=args.device,
+                                   budget_start=time.time()))
+        kw = dict(n=args.n)
+        kw.update(_tiny_eval_kw(args.tiny))
+        evaluate(EvalArgs(model=str(sdir), steps=[1, 2, 4], teacher=str(tdir),
+                          teacher_steps=(4 if args.tiny else 25), out=str(out), seed=args.seed,
+                          tiny=args.tiny, device=args.device, **kw))
+    elif args.cmd == "pack":
+        from training.pack import pack
+        pack(args.dir, args.dest, exports=args.exports, ckpt=args.ckpt)
+    elif args.cmd == "unpack":
+        from training.pack import unpack
+        unpack(args.src, args.dir)
+    elif args.cmd == "check":
+        from training.export import summarize
+        print(summarize(args.dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

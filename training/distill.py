@@ -1,0 +1,351 @@
+"""Stage 2: reflow + one-step distillation of the teacher into a 1-4 step, guidance-free student.
+
+``python -m training distill --teacher DIR/teacher --out DIR [--minutes 8] [--resume]``
+
+Method (InstaFlow; "Improving the Training of Rectified Flows"):
+
+1. **Guidance scale.** Measure the teacher's prompt adherence (``benchmarks.quality.adherence``) on
+   training-split prompts at a few CFG scales (25 Euler steps) and keep the best (logged).
+2. **Coupling.** Draw noise ``z`` and integrate the teacher ODE from ``z`` with CFG at that scale
+   (>= 25 Euler steps) on training-split prompts: a deterministic pair ``(z, x0 = T(z, c))``. Pairs
+   live on the GPU (fp16) for the whole stage.
+3. **Reflow + distillation.** The student starts as a copy of the teacher (text encoder
+   fine-tuned too) and regresses the straight-line velocity ``z - x0`` at
+   ``x_s = (1-s) x0 + s z``. Sigma is drawn from a mixture: ``s = 1`` exactly (the one-step case,
+   extra loss weight: one Euler step from pure noise must land on the teacher sample), the
+   few-step grid (the scheduler's 4-step sigmas and quarter points), and uniform. A low-frequency
+   "perceptual-ish" term (L1 + L2 on 2x average-pooled ``x0`` predictions) is added.
+   The student never sees CFG: it is guidance-distilled and ships ``default_guidance_scale: 0``.
+
+Exports the EMA student (fp16) to ``DIR/student/`` with ``default_steps: 1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training.common import (Budget, GuardedCompiled, JsonlLog, count_params, fmt_secs, log,
+                             maybe_compile, pick_device, setup_torch, step_seed)
+from training.export import export_model, load_export, summarize
+from training.loop import Trainer
+from training.model import sample, scheduler_sigmas, to_uint8_list, tokenize
+
+# sigmas of the few-step grids the student must handle: diffusers' set_timesteps(4) with shift=1
+# (1, .667, .334, .001 -> 0) and the quarter points of linspace(1, 1/N, N) conventions.
+FEW_STEP_SIGMAS = (0.75, 0.667, 0.5, 0.334, 0.25)
+DEFAULT_GRID = (2.0, 3.0, 4.0, 5.0, 6.0)
+
+
+@dataclass
+class DistillArgs:
+    teacher: str
+    out: str
+    minutes: float = 8.0
+    resume: bool = False
+    tiny: bool = False
+    batch: int | None = None
+    lr: float | None = None
+    warmup: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    teacher_steps: int | None = None
+    guidance: float | None = None
+    guidance_grid: tuple = DEFAULT_GRID
+    search_n: int | None = None
+    chunk: int | None = None
+    gen_frac: float = 0.5
+    max_pairs: int | None = None
+    p_one: float = 0.4
+    p_grid: float = 0.3
+    w_one: float = 2.0
+    w_perc: float = 0.5
+    freeze_text: bool = False
+    seed: int = 0
+    compile: bool = True
+    max_steps: int | None = None
+    ckpt_every: float = 60.0
+    device: str = "auto"
+    budget_start: float | None = None    # default: process start
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher sampling + adherence
+# ----------------------------------------------------------------------------------------------
+
+def _ac_dtype(device: torch.device):
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], noise: torch.Tensor, steps: int, guidance: float,
+             batch: int) -> torch.Tensor:
+    device = noise.device
+    sig = scheduler_sigmas(steps)
+    uncond = tokenize(tokenizer, [""], device)
+    outs = []
+    for i in range(0, len(prompts), batch):
+        ids, mask = tokenize(tokenizer, prompts[i:i + batch], device)
+        outs.append(sample(model, ids, mask, noise[i:i + batch], sig, guidance, uncond,
+                           autocast_dtype=_ac_dtype(device)))
+    return torch.cat(outs).clamp(-1, 1)
+
+
+def adherence_of(images: torch.Tensor, prompts: list[str], scorer) -> dict:
+    return scorer.adherence(to_uint8_list(images), list(prompts))
+
+
+def search_guidance(model, tokenizer, grid, n: int, steps: int, seed: int, device, batch: int,
+                    jsonl: JsonlLog, scorer) -> tuple[float, list[dict]]:
+    from training import data
+    prompts = data.train_prompts(n, seed=seed + 101)
+    g = torch.Generator(device=device).manual_seed(step_seed(seed, 0, 11))
+    noise = torch.randn((n, 3, 64, 64), generator=g, device=device)
+    rows = []
+    for scale in grid:
+        t0 = time.time()
+        imgs = generate(model, tokenizer, prompts, noise, steps, scale, batch)
+        res = adherence_of(imgs, prompts, scorer)
+        rows.append({"guidance": scale, **res, "seconds": round(time.time() - t0, 2)})
+        log(f"[distill] teacher @ {steps} steps, CFG {scale:g}: adherence {res.get('accuracy', float('nan')):.3f} "
+            f"({n} train-split prompts)")
+        jsonl.write(event="guidance_search", steps=steps, prompts=n, **rows[-1])
+    best = max(r.get("accuracy", 0.0) for r in rows)
+    # the smallest scale within 1 point of the best (less saturation, more diversity)
+    choice = min(r["guidance"] for r in rows if r.get("accuracy", 0.0) >= best - 0.01)
+    return float(choice), rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Pair pool
+# ----------------------------------------------------------------------------------------------
+
+class PairPool:
+    """Ring buffer of (noise, teacher sample, ids, mask) on the training device (fp16 images)."""
+
+    def __init__(self, capacity: int, max_length: int, size: int, device):
+        self.cap = capacity
+        self.z = torch.empty((capacity, 3, size, size), dtype=torch.float16, device=device)
+        self.x0 = torch.empty_like(self.z)
+        self.ids = torch.empty((capacity, max_length), dtype=torch.long, device=device)
+        self.mask = torch.empty((capacity, max_length), dtype=torch.long, device=device)
+        self.n = 0
+        self.pos = 0
+        self.added = 0
+
+    def add(self, z, x0, ids, mask) -> None:
+        b = z.shape[0]
+        idx = (torch.arange(b, device=z.device) + self.pos) % self.cap
+        self.z[idx] = z.half()
+        self.x0[idx] = x0.half()
+        self.ids[idx] = ids
+        self.mask[idx] = mask
+        self.pos = (self.pos + b) % self.cap
+        self.n = min(self.cap, self.n + b)
+        self.added += b
+
+    def get(self, idx):
+        return self.z[idx].float(), self.x0[idx].float(), self.ids[idx], self.mask[idx]
+
+
+def fill_pool(pool: PairPool, teacher, tokenizer, *, seconds: float, chunk: int, steps: int, guidance: float,
+              seed: int, first_chunk: int, device, jsonl: JsonlLog, max_chunks: int | None = None,
+              denoise=None) -> int:
+    """Generate teacher pairs for ``seconds`` (or until full / max_chunks); returns chunks made."""
+    from tqdm import tqdm
+
+    from training import data
+    t0 = time.time()
+    c = first_chunk
+    sig = scheduler_sigmas(steps)
+    uncond = tokenize(tokenizer, [""], device)
+    bar = tqdm(desc="teacher pairs", unit="pair", dynamic_ncols=True, mininterval=2.0)
+    made = 0
+    while True:
+        if made and time.time() - t0 > seconds:
+            break
+        if pool.added >= pool.cap or (max_chunks is not None and made >= max_chunks):
+            break
+        prompts = data.train_prompts(chunk, seed=step_seed(seed, c, 5) % (2**32))
+        ids, mask = tokenize(tokenizer, prompts, device)
+        g = torch.Generator(device=device).manual_seed(step_seed(seed, c, 6))
+        z = torch.randn((chunk, 3, 64, 64), generator=g, device=device)
+        x0 = sample(teacher, ids, mask, z, sig, guidance, uncond, autocast_dtype=_ac_dtype(device),
+                    denoise=denoise)
+        pool.add(z, x0.clamp(-1, 1), ids, mask)
+        c += 1
+        made += 1
+        bar.update(chunk)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = time.time() - t0
+    bar.close()
+    rate = made * chunk / max(dt, 1e-6)
+    log(f"[distill] generated {made * chunk} teacher pairs in {dt:.1f}s ({rate:.0f} pairs/s, "
+        f"{steps} steps, CFG {guidance:g}); pool {pool.n}")
+    jsonl.write(event="pairs", chunks=made, pairs=made * chunk, seconds=round(dt, 2), pairs_per_s=round(rate, 1),
+                pool=pool.n, first_chunk=first_chunk)
+    return made
+
+
+# ----------------------------------------------------------------------------------------------
+# Student objective
+# ----------------------------------------------------------------------------------------------
+
+def draw_sigma(B: int, g: torch.Generator, device, p_one: float, p_grid: float) -> torch.Tensor:
+    u = torch.rand(B, generator=g, device=device)
+    grid = torch.tensor(FEW_STEP_SIGMAS, device=device)
+    gi = torch.randint(0, len(FEW_STEP_SIGMAS), (B,), generator=g, device=device)
+    cont = torch.rand(B, generator=g, device=device).clamp(1e-3, 1.0)
+    return torch.where(u < p_one, torch.ones_like(u), torch.where(u < p_one + p_grid, grid[gi], cont))
+
+
+def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, autocast: bool):
+    s = sigma.view(-1, 1, 1, 1)
+    xs = (1.0 - s) * x0 + s * z
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        v = model(xs, sigma, ids, mask)
+    v = v.float()
+    target = z - x0
+    mse = ((v - target) ** 2).mean(dim=(1, 2, 3))
+    x0_pred = xs - s * v
+    d = F.avg_pool2d(x0_pred, 2) - F.avg_pool2d(x0, 2)
+    perc = d.abs().mean(dim=(1, 2, 3)) + (d ** 2).mean(dim=(1, 2, 3))
+    w = 1.0 + (w_one - 1.0) * (sigma >= 0.9999).float()
+    return ((mse + w_perc * perc) * w).sum() / w.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage
+# ----------------------------------------------------------------------------------------------
+
+def distill(args: DistillArgs) -> Path:
+    budget = Budget(args.minutes, args.budget_start)
+    device = pick_device(args.device)
+    setup_torch(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = JsonlLog(out / "distill_log.jsonl")
+    torch.manual_seed(args.seed)
+    tiny = args.tiny
+    batch = args.batch or (8 if tiny else 512)
+    lr = args.lr or (1e-3 if tiny else 2e-4)
+    steps = args.teacher_steps or (2 if tiny else 25)
+    search_n = args.search_n or (4 if tiny else 256)
+    chunk = args.chunk or (8 if tiny else 1024)
+    cap = args.max_pairs or (32 if tiny else 400_000)
+    cap = max(cap, chunk)
+    grid = tuple(args.guidance_grid) if not tiny or args.guidance_grid != DEFAULT_GRID else (1.0, 3.0)
+    max_steps = args.max_steps if args.max_steps is not None else (4 if tiny else None)
+
+    from training.metrics import Scorer
+    scorer = Scorer(0 if tiny else None)   # detector worker processes start while we load
+    teacher, tokenizer, index = load_export(args.teacher, device, torch.float32)
+    teacher.requires_grad_(False).eval()
+    cfg_size = int(index.get("fewstep", {}).get("default_size", 64))
+    n_tr, n_te = count_params(teacher.transformer), count_params(teacher.text_encoder)
+    log(f"[distill] teacher {args.teacher}: {(n_tr + n_te) / 1e6:.3f}M params; device {device}; "
+        f"batch {batch}, lr {lr}, teacher steps {steps}")
+    jsonl.write(event="start", stage="distill", args=vars(args), batch=batch, lr=lr, teacher_steps=steps,
+                device=str(device), torch=torch.__version__)
+
+    import copy
+    student = copy.deepcopy(teacher).float().train().requires_grad_(True)
+    if args.freeze_text:
+        student.text_encoder.requires_grad_(False)
+
+    reserve = 6.0 if tiny or device.type != "cuda" else 35.0
+    trainer = Trainer(name="distill", out=out, model=student, device=device, budget=budget, lr=lr,
+                      warmup=(3 if tiny else args.warmup), weight_decay=args.weight_decay,
+                      ema_decay=args.ema_decay, batch=batch, reserve_s=reserve, max_steps=max_steps,
+                      ckpt_every_s=args.ckpt_every, jsonl=jsonl, log_every=(1 if tiny else 25),
+                      estimate_after=(10**9 if tiny else 60), cooldown_frac=0.2)
+    resumed = trainer.resume() if args.resume else None
+    extra = trainer.extra_state
+    guidance = args.guidance
+    if guidance is None and resumed is not None:
+        guidance = extra.get("guidance")
+    if guidance is None:
+        guidance, rows = search_guidance(teacher, tokenizer, grid, search_n, steps, args.seed, device,
+                                         batch=min(chunk, 1024), jsonl=jsonl, scorer=scorer)
+        log(f"[distill] chosen CFG scale {guidance:g} (best teacher adherence on train-split prompts)")
+        extra["guidance_search"] = rows
+    extra["guidance"] = float(guidance)
+    jsonl.write(event="guidance", guidance=guidance)
+
+    # ---- pairs (front-loaded; on resume a fresh pool with new chunk seeds) ----
+    pool = PairPool(cap, tokenizer.model_max_length, cfg_size, device)
+    first_chunk = int(extra.get("chunks_done", 0))
+    phase = max(0.0, budget.left() - reserve)
+    # the pair sampler runs one fixed batch shape (2 x chunk with CFG): compile it (eager fallback)
+    eager_den = teacher.denoise
+    t_den = maybe_compile(eager_den, args.compile and not tiny, device, "teacher sampler")
+    denoise = GuardedCompiled(eager_den, t_den, "teacher sampler") if t_den is not eager_den else None
+    made = fill_pool(pool, teacher, tokenizer, seconds=args.gen_frac * phase, chunk=chunk, steps=steps,
+                     guidance=guidance, seed=args.seed, first_chunk=first_chunk, device=device, jsonl=jsonl,
+                     max_chunks=(2 if tiny else None), denoise=denoise)
+    extra["chunks_done"] = first_chunk + made
+    extra["pairs_total"] = int(extra.get("pairs_total", 0)) + made * chunk
+
+    def state():
+        return {"stage": "distill", "seed": args.seed, "teacher": str(args.teacher), "batch": batch,
+                "lr": lr, "teacher_steps": steps, "total_steps": trainer.total_steps}
+
+    use_ac = device.type == "cuda"
+
+    def step_eager(z, x0, ids, mask, sigma):
+        loss = reflow_loss(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac)
+        loss.backward()
+        return loss
+
+    compiled_loss = maybe_compile(reflow_loss, args.compile and not tiny, device, "distill loss")
+
+    def step_compiled(z, x0, ids, mask, sigma):
+        loss = compiled_loss(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac)
+        loss.backward()
+        return loss
+
+    step_fn = GuardedCompiled(step_eager, step_compiled if compiled_loss is not reflow_loss else step_eager,
+                              "distill step", on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
+    g = torch.Generator(device=device)
+    log(f"[distill] training the student on {pool.n} pairs; {fmt_secs(budget.left())} left")
+    while not trainer.should_stop():
+        g.manual_seed(step_seed(args.seed, trainer.step, 9))
+        idx = torch.randint(0, pool.n, (batch,), generator=g, device=device)
+        z, x0, ids, mask = pool.get(idx)
+        sigma = draw_sigma(batch, g, device, args.p_one, args.p_grid)
+        trainer.begin_step()
+        loss = step_fn(z, x0, ids, mask, sigma)
+        trainer.end_step(loss, state)
+    trainer.finish(state())
+
+    # ---- quick check on train-split prompts (held-out evaluation is the `eval` stage) ----
+    from training import data
+    prompts = data.train_prompts(search_n, seed=args.seed + 202)
+    gq = torch.Generator(device=device).manual_seed(step_seed(args.seed, 0, 12))
+    noise = torch.randn((search_n, 3, 64, 64), generator=gq, device=device)
+    quick = {}
+    trainer.ema.eval()
+    for n_steps in (1, 2, 4):
+        imgs = generate(trainer.ema, tokenizer, prompts, noise, n_steps, 0.0, batch=1024)
+        quick[n_steps] = adherence_of(imgs, prompts, scorer).get("accuracy")
+        log(f"[distill] student (EMA) {n_steps}-step adherence on train-split prompts: {quick[n_steps]:.3f}")
+    jsonl.write(event="student_quick_eval", n=search_n, accuracy=quick)
+    scorer.close()
+
+    fewstep = {"default_steps": 1, "default_guidance_scale": 0.0, "default_size": cfg_size, "sizes": [cfg_size],
+               "distillation": "reflow + one-step distillation (InstaFlow-style) of a CFG flow-matching teacher; "
+                               "guidance-distilled",
+               "teacher_steps": steps, "teacher_guidance_scale": float(guidance),
+               "train_steps": trainer.step, "pairs": int(extra["pairs_total"]), "seed": args.seed}
+    exp = export_model(trainer.ema, tokenizer, out / "student", fewstep)
+    log(f"[distill] exported EMA student: {summarize(exp)}")
+    jsonl.write(event="exported", path=str(exp), step=trainer.step)
+    jsonl.close()
+    return exp
