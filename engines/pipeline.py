@@ -175,7 +175,8 @@ class FewStepPipeline:
     def schedule(self, steps: int) -> Schedule:
         if steps not in self._schedules:
             self._schedules[steps] = make_schedule(self.ckpt.scheduler_class, self.ckpt.scheduler_config, steps,
-                                                   self.ckpt.pipeline_class)
+                                                   self.ckpt.pipeline_class,
+                                                   self.ckpt.meta.get("flow_sigmas", "scheduler"))
         return self._schedules[steps]
 
     def check_size(self, height: int, width: int) -> None:

@@ -139,11 +139,15 @@ def sampler_kind(scheduler_class: str, pipeline_class: str = "") -> str:
     )
 
 
-def make_schedule(scheduler_class: str, scheduler_config: dict, steps: int, pipeline_class: str = "") -> Schedule:
+def make_schedule(scheduler_class: str, scheduler_config: dict, steps: int, pipeline_class: str = "",
+                  flow_sigmas: str = "scheduler") -> Schedule:
     """Build the schedule for ``steps`` steps from the checkpoint's own scheduler config.
 
     diffusers' scheduler classes are used only as a config -> timestep-table function, so that our timesteps are
     exactly the ones the checkpoint was distilled on (trailing spacing for Turbo, the LCM skipping schedule ...).
+
+    ``flow_sigmas="uniform"`` (a checkpoint hint) spaces FlowMatch sigmas as linspace(1, 0, N + 1): diffusers'
+    own spacing, linspace(1, 1/1000, N), makes a 2-step schedule [1, 0.001, 0], which is in effect one step.
     """
     import diffusers  # local: keep `import fewstep.engines.samplers` light
 
@@ -204,5 +208,8 @@ def make_schedule(scheduler_class: str, scheduler_config: dict, steps: int, pipe
     sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
     if getattr(sched.config, "use_dynamic_shifting", False):
         raise ValueError("FlowMatch schedulers with use_dynamic_shifting need an image-size shift; not supported yet")
-    sched.set_timesteps(steps, device="cpu")
+    if flow_sigmas == "uniform":
+        sched.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], device="cpu")
+    else:
+        sched.set_timesteps(steps, device="cpu")
     return Schedule("flow", [float(t) for t in sched.timesteps], [float(s) for s in sched.sigmas], 1.0, "flow")

@@ -80,7 +80,8 @@ def export_model(model: FewstepModel, tokenizer, out_dir: str | Path, fewstep: d
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "fewstep": fewstep,
+        # uniform flow sigmas: the student is trained on the 1/N grid (diffusers' default spacing is not it)
+        "fewstep": {"flow_sigmas": "uniform", **fewstep},
     }
     write_json(tmp / "model_index.json", index)
     check_export(tmp)
