@@ -134,3 +134,20 @@ def test_bench_images_smoke(tiny_server, tmp_path):
     assert rep["completed"] == 20
     lat = rep["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+
+def test_serve_with_no_arguments_serves_the_default_model():
+    """README's main command: `fewstep serve` with no --model serves the embedded default model."""
+    from tests.conftest import ServerProcess
+
+    srv = ServerProcess(["--device", "cpu"])
+    try:
+        models = httpx.get(srv.url + "/v1/models").json()["data"]
+        assert models[0]["id"] == "fewstep-default" and models[0]["default_size"] == 64
+        r = httpx.post(srv.url + "/v1/images/generations", json={"prompt": "a red circle above a blue square on a "
+                                                                 "white background", "seed": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        img = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+        assert img.size == (64, 64)
+    finally:
+        srv.stop()
