@@ -80,35 +80,6 @@ def bench_fewstep(pipe, size, steps, batch, iters, warmup, cached: bool, fmt: st
     return {k: statistics.median(r[k] for r in rows) for k in (*STAGE_KEYS, "wall_ms")}
 
 
-def bench_diffusers(model_dir, dtype, device, size, steps, batch, iters, warmup, compile_mode=None) -> dict:
-    import diffusers
-
-    index = json.loads((Path(model_dir) / "model_index.json").read_text())
-    cls = getattr(diffusers, index["_class_name"])
-    pipe = cls.from_pretrained(model_dir, torch_dtype=dtype, local_files_only=True).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    compile_s = None
-    if compile_mode:
-        pipe.unet = torch.compile(pipe.unet, mode=compile_mode)
-        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode)
-    times = []
-    for i in range(warmup + iters):
-        t0 = time.perf_counter()
-        pipe([f"a photo of a cat {i}"] * batch, num_inference_steps=steps, guidance_scale=0.0, height=size,
-             width=size, generator=torch.Generator().manual_seed(i), output_type="pil")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        ms = (time.perf_counter() - t0) * 1e3
-        if i == 0 and compile_mode:
-            compile_s = ms / 1e3
-        if i >= warmup:
-            times.append(ms)
-    del pipe
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"total_ms": statistics.median(times), "first_call_s": compile_s}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", help="benchmarks/configs/<arch> (random weights are built from it)")
@@ -122,7 +93,10 @@ def main() -> None:
     p.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "raw"])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
-    p.add_argument("--baseline", nargs="*", default=[], choices=["diffusers-eager", "diffusers-compile"])
+    p.add_argument("--backend", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                   help="fewstep backends to time")
+    p.add_argument("--baseline", nargs="*", default=[], choices=["diffusers-eager", "diffusers-compile"],
+                   help="plain diffusers pipelines on the same weights, in the same process (benchmarks/baselines.py)")
     p.add_argument("--peak-tflops", type=float, default=790.0)
     p.add_argument("--out", help="append result rows (JSON lines) here")
     a = p.parse_args()
@@ -154,22 +128,37 @@ def main() -> None:
             " ".join(os.sys.argv[1:])}
     rows = []
     total_gflop = sum(flops.values())
-    for batch in a.batch:
-        for cached in (False, True):
-            r = bench_fewstep(pipe, a.size, a.steps, batch, a.iters, a.warmup, cached, a.format)
-            gpu_ms = r["encode_prompt_ms"] + r["denoise_ms"] + r["decode_ms"]
-            mfu = total_gflop * batch / (gpu_ms * 1e-3) / (a.peak_tflops * 1e3) if device.type == "cuda" else None
-            rows.append(dict(meta, system="fewstep-eager", batch=batch, prompt="cached" if cached else "cold",
-                             **{k: round(v, 3) for k, v in r.items()}, gflops_per_image=round(total_gflop, 1),
-                             mfu=None if mfu is None else round(mfu, 4)))
-            print(json.dumps(rows[-1]), flush=True)
+    for backend in a.backend:
+        runner, compile_s = pipe, None
+        if backend == "compiled":
+            from fewstep.engines.backends.compiled import CompiledPipeline
+            from fewstep.engines.config import CompileConfig
+
+            runner = CompiledPipeline(pipe, CompileConfig(batch_buckets=a.batch, sizes=[(a.size, a.size)],
+                                                          steps=[a.steps]))
+            compile_s = runner.warmup(progress=True).total
+            print(f"compiled backend: compile + capture {compile_s:.1f} s", flush=True)
+        for batch in a.batch:
+            for cached in (False, True):
+                r = bench_fewstep(runner, a.size, a.steps, batch, a.iters, a.warmup, cached, a.format)
+                gpu_ms = r["encode_prompt_ms"] + r["denoise_ms"] + r["decode_ms"]
+                mfu = (total_gflop * batch / (gpu_ms * 1e-3) / (a.peak_tflops * 1e3)
+                       if device.type == "cuda" else None)
+                rows.append(dict(meta, system=f"fewstep-{backend}", batch=batch,
+                                 prompt="cached" if cached else "cold", **{k: round(v, 3) for k, v in r.items()},
+                                 gflops_per_image=round(total_gflop, 1), mfu=None if mfu is None else round(mfu, 4),
+                                 compile_s=compile_s))
+                print(json.dumps(rows[-1]), flush=True)
+        del runner
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    from benchmarks.baselines import bench_diffusers
+
     for base in a.baseline:
         for batch in a.batch:
             r = bench_diffusers(model_dir, dtype, device, a.size, a.steps, batch, a.iters, a.warmup,
-                                "max-autotune-no-cudagraphs" if base == "diffusers-compile" else None)
+                                compiled=base == "diffusers-compile")
             rows.append(dict(meta, system=base, batch=batch, prompt="cold", **r))
             print(json.dumps(rows[-1]), flush=True)
     if a.out:

@@ -9,13 +9,14 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv | tee "$OUT/gpu.txt"
 
 python -m benchmarks.pipeline_bench --config benchmarks/configs/sd-turbo --size 512 --steps 1 --batch 1 4 16 \
-  --iters 20 --warmup 3 --baseline diffusers-eager --out "$OUT/pipeline.jsonl" 2>&1 | tee "$OUT/pipeline.log"
+  --iters 20 --warmup 3 --backend eager compiled --baseline diffusers-eager diffusers-compile \
+  --out "$OUT/pipeline.jsonl" 2>&1 | tee "$OUT/pipeline.log"
 
 MODEL=/tmp/fewstep-bench-models/sd-turbo
 python -m fewstep.server.cli serve --model "$MODEL" --model-name sd-turbo-random --device cuda --port 8011 \
-  --max-batch-size 16 --max-wait-ms 2 > "$OUT/serve.log" 2>&1 &
+  --engine "${ENGINE:-compiled}" --max-batch-size 16 --max-wait-ms 2 > "$OUT/serve.log" 2>&1 &
 SERVER=$!
-for i in $(seq 1 120); do
+for i in $(seq 1 400); do
   curl -sf http://127.0.0.1:8011/ready >/dev/null && break
   sleep 1
 done

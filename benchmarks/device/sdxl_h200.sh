@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Device run: SDXL-Turbo architecture (random weights), 1 step, batch 1, at 512 and 1024: fewstep eager/compiled
+# against diffusers eager/compiled in the same process. Usage (repo root, on the device): bash ... "$OUT"
+set -uo pipefail
+OUT=${1:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+for size in 512 1024; do
+  python -m benchmarks.pipeline_bench --config benchmarks/configs/sdxl-turbo --size $size --steps 1 --batch 1 \
+    --iters 10 --warmup 2 --backend eager compiled --baseline diffusers-eager diffusers-compile \
+    --out "$OUT/pipeline_sdxl.jsonl" 2>&1 | tee -a "$OUT/pipeline_sdxl.log"
+done
