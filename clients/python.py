@@ -18,6 +18,21 @@ transport failure (refused connection, timeout, broken stream) raises
 :class:`FewstepConnectionError`, a subclass with ``status=None``, so one
 ``except FewstepError`` catches everything the client can raise.
 
+Streams (WebSocket; needs the ``websockets`` package)::
+
+    with FewstepClient(url) as client:
+        with client.stream("a koi pond", size=256, seed=3, fps=8) as s:    # WS /v1/stream
+            for frame in s:                   # Frame(index, data=JPEG bytes, timestamp_ms, ...)
+                if frame.index == 40:
+                    s.update("a koi pond at night")   # reaches the next chunk, blends in smoothly
+                if frame.index >= 100:
+                    s.stop()                  # the loop ends at the server's "stopped"
+        with client.realtime() as rt:         # WS /v1/realtime: newest input wins
+            img = rt.generate("a red fox", seed=1).image
+        mp4 = client.videos.generate("waves", num_frames=48)   # POST /v1/videos (fMP4, streamed)
+
+``AsyncFewstepClient``: ``stream = await client.stream(...)`` then ``async for frame in stream``.
+
 Extending: endpoints live on small resource objects (``client.images``) that call
 the client's ``_request`` helper; request bodies and response parsing are plain
 module functions shared by the sync and async clients. New resources (streaming,
@@ -29,6 +44,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -326,6 +343,7 @@ class FewstepClient:
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(timeout=timeout)
         self.images = Images(self)
+        self.videos = Videos(self)
 
     def _request(self, method: str, path: str, *, json: Any = None, **kw: Any) -> httpx.Response:
         try:
@@ -356,6 +374,26 @@ class FewstepClient:
     def ready(self) -> bool:
         """True when the server answers 2xx on the readiness path (model loaded)."""
         return self._probe(self.ready_path)
+
+    def stream(self, prompt: str, *, size: str | int | tuple[int, int] | None = None, seed: int | None = None,
+               fps: float | None = None, format: str = "jpeg", quality: int | None = None,
+               model: str | None = None, open_timeout: float = 30.0) -> "Stream":
+        """Open ``WS /v1/stream`` and start a session; iterate the returned :class:`Stream` for frames."""
+        import json
+
+        conn = _connect_sync(self, STREAM_PATH, open_timeout)
+        try:
+            conn.send(json.dumps(build_start_message(prompt, size=size, seed=seed, fps=fps, format=format,
+                                                     quality=quality, model=model)))
+            started = _await_started(conn.recv(open_timeout))
+        except BaseException:
+            conn.close()
+            raise
+        return Stream(conn, started)
+
+    def realtime(self, open_timeout: float = 30.0) -> "Realtime":
+        """Open ``WS /v1/realtime`` (newest-wins image generation)."""
+        return Realtime(_connect_sync(self, REALTIME_PATH, open_timeout))
 
     def close(self) -> None:
         if self._owns_http:
@@ -420,6 +458,7 @@ class AsyncFewstepClient:
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(timeout=timeout)
         self.images = AsyncImages(self)
+        self.videos = AsyncVideos(self)
 
     async def _request(
         self, method: str, path: str, *, json: Any = None, **kw: Any
@@ -450,6 +489,27 @@ class AsyncFewstepClient:
     async def ready(self) -> bool:
         return await self._probe(self.ready_path)
 
+    async def stream(self, prompt: str, *, size: str | int | tuple[int, int] | None = None, seed: int | None = None,
+                     fps: float | None = None, format: str = "jpeg", quality: int | None = None,
+                     model: str | None = None, open_timeout: float = 30.0) -> "AsyncStream":
+        """Open ``WS /v1/stream`` and start a session; ``async for frame in stream``."""
+        import asyncio
+        import json
+
+        conn = await _connect_async(self, STREAM_PATH, open_timeout)
+        try:
+            await conn.send(json.dumps(build_start_message(prompt, size=size, seed=seed, fps=fps, format=format,
+                                                           quality=quality, model=model)))
+            started = _await_started(await asyncio.wait_for(conn.recv(), open_timeout))
+        except BaseException:
+            await conn.close()
+            raise
+        return AsyncStream(conn, started)
+
+    async def realtime(self, open_timeout: float = 30.0) -> "AsyncRealtime":
+        """Open ``WS /v1/realtime``."""
+        return AsyncRealtime(await _connect_async(self, REALTIME_PATH, open_timeout))
+
     async def aclose(self) -> None:
         if self._owns_http:
             await self._http.aclose()
@@ -459,3 +519,511 @@ class AsyncFewstepClient:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
+
+
+# ======================================================================= streaming
+#
+# WS /v1/stream (live video), WS /v1/realtime (newest-wins images) and POST /v1/videos (fMP4 clip). The
+# ``websockets`` package is imported lazily, so the images client works without it.
+
+STREAM_PATH = "/v1/stream"
+REALTIME_PATH = "/v1/realtime"
+VIDEOS_PATH = "/v1/videos"
+# Binary frame header (server/stream_protocol.py documents it; a test keeps the two in sync):
+# magic b"FSTR", version u8, payload type u8, prompt version u16, frame index u64, timestamp ms f64; little-endian.
+FRAME_HEADER = struct.Struct("<4sBBHQd")
+FRAME_MAGIC = b"FSTR"
+PAYLOAD_NAMES = {1: "jpeg", 2: "webp", 3: "fmp4", 4: "raw"}
+
+
+@dataclass
+class Frame:
+    """One binary message of a stream: an encoded frame (or, for ``format="fmp4"``, a piece of the MP4)."""
+
+    index: int  # frame index in the session; a gap means the server dropped frames (this client fell behind)
+    data: bytes = field(repr=False)
+    format: str  # "jpeg" | "webp" | "fmp4" | "raw"
+    timestamp_ms: float  # server clock: ms from the session's start to the frame leaving the engine
+    prompt_version: int  # increments on the first frame a prompt update reaches
+    received_at: float  # time.perf_counter() when this client received it
+    session_id: str = ""
+
+
+def parse_frame(data: bytes, session_id: str = "", received_at: float | None = None) -> Frame:
+    if len(data) < FRAME_HEADER.size:
+        raise FewstepError(None, f"binary message of {len(data)} bytes is shorter than the frame header",
+                           "invalid_response")
+    magic, _version, ptype, pversion, index, ts = FRAME_HEADER.unpack_from(data)
+    if magic != FRAME_MAGIC:
+        raise FewstepError(None, f"binary message does not start with {FRAME_MAGIC!r}", "invalid_response")
+    return Frame(index, bytes(data[FRAME_HEADER.size:]), PAYLOAD_NAMES.get(ptype, str(ptype)), ts, pversion,
+                 time.perf_counter() if received_at is None else received_at, session_id)
+
+
+def ws_url(base_url: str, path: str) -> str:
+    url = normalize_base_url(base_url)
+    if url.startswith("https://"):
+        return "wss://" + url[len("https://"):] + path
+    return "ws://" + url[len("http://"):] + path if url.startswith("http://") else url + path
+
+
+def build_start_message(prompt: str, *, size: str | int | tuple[int, int] | None = None, seed: int | None = None,
+                        fps: float | None = None, format: str = "jpeg", quality: int | None = None,
+                        model: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "start", "prompt": prompt, "format": format}
+    if size is not None:
+        msg["size"] = size if isinstance(size, int) else _size_str(size)
+    for k, v in (("seed", seed), ("fps", fps), ("quality", quality), ("model", model)):
+        if v is not None:
+            msg[k] = v
+    return msg
+
+
+def _stream_error(msg: dict[str, Any]) -> FewstepError:
+    return FewstepError(None, str(msg.get("message", "stream error")), "stream_error", msg.get("param"),
+                        msg.get("code"), msg)
+
+
+def _json(text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        msg = json.loads(text)
+    except ValueError:
+        raise FewstepError(None, "server sent a text message that is not JSON", "invalid_response") from None
+    if not isinstance(msg, dict):
+        raise FewstepError(None, "server sent a JSON message that is not an object", "invalid_response")
+    return msg
+
+
+class _StreamState:
+    """What the sync and async stream share: the started info, the latest stats, gap accounting."""
+
+    def __init__(self, started: dict[str, Any]):
+        self.info = started
+        self.session_id: str = started["session_id"]
+        self.stats: dict[str, Any] | None = None
+        self.mime: str | None = None
+        self.stopped: dict[str, Any] | None = None
+        self.frames_received = 0
+        self.frames_missing = 0  # gaps in frame indices seen by this client (frames the server dropped)
+        self._next_index: int | None = None
+        self.error: FewstepError | None = None
+
+    def on_text(self, text: str) -> bool:
+        """Handle a JSON message; returns True when the stream has ended."""
+        msg = _json(text)
+        kind = msg.get("type")
+        if kind == "stats":
+            self.stats = msg
+        elif kind == "init":
+            self.mime = msg.get("mime")
+        elif kind == "stopped":
+            self.stopped = msg
+            return True
+        elif kind == "error":
+            self.error = _stream_error(msg)
+            if msg.get("code") == "stream_failed":
+                raise self.error
+        return False
+
+    def on_frame(self, data: bytes) -> Frame:
+        f = parse_frame(data, self.session_id)
+        if f.format != "fmp4":
+            if self._next_index is not None and f.index > self._next_index:
+                self.frames_missing += f.index - self._next_index
+            self._next_index = f.index + 1
+        self.frames_received += 1
+        return f
+
+
+class Stream:
+    """A running stream session (sync). Iterate for frames; ``update(prompt)`` and ``stop()`` at any time::
+
+        with client.stream("a koi pond", size=256, seed=3, fps=8) as s:
+            for frame in s:                # Frame(index, data=JPEG bytes, ...)
+                if frame.index == 40:
+                    s.update("a koi pond at night")
+                if frame.index >= 100:
+                    s.stop()               # iteration ends at the server's "stopped"
+
+    ``session_id``, ``info`` (the ``started`` message), ``stats`` (the latest ``stats`` message) and
+    ``frames_missing`` (index gaps: frames dropped because this client fell behind) are live attributes.
+    """
+
+    def __init__(self, conn, started: dict[str, Any]):
+        self._conn = conn
+        self._state = _StreamState(started)
+        self.session_id = self._state.session_id
+        self.info = started
+
+    def __getattr__(self, name: str):  # stats, mime, stopped, frames_received, frames_missing
+        state = self.__dict__.get("_state")
+        if state is None:
+            raise AttributeError(name)
+        return getattr(state, name)
+
+    def __iter__(self):
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            while True:
+                try:
+                    msg = self._conn.recv()
+                except ConnectionClosed:
+                    return
+                if isinstance(msg, str):
+                    if self._state.on_text(msg):
+                        return
+                else:
+                    yield self._state.on_frame(msg)
+        finally:
+            if self._state.stopped is not None:
+                self.close()
+
+    def update(self, prompt: str) -> None:
+        self._send({"type": "update", "prompt": prompt})
+
+    def stop(self) -> None:
+        """Ask the server to end the session; iteration ends when its ``stopped`` message arrives."""
+        self._send({"type": "stop"})
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        import json
+
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            self._conn.send(json.dumps(msg))
+        except ConnectionClosed:
+            pass
+
+    def close(self, timeout: float = 2.0) -> None:
+        """End the session and close the socket. A running session is stopped first and the frames still in
+        flight are drained (up to ``timeout`` s): a reader that left the loop early has a full receive queue, and
+        without the drain the WebSocket close handshake would wait for its whole close timeout."""
+        from websockets.exceptions import ConnectionClosed
+
+        if self._state.stopped is None:
+            try:
+                self._send({"type": "stop"})
+                deadline = time.monotonic() + timeout
+                while (left := deadline - time.monotonic()) > 0:
+                    msg = self._conn.recv(timeout=left)
+                    if isinstance(msg, str) and self._state.on_text(msg):
+                        break
+            except (TimeoutError, ConnectionClosed, FewstepError):
+                pass
+        self._conn.close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncStream:
+    """A running stream session (async): ``async for frame in stream``; ``await update(...)``, ``await stop()``."""
+
+    def __init__(self, conn, started: dict[str, Any]):
+        self._conn = conn
+        self._state = _StreamState(started)
+        self.session_id = self._state.session_id
+        self.info = started
+
+    def __getattr__(self, name: str):
+        state = self.__dict__.get("_state")
+        if state is None:
+            raise AttributeError(name)
+        return getattr(state, name)
+
+    async def __aiter__(self):
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            while True:
+                try:
+                    msg = await self._conn.recv()
+                except ConnectionClosed:
+                    return
+                if isinstance(msg, str):
+                    if self._state.on_text(msg):
+                        return
+                else:
+                    yield self._state.on_frame(msg)
+        finally:
+            if self._state.stopped is not None:
+                await self.aclose()
+
+    async def update(self, prompt: str) -> None:
+        await self._send({"type": "update", "prompt": prompt})
+
+    async def stop(self) -> None:
+        await self._send({"type": "stop"})
+
+    async def _send(self, msg: dict[str, Any]) -> None:
+        import json
+
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            await self._conn.send(json.dumps(msg))
+        except ConnectionClosed:
+            pass
+
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """End the session and close the socket (a running session is stopped and drained first, see
+        :meth:`Stream.close`)."""
+        import asyncio
+
+        from websockets.exceptions import ConnectionClosed
+
+        if self._state.stopped is None:
+            async def drain() -> None:
+                await self._send({"type": "stop"})
+                while True:
+                    msg = await self._conn.recv()
+                    if isinstance(msg, str) and self._state.on_text(msg):
+                        return
+
+            try:
+                await asyncio.wait_for(drain(), timeout)
+            except (asyncio.TimeoutError, TimeoutError, ConnectionClosed, FewstepError):
+                pass
+        await self._conn.close()
+
+    async def __aenter__(self) -> "AsyncStream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+def _await_started(first: str | bytes) -> dict[str, Any]:
+    if not isinstance(first, str):
+        raise FewstepError(None, "expected the 'started' message, got binary data", "invalid_response")
+    msg = _json(first)
+    if msg.get("type") == "error":
+        raise _stream_error(msg)
+    if msg.get("type") != "started" or "session_id" not in msg:
+        raise FewstepError(None, f"expected the 'started' message, got {msg.get('type')!r}", "invalid_response")
+    return msg
+
+
+@dataclass
+class RealtimeMessage:
+    """An answer on /v1/realtime: ``type`` is "result" (``image`` holds the decoded bytes), "dropped" or "error"."""
+
+    type: str
+    request_id: str | None
+    image: bytes | None = None
+    format: str | None = None
+    seed: int | None = None
+    timings: dict[str, Any] | None = None
+    message: str | None = None
+    code: str | None = None
+    received_at: float = 0.0
+
+
+def _realtime_message(text: str) -> RealtimeMessage:
+    msg = _json(text)
+    image = msg.get("image")
+    return RealtimeMessage(msg.get("type", ""), msg.get("request_id"),
+                           base64.b64decode(image) if isinstance(image, str) else None, msg.get("format"),
+                           msg.get("seed"), msg.get("timings"), msg.get("message"), msg.get("code"),
+                           time.perf_counter())
+
+
+def build_realtime_input(prompt: str, *, seed: int | None = None, request_id: str | None = None,
+                         size: str | int | tuple[int, int] | None = None, steps: int | None = None,
+                         format: str = "jpeg", model: str | None = None) -> dict[str, Any]:
+    import uuid
+
+    msg: dict[str, Any] = {"prompt": prompt, "request_id": request_id or uuid.uuid4().hex, "format": format}
+    if size is not None:
+        msg["size"] = size if isinstance(size, int) else _size_str(size)
+    for k, v in (("seed", seed), ("steps", steps), ("model", model)):
+        if v is not None:
+            msg[k] = v
+    return msg
+
+
+class Realtime:
+    """WS /v1/realtime (sync). ``send`` returns the request_id; ``recv`` the next answer; ``generate`` waits for
+    the answer to its own input. Newest wins on the server: a waiting input is replaced by a newer one and
+    answered ``dropped``."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def send(self, prompt: str, **kw: Any) -> str:
+        import json
+
+        msg = build_realtime_input(prompt, **kw)
+        self._conn.send(json.dumps(msg))
+        return msg["request_id"]
+
+    def recv(self, timeout: float | None = None) -> RealtimeMessage:
+        return _realtime_message(self._conn.recv(timeout))
+
+    def generate(self, prompt: str, timeout: float | None = 120.0, **kw: Any) -> RealtimeMessage:
+        rid = self.send(prompt, **kw)
+        while True:
+            m = self.recv(timeout)
+            if m.request_id != rid:
+                continue
+            if m.type == "error":
+                raise FewstepError(None, m.message or "error", "realtime_error", None, m.code)
+            return m
+
+    def __iter__(self):
+        from websockets.exceptions import ConnectionClosed
+
+        while True:
+            try:
+                yield self.recv()
+            except ConnectionClosed:
+                return
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "Realtime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncRealtime:
+    """WS /v1/realtime (async); same surface as :class:`Realtime`."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    async def send(self, prompt: str, **kw: Any) -> str:
+        import json
+
+        msg = build_realtime_input(prompt, **kw)
+        await self._conn.send(json.dumps(msg))
+        return msg["request_id"]
+
+    async def recv(self) -> RealtimeMessage:
+        return _realtime_message(await self._conn.recv())
+
+    async def generate(self, prompt: str, **kw: Any) -> RealtimeMessage:
+        rid = await self.send(prompt, **kw)
+        while True:
+            m = await self.recv()
+            if m.request_id != rid:
+                continue
+            if m.type == "error":
+                raise FewstepError(None, m.message or "error", "realtime_error", None, m.code)
+            return m
+
+    async def __aiter__(self):
+        from websockets.exceptions import ConnectionClosed
+
+        while True:
+            try:
+                yield await self.recv()
+            except ConnectionClosed:
+                return
+
+    async def aclose(self) -> None:
+        await self._conn.close()
+
+    async def __aenter__(self) -> "AsyncRealtime":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+def build_video_body(prompt: str, *, num_frames: int = 16, size: str | int | tuple[int, int] | None = None,
+                     seed: int | None = None, fps: float | None = None, model: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": prompt, "num_frames": int(num_frames), "format": "mp4"}
+    if size is not None:
+        body["size"] = size if isinstance(size, int) else _size_str(size)
+    for k, v in (("seed", seed), ("fps", fps), ("model", model)):
+        if v is not None:
+            body[k] = v
+    return body
+
+
+class Videos:
+    """``client.videos``: POST /v1/videos, a finite clip as fragmented MP4 (sync)."""
+
+    def __init__(self, client: "FewstepClient") -> None:
+        self._client = client
+
+    def stream(self, prompt: str, **kw: Any):
+        """Yield the MP4's bytes as the server sends them (the first piece arrives after the first chunk)."""
+        c = self._client
+        try:
+            with c._http.stream("POST", c.base_url + VIDEOS_PATH, json=build_video_body(prompt, **kw),
+                                headers=c._headers) as resp:
+                if resp.is_error:
+                    resp.read()
+                    raise FewstepError.from_response(resp)
+                yield from resp.iter_bytes()
+        except httpx.TransportError as exc:
+            raise FewstepConnectionError.from_exception(exc) from exc
+
+    def generate(self, prompt: str, **kw: Any) -> bytes:
+        return b"".join(self.stream(prompt, **kw))
+
+
+class AsyncVideos:
+    """``client.videos``: POST /v1/videos (async)."""
+
+    def __init__(self, client: "AsyncFewstepClient") -> None:
+        self._client = client
+
+    async def stream(self, prompt: str, **kw: Any):
+        c = self._client
+        try:
+            async with c._http.stream("POST", c.base_url + VIDEOS_PATH, json=build_video_body(prompt, **kw),
+                                      headers=c._headers) as resp:
+                if resp.is_error:
+                    await resp.aread()
+                    raise FewstepError.from_response(resp)
+                async for piece in resp.aiter_bytes():
+                    yield piece
+        except httpx.TransportError as exc:
+            raise FewstepConnectionError.from_exception(exc) from exc
+
+    async def generate(self, prompt: str, **kw: Any) -> bytes:
+        return b"".join([p async for p in self.stream(prompt, **kw)])
+
+
+def _ws_headers(client) -> dict[str, str] | None:
+    return dict(client._headers) or None
+
+
+def _connect_sync(client, path: str, open_timeout: float):
+    from websockets.sync.client import connect
+
+    try:
+        conn = connect(ws_url(client.base_url, path), additional_headers=_ws_headers(client), max_size=None,
+                       open_timeout=open_timeout)
+    except (OSError, TimeoutError) as exc:
+        raise FewstepConnectionError(None, f"{type(exc).__name__}: {exc}", "connection_error") from exc
+    # websockets >= 17.1 warns about connections used outside a `with`; Stream / Realtime own closing this one
+    return conn.__enter__()
+
+
+async def _connect_async(client, path: str, open_timeout: float):
+    from websockets.asyncio.client import connect
+
+    try:
+        return await connect(ws_url(client.base_url, path), additional_headers=_ws_headers(client), max_size=None,
+                             open_timeout=open_timeout)
+    except (OSError, TimeoutError) as exc:
+        raise FewstepConnectionError(None, f"{type(exc).__name__}: {exc}", "connection_error") from exc
+
+
+__all__ += ["STREAM_PATH", "REALTIME_PATH", "VIDEOS_PATH", "Frame", "parse_frame", "Stream", "AsyncStream",
+            "Realtime", "AsyncRealtime", "RealtimeMessage", "Videos", "AsyncVideos", "build_start_message",
+            "build_realtime_input", "build_video_body", "ws_url"]

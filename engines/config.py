@@ -35,6 +35,17 @@ class CompileConfig(BaseModel):
     cache_dir: str | None = Field("~/.cache/fewstep/inductor", description="persistent compiler cache")
 
 
+class TensorRTConfig(BaseModel):
+    """Settings of the `tensorrt` backend (engines/backends/tensorrt.py; engines built ahead with `fewstep build`)."""
+
+    profile: str | None = Field(None, description="optimization profile 'batch=MIN:OPT:MAX,size=MIN:OPT:MAX' "
+                                "(size in pixels); None: batch 1..max_batch_size at the model's native size")
+    cache_dir: str | None = Field(None, description="engine cache; None: ~/.cache/fewstep/engines")
+    targets: list[str] = Field(default_factory=list, description="TensorRT-RTX build targets, e.g. ['sm86']; "
+                               "empty: the visible GPU (RTX's default set when building on a CPU)")
+    cuda_graph: bool = Field(False, description="replay engine launches as CUDA graphs (RTX: built-in capture)")
+
+
 class StreamConfig(BaseModel):
     """Video stream sessions (engines/stream/). Times in seconds unless the name says otherwise."""
 
@@ -57,10 +68,11 @@ class StreamConfig(BaseModel):
 class EngineConfig(BaseModel):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    backend: Literal["eager", "compiled", "auto"] = Field(
+    backend: Literal["eager", "compiled", "tensorrt", "auto"] = Field(
         "eager", description="auto: compiled on CUDA, eager on the CPU (where compilation costs minutes and "
         "CUDA graphs do not exist)")
     compiled: CompileConfig = CompileConfig()
+    tensorrt: TensorRTConfig = TensorRTConfig()
     prompt_cache_size: int = Field(1024, ge=0, description="LRU entries of prompt embeddings; 0 disables")
     encode_workers: int = Field(4, ge=1, le=64, description="threads that encode images (PNG/JPEG/WebP)")
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op CPU threads (torch.set_num_threads); "

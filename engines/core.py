@@ -7,6 +7,11 @@ results back to the loop.
 Batching: the oldest waiting request fixes the batch key (model, size, steps, guidance, CFG); compatible requests
 join until ``max_batch_size`` images. In the serving loop the first request waits up to ``max_wait_ms`` for
 company. Each image keeps its own generator, so batching never changes a result.
+
+Streams: a video model (``model_index.json``: ``fewstep.kind == "video"``) serves stream sessions
+(``open_stream`` / ``update_prompt`` / ``close_stream``); engines/stream/ holds the sessions, the moving-buffer
+policy and the round-robin session scheduler. The same engine thread runs image batches and stream steps; when
+both are ready it alternates between them, so neither kind of traffic can starve the other.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from .config import EngineConfig
 from .encode import encode_image
 from .pipeline import FewStepPipeline, PromptEmbeds
+from .stream import FRAME_FORMATS, Outbox, StreamChunk, StreamScheduler, StreamSession, StreamStart
 
 log = logging.getLogger("fewstep.engines")
 
@@ -74,6 +80,9 @@ class EngineObserver(Protocol):
     def on_batch(self, model: str, images: int) -> None: ...
     def on_queue(self, waiting: int, running: int) -> None: ...
     def on_output(self, out: GenerateOutput) -> None: ...
+    def on_stream_step(self, model: str, sessions: int, frames: int) -> None: ...
+    def on_frames_dropped(self, model: str, frames: int, reason: str) -> None: ...
+    def on_sessions(self, active: int) -> None: ...
 
 
 class PromptCache:
@@ -140,6 +149,10 @@ class EngineCore:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(self.config.encode_workers, thread_name_prefix="fewstep-encode")
+        self.streams: dict[str, StreamScheduler] = {
+            name: StreamScheduler(name, pipe, self.config.stream, self.cache, self._pool.submit, self._wake)
+            for name, pipe in pipelines.items() if getattr(pipe, "kind", "image") == "video"}
+        self._images_turn = True  # who goes first when an image batch and a stream step are both ready
 
     # -- intake ------------------------------------------------------------------------------------------------
     def validate(self, req: GenerateRequest) -> _Work:
@@ -150,6 +163,9 @@ class EngineCore:
                               "model", "model_not_found")
         req.model = model
         pipe = self.pipelines[model]
+        if model in self.streams:
+            raise EngineError(f"model {model!r} is a video model; use the WebSocket /v1/stream or POST /v1/videos",
+                              400, "model", "video_model")
         h = req.height or pipe.default_size
         w = req.width or pipe.default_size
         try:
@@ -185,6 +201,140 @@ class EngineCore:
     def _report_queue(self) -> None:
         if self.observer:
             self.observer.on_queue(len(self._waiting), self._running)
+
+    # -- streams -----------------------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _stream_model(self, model: str | None) -> tuple[str, StreamScheduler]:
+        model = model or self.default_model
+        if model not in self.pipelines:
+            raise EngineError(f"model {model!r} is not served here; available: {sorted(self.pipelines)}", 404,
+                              "model", "model_not_found")
+        if model not in self.streams:
+            raise EngineError(f"model {model!r} is an image model; streams need a video model (use "
+                              "/v1/images/generations or the WebSocket /v1/realtime)", 400, "model", "image_model")
+        return model, self.streams[model]
+
+    def open_stream(self, start: StreamStart) -> StreamSession:
+        """Validate and register a stream session; the engine thread encodes its prompt and starts its buffer."""
+        model, sched = self._stream_model(start.model)
+        pipe = sched.pipe
+        if not start.prompt or not start.prompt.strip():
+            raise EngineError("prompt must be a non-empty string", 400, "prompt", "invalid_prompt")
+        h = start.height or pipe.default_size
+        w = start.width or pipe.default_size
+        try:
+            pipe.check_size(h, w)
+        except ValueError as e:
+            raise EngineError(str(e), 400, "size", "invalid_size") from None
+        cfg = self.config.stream
+        fps = pipe.fps if start.fps is None else float(start.fps)
+        if not 0 <= fps <= cfg.max_fps:
+            raise EngineError(f"fps must be from 0 (unpaced) to {cfg.max_fps:g}, got {fps:g}", 400, "fps",
+                              "invalid_fps")
+        if start.format not in FRAME_FORMATS:
+            raise EngineError(f"format must be one of {list(FRAME_FORMATS)}, got {start.format!r}", 400, "format",
+                              "invalid_format")
+        if start.max_frames is not None and not 1 <= start.max_frames <= cfg.max_video_frames:
+            raise EngineError(f"num_frames must be from 1 to {cfg.max_video_frames}", 400, "num_frames",
+                              "invalid_num_frames")
+        seed = start.seed if start.seed is not None else secrets.randbelow(2**62)
+        session = StreamSession(start, model, h, w, seed, fps, cfg.outbox_chunks)
+        sched.add(session)  # raises EngineError(503) at capacity
+        self._report_sessions()
+        self._wake()
+        return session
+
+    def _find_stream(self, session_id: str) -> tuple[StreamScheduler, StreamSession] | None:
+        for sched in self.streams.values():
+            s = sched.get(session_id)
+            if s is not None:
+                return sched, s
+        return None
+
+    def stream_session(self, session_id: str) -> StreamSession | None:
+        found = self._find_stream(session_id)
+        return found[1] if found else None
+
+    def update_prompt(self, session_id: str, prompt: str) -> None:
+        """The new prompt conditions the session's next step (its next chunk) and blends in over
+        ``stream.transition_steps`` steps. Several updates before that step: the newest wins."""
+        if not prompt or not prompt.strip():
+            raise EngineError("prompt must be a non-empty string", 400, "prompt", "invalid_prompt")
+        found = self._find_stream(session_id)
+        if found is None or not found[0].update_prompt(session_id, prompt):
+            raise EngineError("no such stream session", 404, "session_id", "session_not_found")
+        self._wake()
+
+    def close_stream(self, session_id: str, reason: str = "closed") -> bool:
+        """Stop a session: it leaves the rotation before the next step, its tensors are freed as soon as no step
+        holds them (at most the one in flight). Idempotent; returns whether the session was open."""
+        found = self._find_stream(session_id)
+        if found is None:
+            return False
+        sched, session = found
+        closed = sched.close(session_id, reason) is not None
+        # Chunks generated but never taken by the viewer count as dropped too (reason "closed").
+        leftover = sum(o.discard() for o in session.outboxes)
+        if leftover and self.observer:
+            self.observer.on_frames_dropped(sched.model, leftover, "closed")
+        self._report_sessions()
+        return closed
+
+    def subscribe(self, session_id: str) -> Outbox | None:
+        """An extra viewer's outbox on an open session (MJPEG); None if the id is unknown."""
+        found = self._find_stream(session_id)
+        if found is None:
+            return None
+        return found[0].subscribe(session_id, self.config.stream.outbox_chunks)
+
+    def unsubscribe(self, session_id: str, outbox: Outbox) -> None:
+        found = self._find_stream(session_id)
+        if found is not None:
+            found[0].unsubscribe(session_id, outbox)
+        outbox.close("unsubscribed")
+        leftover = outbox.discard()
+        if leftover and self.observer and found is not None:
+            self.observer.on_frames_dropped(found[0].model, leftover, "closed")
+
+    @property
+    def num_sessions(self) -> int:
+        return sum(len(s) for s in self.streams.values())
+
+    def _report_sessions(self) -> None:
+        if self.observer:
+            self.observer.on_sessions(self.num_sessions)
+
+    def encode_submit(self, fn, *args) -> Future:
+        """Run CPU work (image / video encoding) in the engine's encode pool, off the event loop."""
+        return self._pool.submit(fn, *args)
+
+    def _stream_ready(self, now: float) -> StreamScheduler | None:
+        for sched in self.streams.values():
+            if sched.next_wakeup(now) == 0.0:
+                return sched
+        return None
+
+    def stream_step(self, now: float | None = None) -> list[StreamChunk]:
+        """One stream step: a forward pass over the runnable sessions of one video model (round-robin)."""
+        now = time.perf_counter() if now is None else now
+        for sched in self.streams.values():
+            batch = sched.schedule(now)
+            if batch:
+                return self._run_stream(sched, batch)
+        return []
+
+    def _run_stream(self, sched: StreamScheduler, batch: list[StreamSession]) -> list[StreamChunk]:
+        res = sched.step(batch)
+        if self.observer:
+            self.observer.on_stream_step(sched.model, res.sessions, sum(c.num_frames for c in res.chunks))
+            if res.dropped_frames:
+                self.observer.on_frames_dropped(sched.model, res.dropped_frames, "behind")
+        if any(c.final for c in res.chunks) or any(s.closed for s in batch):
+            self._report_sessions()
+        return res.chunks
 
     # -- schedule ----------------------------------------------------------------------------------------------
     def _schedule(self) -> list[_Work]:
@@ -274,13 +424,24 @@ class EngineCore:
             self.observer.on_output(out)
         w.future.set_result(out)
 
-    def step(self) -> list[GenerateOutput]:
-        """Run one batch of whatever is waiting (no batching wait) and return its finished outputs."""
+    def step(self) -> list[GenerateOutput | StreamChunk]:
+        """Run one unit of work, with no batching wait: an image batch or a stream step, alternating when both
+        are ready. Returns the finished image outputs or the emitted stream chunks."""
+        now = time.perf_counter()
+        streams_ready = self._stream_ready(now) is not None
         with self._cv:
-            batch = self._schedule()
-        if not batch:
-            return []
-        return [f.result() for f in self._execute(batch)]
+            images_ready = bool(self._waiting)
+            batch = []
+            if images_ready and (self._images_turn or not streams_ready):
+                batch = self._schedule()
+                self._images_turn = False
+            elif streams_ready:
+                self._images_turn = True
+        if batch:
+            return [f.result() for f in self._execute(batch)]
+        if streams_ready:
+            return list(self.stream_step(now))
+        return []
 
     # -- serving loop ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -291,33 +452,56 @@ class EngineCore:
         max_wait = self.config.batching.max_wait_ms / 1e3
         limit = self.config.batching.max_batch_size
         while True:
+            batch: list = []
             with self._cv:
-                while not self._waiting and not self._stop:
-                    self._cv.wait()
-                if self._stop:
-                    return
-                # Give the head request up to max_wait for compatible company, unless the batch is already full.
-                deadline = self._waiting[0].req.arrival + max_wait
-                while not self._stop:
-                    key = self._waiting[0].key
-                    ready = sum(len(w.seeds) for w in self._waiting if w.key == key)
-                    left = deadline - time.perf_counter()
-                    if ready >= limit or left <= 0:
+                while True:
+                    if self._stop:
+                        return
+                    now = time.perf_counter()
+                    # An image batch is ready once it is full or its head has waited max_wait for company.
+                    images_ready, img_wait = False, None
+                    if self._waiting:
+                        key = self._waiting[0].key
+                        ready = sum(len(w.seeds) for w in self._waiting if w.key == key)
+                        img_wait = self._waiting[0].req.arrival + max_wait - now
+                        images_ready = ready >= limit or img_wait <= 0
+                    # A stream step is ready once some session is due (see StreamScheduler.next_wakeup).
+                    stream_waits = [x for x in (sc.next_wakeup(now) for sc in self.streams.values()) if x is not None]
+                    stream_wait = min(stream_waits) if stream_waits else None
+                    streams_ready = stream_wait == 0.0
+                    if images_ready or streams_ready:
                         break
-                    self._cv.wait(left)
-                batch = self._schedule()
+                    waits = [x for x in (img_wait, stream_wait) if x is not None]
+                    self._cv.wait(min(waits) if waits else None)
+                # alternate when both are ready: one image batch, then one stream step, ...
+                if images_ready and (self._images_turn or not streams_ready):
+                    batch = self._schedule()
+                    self._images_turn = False
+                else:
+                    self._images_turn = True
             if batch:
                 self._execute(batch)
+            else:
+                self.stream_step(now)  # picks nothing if the due session closed meanwhile: the loop re-checks
 
     def warmup(self) -> None:
         """One tiny generation per model, so first-request latency excludes lazy init (cuDNN handles, ...)."""
         for name, pipe in self.pipelines.items():
+            if name in self.streams:  # a video model: run a short unpaced stream through ramp-up and emission
+                s = self.open_stream(StreamStart(prompt="warm-up", model=name, seed=0, fps=0, format="raw"))
+                while s.frames_generated < 2 * pipe.chunk_frames and not s.closed:
+                    self.stream_step()
+                    s.owner.take()
+                self.close_stream(s.id)
+                continue
             for _ in range(2):
                 fut = self.add_request(GenerateRequest(prompt="warm-up", model=name, seed=0, output_format="raw"))
                 while not fut.done():
                     self.step()
 
     def shutdown(self) -> None:
+        for sched in self.streams.values():
+            sched.close_all("shutdown")
         with self._cv:
             self._stop = True
             self._cv.notify_all()
@@ -338,3 +522,70 @@ class AsyncEngine:
         if out.error is not None:
             raise out.error
         return out
+
+    def open_stream(self, start: StreamStart) -> "AsyncStream":
+        """Open a stream session; its chunks arrive through ``AsyncStream.next_chunk`` (raises EngineError)."""
+        session = self.core.open_stream(start)
+        return AsyncStream(self.core, session, session.owner)
+
+    def watch(self, session_id: str) -> "AsyncStream | None":
+        """An extra viewer on an open session (its own bounded outbox); None for an unknown id."""
+        outbox = self.core.subscribe(session_id)
+        if outbox is None:
+            return None
+        return AsyncStream(self.core, self.core.stream_session(session_id), outbox, owner=False)
+
+
+class AsyncStream:
+    """asyncio face of one outbox of a stream session: ``await next_chunk()`` until it returns None (ended)."""
+
+    def __init__(self, core: EngineCore, session: StreamSession, outbox: Outbox, owner: bool = True):
+        self.core, self.session, self.outbox, self.owner = core, session, outbox, owner
+        self._event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def notify() -> None:  # called from the engine thread
+            try:
+                loop.call_soon_threadsafe(self._event.set)
+            except RuntimeError:  # the loop is gone (shutdown); nobody is waiting any more
+                pass
+
+        outbox.set_notify(notify)
+
+    @property
+    def id(self) -> str:
+        return self.session.id
+
+    async def next_chunk(self, timeout: float | None = None) -> StreamChunk | None:
+        """The next chunk, or None once the stream ended; raises TimeoutError after ``timeout`` seconds."""
+        while True:
+            chunk = self.outbox.take()
+            if chunk is not None:
+                return chunk
+            if self.outbox.closed:
+                return None
+            self._event.clear()
+            if len(self.outbox) or self.outbox.closed:  # raced with a put
+                continue
+            if timeout is None:
+                await self._event.wait()
+            else:
+                await asyncio.wait_for(self._event.wait(), timeout)
+
+    async def encoded(self, chunk: StreamChunk, fmt: str, quality: int = 85) -> list[bytes]:
+        """The chunk's frames encoded as ``fmt``, in the engine's encode pool (never on the event loop)."""
+        return await asyncio.wrap_future(chunk.encoded(fmt, quality, self.core.encode_submit))
+
+    async def run_in_pool(self, fn, *args):
+        return await asyncio.wrap_future(self.core.encode_submit(fn, *args))
+
+    def update(self, prompt: str) -> None:
+        self.core.update_prompt(self.session.id, prompt)
+
+    def close(self, reason: str = "closed") -> None:
+        """Owner: end the session. Viewer: detach from it."""
+        self.outbox.set_notify(None)
+        if self.owner:
+            self.core.close_stream(self.session.id, reason)
+        else:
+            self.core.unsubscribe(self.session.id, self.outbox)

@@ -15,7 +15,7 @@ from fewstep.engines.core import EngineError
 
 from . import __version__
 from .config import ServerConfig
-from .routes import health, images, models
+from .routes import health, images, models, realtime, stream, videos, web
 from .state import AppState
 
 log = logging.getLogger("fewstep.server")
@@ -54,7 +54,7 @@ def create_app(config: ServerConfig, load_async: bool = True) -> FastAPI:
 
     app = FastAPI(title="fewstep", version=__version__, lifespan=lifespan)
     app.state.fewstep = state
-    for r in (images.router, models.router, health.router):
+    for r in (images.router, models.router, health.router, stream.router, realtime.router, videos.router, web.router):
         app.include_router(r)
 
     @app.middleware("http")

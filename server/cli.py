@@ -1,4 +1,4 @@
-"""fewstep command line: serve | generate | bench (images | stream)."""
+"""fewstep command line: serve | generate | bench (images | stream) | build."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ def _serve(args) -> int:
                        "engine.dtype": args.dtype, "http.host": args.host, "http.port": args.port,
                        "engine.batching.max_batch_size": args.max_batch_size,
                        "engine.batching.max_wait_ms": args.max_wait_ms, "engine.attention": args.attention,
-                       "engine.backend": args.backend})
+                       "engine.backend": args.backend, "engine.threads": args.threads,
+                       "engine.stream.max_sessions": args.max_sessions,
+                       "engine.stream.max_batch_sessions": args.max_batch_sessions,
+                       "engine.stream.outbox_chunks": args.outbox_chunks})
     cfg.model_dir()  # fail fast, with a one-line message, before the server starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(cfg)
@@ -104,6 +107,43 @@ def _bench_stream(args) -> int:
     return 0 if report.get("frames_delivered", 0) > 0 else 1
 
 
+def _build(args) -> int:
+    from fewstep.engines.backends.tensorrt import Profile, TensorRTUnavailable, build
+    from fewstep.engines.loading import CheckpointError
+
+    from .config import load_config
+
+    cfg = load_config({"model": args.model, "engine.tensorrt.cache_dir": args.cache_dir,
+                       "engine.tensorrt.profile": args.profile})
+    trt_cfg = cfg.engine.tensorrt
+    try:
+        profile = Profile.parse(trt_cfg.profile) if trt_cfg.profile else None
+    except ValueError as e:
+        args._parser.error(str(e))
+    components = [c.strip() for c in args.components.split(",")] if args.components else None
+    targets = [t.strip() for t in args.target.split(",")] if args.target else trt_cfg.targets or None
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        results = build(cfg.model_dir(), profile, args.precision, cfg.engine.batching.max_batch_size,
+                        components=components, cache_dir=trt_cfg.cache_dir, targets=targets, progress=progress)
+    except (CheckpointError, TensorRTUnavailable, ValueError) as e:
+        print(f"fewstep: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"fewstep: engine build failed: {e}", file=sys.stderr)
+        return 1
+    for r in results:
+        print(r.line())
+    f = results[0].fields
+    print(f"{len(results)} engine(s) for {f['flavour']} {f['flavour_version']}, target {f['target']}, "
+          f"{sum(not r.hit for r in results)} built, {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -118,10 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
     s.add_argument("--max-batch-size", type=int, default=None)
     s.add_argument("--max-wait-ms", type=float, default=None)
-    s.add_argument("--engine", dest="backend", choices=["eager", "compiled", "auto"], default=None,
-                   help="eager (default), compiled (torch.compile + CUDA graphs per shape bucket), or auto")
+    s.add_argument("--engine", dest="backend", choices=["eager", "compiled", "tensorrt", "auto"], default=None,
+                   help="eager (default), compiled (torch.compile + CUDA graphs per shape bucket), tensorrt "
+                        "(engines from `fewstep build`; GPU runtime unverified on our hardware), or auto")
     s.add_argument("--attention", default=None,
                    help='DiT self-attention: "dense" (default) or "block_sparse(threshold=0.9,block=128)"')
+    s.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's choice)")
+    st = s.add_argument_group("streams (video models)")
+    st.add_argument("--max-sessions", type=int, default=None, help="open stream sessions (default 32)")
+    st.add_argument("--max-batch-sessions", type=int, default=None,
+                    help="session buffers per forward pass (default 8)")
+    st.add_argument("--outbox-chunks", type=int, default=None,
+                    help="undelivered chunks kept per viewer before the oldest is dropped (default 2)")
     s.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="generate images in-process, without a server")
@@ -147,6 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_stream_args(bs)
     bs.set_defaults(func=_bench_stream, _parser=bs)
+
+    e = sub.add_parser("build", help="build inference engines ahead of serving (TensorRT; cached on disk)")
+    e.add_argument("--model", help="diffusers-format model directory (default: the embedded default model)")
+    e.add_argument("--engine", choices=["tensorrt"], default="tensorrt", help="engine kind (tensorrt)")
+    e.add_argument("--profile", default=None, help="optimization profile, e.g. batch=1:4:16,size=512:512:1024 "
+                   "(MIN:OPT:MAX; size in pixels, or height=/width= apart); default: batch 1..max batch size at "
+                   "the model's native size")
+    e.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    e.add_argument("--cache-dir", default=None, help="engine cache (default ~/.cache/fewstep/engines)")
+    e.add_argument("--components", default=None, help="comma list of text_encoder,text_encoder_2,denoiser,vae "
+                   "(default: all the model has)")
+    e.add_argument("--target", default=None, help="TensorRT-RTX compute capabilities, e.g. sm86,sm89 (default: "
+                   "the visible GPU, or RTX's default set on a CPU)")
+    e.set_defaults(func=_build, _parser=e)
     return p
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from fewstep.engines.config import BatchingConfig, EngineConfig
+from fewstep.engines.config import BatchingConfig, EngineConfig, StreamConfig
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "engines" / "default" / "image"
 
@@ -56,6 +56,10 @@ _ENV = {  # variable -> (path in the tree, type)
     "FEWSTEP_DTYPE": ("engine.dtype", str),
     "FEWSTEP_MAX_BATCH_SIZE": ("engine.batching.max_batch_size", int),
     "FEWSTEP_MAX_WAIT_MS": ("engine.batching.max_wait_ms", float),
+    "FEWSTEP_THREADS": ("engine.threads", int),
+    "FEWSTEP_MAX_SESSIONS": ("engine.stream.max_sessions", int),
+    "FEWSTEP_MAX_BATCH_SESSIONS": ("engine.stream.max_batch_sessions", int),
+    "FEWSTEP_OUTBOX_CHUNKS": ("engine.stream.outbox_chunks", int),
     "FEWSTEP_HOST": ("http.host", str),
     "FEWSTEP_PORT": ("http.port", int),
 }
@@ -81,4 +85,5 @@ def load_config(overrides: dict | None = None, environ: dict | None = None) -> S
     return ServerConfig.model_validate(tree)
 
 
-__all__ = ["ServerConfig", "EngineConfig", "BatchingConfig", "LimitsConfig", "HTTPConfig", "load_config"]
+__all__ = ["ServerConfig", "EngineConfig", "BatchingConfig", "StreamConfig", "LimitsConfig", "HTTPConfig",
+           "load_config"]

@@ -9,6 +9,8 @@ from fewstep.engines.core import STAGES, GenerateOutput
 # Few-step latencies span ~1 ms (cached prompt encode on a GPU) to tens of seconds (CPU, large batches).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Inter-frame times: 1 ms (hundreds of fps) to 2 s (a stalled stream).
+FRAME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.0167, 0.025, 0.033, 0.05, 0.067, 0.1, 0.125, 0.2, 0.3, 0.5, 1.0, 2.0)
 
 
 class Metrics:
@@ -31,6 +33,20 @@ class Metrics:
         self.errors = Counter("fewstep_request_errors", "Failed requests by error code", ["model", "code"],
                               registry=r)
         self.images = Counter("fewstep_images_generated", "Images generated", ["model"], registry=r)
+        # streams
+        self.ttff = Histogram("fewstep_time_to_first_frame_seconds", "Stream start to its first frame handed to "
+                              "the transport (includes buffer warm-up, decode and encode)", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_frame = Histogram("fewstep_inter_frame_latency_seconds", "Time between consecutive chunks sent "
+                                     "to a viewer divided by the chunk's frames; observed once per frame",
+                                     ["model"], buckets=FRAME_BUCKETS, registry=r)
+        self.frames = Counter("fewstep_frames_generated", "Frames emitted by stream sessions", ["model"], registry=r)
+        self.frames_dropped = Counter("fewstep_frames_dropped", "Frames generated but never delivered: 'behind' = "
+                                      "dropped because the viewer fell behind (latest wins), 'closed' = still "
+                                      "queued when the viewer left", ["model", "reason"], registry=r)
+        self.sessions = Gauge("fewstep_active_sessions", "Open stream sessions", registry=r)
+        self.stream_batch = Histogram("fewstep_stream_batch_sessions", "Stream sessions per forward pass", ["model"],
+                                      buckets=BATCH_BUCKETS, registry=r)
 
     # EngineObserver
     def on_batch(self, model: str, images: int) -> None:
@@ -49,6 +65,27 @@ class Metrics:
         for s in STAGES:
             self.stage.labels(out.model, s).observe(t[f"{s}_ms"] / 1e3)
         self.images.labels(out.model).inc(len(out.images))
+
+    def on_stream_step(self, model: str, sessions: int, frames: int) -> None:
+        self.stream_batch.labels(model).observe(sessions)
+        if frames:
+            self.frames.labels(model).inc(frames)
+
+    def on_frames_dropped(self, model: str, frames: int, reason: str) -> None:
+        self.frames_dropped.labels(model, reason).inc(frames)
+
+    def on_sessions(self, active: int) -> None:
+        self.sessions.set(active)
+
+    # transports
+    def on_first_frame(self, model: str, seconds: float) -> None:
+        self.ttff.labels(model).observe(seconds)
+
+    def on_chunk_sent(self, model: str, frames: int, seconds_since_previous: float) -> None:
+        per_frame = seconds_since_previous / max(frames, 1)
+        h = self.inter_frame.labels(model)
+        for _ in range(frames):
+            h.observe(per_frame)
 
     # HTTP layer
     def on_request(self, model: str, status: int, code: str | None = None) -> None:

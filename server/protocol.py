@@ -86,6 +86,9 @@ class ModelCard(BaseModel):
     default_size: int | None = None
     default_steps: int | None = None
     sampler: str | None = None
+    kind: Literal["image", "video"] = "image"
+    chunk_frames: int | None = None  # video models: frames per emitted chunk
+    fps: float | None = None  # video models: default fps target
 
 
 class ModelList(BaseModel):

@@ -65,6 +65,14 @@ class AppState:
                 rep = pipe.warmup(progress=True)
                 self.compile_seconds = rep.total
                 log.info("compiled backend: compile + capture %.1f s over %d graphs", rep.total, len(rep.seconds))
+            elif backend == "tensorrt":
+                # Builds (or loads from the engine cache) every component, then swaps in engine stand-ins.
+                # NOT run on our H200: TensorRT-RTX refuses compute capability 9.0 and full TensorRT is not
+                # installable on our machines; the runtime follows the TensorRT API documentation.
+                from fewstep.engines.backends.tensorrt import enable
+
+                for r in enable(pipe, ecfg):
+                    log.info("tensorrt: %s", r.line())
             core = EngineCore({self.model_name: pipe}, ecfg)
             if ecfg.warmup:
                 core.warmup()

@@ -76,3 +76,12 @@ def tiny_server(tiny_dir):
     srv = ServerProcess(["--model", str(tiny_dir / "sd_turbo"), "--device", "cpu", "--max-wait-ms", "20"])
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def stream_server(tiny_dir):
+    """`fewstep serve` on the tiny video model (StreamDiT). One intra-op thread: on a 2-core CI box the test
+    process (client, browser) shares the cores, and OpenMP threads spinning against it make steps erratic."""
+    srv = ServerProcess(["--model", str(tiny_dir / "stream_dit"), "--device", "cpu", "--threads", "1"])
+    yield srv
+    srv.stop()

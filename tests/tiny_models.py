@@ -138,7 +138,36 @@ def pixel_dit(path: Path, seed: int = 0) -> Path:
     return path
 
 
-BUILDERS = {"sd_turbo": sd_turbo, "lcm": lcm, "sdxl_turbo": sdxl_turbo, "pixart": pixart, "pixel_dit": pixel_dit}
+def stream_dit(path: Path, seed: int = 0, size: int = 32, chunk_frames: int = 2, buffer_chunks: int = 3,
+               fps: float = 8) -> Path:
+    """A video checkpoint: fewstep's StreamDiTModel (per-frame noise levels) + CLIP text encoder + FlowMatch."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fewstep.engines.models import StreamDiTModel
+
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = clip_tokenizer(path / "_tok", max_length=16)
+    tok.save_pretrained(path / "tokenizer")
+    _clip_text(len(tok), max_pos=16).save_pretrained(path / "text_encoder", safe_serialization=True)
+    model = StreamDiTModel(sample_size=size, patch_size=4, in_channels=3, num_layers=2, num_attention_heads=2,
+                           attention_head_dim=16, caption_channels=32, max_frames=chunk_frames * buffer_chunks * 2)
+    with torch.no_grad():  # DiT init zeroes modulation and output: make the random model react to its inputs
+        for p in (model.time_mod[1].weight, model.proj_out.weight):
+            p.normal_(0.0, 0.05)
+    model.eval().save_pretrained(path / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "FewstepStreamPipeline", "_diffusers_version": "0.42.1",
+        "transformer": ["fewstep", "StreamDiTModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "fewstep": {"kind": "video", "chunk_frames": chunk_frames, "buffer_chunks": buffer_chunks,
+                    "default_size": size, "fps": fps}}))
+    return path
+
+
+BUILDERS = {"sd_turbo": sd_turbo, "lcm": lcm, "sdxl_turbo": sdxl_turbo, "pixart": pixart, "pixel_dit": pixel_dit,
+            "stream_dit": stream_dit}
 
 if __name__ == "__main__":  # python tests/tiny_models.py KIND DIR (used by e2e tests and by hand)
     import sys

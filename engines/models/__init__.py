@@ -5,4 +5,6 @@ our own models load through exactly the same path as diffusers' and transformers
 importing it below and listing it in __all__.
 """
 
-__all__: list[str] = []
+from .stream_dit import StreamDiTModel
+
+__all__: list[str] = ["StreamDiTModel"]

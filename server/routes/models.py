@@ -13,6 +13,10 @@ async def list_models(request: Request) -> ModelList:
     cards = []
     if state.core is not None:
         for name, pipe in state.core.pipelines.items():
+            video = getattr(pipe, "kind", "image") == "video"
             cards.append(ModelCard(id=name, created=state.started, default_size=pipe.default_size,
-                                   default_steps=pipe.default_steps, sampler=pipe.sampler))
+                                   default_steps=pipe.default_steps, sampler=pipe.sampler,
+                                   kind="video" if video else "image",
+                                   chunk_frames=pipe.chunk_frames if video else None,
+                                   fps=pipe.fps if video else None))
     return ModelList(data=cards)

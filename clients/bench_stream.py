@@ -1,0 +1,234 @@
+"""``fewstep bench stream``: N concurrent stream sessions of M frames against WS /v1/stream.
+
+Every session is a real client (:class:`fewstep.clients.python.AsyncFewstepClient`): it opens the socket, sends
+``start`` (sessions start together, or ``--stagger-ms`` apart), reads frames until it has received M of them, then
+sends ``stop``. All times are measured on the client, from frames actually delivered to it:
+
+* time to first frame: from just before the socket opens to the first frame's arrival (connect + start + buffer
+  warm-up + decode + encode + transfer);
+* delivered fps per session: ``(frames - 1) / (last arrival - first arrival)``; aggregate fps: all frames over the
+  span from the first session's first frame to the last session's last frame;
+* inter-frame time: gaps between consecutive frame arrivals of a session (frames come in chunks of
+  ``chunk_frames``, so the distribution is bimodal: ~0 within a chunk; ``chunk_interval_ms`` is the gap between
+  chunks);
+* dropped frames: gaps in frame indices seen by the client (frames the server dropped because this client fell
+  behind), and the server's own count from the last ``stats`` message.
+
+JSON report (``--out FILE``; ``schema == "fewstep.bench.stream/v1"``)::
+
+    {"schema", "date_utc", "fewstep_version", "git_commit",
+     "config": {"url", "sessions", "frames", "size", "fps", "format", "prompt", "seed", "stagger_ms", "timeout_s"},
+     "sessions_completed", "sessions_failed", "errors": [str, ...],
+     "frames_delivered", "frames_dropped", "server_frames_dropped", "duration_s",
+     "ttff_ms": {"mean", "p50", "p90", "p99", "min", "max"},
+     "fps_per_session": {...same keys...}, "aggregate_fps": float,
+     "inter_frame_ms": {...}, "chunk_interval_ms": {...},
+     "per_session": [{"session_id", "seed", "frames", "ttff_ms", "fps", "dropped", "server_dropped",
+                      "chunk_frames", "error"}]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from .bench import _fewstep_version, _git_commit, percentiles
+from .python import AsyncFewstepClient, FewstepError
+
+SCHEMA = "fewstep.bench.stream/v1"
+
+
+@dataclass
+class SessionRecord:
+    index: int
+    seed: int
+    session_id: str = ""
+    chunk_frames: int = 1
+    t_open: float = 0.0
+    arrivals: list[float] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    server_dropped: int | None = None
+    error: str | None = None
+
+    @property
+    def ttff_ms(self) -> float | None:
+        return (self.arrivals[0] - self.t_open) * 1e3 if self.arrivals else None
+
+    @property
+    def fps(self) -> float | None:
+        if len(self.arrivals) < 2:
+            return None
+        return (len(self.arrivals) - 1) / max(self.arrivals[-1] - self.arrivals[0], 1e-9)
+
+    @property
+    def dropped(self) -> int:
+        return sum(max(0, b - a - 1) for a, b in zip(self.indices, self.indices[1:]))
+
+
+def _stats(values: Sequence[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    p50, p90, p99 = percentiles(values, (50, 90, 99))
+    return {"mean": statistics.fmean(values), "p50": p50, "p90": p90, "p99": p99, "min": min(values),
+            "max": max(values)}
+
+
+async def _one_session(client: AsyncFewstepClient, rec: SessionRecord, args) -> None:
+    rec.t_open = time.perf_counter()
+    try:
+        stream = await client.stream(args.prompt, size=args.size, seed=rec.seed, fps=args.fps, format=args.format)
+    except FewstepError as e:
+        rec.error = f"{type(e).__name__}: {e.message}"
+        return
+    rec.session_id = stream.session_id
+    rec.chunk_frames = int(stream.info.get("chunk_frames", 1))
+    try:
+        async with stream:
+            async for frame in stream:  # ends at the server's "stopped"
+                if len(rec.arrivals) < args.frames:
+                    rec.arrivals.append(frame.received_at)
+                    rec.indices.append(frame.index)
+                    if len(rec.arrivals) == args.frames:
+                        await stream.stop()  # frames already in flight after this are not counted
+            final = stream.stopped or stream.stats or {}
+            rec.server_dropped = final.get("frames_dropped")
+    except FewstepError as e:
+        rec.error = f"{type(e).__name__}: {e.message}"
+
+
+async def bench_stream(args) -> dict[str, Any]:
+    date_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    records = [SessionRecord(i, args.seed + i) for i in range(args.sessions)]
+    t0 = time.perf_counter()
+    async with AsyncFewstepClient(args.url, timeout=args.timeout) as client:
+
+        async def run(rec: SessionRecord) -> None:
+            await asyncio.sleep(rec.index * args.stagger_ms / 1e3)
+            await asyncio.wait_for(_one_session(client, rec, args), args.timeout)
+
+        results = await asyncio.gather(*(run(r) for r in records), return_exceptions=True)
+    duration = time.perf_counter() - t0
+    for rec, res in zip(records, results):
+        if isinstance(res, BaseException) and rec.error is None:
+            rec.error = f"{type(res).__name__}: {res}"
+    return build_report(records, args, duration, date_utc)
+
+
+def build_report(records: list[SessionRecord], args, duration: float, date_utc: str) -> dict[str, Any]:
+    ok = [r for r in records if r.error is None and len(r.arrivals) >= args.frames]
+    gaps, chunk_gaps = [], []
+    for r in records:
+        d = [(b - a) * 1e3 for a, b in zip(r.arrivals, r.arrivals[1:])]
+        gaps += d
+        # a chunk boundary: the next frame starts a new chunk (index multiple of chunk_frames) or follows a drop
+        chunk_gaps += [g for g, i, j in zip(d, r.indices, r.indices[1:]) if j % r.chunk_frames == 0 or j != i + 1]
+    firsts = [r.arrivals[0] for r in records if r.arrivals]
+    lasts = [r.arrivals[-1] for r in records if r.arrivals]
+    delivered = sum(len(r.arrivals) for r in records)
+    span = (max(lasts) - min(firsts)) if firsts else 0.0
+    server_dropped = [r.server_dropped for r in records if r.server_dropped is not None]
+    return {
+        "schema": SCHEMA,
+        "date_utc": date_utc,
+        "fewstep_version": _fewstep_version(),
+        "git_commit": _git_commit(),
+        "config": {"url": args.url, "sessions": args.sessions, "frames": args.frames, "size": args.size,
+                   "fps": args.fps, "format": args.format, "prompt": args.prompt, "seed": args.seed,
+                   "stagger_ms": args.stagger_ms, "timeout_s": args.timeout},
+        "sessions_completed": len(ok),
+        "sessions_failed": len(records) - len(ok),
+        "errors": [r.error for r in records if r.error][:10],
+        "frames_delivered": delivered,
+        "frames_dropped": sum(r.dropped for r in records),
+        "server_frames_dropped": sum(server_dropped) if server_dropped else None,
+        "duration_s": duration,
+        "ttff_ms": _stats([r.ttff_ms for r in records if r.ttff_ms is not None]),
+        "fps_per_session": _stats([r.fps for r in records if r.fps is not None]),
+        "aggregate_fps": (delivered - len(firsts)) / span if span > 0 else None,
+        "inter_frame_ms": _stats(gaps),
+        "chunk_interval_ms": _stats(chunk_gaps),
+        "per_session": [{"session_id": r.session_id[:6] + "..." if r.session_id else "", "seed": r.seed,
+                         "frames": len(r.arrivals), "ttff_ms": r.ttff_ms, "fps": r.fps, "dropped": r.dropped,
+                         "server_dropped": r.server_dropped, "chunk_frames": r.chunk_frames, "error": r.error}
+                        for r in records],
+    }
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    width = 60
+    lines = [f"{' fewstep bench stream ':=^{width}}"]
+
+    def row(label: str, value: Any, fmt: str = "") -> None:
+        text = "-" if value is None else (format(value, fmt) if fmt else str(value))
+        lines.append(f"{label + ':':<40}{text:>{width - 40}}")
+
+    cfg = rep["config"]
+    row("URL", cfg["url"])
+    row("Sessions x frames", f"{cfg['sessions']} x {cfg['frames']}")
+    fps = cfg["fps"] if cfg["fps"] is not None else "model"
+    row("Size / fps target / format", f"{cfg['size'] or 'default'} / {fps} / {cfg['format']}")
+    row("Sessions completed / failed", f"{rep['sessions_completed']} / {rep['sessions_failed']}")
+    row("Frames delivered", rep["frames_delivered"])
+    row("Frames dropped (index gaps)", rep["frames_dropped"])
+    row("Frames dropped (server count)", rep["server_frames_dropped"])
+    row("Duration (s)", rep["duration_s"], ".2f")
+    row("Aggregate fps", rep["aggregate_fps"], ".2f")
+    for key, label in (("ttff_ms", "Time to first frame (ms)"), ("fps_per_session", "Delivered fps per session"),
+                       ("inter_frame_ms", "Inter-frame (ms)"), ("chunk_interval_ms", "Chunk interval (ms)")):
+        s = rep.get(key)
+        if s:
+            row(f"{label} mean/p50/p99", f"{s['mean']:.2f} / {s['p50']:.2f} / {s['p99']:.2f}")
+    for e in rep["errors"][:3]:
+        lines.append(f"  error: {e[:width - 9]}")
+    lines.append("=" * width)
+    return "\n".join(lines)
+
+
+def add_stream_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--sessions", type=int, default=4, help="concurrent stream sessions (default 4)")
+    p.add_argument("--frames", type=int, default=100, help="frames each session receives (default 100)")
+    p.add_argument("--size", default=None, help='"WxH" or one side (default: the model\'s native size)')
+    p.add_argument("--fps", type=float, default=None, help="fps target per session (default: the model's; 0: unpaced)")
+    p.add_argument("--format", default="jpeg", choices=["jpeg", "webp"])
+    p.add_argument("--prompt", default="a slow pan over a misty forest")
+    p.add_argument("--seed", type=int, default=0, help="session i uses seed + i (default 0)")
+    p.add_argument("--stagger-ms", type=float, default=0.0, help="delay between session starts (default 0)")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-session timeout, s (default 600)")
+    p.add_argument("--out", default=None, help="write the JSON report to this file")
+
+
+def run_stream_bench(args: argparse.Namespace) -> dict[str, Any]:
+    if args.sessions < 1 or args.frames < 1:
+        raise ValueError("--sessions and --frames must be >= 1")
+    report = asyncio.run(bench_stream(args))
+    print(format_report(report), flush=True)
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"report written to {path}", file=sys.stderr)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fewstep bench stream", description=__doc__.splitlines()[0])
+    add_stream_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        report = run_stream_bench(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return 0 if report["frames_delivered"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

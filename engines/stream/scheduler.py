@@ -1,0 +1,378 @@
+"""Stream scheduling: the moving-buffer policy (what one step does to a buffer) and the session scheduler (which
+sessions share the next forward pass).
+
+Moving buffer (StreamDiT)
+-------------------------
+A session's buffer holds K chunks of F frames, ``x: [C, K*F, H, W]``. With the sigma table
+``s_0 = 1 > s_1 > ... > s_K = 0`` (uniform in t through the checkpoint's FlowMatch shift:
+``StreamPipeline.noise_levels``), chunk j (0 = front) sits at level ``K-1-j`` in the steady state. One engine
+step runs ONE model call over the whole buffer with per-frame timesteps (``sigma * 1000``), moves every chunk one
+level down (per-frame Euler), emits the front chunk (now at s_K = 0, fully denoised) and appends a chunk of fresh
+noise (level 0) at the back. Every chunk is thus denoised K times while it slides through the buffer, and every
+emitted chunk costs exactly one forward pass.
+
+Warm-up (no noisy or brown first frames): a new buffer is K chunks of pure noise, all at level 0. During the
+first K-1 steps ("ramp") a chunk advances only while it is short of its steady level (chunk j advances while
+``level[j] < K-1-j``); the others get ``sigma_next == sigma`` and stay exactly as they are. After K-1 ramp steps
+the levels are staggered (front at K-1) and step K emits the first chunk, fully denoised. Time to first frame
+is therefore K forward passes (+ decode and encode); buffers keep one shape throughout, so ramping sessions batch
+with running ones.
+
+The policy interface is ``init(session)``, ``warm(session)`` (past its ramp: its steps now emit on schedule),
+``step(sessions, cond) -> list[Emission | None]`` and ``release(session)``; the checkpoint picks one by name
+(``model_index.json``: ``fewstep.policy``, default ``"moving_buffer"``). A second policy (chunk-wise
+autoregression with a KV cache, as in Self-Forcing) fits behind it: ``init`` would prefill the cache
+from the prompt, ``step`` would run one denoising step of the current chunk against the cache and emit (and
+append the chunk's keys/values to the cache) every ``steps_per_chunk`` steps.
+
+Session scheduling
+------------------
+Round-robin over the open sessions: each engine step takes up to ``max_batch_sessions`` runnable sessions of one
+frame size, in rotation order, and moves them to the back of the rotation, so a session runs at most once per
+round and no client (however fast it reads) can starve the others. A session is runnable when it is ramping, or
+its next chunk is due (paced sessions: ``next_due`` advances by F / fps per emitted chunk; a session due within
+``coalesce_ms`` joins the current step, which keeps same-fps sessions in one forward pass), and, for
+``on_full="pause"`` sessions, when its outbox has room.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from ..config import StreamConfig
+from ..pipeline import PromptEmbeds
+from .pipeline import StreamPipeline
+from .session import StreamChunk, StreamSession
+
+log = logging.getLogger("fewstep.engines")
+
+
+class Emission(NamedTuple):
+    session: StreamSession
+    frames: torch.Tensor  # [C, F, H, W] clean sample
+    sigma: float  # the noise level the frames reached: 0.0 by construction
+
+
+class MovingBufferPolicy:
+    """StreamDiT's moving buffer (see the module docstring)."""
+
+    name = "moving_buffer"
+
+    def __init__(self, pipe: StreamPipeline):
+        self.pipe = pipe
+        self.K = pipe.buffer_chunks
+        self.F = pipe.chunk_frames
+        self.sigmas = pipe.sigmas  # K + 1 levels, sigmas[K] == 0
+        assert len(self.sigmas) == self.K + 1 and self.sigmas[-1] == 0.0
+
+    def _noise(self, s: StreamSession, frames: int) -> torch.Tensor:
+        c = self.pipe.latent_channels
+        h, w = s.height // self.pipe.vae_scale_factor, s.width // self.pipe.vae_scale_factor
+        # drawn on the CPU from the session's own generator: identical on every device and in every batch
+        return torch.randn((c, frames, h, w), generator=s.generator, dtype=torch.float32).to(self.pipe.device)
+
+    def init(self, s: StreamSession) -> None:
+        s.buffer = self._noise(s, self.K * self.F)  # [C, K*F, h, w]
+        s.levels = [0] * self.K
+
+    def warm(self, s: StreamSession) -> bool:
+        return all(lv == self.K - 1 - j for j, lv in enumerate(s.levels))
+
+    def frame_sigmas(self, s: StreamSession) -> torch.Tensor:
+        """Per-frame sigma [K*F] of the buffer as it is now."""
+        return torch.tensor([self.sigmas[lv] for lv in s.levels], dtype=torch.float32).repeat_interleave(self.F)
+
+    def _advance(self, s: StreamSession) -> list[bool]:
+        if self.warm(s):
+            return [True] * self.K
+        return [lv < self.K - 1 - j for j, lv in enumerate(s.levels)]  # ramp: stagger the levels
+
+    def step(self, sessions: list[StreamSession], cond: PromptEmbeds) -> list[Emission | None]:
+        """One forward pass over every session's buffer; returns each session's emitted chunk (or None)."""
+        x = torch.stack([s.buffer for s in sessions])  # [B, C, K*F, h, w]
+        adv = [self._advance(s) for s in sessions]
+        sig = torch.stack([self.frame_sigmas(s) for s in sessions])  # [B, K*F]
+        nxt = torch.stack([
+            torch.tensor([self.sigmas[lv + a] for lv, a in zip(s.levels, ad)], dtype=torch.float32)
+            .repeat_interleave(self.F) for s, ad in zip(sessions, adv)])
+        dev = self.pipe.device
+        x = self.pipe.denoise_step(x, sig.to(dev), nxt.to(dev), cond)
+        out: list[Emission | None] = []
+        for i, (s, ad) in enumerate(zip(sessions, adv)):
+            s.levels = [lv + a for lv, a in zip(s.levels, ad)]
+            if s.levels[0] == self.K:  # front chunk reached sigma 0: emit it, slide, append fresh noise
+                out.append(Emission(s, x[i, :, : self.F].clone(), self.sigmas[self.K]))
+                s.buffer = torch.cat([x[i, :, self.F:], self._noise(s, self.F)], dim=1)
+                s.levels = s.levels[1:] + [0]
+            else:
+                s.buffer = x[i].clone()  # no view into the batch tensor: a closed session frees its share
+                out.append(None)
+        return out
+
+    def release(self, s: StreamSession) -> None:
+        s.buffer = None
+        s.levels = []
+
+
+POLICIES = {MovingBufferPolicy.name: MovingBufferPolicy}
+
+
+def make_policy(pipe: StreamPipeline):
+    name = pipe.ckpt.meta.get("policy", MovingBufferPolicy.name)
+    if name not in POLICIES:
+        from ..loading import CheckpointError
+
+        raise CheckpointError(f"{pipe.ckpt.path / 'model_index.json'}: fewstep.policy {name!r} is not one of "
+                              f"{sorted(POLICIES)}")
+    return POLICIES[name](pipe)
+
+
+@dataclass
+class StepResult:
+    chunks: list[StreamChunk]
+    sessions: int
+    dropped_frames: int
+
+
+class StreamScheduler:
+    """Open sessions of one video model: registry, round-robin batching, stepping and emission."""
+
+    def __init__(self, model: str, pipe: StreamPipeline, config: StreamConfig, cache,
+                 submit: Callable[..., Future], wake: Callable[[], None] = lambda: None):
+        self.model = model
+        self.pipe = pipe
+        self.policy = make_policy(pipe)
+        self.config = config
+        self.cache = cache  # the engine's PromptCache
+        self.submit = submit  # runs a callable in the engine's encode pool
+        self.wake = wake  # wakes the engine loop (a paused session got room, a session opened ...)
+        self.transition_steps = config.transition_steps or pipe.buffer_chunks
+        self._sessions: dict[str, StreamSession] = {}
+        self._order: deque[str] = deque()  # round-robin rotation
+        self._lock = threading.RLock()
+
+    # -- registry (any thread) -----------------------------------------------------------------------------------
+    def add(self, s: StreamSession) -> None:
+        with self._lock:
+            if len(self._sessions) >= self.config.max_sessions:
+                from ..core import EngineError
+
+                raise EngineError(f"server is at capacity ({len(self._sessions)} open streams); retry later", 503,
+                                  None, "overloaded")
+            self._sessions[s.id] = s
+            self._order.append(s.id)
+        s.owner.on_take = self.wake
+
+    def get(self, session_id: str) -> StreamSession | None:
+        with self._lock:
+            return self._sessions.get(session_id)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def update_prompt(self, session_id: str, prompt: str) -> bool:
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None:
+                return False
+            s.pending_prompt = prompt  # newest wins if several arrive before the next step
+            s.prompt = prompt
+        return True
+
+    def close(self, session_id: str, reason: str = "closed") -> StreamSession | None:
+        """Take the session out of the rotation now; its tensors go as soon as no step is using them."""
+        with self._lock:
+            s = self._sessions.pop(session_id, None)
+            if s is None:
+                return None
+            try:
+                self._order.remove(session_id)
+            except ValueError:
+                pass
+            s.closed = True
+            for o in s.outboxes:
+                o.close(reason)
+            if not s.in_step:
+                self.policy.release(s)
+                s.release()
+        return s
+
+    # -- schedule --------------------------------------------------------------------------------------------------
+    def _runnable(self, s: StreamSession, now: float) -> bool:
+        if s.closed or s.finished:
+            return False
+        if s.buffer is None or not self.policy.warm(s):
+            return True  # new or ramping: no frame leaves this step, run it as soon as possible
+        if s.owner.on_full == "pause" and s.owner.full():
+            return False
+        return s.fps <= 0 or now >= s.next_due - self.config.coalesce_ms / 1e3
+
+    def next_wakeup(self, now: float) -> float | None:
+        """Seconds until some session becomes runnable by the clock alone (0: one is runnable now; None: never)."""
+        best = None
+        with self._lock:
+            for s in self._sessions.values():
+                if self._runnable(s, now):
+                    return 0.0
+                if s.closed or s.finished or s.fps <= 0 or (s.owner.on_full == "pause" and s.owner.full()):
+                    continue
+                wait = s.next_due - self.config.coalesce_ms / 1e3 - now
+                best = wait if best is None else min(best, wait)
+        return None if best is None else max(best, 0.0)
+
+    def schedule(self, now: float | None = None) -> list[StreamSession]:
+        """Pick up to max_batch_sessions runnable sessions of one size, round-robin, and mark them in a step."""
+        now = time.perf_counter() if now is None else now
+        with self._lock:
+            picked: list[StreamSession] = []
+            key = None
+            for sid in self._order:
+                s = self._sessions[sid]
+                if not self._runnable(s, now):
+                    continue
+                k = (s.height, s.width)
+                if key is None:
+                    key = k
+                elif k != key:
+                    continue
+                picked.append(s)
+                if len(picked) >= self.config.max_batch_sessions:
+                    break
+            for s in picked:
+                self._order.remove(s.id)
+                self._order.append(s.id)
+                s.in_step = True
+        return picked
+
+    # -- run + emit ------------------------------------------------------------------------------------------------
+    def _prepare(self, batch: list[StreamSession]) -> None:
+        """Encode new prompts (batched, through the prompt cache) and start new buffers. Engine thread."""
+        with self._lock:
+            todo = [(s, s.pending_prompt) for s in batch if s.pending_prompt is not None]
+            for s, _ in todo:
+                s.pending_prompt = None
+        if todo:
+            rows = self.cache.get_many(self.model, self.pipe, [p for _, p in todo])
+            for i, (s, _) in enumerate(todo):
+                if s.cond is None:
+                    s.cond = rows[i]
+                else:  # a prompt update: blend from what the last step used, reach the new prompt in N steps
+                    s.cond_from = s.last_cond or s.cond
+                    s.cond = rows[i]
+                    s.transition = (0, self.transition_steps)
+                    s.prompt_version += 1
+        for s in batch:
+            if s.buffer is None:
+                self.policy.init(s)
+
+    def step(self, batch: list[StreamSession]) -> StepResult:
+        """Run one forward pass for ``batch`` (from ``schedule``) and emit the finished chunks."""
+        t0 = time.perf_counter()
+        try:
+            self._prepare(batch)
+            cond = PromptEmbeds.cat([s.step_cond() for s in batch])
+            emitted = self.policy.step(batch, cond)
+            t1 = time.perf_counter()
+            done = [e for e in emitted if e is not None]
+            frames = None
+            if done:
+                frames = self.pipe.decode_frames(torch.stack([e.frames for e in done])).cpu().numpy()
+            t2 = time.perf_counter()
+        except Exception as e:  # a failed step ends its sessions with an error, never the engine
+            log.exception("stream step failed")
+            with self._lock:
+                for s in batch:
+                    s.in_step = False
+            for s in batch:
+                self.close(s.id, f"error: {type(e).__name__}: {e}")
+            return StepResult([], len(batch), 0)
+
+        chunks: list[StreamChunk] = []
+        dropped = 0
+        step_ms = (t1 - t0) * 1e3
+        with self._lock:
+            for s in batch:
+                s.in_step = False
+                s.steps += 1
+                s.last_step_ms, s.last_batch = step_ms, len(batch)
+            for i, e in enumerate(done):
+                s = e.session
+                if s.closed:
+                    continue
+                f = frames[i]  # [F, H, W, 3]
+                if s.max_frames is not None:
+                    f = f[: s.max_frames - s.frames_generated]
+                now = time.perf_counter()
+                chunk = StreamChunk(s.id, f, s.next_index,
+                                    {"step_ms": step_ms, "decode_ms": (t2 - t1) * 1e3, "batch_size": len(batch),
+                                     "since_open_ms": (now - s.opened_at) * 1e3},
+                                    now, s.prompt_version)
+                s.next_index += chunk.num_frames
+                s.frames_generated += chunk.num_frames
+                if s.fps > 0:
+                    period = self.policy.F / s.fps
+                    if s.first_chunk_at is None:
+                        s.next_due = now + period
+                    else:  # keep the ideal grid, but cap the debt after a stall at one period: at most one
+                        # chunk of catch-up instead of a burst that would overrun the client's outbox
+                        s.next_due = max(s.next_due + period, now - period)
+                if s.first_chunk_at is None:
+                    s.first_chunk_at = now
+                if s.max_frames is not None and s.frames_generated >= s.max_frames:
+                    chunk.final = True
+                    s.finished = True
+                if s.start.format != "raw":
+                    chunk.encoded(s.start.format, s.start.quality, self.submit)  # encode while the next step runs
+                for o in s.outboxes:
+                    dropped += o.put(chunk)
+                chunks.append(chunk)
+            for s in batch:
+                if s.finished and not s.closed:
+                    self._sessions.pop(s.id, None)
+                    if s.id in self._order:
+                        self._order.remove(s.id)
+                    for o in s.outboxes:
+                        o.close("finished")
+                    s.closed = True
+                if s.closed:  # closed while it was in this step, or just finished: free its tensors now
+                    self.policy.release(s)
+                    s.release()
+        return StepResult(chunks, len(batch), dropped)
+
+    def subscribe(self, session_id: str, capacity: int):
+        """Attach an extra viewer (MJPEG) to a session; returns its Outbox, or None for an unknown id."""
+        from .session import Outbox
+
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None or s.closed:
+                return None
+            if len(s.outboxes) - 1 >= self.config.max_viewers:
+                from ..core import EngineError
+
+                raise EngineError(f"this stream already has {self.config.max_viewers} viewers", 429, None,
+                                  "too_many_viewers")
+            o = Outbox(capacity, "drop_oldest")
+            s.outboxes.append(o)
+            return o
+
+    def unsubscribe(self, session_id: str, outbox) -> None:
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is not None and outbox in s.outboxes[1:]:
+                s.outboxes.remove(outbox)
+        outbox.close("unsubscribed")
+
+    def close_all(self, reason: str = "shutdown") -> None:
+        with self._lock:
+            ids = list(self._sessions)
+        for sid in ids:
+            self.close(sid, reason)

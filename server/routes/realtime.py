@@ -1,0 +1,106 @@
+"""WS /v1/realtime: real-time image generation in the style of fal's realtime endpoints.
+
+Each text message is one input ``{"prompt", "seed"?, "request_id"?, "size"?, "steps"?, "format"?}``; each answer
+echoes ``request_id``. Newest wins: a connection has at most one input in the engine and one waiting. An input
+arriving while another waits replaces it, and the replaced (stale) input is answered at once with
+``{"type": "dropped", "request_id", "reason": "superseded"}``; it never reaches the engine. The input already in
+the engine finishes and its result is sent (it is the freshest image there is until the next one lands).
+Results are JSON with the image base64-encoded; generation and encoding run in the engine, not on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, ValidationError
+
+from fewstep.engines.core import EngineError, GenerateRequest
+
+from ..stream_protocol import ErrorMessage, RealtimeDropped, RealtimeRequest, RealtimeResult, parse_size
+
+router = APIRouter()
+
+
+class RealtimeConnection:
+    def __init__(self, ws: WebSocket, state):
+        self.ws, self.state = ws, state
+        self.pending: RealtimeRequest | None = None
+        self.worker: asyncio.Task | None = None
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, msg: BaseModel) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(msg.model_dump_json())
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                msg = await self.ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                text = msg.get("text")
+                if text is None:
+                    await self.send(ErrorMessage(message="send inputs as JSON text messages", code="invalid_message"))
+                    continue
+                try:
+                    req = RealtimeRequest.model_validate_json(text)
+                except ValidationError as e:
+                    err = e.errors()[0]
+                    param = ".".join(str(x) for x in err.get("loc", ())) or None
+                    message = ("message is not valid JSON" if err.get("type") == "json_invalid" else
+                               f"invalid '{param}': {err.get('msg', '').removeprefix('Value error, ')}")
+                    await self.send(ErrorMessage(message=message, code="invalid_message", param=param))
+                    continue
+                if req.request_id is None:
+                    req.request_id = uuid.uuid4().hex
+                if self.pending is not None:  # newest wins: the waiting input is stale
+                    await self.send(RealtimeDropped(request_id=self.pending.request_id))
+                self.pending = req
+                if self.worker is None or self.worker.done():
+                    self.worker = asyncio.create_task(self.work())
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            if self.worker is not None:
+                self.worker.cancel()
+
+    async def work(self) -> None:
+        while self.pending is not None:
+            req, self.pending = self.pending, None
+            try:
+                out = await self.generate(req)
+                image = base64.b64encode(out.images[0]).decode()
+                await self.send(RealtimeResult(request_id=req.request_id, image=image, format=req.format,
+                                               seed=out.seeds[0],
+                                               timings={k: round(v, 3) for k, v in out.timings.items()}))
+            except EngineError as e:
+                await self.send(ErrorMessage(message=str(e), code=e.code, param=e.param, request_id=req.request_id))
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            except Exception as e:  # noqa: BLE001 - report, keep the socket
+                await self.send(ErrorMessage(message=f"generation failed: {type(e).__name__}: {e}", code="internal",
+                                             request_id=req.request_id))
+
+    async def generate(self, req: RealtimeRequest):
+        state = self.state
+        if state.engine is None:
+            raise EngineError(state.load_error or "the model is still loading; poll GET /ready", 503, None,
+                              "not_ready")
+        w, h = parse_size(req.size)
+        if w is not None and max(w, h) > state.config.limits.max_side:
+            raise EngineError(f"size sides must be at most {state.config.limits.max_side} pixels on this server", 400,
+                              "size", "invalid_size")
+        out = await state.engine.generate(GenerateRequest(
+            prompt=req.prompt, model=req.model, height=h, width=w, steps=req.steps, guidance_scale=req.guidance_scale,
+            seed=req.seed, output_format=req.format))
+        state.metrics.on_request(out.model, 200)
+        return out
+
+
+@router.websocket("/v1/realtime")
+async def realtime_socket(ws: WebSocket) -> None:
+    await ws.accept()
+    await RealtimeConnection(ws, ws.app.state.fewstep).serve()

@@ -1,0 +1,327 @@
+"""WS /v1/stream (typed JSON control + binary frames), GET /v1/stream/{id}.mjpeg, GET /v1/stream.mjpeg and
+GET /v1/stream/schema. Validate, hand over to the engine, move bytes: encoding runs in the engine's pool.
+
+Message types and the binary frame header: server/stream_protocol.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from fewstep.engines.core import AsyncStream, EngineError
+from fewstep.engines.stream import StreamStart
+
+from ..stream_protocol import (
+    CLIENT_MESSAGE,
+    ErrorMessage,
+    InitMessage,
+    StartedMessage,
+    StartMessage,
+    StatsMessage,
+    StopMessage,
+    StoppedMessage,
+    UpdatedMessage,
+    UpdateMessage,
+    pack_frame,
+    parse_size,
+    schema,
+)
+
+router = APIRouter()
+log = logging.getLogger("fewstep.server")
+
+
+class Delivery:
+    """Per-viewer delivery clock: time to first frame, inter-frame time, frames sent; feeds /metrics and stats."""
+
+    def __init__(self, metrics, model: str, opened_at: float):
+        self.metrics, self.model, self.opened_at = metrics, model, opened_at
+        self.sent = 0
+        self.ttff_ms: float | None = None
+        self._last: float | None = None
+        self._window = (time.perf_counter(), 0)  # (start, frames) of the current stats interval
+
+    def chunk_sent(self, frames: int) -> None:
+        now = time.perf_counter()
+        if self._last is None:
+            self.ttff_ms = (now - self.opened_at) * 1e3
+            self.metrics.on_first_frame(self.model, now - self.opened_at)
+        else:
+            self.metrics.on_chunk_sent(self.model, frames, now - self._last)
+        self._last = now
+        self.sent += frames
+
+    def interval(self) -> tuple[float, float | None]:
+        """(fps, mean ms per frame) since the previous call."""
+        now = time.perf_counter()
+        t0, n0 = self._window
+        self._window = (now, self.sent)
+        frames, dt = self.sent - n0, max(now - t0, 1e-9)
+        return frames / dt, (dt * 1e3 / frames if frames else None)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body generator when the response ends, including when the client
+    disconnects mid-stream (the generator's ``finally`` then ends the session at once, not at garbage collection)."""
+
+    def __init__(self, content, *args, on_close=None, **kwargs):
+        super().__init__(content, *args, **kwargs)
+        self.on_close = on_close  # runs even when the body never started (the client left before the headers)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if self.on_close is not None:
+                self.on_close()
+
+
+def _engine(state):
+    if state.core is None:
+        raise EngineError(state.load_error or "the model is still loading; poll GET /ready", 503, None, "not_ready")
+    return state.core
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    err = e.errors()[0]
+    loc = [str(x) for x in err.get("loc", ()) if x not in ("start", "update", "stop")]
+    param = loc[0] if loc else None
+    msg = err.get("msg", "invalid message").removeprefix("Value error, ")
+    if err.get("type") == "json_invalid":
+        return "message is not valid JSON", None
+    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        return "message 'type' must be one of 'start', 'update', 'stop'", "type"
+    return (f"invalid '{param}': {msg}" if param else msg), param
+
+
+class StreamConnection:
+    """One WebSocket on /v1/stream: a reader (control messages) and, while a session runs, a pump (frames)."""
+
+    def __init__(self, ws: WebSocket, state):
+        self.ws, self.state = ws, state
+        self.stream: AsyncStream | None = None
+        self.pump: asyncio.Task | None = None
+        self.delivery: Delivery | None = None
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, msg: BaseModel) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(msg.model_dump_json())
+
+    async def send_bytes(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.ws.send_bytes(data)
+
+    async def error(self, message: str, code: str | None, param: str | None = None) -> None:
+        await self.send(ErrorMessage(message=message, code=code, param=param))
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                msg = await self.ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                text = msg.get("text")
+                if text is None:
+                    await self.error("binary messages are server -> client only; send JSON text", "invalid_message")
+                    continue
+                try:
+                    parsed = CLIENT_MESSAGE.validate_json(text)
+                except ValidationError as e:
+                    message, param = _validation_message(e)
+                    await self.error(message, "invalid_message", param)
+                    continue
+                try:
+                    await self.handle(parsed)
+                except EngineError as e:
+                    await self.error(str(e), e.code, e.param)
+                except WebSocketDisconnect:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a bug answers this message, the socket stays usable
+                    log.exception("stream message failed")
+                    await self.error(f"internal error: {type(e).__name__}: {e}", "internal")
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the client went away (RuntimeError: receive after a disconnect the server saw first)
+        finally:
+            await self.finish("disconnected", notify=False)
+
+    async def handle(self, msg) -> None:
+        if isinstance(msg, StartMessage):
+            await self.start(msg)
+        elif isinstance(msg, UpdateMessage):
+            if self.stream is None:
+                raise EngineError("no stream is running; send 'start' first", 400, "type", "not_started")
+            self.stream.update(msg.prompt)
+            await self.send(UpdatedMessage(prompt=msg.prompt))
+        elif isinstance(msg, StopMessage):
+            if self.stream is None:
+                raise EngineError("no stream is running", 400, "type", "not_started")
+            await self.finish("stopped")
+
+    async def start(self, msg: StartMessage) -> None:
+        if self.stream is not None:
+            raise EngineError("a stream is already running on this socket; send 'stop' first", 400, "type",
+                              "already_started")
+        core = _engine(self.state)
+        w, h = parse_size(msg.size)
+        side = self.state.config.limits.max_side
+        if w is not None and max(w, h) > side:
+            raise EngineError(f"size sides must be at most {side} pixels on this server", 400, "size",
+                              "invalid_size")
+        engine_format = "raw" if msg.format == "fmp4" else msg.format
+        start = StreamStart(prompt=msg.prompt, model=msg.model, height=h, width=w, seed=msg.seed, fps=msg.fps,
+                            format=engine_format, quality=msg.quality)
+        self.stream = self.state.engine.open_stream(start)
+        s = self.stream.session
+        pipe = core.pipelines[s.model]
+        await self.send(StartedMessage(session_id=s.id, model=s.model, width=s.width, height=s.height, seed=s.seed,
+                                       fps=s.fps, chunk_frames=pipe.chunk_frames, buffer_chunks=pipe.buffer_chunks,
+                                       format=msg.format, mjpeg_url=f"/v1/stream/{s.id}.mjpeg"))
+        self.delivery = Delivery(self.state.metrics, s.model, s.opened_at)
+        self.pump = asyncio.create_task(self.run_pump(self.stream, self.delivery, msg.format, msg.quality))
+
+    async def run_pump(self, stream: AsyncStream, delivery: Delivery, fmt: str, quality: int) -> None:
+        s = stream.session
+        interval = self.state.config.engine.stream.stats_interval_s
+        next_stats = time.perf_counter() + interval
+        muxer = None
+        try:
+            while True:
+                try:
+                    chunk = await stream.next_chunk(timeout=max(next_stats - time.perf_counter(), 0.001))
+                except (TimeoutError, asyncio.TimeoutError):
+                    chunk = False
+                if time.perf_counter() >= next_stats:
+                    next_stats = time.perf_counter() + interval
+                    fps, per_frame = delivery.interval()
+                    st = s.stats()
+                    await self.send(StatsMessage(
+                        frames_generated=st["frames_generated"], frames_sent=delivery.sent,
+                        frames_dropped=st["frames_dropped"], fps=round(fps, 3), ttff_ms=delivery.ttff_ms,
+                        inter_frame_ms=per_frame, queued_chunks=st["queued_chunks"], batch_size=st["batch_size"],
+                        step_ms=st["step_ms"], prompt_version=st["prompt_version"]))
+                if chunk is None:
+                    break
+                if chunk is False:
+                    continue
+                ts = (chunk.created - s.opened_at) * 1e3
+                if fmt == "fmp4":
+                    if muxer is None:
+                        from fewstep.engines.stream.fmp4 import FMP4Muxer
+
+                        fps = s.fps or self.state.core.pipelines[s.model].fps
+                        muxer = await stream.run_in_pool(FMP4Muxer, s.width, s.height, fps, chunk.num_frames)
+                    data = await stream.run_in_pool(muxer.add, chunk.frames, chunk.first_index)
+                    if delivery.sent == 0 and muxer.mime:
+                        await self.send(InitMessage(mime=muxer.mime))
+                    if data:
+                        await self.send_bytes(pack_frame(data, "fmp4", chunk.first_index, ts, chunk.prompt_version))
+                else:
+                    for i, payload in enumerate(await stream.encoded(chunk, fmt, quality)):
+                        await self.send_bytes(pack_frame(payload, fmt, chunk.first_index + i, ts,
+                                                         chunk.prompt_version))
+                delivery.chunk_sent(chunk.num_frames)
+            reason = stream.outbox.reason or "finished"
+            if reason.startswith("error"):
+                await self.error(f"stream failed: {reason.removeprefix('error: ')}", "stream_failed")
+            await self.send(StoppedMessage(reason=reason, frames_sent=delivery.sent,
+                                           frames_dropped=s.frames_dropped))
+            self.stream = None
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the socket closed under us; the reader cleans up
+        finally:
+            if muxer is not None:
+                stream.core.encode_submit(muxer.close)
+
+    async def finish(self, reason: str, notify: bool = True) -> None:
+        """Stop the session (if any): leave the engine at once, then tell the client."""
+        stream, self.stream = self.stream, None
+        pump, self.pump = self.pump, None
+        if stream is not None:
+            stream.close(reason)
+        if pump is not None:
+            pump.cancel()
+            try:
+                await pump
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the pump's errors end with it
+                pass
+        if stream is not None and notify:
+            sent = self.delivery.sent if self.delivery else 0
+            await self.send(StoppedMessage(reason=reason, frames_sent=sent,
+                                           frames_dropped=stream.session.frames_dropped))
+
+
+@router.websocket("/v1/stream")
+async def stream_socket(ws: WebSocket) -> None:
+    await ws.accept()
+    await StreamConnection(ws, ws.app.state.fewstep).serve()
+
+
+@router.get("/v1/stream/schema")
+async def stream_schema() -> dict:
+    return schema()
+
+
+BOUNDARY = "fewstepframe"
+MJPEG_TYPE = f"multipart/x-mixed-replace; boundary={BOUNDARY}"
+
+
+async def _mjpeg_body(state, stream: AsyncStream, quality: int = 85):
+    s = stream.session
+    delivery = Delivery(state.metrics, s.model, time.perf_counter() if not stream.owner else s.opened_at)
+    try:
+        while True:
+            chunk = await stream.next_chunk()
+            if chunk is None:
+                break
+            parts = []
+            for i, jpg in enumerate(await stream.encoded(chunk, "jpeg", quality)):
+                parts.append(b"--" + BOUNDARY.encode() + b"\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                             + str(len(jpg)).encode() + b"\r\nX-Frame-Index: " + str(chunk.first_index + i).encode()
+                             + b"\r\n\r\n" + jpg + b"\r\n")
+            yield b"".join(parts)
+            delivery.chunk_sent(chunk.num_frames)
+    finally:  # the client left (the next write failed) or the session ended
+        stream.close("disconnected")
+
+
+@router.get("/v1/stream/{session_id}.mjpeg")
+async def mjpeg_of_session(session_id: str, request: Request) -> ClosingStreamingResponse:
+    """Watch an open session as multipart/x-mixed-replace (an extra viewer with its own bounded outbox)."""
+    state = request.app.state.fewstep
+    core = _engine(state)
+    if not core.streams:
+        raise EngineError(f"model {state.model_name!r} is an image model; streams need a video model", 400,
+                          "model", "image_model")
+    viewer = state.engine.watch(session_id)
+    if viewer is None:
+        raise EngineError("no such stream session", 404, "session_id", "session_not_found")
+    return ClosingStreamingResponse(_mjpeg_body(state, viewer), media_type=MJPEG_TYPE,
+                                    headers={"Cache-Control": "no-store"}, on_close=viewer.close)
+
+
+@router.get("/v1/stream.mjpeg")
+async def mjpeg_new_session(request: Request, prompt: str = Query(..., min_length=1, max_length=2000),
+                            seed: int | None = Query(None, ge=0, le=2**62), size: str | None = None,
+                            fps: float | None = Query(None, ge=0, le=1000)) -> ClosingStreamingResponse:
+    """A session of its own for an ``<img src="/v1/stream.mjpeg?prompt=...">`` tag; it ends with the response."""
+    state = request.app.state.fewstep
+    _engine(state)
+    try:
+        w, h = parse_size(int(size) if size and size.isdigit() else size)
+    except ValueError as e:
+        raise EngineError(str(e), 400, "size", "invalid_size") from None
+    stream = state.engine.open_stream(StreamStart(prompt=prompt, height=h, width=w, seed=seed, fps=fps,
+                                                  format="jpeg"))
+    return ClosingStreamingResponse(_mjpeg_body(state, stream), media_type=MJPEG_TYPE,
+                                    headers={"Cache-Control": "no-store", "X-Fewstep-Seed": str(stream.session.seed)},
+                                    on_close=stream.close)

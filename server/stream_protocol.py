@@ -1,0 +1,292 @@
+"""Message types of the streaming surfaces: WS /v1/stream, WS /v1/realtime and POST /v1/videos.
+
+Every JSON message carries ``"type"``; there is one pydantic model per message type, and ``GET /v1/stream/schema``
+publishes their JSON schema (``schema()`` below).
+
+WS /v1/stream
+-------------
+client -> server (text)      ``start`` | ``update`` | ``stop``
+server -> client (text)      ``started`` | ``init`` (fMP4 only: the MSE MIME type) | ``updated`` | ``stats``
+                             (every ``stream.stats_interval_s``) | ``error`` | ``stopped``
+server -> client (binary)    one frame (JPEG / WebP) or one fMP4 piece per message:
+
+    offset  size  field (little-endian)
+    0       4     magic b"FSTR"
+    4       1     header version (1)
+    5       1     payload type: 1 JPEG, 2 WebP, 3 fMP4 bytes, 4 raw RGB24
+    6       2     prompt version (uint16, wraps): increments on the first frame a prompt update reaches
+    8       8     frame index (uint64); for fMP4, the first frame the bytes complete (may be empty of frames)
+    16      8     timestamp (float64): milliseconds from the session's start to the frame leaving the engine
+    24      ...   payload
+
+Frame indices are consecutive unless frames were dropped (a gap = frames dropped because the client fell behind).
+A bad message gets an ``error`` reply and the socket stays usable.
+
+WS /v1/realtime (fal-style)
+---------------------------
+client -> server: ``{"prompt", "seed"?, "request_id"?, "size"?, "steps"?, "format"?}`` (``"type": "generate"`` may
+be given or left out). The newest input wins: while one input is being generated, a newer one replaces any input
+still waiting, and the replaced input is answered ``{"type": "dropped", "request_id", "reason": "superseded"}``.
+server -> client: ``result`` (base64 image, echoing ``request_id``), ``dropped``, ``error`` (with the
+``request_id`` when the error belongs to an input).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+from .protocol import MAX_PROMPT_CHARS
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+# -- binary frames ---------------------------------------------------------------------------------------------
+FRAME_MAGIC = b"FSTR"
+FRAME_HEADER_VERSION = 1
+FRAME_HEADER = struct.Struct("<4sBBHQd")  # 24 bytes
+PAYLOAD_TYPES = {"jpeg": 1, "webp": 2, "fmp4": 3, "raw": 4}
+
+
+def pack_frame(payload: bytes, payload_type: str, index: int, timestamp_ms: float, prompt_version: int = 0) -> bytes:
+    return FRAME_HEADER.pack(FRAME_MAGIC, FRAME_HEADER_VERSION, PAYLOAD_TYPES[payload_type], prompt_version & 0xFFFF,
+                             index, timestamp_ms) + payload
+
+
+def unpack_frame(data: bytes) -> tuple[dict[str, Any], bytes]:
+    magic, version, ptype, pversion, index, ts = FRAME_HEADER.unpack_from(data)
+    if magic != FRAME_MAGIC:
+        raise ValueError(f"not a fewstep frame (magic {magic!r})")
+    names = {v: k for k, v in PAYLOAD_TYPES.items()}
+    return ({"version": version, "payload_type": names.get(ptype, str(ptype)), "prompt_version": pversion,
+             "index": index, "timestamp_ms": ts}, data[FRAME_HEADER.size:])
+
+
+def _check_prompt(v: str) -> str:
+    if not v.strip():
+        raise ValueError("prompt must be a non-empty string")
+    return v
+
+
+def parse_size(v: str | int | None) -> tuple[int | None, int | None]:
+    """'WxH', an int (square) or None -> (width, height)."""
+    if v is None:
+        return None, None
+    if isinstance(v, int):
+        return v, v
+    m = _SIZE.match(v)
+    if not m:
+        raise ValueError(f'size must look like "512x512" (width x height in pixels), got {v!r}')
+    return int(m[1]), int(m[2])
+
+
+def _check_size(v: str | int | None) -> str | int | None:
+    w, h = parse_size(v)
+    if w is not None and not (16 <= w <= 2048 and 16 <= h <= 2048):
+        raise ValueError(f"size sides must be in [16, 2048] pixels, got {w}x{h}")
+    return v
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- WS /v1/stream: client -> server -----------------------------------------------------------------------------
+class StartMessage(_Msg):
+    """Open the socket's stream session."""
+
+    type: Literal["start"]
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    size: str | int | None = Field(None, description='"WxH" or one side; default: the model\'s native size')
+    seed: int | None = Field(None, ge=0, le=2**62, description="default: random (reported in 'started')")
+    fps: float | None = Field(None, ge=0, le=1000, description="target frames/s; default: the model's fps; "
+                              "0: unpaced (as fast as the engine goes)")
+    format: Literal["jpeg", "webp", "fmp4"] = "jpeg"
+    quality: int = Field(85, ge=1, le=100, description="JPEG / WebP quality")
+    model: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        return _check_prompt(v)
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str | int | None) -> str | int | None:
+        return _check_size(v)
+
+
+class UpdateMessage(_Msg):
+    """Change the prompt mid-stream: it reaches the next chunk and blends in over one buffer length."""
+
+    type: Literal["update"]
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        return _check_prompt(v)
+
+
+class StopMessage(_Msg):
+    """End the session (the socket stays open; a new ``start`` may follow)."""
+
+    type: Literal["stop"]
+
+
+ClientMessage = Annotated[Union[StartMessage, UpdateMessage, StopMessage], Field(discriminator="type")]
+CLIENT_MESSAGE = TypeAdapter(ClientMessage)
+
+
+# -- WS /v1/stream: server -> client -----------------------------------------------------------------------------
+class StartedMessage(_Msg):
+    type: Literal["started"] = "started"
+    session_id: str = Field(..., description="unguessable; also the capability for GET /v1/stream/{id}.mjpeg")
+    model: str
+    width: int
+    height: int
+    seed: int
+    fps: float = Field(..., description="the target; 0 = unpaced")
+    chunk_frames: int
+    buffer_chunks: int
+    format: str
+    mjpeg_url: str
+    frame_header_bytes: int = FRAME_HEADER.size
+
+
+class InitMessage(_Msg):
+    """fMP4 only, before the first binary piece: the MIME type for ``MediaSource.addSourceBuffer``."""
+
+    type: Literal["init"] = "init"
+    mime: str
+
+
+class UpdatedMessage(_Msg):
+    type: Literal["updated"] = "updated"
+    prompt: str
+
+
+class StatsMessage(_Msg):
+    type: Literal["stats"] = "stats"
+    frames_generated: int
+    frames_sent: int
+    frames_dropped: int
+    fps: float = Field(..., description="frames sent per second over the last interval")
+    ttff_ms: float | None = Field(None, description="stream start to its first frame sent")
+    inter_frame_ms: float | None = Field(None, description="mean time per frame sent over the last interval")
+    queued_chunks: int
+    batch_size: int = Field(..., description="sessions in this session's last forward pass")
+    step_ms: float
+    prompt_version: int
+
+
+class ErrorMessage(_Msg):
+    type: Literal["error"] = "error"
+    message: str
+    code: str | None = None
+    param: str | None = None
+    request_id: str | None = None
+
+
+class StoppedMessage(_Msg):
+    type: Literal["stopped"] = "stopped"
+    reason: str
+    frames_sent: int
+    frames_dropped: int
+
+
+ServerMessage = Annotated[Union[StartedMessage, InitMessage, UpdatedMessage, StatsMessage, ErrorMessage,
+                                StoppedMessage], Field(discriminator="type")]
+
+
+# -- WS /v1/realtime ---------------------------------------------------------------------------------------------
+class RealtimeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # fal clients send extra keys
+
+    type: Literal["generate"] = "generate"
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    seed: int | None = Field(None, ge=0, le=2**62)
+    request_id: str | None = Field(None, max_length=128, description="echoed in the answer; default: generated")
+    size: str | int | None = None
+    steps: int | None = Field(None, ge=1, le=8)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    format: Literal["jpeg", "png", "webp"] = "jpeg"
+    model: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        return _check_prompt(v)
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str | int | None) -> str | int | None:
+        return _check_size(v)
+
+
+class RealtimeResult(_Msg):
+    type: Literal["result"] = "result"
+    request_id: str
+    image: str = Field(..., description="base64 of the encoded image")
+    format: str
+    seed: int
+    timings: dict[str, float]
+
+
+class RealtimeDropped(_Msg):
+    type: Literal["dropped"] = "dropped"
+    request_id: str
+    reason: Literal["superseded"] = "superseded"
+
+
+RealtimeServerMessage = Annotated[Union[RealtimeResult, RealtimeDropped, ErrorMessage], Field(discriminator="type")]
+
+
+# -- POST /v1/videos ---------------------------------------------------------------------------------------------
+class VideoRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**62)
+    num_frames: int = Field(16, ge=1, le=10_000)
+    size: str | int | None = None
+    fps: float | None = Field(None, gt=0, le=240, description="playback rate written into the file")
+    format: Literal["mp4"] = "mp4"
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        return _check_prompt(v)
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str | int | None) -> str | int | None:
+        return _check_size(v)
+
+
+def schema() -> dict[str, Any]:
+    """JSON schema of every message, plus the binary frame header (served at GET /v1/stream/schema)."""
+    return {
+        "stream": {
+            "client": TypeAdapter(ClientMessage).json_schema(),
+            "server": TypeAdapter(ServerMessage).json_schema(),
+            "binary_frame": {
+                "byte_order": "little-endian",
+                "header_bytes": FRAME_HEADER.size,
+                "struct": FRAME_HEADER.format,
+                "fields": [
+                    {"name": "magic", "offset": 0, "size": 4, "value": FRAME_MAGIC.decode()},
+                    {"name": "version", "offset": 4, "size": 1, "value": FRAME_HEADER_VERSION},
+                    {"name": "payload_type", "offset": 5, "size": 1, "values": PAYLOAD_TYPES},
+                    {"name": "prompt_version", "offset": 6, "size": 2, "type": "uint16"},
+                    {"name": "frame_index", "offset": 8, "size": 8, "type": "uint64"},
+                    {"name": "timestamp_ms", "offset": 16, "size": 8, "type": "float64"},
+                ],
+            },
+        },
+        "realtime": {
+            "client": RealtimeRequest.model_json_schema(),
+            "server": TypeAdapter(RealtimeServerMessage).json_schema(),
+        },
+        "videos": {"request": VideoRequest.model_json_schema()},
+    }
