@@ -1,4 +1,5 @@
-"""``python -m training {teacher,distill,eval,all,pack,unpack,check} ...`` -- see training/README.md."""
+"""``python -m training {teacher,distill,eval,all,video-teacher,video-distill,video-eval,pack,unpack,check} ...``
+-- see training/README.md."""
 
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("teacher", help="train the flow-matching teacher from scratch")
     t.add_argument("--out", required=True)
     _train_common(t, 8.0)
-    t.add_argument("--preset", default="base", help="model preset (base | deep | p2 | tiny)")
-    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--preset", default=None, help="model preset (p2n [default] | deep8 | base | deep | p2 | tiny)")
+    t.add_argument("--ema-decay", type=float, default=0.9995)
+    t.add_argument("--sigma-loc", type=float, default=0.8, help="logit-normal location of the training sigmas")
+    t.add_argument("--edge-weight", type=float, default=4.0, help="shape-aware loss weight on outlines (0: MSE)")
     t.add_argument("--workers", type=int, default=None, help="scene-sampling worker processes")
     t.add_argument("--reuse", type=int, default=2, help="training steps per freshly rendered batch")
     t.add_argument("--no-flip", dest="flip", action="store_false", help="no left-right flip augmentation")
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="reflow + one-step distillation into the student")
     d.add_argument("--teacher", required=True, help="exported teacher directory (DIR/teacher)")
     d.add_argument("--out", required=True)
-    _train_common(d, 8.0)
+    _train_common(d, 4.0)
     d.add_argument("--teacher-steps", type=int, default=None, help="Euler steps for teacher pairs (25)")
     d.add_argument("--guidance", type=float, default=None, help="CFG scale for the pairs (default: search)")
     d.add_argument("--guidance-grid", type=float, nargs="+", default=None)
@@ -65,9 +68,38 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True)
     _common(a)
     a.add_argument("--teacher-minutes", type=float, default=8.0)
-    a.add_argument("--distill-minutes", type=float, default=8.0)
+    a.add_argument("--distill-minutes", type=float, default=4.0)
     a.add_argument("--n", type=int, default=512)
     a.add_argument("--no-compile", dest="compile", action="store_false")
+
+    vt = sub.add_parser("video-teacher", help="train the streaming video teacher (StreamDiT, per-frame noise)")
+    vt.add_argument("--out", required=True)
+    _train_common(vt, 5.0)
+    vt.add_argument("--preset", default="small", help="video preset (small | tiny)")
+    vt.add_argument("--ema-decay", type=float, default=0.999)
+    vt.add_argument("--edge-weight", type=float, default=4.0)
+    vt.add_argument("--guidance", type=float, default=3.0, help="CFG scale recorded for the teacher")
+    vt.add_argument("--workers", type=int, default=None)
+
+    vd = sub.add_parser("video-distill", help="distill the video teacher onto the engine's K-level moving buffer")
+    vd.add_argument("--teacher", required=True, help="exported video teacher (DIR/video_teacher)")
+    vd.add_argument("--out", required=True)
+    _train_common(vd, 3.5)
+    vd.add_argument("--substeps", type=int, default=4, help="teacher Euler sub-steps per ladder level")
+    vd.add_argument("--guidance", type=float, default=None, help="teacher CFG (default: searched over --guidance-grid)")
+    vd.add_argument("--guidance-grid", type=float, nargs="+", default=[2.0, 3.0, 4.5])
+
+    ve = sub.add_parser("video-eval", help="300-frame streams with the engine's policy: video_metrics + adherence")
+    ve.add_argument("--model", required=True)
+    ve.add_argument("--teacher", default=None)
+    ve.add_argument("--teacher-substeps", type=int, default=None)
+    ve.add_argument("--teacher-guidance", type=float, default=None)
+    ve.add_argument("--n", type=int, default=16)
+    ve.add_argument("--frames", type=int, default=300)
+    ve.add_argument("--split", default="heldout", choices=["heldout", "train"])
+    ve.add_argument("--out", default=None)
+    ve.add_argument("--workers", type=int, default=None)
+    _common(ve)
 
     pk = sub.add_parser("pack", help="pack DIR into DEST (an $OUT folder) in <= 8 files < 16 MB")
     pk.add_argument("dir")
@@ -91,9 +123,11 @@ def _tiny_eval_kw(tiny: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "teacher":
+        from training.model import DEFAULT_PRESET
         from training.teacher import TeacherArgs, train_teacher
         train_teacher(TeacherArgs(out=args.out, minutes=args.minutes, resume=args.resume, tiny=args.tiny,
-                                  preset=args.preset, batch=args.batch, lr=args.lr, ema_decay=args.ema_decay,
+                                  preset=args.preset or DEFAULT_PRESET, batch=args.batch, lr=args.lr,
+                                  ema_decay=args.ema_decay, sigma_loc=args.sigma_loc, edge_weight=args.edge_weight,
                                   seed=args.seed, compile=args.compile, max_steps=args.max_steps,
                                   ckpt_every=args.ckpt_every, workers=args.workers, device=args.device,
                                   reuse=args.reuse, flip=args.flip))
@@ -129,6 +163,26 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(EvalArgs(model=str(sdir), steps=[1, 2, 4], teacher=str(tdir),
                           teacher_steps=(4 if args.tiny else 25), out=str(out), seed=args.seed,
                           tiny=args.tiny, device=args.device, **kw))
+    elif args.cmd == "video-teacher":
+        from training.video import VideoTeacherArgs, train_video_teacher
+        train_video_teacher(VideoTeacherArgs(
+            out=args.out, minutes=args.minutes, resume=args.resume, tiny=args.tiny, preset=args.preset,
+            batch=args.batch, lr=args.lr, ema_decay=args.ema_decay, edge_weight=args.edge_weight,
+            guidance=args.guidance, seed=args.seed, compile=args.compile, max_steps=args.max_steps,
+            ckpt_every=args.ckpt_every, workers=args.workers, device=args.device))
+    elif args.cmd == "video-distill":
+        from training.video import VideoDistillArgs, distill_video
+        distill_video(VideoDistillArgs(
+            teacher=args.teacher, out=args.out, minutes=args.minutes, resume=args.resume, tiny=args.tiny,
+            batch=args.batch, lr=args.lr, substeps=args.substeps, guidance=args.guidance,
+            guidance_grid=tuple(args.guidance_grid), seed=args.seed,
+            compile=args.compile, max_steps=args.max_steps, ckpt_every=args.ckpt_every, device=args.device))
+    elif args.cmd == "video-eval":
+        from training.video import VideoEvalArgs, video_evaluate
+        video_evaluate(VideoEvalArgs(
+            model=args.model, teacher=args.teacher, teacher_substeps=args.teacher_substeps,
+            teacher_guidance=args.teacher_guidance, n=args.n, frames=args.frames, split=args.split, out=args.out,
+            seed=args.seed, tiny=args.tiny, device=args.device, workers=args.workers))
     elif args.cmd == "pack":
         from training.pack import pack
         pack(args.dir, args.dest, exports=args.exports, ckpt=args.ckpt)

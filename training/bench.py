@@ -105,7 +105,7 @@ def bench_scorer(n: int = 256) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--presets", nargs="+", default=["base", "deep", "p2"])
+    ap.add_argument("--presets", nargs="+", default=["p2n", "deep8", "base"])
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-aux", action="store_true")

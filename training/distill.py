@@ -13,8 +13,9 @@ Method (InstaFlow; "Improving the Training of Rectified Flows"):
    fine-tuned too) and regresses the straight-line velocity ``z - x0`` at
    ``x_s = (1-s) x0 + s z``. Sigma is drawn from a mixture: ``s = 1`` exactly (the one-step case,
    extra loss weight: one Euler step from pure noise must land on the teacher sample), the
-   few-step grid (the scheduler's 4-step sigmas and quarter points), and uniform. A low-frequency
-   "perceptual-ish" term (L1 + L2 on 2x average-pooled ``x0`` predictions) is added.
+   few-step grid (the scheduler's 4-step sigmas and quarter points), and uniform. The velocity
+   error is weighted on object outlines like the teacher's (``w_edge``, see ``teacher.edge_map``),
+   and a low-frequency "perceptual-ish" term (L1 + L2 on 2x average-pooled ``x0`` predictions) is added.
    The student never sees CFG: it is guidance-distilled and ships ``default_guidance_scale: 0``.
 
 Exports the EMA student (fp16) to ``DIR/student/`` with ``default_steps: 1``.
@@ -65,6 +66,7 @@ class DistillArgs:
     p_grid: float = 0.3
     w_one: float = 2.0
     w_perc: float = 0.5
+    w_edge: float = 4.0         # shape-aware weighting of the velocity error (see teacher.edge_map)
     freeze_text: bool = False
     seed: int = 0
     compile: bool = True
@@ -205,7 +207,8 @@ def draw_sigma(B: int, g: torch.Generator, device, p_one: float, p_grid: float) 
     return torch.where(u < p_one, torch.ones_like(u), torch.where(u < p_one + p_grid, grid[gi], cont))
 
 
-def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, autocast: bool):
+def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, autocast: bool,
+                w_edge: float = 0.0):
     s = sigma.view(-1, 1, 1, 1)
     xs = (1.0 - s) * x0 + s * z
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -213,7 +216,12 @@ def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, aut
         v = model(xs, sigma, ids, mask)
     v = v.float()
     target = z - x0
-    mse = ((v - target) ** 2).mean(dim=(1, 2, 3))
+    if w_edge > 0:
+        from training.teacher import edge_map
+        pw = 1.0 + w_edge * edge_map(x0)
+        mse = ((v - target) ** 2 * pw).mean(dim=(1, 2, 3)) / pw.mean(dim=(1, 2, 3))
+    else:
+        mse = ((v - target) ** 2).mean(dim=(1, 2, 3))
     x0_pred = xs - s * v
     d = F.avg_pool2d(x0_pred, 2) - F.avg_pool2d(x0, 2)
     perc = d.abs().mean(dim=(1, 2, 3)) + (d ** 2).mean(dim=(1, 2, 3))
@@ -300,14 +308,14 @@ def distill(args: DistillArgs) -> Path:
     use_ac = device.type == "cuda"
 
     def step_eager(z, x0, ids, mask, sigma):
-        loss = reflow_loss(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac)
+        loss = reflow_loss(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac, args.w_edge)
         loss.backward()
         return loss
 
     compiled_loss = maybe_compile(reflow_loss, args.compile and not tiny, device, "distill loss")
 
     def step_compiled(z, x0, ids, mask, sigma):
-        loss = compiled_loss(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac)
+        loss = compiled_loss(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac, args.w_edge)
         loss.backward()
         return loss
 

@@ -31,8 +31,14 @@ COMPONENT_FILES = {
 }
 
 
-def export_model(model: FewstepModel, tokenizer, out_dir: str | Path, fewstep: dict) -> Path:
-    """Export ``model`` (any dtype/device; converted to fp16 copies on the CPU) atomically."""
+def export_model(model: FewstepModel, tokenizer, out_dir: str | Path, fewstep: dict,
+                 pipeline_class: str = PIPELINE_CLASS,
+                 transformer_entry: tuple[str, str] = ("diffusers", "PixArtTransformer2DModel")) -> Path:
+    """Export ``model`` (any dtype/device; converted to fp16 copies on the CPU) atomically.
+
+    ``model`` needs ``.transformer`` (a diffusers ModelMixin) and ``.text_encoder``; the video model
+    (training/video.py) exports through here with ``FewstepStreamPipeline`` / ``["fewstep",
+    "StreamDiTModel"]``."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -74,9 +80,9 @@ def export_model(model: FewstepModel, tokenizer, out_dir: str | Path, fewstep: d
     sched.save_pretrained(tmp / "scheduler")
 
     index = {
-        "_class_name": PIPELINE_CLASS,
+        "_class_name": pipeline_class,
         "_diffusers_version": diffusers.__version__,
-        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "transformer": list(transformer_entry),
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],

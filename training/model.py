@@ -45,15 +45,22 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-#: named presets; "tiny" is for CPU tests (seconds), "base" is the shipped model (~5.5M params).
+#: named presets; "tiny" is for CPU tests (seconds). "p2n" is the default teacher/student since the
+#: shape study (training/README.md, "Image recipe"); "base" is the first shipped model (5.47M).
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(text_hidden=32, text_layers=1, text_heads=2, text_ff=64,
                         dim=32, heads=2, layers=1, patch=8),
     "base": ModelConfig(),
-    # alternatives kept for measurements on the GPU (all <= 6M params incl. the text encoder)
+    # alternatives measured on the GPU (all <= 6M params incl. the text encoder)
     "deep": ModelConfig(dim=192, heads=3, layers=7),
     "p2": ModelConfig(patch=2),
+    # twice the depth of base at 3/4 width, same tokens (patch 4): 1.12x base FLOPs, 5.75M params
+    "deep8": ModelConfig(dim=192, heads=3, layers=8),
+    # patch 2 (32x32 tokens: a small shape spans ~5x5 tokens) at half width, 8 layers: 1.94x base
+    # FLOPs, 2.91M params (5.8 MB fp16)
+    "p2n": ModelConfig(dim=128, heads=2, layers=8, patch=2),
 }
+DEFAULT_PRESET = "p2n"
 
 
 # ----------------------------------------------------------------------------------------------

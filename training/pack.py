@@ -2,8 +2,8 @@
 
 ``python -m training pack DIR DEST [--ckpt teacher distill]`` writes into DEST:
 
-* ``fewstep_<name>.tar`` for each exported model folder in DIR (``teacher/``, ``student/``; ~11 MB
-  each, fp16) -- an export has 9 files, so it travels as one tar;
+* ``fewstep_<name>.tar`` for each exported model folder in DIR (``teacher/``, ``student/``, or with
+  ``--exports`` any others such as ``video_teacher/`` ``video_student/``; <= 12 MB each, fp16) -- an export has 9 files, so it travels as one tar;
 * ``fewstep_meta.tar``: DIR's top-level logs / JSON / markdown / PNG and each checkpoint's
   ``state.json``;
 * with ``--ckpt STAGE``: that stage's checkpoint shards ``STAGE_ckpt-g*-*.safetensors`` as they are
@@ -27,7 +27,7 @@ MAX_FILES = 8
 MAX_TOTAL = 64_000_000
 EXPORTS = ("teacher", "student")
 META_SUFFIXES = (".json", ".jsonl", ".md", ".png", ".txt")
-SHARD_RE = re.compile(r"^(?P<stage>[a-z]+)_ckpt-g\d+-\d+\.safetensors$")
+SHARD_RE = re.compile(r"^(?P<stage>[a-z_]+?)_ckpt-g\d+-\d+\.safetensors$")
 
 
 def pack(run_dir: str | Path, dest: str | Path, exports: list[str] | None = None,

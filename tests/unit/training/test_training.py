@@ -214,3 +214,27 @@ def test_flip_augmentation_is_exact():
     assert set(dec) - set(caps), "no sample was mirrored"   # some captions had left/right swapped
     u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert quality.adherence(list(u8), dec)["accuracy"] == 1.0
+
+
+def test_recipe_defaults_sizes_and_edge_loss():
+    """The default image recipe (training/README.md, "Image recipe") and the size budgets."""
+    from training.model import DEFAULT_PRESET, PRESETS, build_model
+    from training.teacher import TeacherArgs, edge_map, weighted_mse
+    from training.video import VIDEO_PRESETS, build_video_model
+
+    a = TeacherArgs(out="x")
+    assert a.preset == DEFAULT_PRESET == "p2n" and a.sigma_loc == 0.8 and a.edge_weight == 4.0
+    tok = build_tokenizer(data.vocabulary(), 32)
+    n_img = sum(p.numel() for p in build_model(PRESETS[DEFAULT_PRESET], len(tok)).parameters())
+    n_vid = sum(p.numel() for p in build_video_model(VIDEO_PRESETS["small"], len(tok)).parameters())
+    assert 2 * n_img < 12e6 and 2 * n_vid < 8e6 and 2 * (n_img + n_vid) < 20e6   # fp16 bytes
+    x, _ = data.sample_batch(np.random.default_rng(0), 8, 64)
+    e = edge_map(x)
+    assert e.shape == (8, 1, 64, 64) and 0.02 < float((e > 0.5).float().mean()) < 0.3
+    flat = torch.full((1, 3, 64, 64), 0.3)
+    assert float(edge_map(flat).max()) == 0.0
+    v, t = torch.randn(8, 3, 64, 64), torch.randn(8, 3, 64, 64)
+    assert torch.allclose(weighted_mse(v, t, x, 0.0), ((v - t) ** 2).mean())
+    err = (v - t) ** 2
+    w = 1 + 4 * e
+    assert torch.allclose(weighted_mse(v, t, x, 4.0), (err * w).mean() / w.mean())

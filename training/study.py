@@ -1,0 +1,328 @@
+"""CPU-side evidence for the image recipe (``python -m training.study {flops,bayes,cpu}``).
+
+* ``flops``: parameters, fp16 size and forward FLOPs per 64x64 image (``torch.utils.flop_counter``)
+  of every preset, with an H200 throughput estimate scaled from the measured img/s of the preset
+  with the same patch size (base/deep/p2 were measured at batch 512, compiled, bf16).
+* ``bayes``: where in sigma a property of the image is decided. For scenes of ``training.data``
+  every alternative value of one property of one object (its shape, or its colour) is rendered
+  with everything else fixed; the Bayes-optimal classifier on ``x_s = (1-s) x0 + s n`` picks the
+  alternative with the smallest ``||x_s - (1-s) x0_k||``. Its accuracy against sigma shows where
+  the training sigmas (and the sampler's steps) must be dense.
+* ``probe MODEL``: the detector on a trained teacher's one-step x0 predictions from noised held-out
+  renders at fixed sigma (is the shape rendered once the layout is given?) and on its samples at a
+  few (steps, CFG) settings.
+* ``cpu``: a small convergence study at 32x32 pixels on single-object scenes: proxy models trained
+  for the same CPU time each (process CPU seconds: the machine is shared), scored by a fixed validation flow loss (overall, in the
+  shape band sigma in [0.5, 0.95], and on object outlines) and by the detector
+  (``benchmarks.quality``) on samples (20 Euler steps, CFG 3).
+
+Results: ``training/README.md`` ("Image recipe").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+
+from training.model import (
+    PRESETS,
+    ModelConfig,
+    build_model,
+    build_tokenizer,
+    sample,
+    tokenize,
+)
+
+#: measured on one H200 (batch 512, torch.compile, bf16; first device session)
+MEASURED_IMG_S = {"base": 18900.0, "deep": 19400.0, "p2": 6600.0}
+#: the measured preset with the same patch size (same tokens per image)
+SAME_TOKENS = {4: "deep", 2: "p2"}
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------------
+
+def forward_flops(cfg: ModelConfig, vocab: int = 80) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = build_model(cfg, vocab).eval()
+    x = torch.randn(1, 3, cfg.size, cfg.size)
+    ids = torch.randint(4, vocab, (1, cfg.max_length))
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        m.denoise(x, torch.tensor([0.5]), m.encode(ids, mask), mask)
+    return int(fc.get_total_flops())
+
+
+def flops_table(presets: list[str]) -> list[dict]:
+    rows = []
+    for p in presets:
+        cfg = PRESETS[p]
+        m = build_model(cfg, 80)
+        n_tr = sum(q.numel() for q in m.transformer.parameters())
+        n_te = sum(q.numel() for q in m.text_encoder.parameters())
+        f = forward_flops(cfg)
+        rows.append({"preset": p, "layers": cfg.layers, "dim": cfg.dim, "patch": cfg.patch,
+                     "tokens": (cfg.size // cfg.patch) ** 2, "params_M": round((n_tr + n_te) / 1e6, 3),
+                     "fp16_MB": round(2 * (n_tr + n_te) / 1e6, 2), "fwd_GFLOP": round(f / 1e9, 3),
+                     "train_GFLOP": round(3 * f / 1e9, 3)})
+    by = {r["preset"]: r for r in rows}
+    for r in rows:
+        ref = r["preset"] if r["preset"] in MEASURED_IMG_S else SAME_TOKENS.get(r["patch"])
+        if ref in MEASURED_IMG_S and ref in by:
+            r["h200_img_s_b512"] = round(MEASURED_IMG_S[ref] * by[ref]["fwd_GFLOP"] / r["fwd_GFLOP"])
+            r["h200_source"] = "measured" if ref == r["preset"] else f"scaled from {ref} by FLOPs"
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Bayes-optimal decision window
+# ----------------------------------------------------------------------------------------------
+
+def bayes_window(size: int, n: int, prop: str, sigmas: list[float], reps: int = 4, seed: int = 0) -> dict:
+    from training import data as D
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    opts = D.SHAPES if prop == "shape" else tuple(D.COLORS)
+    hits = {s: 0 for s in sigmas}
+    total = 0
+    for _ in range(n):
+        sc = D.sample_scene(rng, "train")
+        alts = []
+        for v in opts:
+            s2 = copy.deepcopy(sc)
+            setattr(s2.objects[0], prop, v)
+            alts.append(s2)
+        X = D.render(alts, size)
+        ti = opts.index(getattr(sc.objects[0], prop))
+        for s in sigmas:
+            for _ in range(reps):
+                xt = (1 - s) * X[ti] + s * torch.randn(X[ti].shape, generator=g)
+                d = ((xt[None] - (1 - s) * X) ** 2).sum((1, 2, 3))
+                hits[s] += int(d.argmin()) == ti
+        total += reps
+    return {f"{s:g}": round(hits[s] / total, 3) for s in sigmas}
+
+
+def sigma_mass(lo: float, hi: float, loc: float, uniform_frac: float = 0.2, n: int = 200_000) -> float:
+    g = torch.Generator().manual_seed(0)
+    from training.teacher import draw_sigma
+    s = draw_sigma(n, g, "cpu", uniform_frac, loc)
+    return float(((s >= lo) & (s <= hi)).float().mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU convergence study
+# ----------------------------------------------------------------------------------------------
+
+PROXY_TEXT = {"text_hidden": 64, "text_layers": 1, "text_heads": 2, "text_ff": 128}
+PROXIES = {
+    # 32x32 images, patch 4 -> 8x8 tokens (cheap on 2 CPU cores)
+    "w64x4": ModelConfig(dim=64, heads=2, layers=4, patch=4, size=32, **PROXY_TEXT),
+    "w48x8": ModelConfig(dim=48, heads=2, layers=8, patch=4, size=32, **PROXY_TEXT),
+}
+RECIPES = {
+    # name: (proxy, sigma_loc, edge_weight, batch, lr)
+    "old": ("w64x4", 0.0, 0.0, 64, 1e-3),
+    "loc": ("w64x4", 0.5, 0.0, 64, 1e-3),
+    "loc+edge": ("w64x4", 0.5, 4.0, 64, 1e-3),
+    "loc+edge,b16": ("w64x4", 0.5, 4.0, 16, 5e-4),
+    "deep,loc+edge": ("w48x8", 0.5, 4.0, 64, 1e-3),
+}
+
+
+def single_object_pool(n: int, size: int, seed: int, split: str = "train"):
+    from training import data as D
+    rng = np.random.default_rng(seed)
+    scenes = []
+    while len(scenes) < n:
+        s = D.sample_scene(rng, split)
+        if len(s.objects) == 1:
+            scenes.append(s)
+    return D.render(scenes, size), [s.caption for s in scenes]
+
+
+def _val_metrics(model, tok, xv, cv, seed: int = 1) -> dict:
+    from training.teacher import edge_map
+    g = torch.Generator().manual_seed(seed)
+    n = xv.shape[0]
+    noise = torch.randn(xv.shape, generator=g)
+    sig = torch.rand(n, generator=g).clamp(0.02, 0.98)
+    ids, mask = tokenize(tok, cv)
+    with torch.no_grad():
+        v = torch.cat([model(((1 - sig[i:i + 64]).view(-1, 1, 1, 1) * xv[i:i + 64]
+                              + sig[i:i + 64].view(-1, 1, 1, 1) * noise[i:i + 64]),
+                             sig[i:i + 64], ids[i:i + 64], mask[i:i + 64]) for i in range(0, n, 64)])
+    err = ((v - (noise - xv)) ** 2).mean((1, 2, 3))
+    e = edge_map(xv)[:, 0] > 0.5
+    err_edge = (((v - (noise - xv)) ** 2).mean(1) * e).sum((1, 2)) / e.sum((1, 2)).clamp(min=1)
+    band = (sig >= 0.5) & (sig <= 0.95)
+    return {"val_loss": float(err.mean()), "val_loss_shape_band": float(err[band].mean()),
+            "val_edge_loss_shape_band": float(err_edge[band].mean())}
+
+
+def run_proxy(name: str, seconds: float, pool, val, n_samples: int, seed: int = 0) -> dict:
+    from benchmarks import quality
+    from training import data as D
+    from training.teacher import flow_loss, sample_sigma_noise
+
+    proxy, loc, edge, batch, lr = RECIPES[name]
+    cfg = copy.deepcopy(PROXIES[proxy])
+    tok = build_tokenizer(D.vocabulary(), cfg.max_length)
+    torch.manual_seed(seed)
+    model = build_model(cfg, len(tok)).train()
+    ema = copy.deepcopy(model).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    x_all, c_all = pool
+    ids_all, mask_all = tokenize(tok, c_all)
+    drop = torch.rand(len(c_all), generator=torch.Generator().manual_seed(seed)) < 0.1
+    e_ids, e_mask = tokenize(tok, [""])
+    ids_all[drop], mask_all[drop] = e_ids[0], e_mask[0]
+    g = torch.Generator().manual_seed(seed + 1)
+    # budget in CPU seconds of this process (the machine is shared: wall time would not be fair)
+    t0 = time.process_time()
+    step = 0
+    losses = []
+    while time.process_time() - t0 < seconds:
+        idx = torch.randint(0, x_all.shape[0], (batch,), generator=g)
+        x0 = x_all[idx]
+        noise, sigma = sample_sigma_noise(x0, seed, step, 0.2, loc)
+        lr_now = lr * min(1.0, (step + 1) / 50)
+        for gr in opt.param_groups:
+            gr["lr"] = lr_now
+        opt.zero_grad(set_to_none=True)
+        loss = flow_loss(model, x0, ids_all[idx], mask_all[idx], noise, sigma, False, edge)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(0.995, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        losses.append(float(loss.detach()))
+        step += 1
+    train_s = time.process_time() - t0
+    xv, cv = val
+    res = {"recipe": name, "proxy": proxy, "sigma_loc": loc, "edge_weight": edge, "batch": batch, "lr": lr,
+           "steps": step, "images": step * batch, "train_cpu_s": round(train_s, 1),
+           "final_train_loss": round(float(np.mean(losses[-20:])), 4)}
+    res.update({k: round(v, 4) for k, v in _val_metrics(ema, tok, xv, cv).items()})
+    # samples: 20 Euler steps with CFG 3 on held-out single-object prompts
+    prompts = cv[:n_samples]
+    ids, mask = tokenize(tok, prompts)
+    z = torch.randn((n_samples, 3, cfg.size, cfg.size), generator=torch.Generator().manual_seed(7))
+    from training.model import scheduler_sigmas, to_uint8_list
+    imgs = sample(ema, ids, mask, z, scheduler_sigmas(20), 3.0, tokenize(tok, [""]))
+    adh = quality.adherence(to_uint8_list(imgs), prompts)
+    res.update({f"adh_{k}": round(float(v), 3) for k, v in adh.items() if k != "n"})
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Probing a trained teacher (e.g. the first H200 run's base teacher)
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def probe_teacher(path: str, n: int, sigmas: list[float], guidance: float, seed: int = 0,
+                  sample_cfgs: list[tuple[int, float]] = (), n_samples: int = 32) -> list[dict]:
+    """(1) one-step x0 predictions ``x_s - s v`` from noised held-out renders at fixed sigma, scored
+    by the detector: does the model render the captioned shape once the layout is given? (2) full
+    sampling at a few (steps, CFG) settings on the same prompts."""
+    from benchmarks import quality
+    from training import data as D
+    from training.export import load_export
+    from training.model import scheduler_sigmas, to_uint8_list
+
+    model, tok, _ = load_export(path, "cpu", torch.float32)
+    rng = np.random.default_rng(seed)
+    scenes = [D.sample_scene(rng, "heldout") for _ in range(n)]
+    x0 = D.render(scenes, 64)
+    caps = [s.caption for s in scenes]
+    ids, mask = tokenize(tok, caps)
+    u_ids, u_mask = tokenize(tok, [""] * n)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for s in sigmas:
+        noise = torch.randn(x0.shape, generator=g)
+        xt = (1 - s) * x0 + s * noise
+        sig = torch.full((n,), s)
+        v = model(xt, sig, ids, mask)
+        if guidance > 1:
+            vu = model(xt, sig, u_ids, u_mask)
+            v = vu + guidance * (v - vu)
+        pred = (xt - s * v).clamp(-1, 1)
+        adh = quality.adherence(to_uint8_list(pred), caps)
+        rows.append({"probe": "x0_pred", "sigma": s, "cfg": guidance, "n": n,
+                     **{k: round(float(v_), 3) for k, v_ in adh.items() if k != "n"}})
+        print(json.dumps(rows[-1]), flush=True)
+    for steps, cfg_scale in sample_cfgs:
+        z = torch.randn((n_samples, 3, 64, 64), generator=torch.Generator().manual_seed(seed + 5))
+        imgs = sample(model, ids[:n_samples], mask[:n_samples], z, scheduler_sigmas(steps), cfg_scale,
+                      tokenize(tok, [""]))
+        adh = quality.adherence(to_uint8_list(imgs), caps[:n_samples])
+        rows.append({"probe": "sample", "steps": steps, "cfg": cfg_scale, "n": n_samples,
+                     **{k: round(float(v_), 3) for k, v_ in adh.items() if k != "n"}})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.study")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("flops")
+    f.add_argument("--presets", nargs="+", default=["base", "deep", "p2", "deep8", "p2n"])
+    b = sub.add_parser("bayes")
+    b.add_argument("--n", type=int, default=200)
+    b.add_argument("--sizes", type=int, nargs="+", default=[64, 32])
+    t = sub.add_parser("probe", help="probe an exported image teacher (x0 predictions at fixed sigma, samplers)")
+    t.add_argument("model")
+    t.add_argument("--n", type=int, default=96)
+    t.add_argument("--sigmas", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85])
+    t.add_argument("--cfg", type=float, default=4.0)
+    t.add_argument("--sample", nargs="*", default=[], help="STEPS:CFG settings to sample, e.g. 25:4 100:4")
+    t.add_argument("--n-samples", type=int, default=32)
+    c = sub.add_parser("cpu")
+    c.add_argument("--seconds", type=float, default=150.0)
+    c.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    c.add_argument("--samples", type=int, default=64)
+    c.add_argument("--out", default=None, help="append JSON lines here")
+    c.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    if a.cmd == "flops":
+        for r in flops_table(a.presets):
+            print(json.dumps(r), flush=True)
+    elif a.cmd == "probe":
+        cfgs = [(int(x.split(":")[0]), float(x.split(":")[1])) for x in a.sample]
+        probe_teacher(a.model, a.n, a.sigmas, a.cfg, sample_cfgs=cfgs, n_samples=a.n_samples)
+    elif a.cmd == "bayes":
+        sig = [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
+        for size in a.sizes:
+            for prop in ("shape", "color"):
+                print(json.dumps({"size": size, "property": prop, "accuracy_by_sigma":
+                                  bayes_window(size, a.n, prop, sig)}), flush=True)
+        for loc in (0.0, 0.5, 1.0):
+            print(json.dumps({"sigma_loc": loc, "uniform_frac": 0.2,
+                              "mass_in_[0.5,0.95]": round(sigma_mass(0.5, 0.95, loc), 3),
+                              "mass_below_0.2": round(sigma_mass(0.0, 0.2, loc), 3)}), flush=True)
+    else:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        pool = single_object_pool(20000, 32, seed=0)
+        val = single_object_pool(256, 32, seed=12345, split="heldout")
+        for name in a.recipes:
+            r = run_proxy(name, a.seconds, pool, val, a.samples)
+            print(json.dumps(r), flush=True)
+            if a.out:
+                with open(a.out, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
