@@ -326,6 +326,22 @@ class GuardedCompiled:
             return self.eager(*a, **kw)
 
 
+def guarded_train_step(loss_fn, call, enabled: bool, device: torch.device, what: str, on_fail=None):
+    """A training step ``step(*batch)`` that runs ``call(loss, *batch)`` with ``loss`` the compiled (when enabled
+    and it works) or eager ``loss_fn``, then back-propagates the loss (the result, or its first element)."""
+    compiled = maybe_compile(loss_fn, enabled, device, what)
+
+    def make(fn):
+        def step(*batch):
+            out = call(fn, *batch)
+            (out[0] if isinstance(out, tuple) else out).backward()
+            return out
+        return step
+
+    eager = make(loss_fn)
+    return GuardedCompiled(eager, make(compiled) if compiled is not loss_fn else eager, what, on_fail=on_fail)
+
+
 def human_mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.2f} MB"
 

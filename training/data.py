@@ -43,7 +43,7 @@ but is never produced by the train sampler.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch

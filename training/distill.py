@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.common import (Budget, GuardedCompiled, JsonlLog, count_params, fmt_secs, log,
+from training.common import (Budget, GuardedCompiled, JsonlLog, count_params, fmt_secs, guarded_train_step, log,
                              maybe_compile, pick_device, setup_torch, step_seed)
 from training.export import export_model, load_export, summarize
 from training.loop import Trainer
@@ -307,20 +307,10 @@ def distill(args: DistillArgs) -> Path:
 
     use_ac = device.type == "cuda"
 
-    def step_eager(z, x0, ids, mask, sigma):
-        loss = reflow_loss(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac, args.w_edge)
-        loss.backward()
-        return loss
-
-    compiled_loss = maybe_compile(reflow_loss, args.compile and not tiny, device, "distill loss")
-
-    def step_compiled(z, x0, ids, mask, sigma):
-        loss = compiled_loss(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac, args.w_edge)
-        loss.backward()
-        return loss
-
-    step_fn = GuardedCompiled(step_eager, step_compiled if compiled_loss is not reflow_loss else step_eager,
-                              "distill step", on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
+    step_fn = guarded_train_step(
+        reflow_loss, lambda f, z, x0, ids, mask, sigma: f(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc,
+                                                          use_ac, args.w_edge),
+        args.compile and not tiny, device, "distill step", on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
     g = torch.Generator(device=device)
     log(f"[distill] training the student on {pool.n} pairs; {fmt_secs(budget.left())} left")
     while not trainer.should_stop():

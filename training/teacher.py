@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.common import (Budget, GuardedCompiled, JsonlLog, count_params, log, maybe_compile,
+from training.common import (Budget, JsonlLog, count_params, guarded_train_step, log,
                              pick_device, setup_torch, step_seed)
 from training.export import export_model, summarize
 from training.loop import Trainer
@@ -171,23 +171,10 @@ def train_teacher(args: TeacherArgs) -> Path:
 
     use_ac = device.type == "cuda"
 
-    def step_eager(x0, ids, mask, noise, sigma):
-        loss = flow_loss(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight)
-        loss.backward()
-        return loss
-
-    compiled_loss = maybe_compile(flow_loss, args.compile and not args.tiny, device, "teacher loss")
-
-    def step_compiled(x0, ids, mask, noise, sigma):
-        loss = compiled_loss(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight)
-        loss.backward()
-        return loss
-
-    def on_fallback():
-        trainer.opt.zero_grad(set_to_none=True)
-
-    step_fn = GuardedCompiled(step_eager, step_compiled if compiled_loss is not flow_loss else step_eager,
-                              "teacher step", on_fail=on_fallback)
+    step_fn = guarded_train_step(
+        flow_loss, lambda f, x0, ids, mask, noise, sigma: f(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight),
+        args.compile and not args.tiny, device, "teacher step",
+        on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
 
     from training.stream import BatchStream, ReplayBuffer
     reuse = max(1, args.reuse)

@@ -49,11 +49,10 @@ from torch import nn
 
 from training.common import (
     Budget,
-    GuardedCompiled,
+    guarded_train_step,
     JsonlLog,
     count_params,
     log,
-    maybe_compile,
     pick_device,
     read_json,
     setup_torch,
@@ -660,20 +659,11 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
 
     use_ac = device.type == "cuda"
 
-    def step_eager(x0, ids, mask, noise, sigma):
-        loss = video_flow_loss(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight)
-        loss.backward()
-        return loss
-
-    compiled = maybe_compile(video_flow_loss, args.compile and not args.tiny, device, "video teacher loss")
-
-    def step_compiled(x0, ids, mask, noise, sigma):
-        loss = compiled(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight)
-        loss.backward()
-        return loss
-
-    step_fn = GuardedCompiled(step_eager, step_compiled if compiled is not video_flow_loss else step_eager,
-                              "video teacher step", on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
+    step_fn = guarded_train_step(
+        video_flow_loss,
+        lambda f, x0, ids, mask, noise, sigma: f(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight),
+        args.compile and not args.tiny, device, "video teacher step",
+        on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
     stream = VideoStream(seed=args.seed, batch=batch, cfg=cfg, split="train", device=device, start=trainer.step,
                          vocab=tokenizer.get_vocab(), max_length=cfg.max_length, spec=args.sigma, dspec=args.data,
                          workers=args.workers)
@@ -860,20 +850,8 @@ def distill_video(args: VideoDistillArgs) -> Path:
         # stagger the phases so that the first batches are not all warm-up states
         life[b] = max(1, life[b] - int(np.random.default_rng([args.seed, b, 92]).integers(0, K)))
 
-    compiled = maybe_compile(distill_loss, args.compile and not args.tiny, device, "video distill loss")
-
-    def step_eager(*a):
-        loss, v = distill_loss(student, *a, use_ac)
-        loss.backward()
-        return loss, v
-
-    def step_compiled(*a):
-        loss, v = compiled(student, *a, use_ac)
-        loss.backward()
-        return loss, v
-
-    step_fn = GuardedCompiled(step_eager, step_compiled if compiled is not distill_loss else step_eager,
-                              "video distill step", on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
+    step_fn = guarded_train_step(distill_loss, lambda f, *a: f(student, *a, use_ac), args.compile and not args.tiny,
+                                 device, "video distill step", on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
 
     def state():
         trainer.extra_state["resets"] = resets[0]
