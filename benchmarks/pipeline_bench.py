@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--config", help="benchmarks/configs/<arch> (random weights are built from it)")
     p.add_argument("--model", help="an existing checkpoint directory instead of --config")
     p.add_argument("--work", default="/tmp/fewstep-bench-models", help="where random checkpoints are cached")
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--size", type=int, nargs="+", default=[512], help="square sizes; several make a scaling curve")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--iters", type=int, default=20)
@@ -97,6 +97,10 @@ def main() -> None:
                    help="fewstep backends to time")
     p.add_argument("--baseline", nargs="*", default=[], choices=["diffusers-eager", "diffusers-compile"],
                    help="plain diffusers pipelines on the same weights, in the same process (benchmarks/baselines.py)")
+    p.add_argument("--compile-mode", default=None, help="Inductor mode of the compiled backend (default: "
+                   "CompileConfig's)")
+    p.add_argument("--fuse-qkv", action="store_true", help="compiled backend: fused QKV projections")
+    p.add_argument("--channels-last", action="store_true", help="compiled backend: channels-last UNet and VAE")
     p.add_argument("--peak-tflops", type=float, default=790.0)
     p.add_argument("--out", help="append result rows (JSON lines) here")
     a = p.parse_args()
@@ -119,61 +123,81 @@ def main() -> None:
     t0 = time.perf_counter()
     pipe = FewStepPipeline(load_checkpoint(model_dir, device, dtype), device, dtype)
     load_s = time.perf_counter() - t0
-    flops = count_flops(pipe, a.size, a.steps)
-    print(f"loaded in {load_s:.1f} s; GFLOPs/image: " + ", ".join(f"{k} {v:.0f}" for k, v in flops.items()), flush=True)
+    flops = {}
+    for size in a.size:
+        flops[size] = count_flops(pipe, size, a.steps)
+        print(f"loaded in {load_s:.1f} s; {size}² GFLOPs/image: " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                                                               flops[size].items()), flush=True)
 
     meta = {"gpu": device_name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "torch": torch.__version__, "arch": arch, "size": a.size, "steps": a.steps,
+            "commit": git_commit(), "torch": torch.__version__, "arch": arch, "steps": a.steps,
             "dtype": str(dtype).removeprefix("torch."), "command": "python -m benchmarks.pipeline_bench " +
             " ".join(os.sys.argv[1:])}
     rows = []
-    total_gflop = sum(flops.values())
+
+    def emit(row: dict) -> None:
+        # Written as produced: a run cut short by its time limit still leaves every finished row behind.
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(a.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     for backend in a.backend:
         runner, compile_s = pipe, None
         if backend == "compiled":
             from fewstep.engines.backends.compiled import CompiledPipeline
             from fewstep.engines.config import CompileConfig
 
-            runner = CompiledPipeline(pipe, CompileConfig(batch_buckets=a.batch, sizes=[(a.size, a.size)],
-                                                          steps=[a.steps]))
-            compile_s = runner.warmup(progress=True).total
+            extra = dict({"mode": a.compile_mode} if a.compile_mode else {}, fuse_qkv=a.fuse_qkv,
+                         channels_last=a.channels_last)
+            try:
+                runner = CompiledPipeline(pipe, CompileConfig(batch_buckets=a.batch, steps=[a.steps],
+                                                              sizes=[(s, s) for s in a.size], **extra))
+                compile_s = runner.warmup(progress=True).total
+            except Exception:  # report it and still time the other systems
+                import traceback
+
+                traceback.print_exc()
+                print("compiled backend FAILED; skipping it", flush=True)
+                continue
             print(f"compiled backend: compile + capture {compile_s:.1f} s", flush=True)
-        for batch in a.batch:
-            for cached in (False, True):
-                r = bench_fewstep(runner, a.size, a.steps, batch, a.iters, a.warmup, cached, a.format)
-                gpu_ms = r["encode_prompt_ms"] + r["denoise_ms"] + r["decode_ms"]
-                mfu = (total_gflop * batch / (gpu_ms * 1e-3) / (a.peak_tflops * 1e3)
-                       if device.type == "cuda" else None)
-                rows.append(dict(meta, system=f"fewstep-{backend}", batch=batch,
-                                 prompt="cached" if cached else "cold", **{k: round(v, 3) for k, v in r.items()},
-                                 gflops_per_image=round(total_gflop, 1), mfu=None if mfu is None else round(mfu, 4),
-                                 compile_s=compile_s))
-                print(json.dumps(rows[-1]), flush=True)
+        for size in a.size:
+            total_gflop = sum(flops[size].values())
+            for batch in a.batch:
+                for cached in (False, True):
+                    r = bench_fewstep(runner, size, a.steps, batch, a.iters, a.warmup, cached, a.format)
+                    gpu_ms = r["encode_prompt_ms"] + r["denoise_ms"] + r["decode_ms"]
+                    mfu = (total_gflop * batch / (gpu_ms * 1e-3) / (a.peak_tflops * 1e3)
+                           if device.type == "cuda" else None)
+                    label = f"fewstep-{backend}" + (("+fqkv" if a.fuse_qkv else "") + ("+cl" if a.channels_last
+                                                                                        else "")
+                                                      if backend == "compiled" else "")
+                    emit(dict(meta, size=size, system=label, batch=batch,
+                              prompt="cached" if cached else "cold", **{k: round(v, 3) for k, v in r.items()},
+                              gflops_per_image=round(total_gflop, 1), mfu=None if mfu is None else round(mfu, 4),
+                              compile_s=compile_s))
         del runner
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
     from benchmarks.baselines import bench_diffusers
 
-    for base in a.baseline:
+    for size in a.size:  # batch outermost: if a time limit cuts the run, both baselines at batch 1 are in
         for batch in a.batch:
-            r = bench_diffusers(model_dir, dtype, device, a.size, a.steps, batch, a.iters, a.warmup,
-                                compiled=base == "diffusers-compile")
-            rows.append(dict(meta, system=base, batch=batch, prompt="cold", **r))
-            print(json.dumps(rows[-1]), flush=True)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    print(f"\n{'system':<18}{'batch':>6}{'prompt':>8}{'enc_prompt':>11}{'denoise':>9}{'decode':>8}{'enc_img':>8}"
+            for base in a.baseline:
+                r = bench_diffusers(model_dir, dtype, device, size, a.steps, batch, a.iters, a.warmup,
+                                    compiled=base == "diffusers-compile")
+                emit(dict(meta, size=size, system=base, batch=batch, prompt="cold", **r))
+    print(f"\n{'system':<18}{'size':>6}{'batch':>6}{'prompt':>8}{'enc_prompt':>11}{'denoise':>9}{'decode':>8}{'enc_img':>8}"
           f"{'total ms':>10}{'MFU':>7}")
     def mfu_s(r):
         return f"{100 * r['mfu']:.0f}%" if r.get("mfu") else "-"
 
     for r in rows:
         f = lambda k: f"{r[k]:.1f}" if r.get(k) is not None else "-"
-        print(f"{r['system']:<18}{r['batch']:>6}{r['prompt']:>8}{f('encode_prompt_ms'):>11}{f('denoise_ms'):>9}"
+        print(f"{r['system']:<18}{r['size']:>6}{r['batch']:>6}{r['prompt']:>8}{f('encode_prompt_ms'):>11}{f('denoise_ms'):>9}"
               f"{f('decode_ms'):>8}{f('encode_image_ms'):>8}{f('total_ms'):>10}"
               f"{mfu_s(r):>7}")
 

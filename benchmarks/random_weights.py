@@ -91,13 +91,35 @@ def build_random_checkpoint(config_dir: str | Path, out_dir: str | Path, dtype: 
     return out_dir
 
 
+
+
+def build_random_stream_default(out: str | Path, preset: str = "small", seed: int = 0) -> Path:
+    """The default streaming-video model's architecture (training/video.py preset, StreamDiT + small CLIP) with
+    untrained weights, exported through the same code as the trained student: for speed figures of the stream
+    path (fps, time to first frame, per-frame cost over long streams) before or without the trained weights."""
+    out = Path(out)
+    if (out / "model_index.json").is_file():
+        return out
+    from training.video import VIDEO_PRESETS, _video_tokenizer, build_video_model, export_video
+
+    torch.manual_seed(seed)
+    cfg = VIDEO_PRESETS[preset]
+    tok = _video_tokenizer(cfg, seed, tiny=False)
+    model = build_video_model(cfg, len(tok))
+    return export_video(model, tok, out, cfg, {"status": "random weights (speed measurements only)"})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("config_dir")
+    p.add_argument("config_dir", help="benchmarks/configs/<arch>, or 'stream-default' for the default stream "
+                   "model's architecture")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    if a.config_dir == "stream-default":
+        print(build_random_stream_default(a.out_dir, seed=a.seed))
+        return
     print(build_random_checkpoint(a.config_dir, a.out_dir, getattr(torch, a.dtype), a.seed))
 
 

@@ -40,13 +40,72 @@ def pipeline_table(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["gpu"], r["arch"], r["size"], r["steps"], r["system"], r["batch"],
                                          r.get("prompt", ""))):
         mfu = r.get("mfu")
+        mfu_s = (f"{100 * mfu:.0f}%" if mfu is not None else
+                 f"{100 * r['mfu_e2e']:.0f}% e2e" if r.get("mfu_e2e") is not None else "–")
+        decode = _fmt(r.get("decode_ms"))
+        encode = _fmt(r.get("encode_image_ms"))
+        if r.get("decode_ms") is None and r.get("decode_encode_ms") is not None:  # see the row's note
+            decode, encode = f"{r['decode_encode_ms']:.1f} (decode + encode)¹", "¹"
         out.append(f"| {r['gpu']} | {r['arch']} | {r['size']} | {r['steps']} | {r['system']} | {r['batch']} | "
                    f"{r.get('prompt', '')} | {_fmt(r.get('encode_prompt_ms'))} | {_fmt(r.get('denoise_ms'))} | "
-                   f"{_fmt(r.get('decode_ms'))} | {_fmt(r.get('encode_image_ms'))} | {_fmt(r.get('total_ms'))} | "
-                   f"{_fmt(r['total_ms'] / r['batch'])} | {'–' if mfu is None else f'{100 * mfu:.0f}%'} | "
+                   f"{decode} | {encode} | {_fmt(r.get('total_ms'))} | "
+                   f"{_fmt(r['total_ms'] / r['batch'])} | {mfu_s} | "
                    f"{r['date'][:10]} | {r.get('commit') or '–'} |")
     cmds = sorted({r["command"] for r in rows})
-    return head + "\n".join(out) + "\n\nCommands:\n" + "".join(f"- `{c}`\n" for c in cmds)
+    notes = sorted({r["note"] for r in rows if r.get("note")})
+    return (head + "\n".join(out) + "\n\n" + "".join(f"¹ {n}\n\n" for n in notes) + "Commands:\n" +
+            "".join(f"- `{c}`\n" for c in cmds))
+
+
+def encode_table(rows: list[dict]) -> str:
+    rows = [r for r in rows if r.get("bench") == "image_encode"]
+    if not rows:
+        return ""
+    out = ["| GPU | image | encoder | batch | ms per image | KB | date | commit |", "|" + "---|" * 8]
+    for r in rows:
+        out.append(f"| {r['gpu']} | {r['size']}² {r['content']} | {r['encoder']} | {r['batch']} | "
+                   f"{r['ms_per_image']:.2f} | {r['kb']:.1f} | {r['date'][:10]} | {r.get('commit') or '–'} |")
+    return "\n".join(out) + f"\n\nCommand: `{rows[0]['command']}`\n"
+
+
+def load_reports(kind: str, results: Path = HERE / "results") -> list[dict]:
+    """fewstep bench images/stream JSON reports under results/<kind>/<GPU name>/*.json (the client cannot see
+    the server's GPU, so the folder names it)."""
+    out = []
+    for f in sorted((results / kind).glob("*/*.json")):
+        rep = json.loads(f.read_text())
+        out.append(rep | {"_gpu": f.parent.name, "_file": f.name})
+    return out
+
+
+def http_table(reps: list[dict]) -> str:
+    if not reps:
+        return ""
+    out = ["| GPU | model | format | concurrency | requests | img/s | p50 ms | p90 ms | p99 ms | engine total p50 "
+           "| serving overhead p50 | errors | date | commit |", "|" + "---|" * 14]
+    for r in sorted(reps, key=lambda r: (r["_gpu"], r["config"].get("model") or "", r["config"]["output_format"],
+                                         r["config"]["concurrency"] or 0)):
+        c, lat, st = r["config"], r["latency_ms"] or {}, r.get("server_timings") or {}
+        ov = r.get("serving_overhead_ms") or {}
+        out.append(f"| {r['_gpu']} | {c.get('model') or '–'} | {c['output_format']} | {c['concurrency']} | "
+                   f"{r['completed']} | {_fmt(r['image_throughput'])} | {_fmt(lat.get('p50'))} | "
+                   f"{_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {_fmt((st.get('total_ms') or {}).get('p50'))} | "
+                   f"{_fmt(ov.get('p50'))} | {r['errors']['total']} | {r['date_utc'][:10]} | "
+                   f"{(r.get('git_commit') or '–')[:7]} |")
+    return "\n".join(out) + "\n"
+
+
+def stream_table(reps: list[dict]) -> str:
+    if not reps:
+        return ""
+    out = ["| GPU | sessions | frames each | aggregate fps | fps per session p50 | TTFF p50 ms | inter-frame p99 ms "
+           "| dropped | date |", "|" + "---|" * 9]
+    for r in sorted(reps, key=lambda r: (r["_gpu"], r["config"]["sessions"], r["config"]["frames"])):
+        c = r["config"]
+        out.append(f"| {r['_gpu']} | {c['sessions']} | {c['frames']} | {_fmt(r['aggregate_fps'])} | "
+                   f"{_fmt((r['fps_per_session'] or {}).get('p50'))} | {_fmt((r['ttff_ms'] or {}).get('p50'))} | "
+                   f"{_fmt((r['inter_frame_ms'] or {}).get('p99'))} | {r['frames_dropped']} | {r['date_utc'][:10]} |")
+    return "\n".join(out) + "\n"
 
 
 def plot_batch_scaling(rows: list[dict], out_dir: Path) -> list[Path]:
@@ -83,8 +142,71 @@ def plot_batch_scaling(rows: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
-def render(rows: list[dict], plots: list[Path]) -> str:
+def _plot(out_dir: Path, name: str, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str,
+          title: str, logx: bool = True, logy: bool = True) -> list[Path]:
+    series = {k: sorted(v) for k, v in series.items() if len(v) >= 2}
+    if not series:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in sorted(series.items()):
+        ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set(xscale="log" if logx else "linear", yscale="log" if logy else "linear", xlabel=xlabel, ylabel=ylabel,
+           title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def plot_resolution_scaling(rows: list[dict], out_dir: Path) -> list[Path]:
+    series = defaultdict(list)
+    for r in rows:
+        if "system" in r and r.get("prompt") == "cold" and r["batch"] == 1:
+            series[f"{r['gpu']} {r['arch']} {r['system']}"].append((r["size"], r["total_ms"]))
+    series = {k: v for k, v in series.items() if len({x for x, _ in v}) >= 3}
+    return _plot(out_dir, "resolution_scaling", series, "image side (px)", "ms per image, batch 1 (end to end)",
+                 "latency against resolution")
+
+
+def plot_concurrency(reps: list[dict], out_dir: Path) -> list[Path]:
+    series = defaultdict(list)
+    for r in reps:
+        c = r["config"]
+        if c.get("mode") == "closed" and r["completed"]:
+            series[f"{r['_gpu']} {c.get('model') or ''} {c['output_format']}"].append((c["concurrency"],
+                                                                                    r["image_throughput"]))
+    return _plot(out_dir, "throughput_vs_concurrency", series, "concurrent requests", "images/s (HTTP)",
+                 "throughput against concurrency", logy=False)
+
+
+def plot_stream_length(reps: list[dict], out_dir: Path) -> list[Path]:
+    series = {}
+    for r in reps:
+        pts = [(int(n), ms) for n, ms in (r.get("frame_ms_by_length") or {}).items()]
+        if pts:
+            series[f"{r['_gpu']} {r['config']['sessions']} session(s)"] = pts
+    return _plot(out_dir, "stream_frame_cost_vs_length", series, "frames streamed", "ms per frame (last 100)",
+                 "per-frame cost against stream length", logy=False)
+
+
+def render(rows: list[dict], plots: list[Path], http: list[dict] = (), streams: list[dict] = ()) -> str:
     body = "### In-process pipeline latency (medians)\n\n" + pipeline_table(rows)
+    if http:
+        body += "\n### Through HTTP (`fewstep bench images`)\n\n" + http_table(http)
+    if streams:
+        body += "\n### Streams (`fewstep bench stream`)\n\n" + stream_table(streams)
+    enc = encode_table(rows)
+    if enc:
+        body += "\n### Image encoding\n\n" + enc
     if plots:
         body += "\n" + "".join(f"![{p.stem}](plots/{p.name})\n" for p in plots)
     return body
@@ -94,12 +216,14 @@ def main() -> None:
     rows = load_rows()
     plots_dir = HERE / "plots"
     plots_dir.mkdir(exist_ok=True)
-    plots = plot_batch_scaling(rows, plots_dir)
+    http, streams = load_reports("http"), load_reports("stream")
+    plots = (plot_batch_scaling(rows, plots_dir) + plot_resolution_scaling(rows, plots_dir) +
+             plot_concurrency(http, plots_dir) + plot_stream_length(streams, plots_dir))
     readme = HERE / "README.md"
     text = readme.read_text()
     pre, rest = text.split(START, 1)
     _, post = rest.split(END, 1)
-    readme.write_text(pre + START + "\n" + render(rows, plots) + END + post)
+    readme.write_text(pre + START + "\n" + render(rows, plots, http, streams) + END + post)
     print(f"{len(rows)} rows, {len(plots)} plots -> {readme}")
 
 

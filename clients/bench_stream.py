@@ -122,6 +122,22 @@ async def bench_stream(args) -> dict[str, Any]:
     return build_report(records, args, duration, date_utc)
 
 
+LENGTHS = (100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000)
+
+
+def frame_cost_by_length(records: list[SessionRecord], window: int = 100) -> dict[str, float]:
+    """Mean inter-frame time over the `window` frames that end at frame n, for n in LENGTHS reached by every
+    session: does a frame cost the same at frame 10,000 as at frame 100? (Unbounded streams must stay flat.)"""
+    out = {}
+    live = [r for r in records if len(r.arrivals) > window]
+    for n in LENGTHS:
+        if not live or any(len(r.arrivals) < n for r in live):
+            break
+        out[str(n)] = statistics.fmean((r.arrivals[n - 1] - r.arrivals[n - 1 - window + 1]) * 1e3 / (window - 1)
+                                       for r in live)
+    return out
+
+
 def build_report(records: list[SessionRecord], args, duration: float, date_utc: str) -> dict[str, Any]:
     ok = [r for r in records if r.error is None and len(r.arrivals) >= args.frames]
     gaps, chunk_gaps = [], []
@@ -155,6 +171,7 @@ def build_report(records: list[SessionRecord], args, duration: float, date_utc: 
         "aggregate_fps": (delivered - len(firsts)) / span if span > 0 else None,
         "inter_frame_ms": _stats(gaps),
         "chunk_interval_ms": _stats(chunk_gaps),
+        "frame_ms_by_length": frame_cost_by_length(records),
         "per_session": [{"session_id": r.session_id[:6] + "..." if r.session_id else "", "seed": r.seed,
                          "frames": len(r.arrivals), "ttff_ms": r.ttff_ms, "fps": r.fps, "dropped": r.dropped,
                          "server_dropped": r.server_dropped, "chunk_frames": r.chunk_frames, "error": r.error}

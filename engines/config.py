@@ -23,7 +23,9 @@ class CompileConfig(BaseModel):
     """Settings of the `compiled` backend (torch.compile + CUDA graphs per declared shape bucket)."""
 
     compile: bool = Field(True, description="torch.compile each stage (False: CUDA graphs of eager code only)")
-    mode: str = Field("max-autotune-no-cudagraphs", description="Inductor mode; we capture CUDA graphs ourselves")
+    # "default", not "max-autotune-no-cudagraphs": autotuning every GEMM/conv of a UNet adds minutes per shape bucket
+    # to start-up; we capture CUDA graphs ourselves, so Inductor's own cudagraph modes are never wanted here.
+    mode: str = Field("default", description="Inductor mode, e.g. 'default' or 'max-autotune-no-cudagraphs'")
     cuda_graphs: bool = True
     batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16],
                                      description="a batch is padded up to the next bucket")
@@ -74,6 +76,8 @@ class EngineConfig(BaseModel):
     compiled: CompileConfig = CompileConfig()
     tensorrt: TensorRTConfig = TensorRTConfig()
     prompt_cache_size: int = Field(1024, ge=0, description="LRU entries of prompt embeddings; 0 disables")
+    gpu_jpeg: Literal["auto", "on", "off"] = Field("auto", description="encode JPEG responses with nvjpeg on the "
+                                                  "GPU (torchvision); auto: on where CUDA and torchvision have it")
     encode_workers: int = Field(4, ge=1, le=64, description="threads that encode images (PNG/JPEG/WebP)")
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op CPU threads (torch.set_num_threads); "
                                 "None: torch's default. On a small shared CPU box 1 avoids OpenMP contention")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .config import EngineConfig
-from .encode import encode_image
+from .encode import encode_image, encode_jpeg_gpu, gpu_jpeg_available
 from .pipeline import FewStepPipeline, PromptEmbeds
 from .stream import FRAME_FORMATS, Outbox, StreamChunk, StreamScheduler, StreamSession, StreamStart
 
@@ -153,6 +153,8 @@ class EngineCore:
             name: StreamScheduler(name, pipe, self.config.stream, self.cache, self._pool.submit, self._wake)
             for name, pipe in pipelines.items() if getattr(pipe, "kind", "image") == "video"}
         self._images_turn = True  # who goes first when an image batch and a stream step are both ready
+        if self.config.gpu_jpeg == "on" and not any(gpu_jpeg_available(p.device) for p in pipelines.values()):
+            raise ValueError("gpu_jpeg 'on' needs a CUDA pipeline and torchvision with nvjpeg; use 'auto' or 'off'")
 
     # -- intake ------------------------------------------------------------------------------------------------
     def validate(self, req: GenerateRequest) -> _Work:
@@ -386,8 +388,15 @@ class EngineCore:
             latents = pipe.denoise(cond, gens, head.height, head.width, head.steps, head.guidance, uncond)
             self._sync(pipe)
             t2 = time.perf_counter()
-            images = pipe.decode(latents).cpu().numpy()  # [B, H, W, 3] uint8; .cpu() synchronizes
+            decoded = pipe.decode(latents)  # [B, H, W, 3] uint8 on the pipeline's device
+            self._sync(pipe)  # without it the decoder's GPU time would be billed to encode_image
             t3 = time.perf_counter()
+            jpeg_gpu = self._gpu_jpeg(pipe) and all(w.req.output_format == "jpeg" for w in batch)
+            if jpeg_gpu:  # the batch leaves the GPU already compressed; timed as encode_image below
+                images = encode_jpeg_gpu(decoded)
+            else:
+                images = decoded.cpu().numpy()  # .cpu() synchronizes
+                t3 = time.perf_counter()
         except Exception as e:  # a failed batch fails its requests, never the engine
             log.exception("batch failed")
             with self._cv:
@@ -403,13 +412,20 @@ class EngineCore:
             imgs = images[offset: offset + len(w.seeds)]
             offset += len(w.seeds)
             self._pool.submit(self._finish, w, imgs, dict(stage, queue_ms=(start - w.req.arrival) * 1e3),
-                              n_images, t3)
+                              n_images, t3, jpeg_gpu)
         return [w.future for w in batch]
 
-    def _finish(self, w: _Work, imgs: np.ndarray, timings: dict, batch_size: int, t_decoded: float) -> None:
+    def _gpu_jpeg(self, pipe) -> bool:
+        return self.config.gpu_jpeg != "off" and gpu_jpeg_available(pipe.device)
+
+    def _finish(self, w: _Work, imgs, timings: dict, batch_size: int, t_decoded: float,
+                encoded: bool = False) -> None:
         try:
             fmt = w.req.output_format
-            data = list(imgs) if fmt == "raw" else [encode_image(im, fmt) for im in imgs]
+            if encoded:  # JPEG bytes from the GPU
+                data = list(imgs)
+            else:
+                data = list(imgs) if fmt == "raw" else [encode_image(im, fmt) for im in imgs]
             done = time.perf_counter()
             timings["encode_image_ms"] = (done - t_decoded) * 1e3
             timings["total_ms"] = (done - w.req.arrival) * 1e3

@@ -14,6 +14,30 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,4,16, got {text!r}")
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 1,4,16, got {text!r}")
+    return out
+
+
+def _size_list(text: str) -> list[tuple[int, int]]:
+    """'512x512,1024x768' (WxH, as in the API) -> [(512, 512), (768, 1024)] as (height, width)."""
+    out = []
+    for part in (x.strip() for x in text.split(",") if x.strip()):
+        try:
+            w, h = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected sizes like 512x512,1024x1024 (WxH), got {part!r}")
+        out.append((h, w))
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one size such as 512x512")
+    return out
+
+
 def _serve(args) -> int:
     import uvicorn
 
@@ -27,7 +51,9 @@ def _serve(args) -> int:
                        "engine.backend": args.backend, "engine.threads": args.threads,
                        "engine.stream.max_sessions": args.max_sessions,
                        "engine.stream.max_batch_sessions": args.max_batch_sessions,
-                       "engine.stream.outbox_chunks": args.outbox_chunks})
+                       "engine.stream.outbox_chunks": args.outbox_chunks,
+                       "engine.compiled.batch_buckets": args.compile_buckets,
+                       "engine.compiled.sizes": args.compile_sizes, "engine.compiled.mode": args.compile_mode})
     cfg.model_dir()  # fail fast, with a one-line message, before the server starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(cfg)
@@ -161,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", dest="backend", choices=["eager", "compiled", "tensorrt", "auto"], default=None,
                    help="eager (default), compiled (torch.compile + CUDA graphs per shape bucket), tensorrt "
                         "(engines from `fewstep build`; GPU runtime unverified on our hardware), or auto")
+    s.add_argument("--compile-buckets", default=None, type=_int_list,
+                   help="compiled engine: batch buckets to capture, e.g. 1,4,16 (default 1,2,4,8,16)")
+    s.add_argument("--compile-sizes", default=None, type=_size_list,
+                   help="compiled engine: image sizes to capture, e.g. 512x512,1024x1024 (default: native size)")
+    s.add_argument("--compile-mode", default=None,
+                   help="compiled engine: Inductor mode (default 'default'; 'max-autotune-no-cudagraphs' tunes "
+                        "kernels for minutes more)")
     s.add_argument("--attention", default=None,
                    help='DiT self-attention: "dense" (default) or "block_sparse(threshold=0.9,block=128)"')
     s.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's choice)")

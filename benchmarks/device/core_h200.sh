@@ -1,29 +1,58 @@
 #!/usr/bin/env bash
-# Device run: SD-Turbo architecture (random weights), 512x512, 1 step, on the lent GPU.
-# In-process per-stage timings against diffusers eager, then the same model through HTTP at concurrency 1/4/16.
+# Device run: SD-Turbo architecture (random weights), 512x512, 1 step, on the lent GPU. Every part has its own
+# time limit, so one slow part cannot eat the call; every part writes its rows as it goes.
+#  (order: HTTP first, so that the in-process run below finds Inductor's cache warm)
+#  1. in-process per-stage timings, batch 1/4/16: fewstep eager + compiled against diffusers eager + compiled
+#  2. the same model through HTTP (compiled engine, JPEG by nvjpeg) at concurrency 1/4/16/32, and PNG at 1
+#  3. image encoding: PIL PNG/JPEG/WebP on the CPU against nvjpeg
+#  (scaling curves: variants_stream_h200.sh)
 # Usage (repo root, on the device): bash benchmarks/device/core_h200.sh "$OUT"
 set -uo pipefail
 OUT=${1:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv | tee "$OUT/gpu.txt"
+CFG=benchmarks/configs/sd-turbo
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
-python -m benchmarks.pipeline_bench --config benchmarks/configs/sd-turbo --size 512 --steps 1 --batch 1 4 16 \
-  --iters 20 --warmup 3 --backend eager compiled --baseline diffusers-eager diffusers-compile \
-  --out "$OUT/pipeline.jsonl" 2>&1 | tee "$OUT/pipeline.log"
+stamp "0. pre-flight: CUDA graphs (+ one Inductor case) and nvjpeg against eager, on tiny models"
+timeout 100 python -m pytest -q tests/unit/engines/test_gpu_jpeg.py tests/unit/engines/test_compiled.py \
+  -k "jpeg or (cuda_graphs and not inductor)" 2>&1 | tail -15 | tee "$OUT/preflight.log"
+grep -q "FAILED.*test_compiled" "$OUT/preflight.log" && ENGINE=${ENGINE:-eager}
 
-MODEL=/tmp/fewstep-bench-models/sd-turbo
+stamp "2. HTTP"
+MODEL=$(python -c "from benchmarks.random_weights import build_random_checkpoint as b; import torch; print(b('$CFG', '/tmp/fewstep-bench-models/sd-turbo', torch.float16))" | tail -1)
 python -m fewstep.server.cli serve --model "$MODEL" --model-name sd-turbo-random --device cuda --port 8011 \
-  --engine "${ENGINE:-compiled}" --max-batch-size 16 --max-wait-ms 2 > "$OUT/serve.log" 2>&1 &
+  --engine "${ENGINE:-compiled}" --compile-buckets 1,4,16 --compile-sizes 512x512 --max-batch-size 16 \
+  --max-wait-ms 2 > "$OUT/serve.log" 2>&1 &
 SERVER=$!
-for i in $(seq 1 400); do
+for i in $(seq 1 "${T_READY:-330}"); do
   curl -sf http://127.0.0.1:8011/ready >/dev/null && break
+  kill -0 $SERVER 2>/dev/null || { echo "server exited:"; tail -20 "$OUT/serve.log"; break; }
   sleep 1
 done
-for c in 1 4 16; do
-  python -m fewstep.server.cli bench images http://127.0.0.1:8011 --concurrency $c --num-requests $((c * 25)) \
-    --warmup 4 --size 512x512 --steps 1 --output-format png --out "$OUT/http_c$c.json" 2>&1 | tail -25
+stamp "server ready"
+for c in 1 4 16 32; do
+  timeout 60 python -m fewstep.server.cli bench images http://127.0.0.1:8011 --concurrency $c \
+    --num-requests $((c < 4 ? 60 : c * 15)) --warmup $((c + 2)) --size 512x512 --steps 1 --output-format jpeg \
+    --out "$OUT/http_jpeg_c$c.json" 2>&1 | tail -22
 done
+timeout 60 python -m fewstep.server.cli bench images http://127.0.0.1:8011 --concurrency 1 --num-requests 40 \
+  --warmup 3 --size 512x512 --steps 1 --output-format png --out "$OUT/http_png_c1.json" 2>&1 | tail -22
+curl -s http://127.0.0.1:8011/metrics | grep -E "^fewstep_(stage|request|batch)" | head -40 > "$OUT/metrics.txt"
 kill $SERVER
 wait $SERVER 2>/dev/null
-tail -5 "$OUT/serve.log"
+grep -iE "compile|warm|error" "$OUT/serve.log" | tail -8
+
+stamp "1. pipeline"
+timeout "${T_PIPE:-330}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 --batch 1 4 16 \
+  --iters 20 --warmup 3 --format jpeg --backend eager compiled --baseline diffusers-eager diffusers-compile \
+  --out "$OUT/pipeline.jsonl" 2>&1 | grep -v "^{" | tee "$OUT/pipeline.log"
+
+if [ -z "${SKIP_ENCODE:-}" ]; then
+  stamp "3. image encoding"
+  timeout 60 python -m benchmarks.image_encode_bench --out "$OUT/encode.jsonl"
+fi
+
+stamp "done"

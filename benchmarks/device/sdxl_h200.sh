@@ -5,8 +5,7 @@ set -uo pipefail
 OUT=${1:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-for size in 512 1024; do
-  python -m benchmarks.pipeline_bench --config benchmarks/configs/sdxl-turbo --size $size --steps 1 --batch 1 \
-    --iters 10 --warmup 2 --backend eager compiled --baseline diffusers-eager diffusers-compile \
-    --out "$OUT/pipeline_sdxl.jsonl" 2>&1 | tee -a "$OUT/pipeline_sdxl.log"
-done
+timeout "${T_SDXL:-300}" python -m benchmarks.pipeline_bench --config benchmarks/configs/sdxl-turbo --size 512 1024 \
+  --steps 1 --batch 1 --iters 10 --warmup 2 --format jpeg --backend eager compiled \
+  --baseline diffusers-eager diffusers-compile --out "$OUT/pipeline_sdxl.jsonl" 2>&1 | grep -v "^{" \
+  | tee "$OUT/pipeline_sdxl.log"

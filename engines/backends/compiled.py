@@ -116,15 +116,17 @@ class CompiledPipeline:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.cache_dir).expanduser()))
         if cfg.fuse_qkv and hasattr(pipe.denoiser, "fuse_qkv_projections"):
             pipe.denoiser.fuse_qkv_projections()
-        if cfg.channels_last:
-            pipe.denoiser.to(memory_format=torch.channels_last)
-        import torch._dynamo
+        if cfg.channels_last:  # convolutional stages only; a DiT's linear layers are unaffected
+            for module in (pipe.denoiser, pipe.vae):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+        import torch._dynamo as dynamo  # a bare `import torch._dynamo` here would make `torch` local to __init__
 
         # One compiled graph per bucket and stage: raise the recompile limit above the number of buckets.
         limit = 4 * len(self.batch_buckets) * len(self.sizes) * len(self.steps)
         for name in ("cache_size_limit", "recompile_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+            if hasattr(dynamo.config, name):
+                setattr(dynamo.config, name, max(getattr(dynamo.config, name), limit))
         wrap = (lambda f: torch.compile(f, mode=cfg.mode, dynamic=False)) if cfg.compile else (lambda f: f)
         self._encode_fn = wrap(lambda flat: _flatten(pipe.encode_tokens(
             {k.removeprefix("/"): v for k, v in flat.items()})))

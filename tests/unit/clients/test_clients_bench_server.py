@@ -54,6 +54,15 @@ def test_closed_loop_cli_report(server, tmp_path, capsys):
     assert all(s["count"] == 15 and s["p50"] <= s["p99"] for s in st.values())
     assert r["serving_overhead_ms"]["count"] == 15
 
+    # the results store renders a report as a table row (benchmarks/report.py reads results/http/<GPU>/*.json)
+    from benchmarks.report import http_table, load_reports
+
+    store = tmp_path / "results" / "http" / "Some GPU"
+    store.mkdir(parents=True)
+    (store / "c4.json").write_text(out.read_text())
+    table = http_table(load_reports("http", tmp_path / "results"))
+    assert "| Some GPU |" in table and f"| {r['latency_ms']['p50']:.1f} |" in table
+
     # what the server saw: 2 warm-up + 20 measured requests, all authenticated
     assert len(server.bodies) == 22
     assert set(server.auth) == {"Bearer sk-test"}
