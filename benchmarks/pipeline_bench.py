@@ -99,6 +99,7 @@ def main() -> None:
                    help="plain diffusers pipelines on the same weights, in the same process (benchmarks/baselines.py)")
     p.add_argument("--compile-mode", default=None, help="Inductor mode of the compiled backend (default: "
                    "CompileConfig's)")
+    p.add_argument("--dynamic-batch", action="store_true", help="compiled backend: one symbolic-batch compile")
     p.add_argument("--fuse-qkv", action="store_true", help="compiled backend: fused QKV projections")
     p.add_argument("--channels-last", action="store_true", help="compiled backend: channels-last UNet and VAE")
     p.add_argument("--peak-tflops", type=float, default=790.0)
@@ -151,7 +152,7 @@ def main() -> None:
             from fewstep.engines.config import CompileConfig
 
             extra = dict({"mode": a.compile_mode} if a.compile_mode else {}, fuse_qkv=a.fuse_qkv,
-                         channels_last=a.channels_last)
+                         channels_last=a.channels_last, dynamic_batch=a.dynamic_batch)
             try:
                 runner = CompiledPipeline(pipe, CompileConfig(batch_buckets=a.batch, steps=[a.steps],
                                                               sizes=[(s, s) for s in a.size], **extra))
@@ -171,9 +172,9 @@ def main() -> None:
                     gpu_ms = r["encode_prompt_ms"] + r["denoise_ms"] + r["decode_ms"]
                     mfu = (total_gflop * batch / (gpu_ms * 1e-3) / (a.peak_tflops * 1e3)
                            if device.type == "cuda" else None)
-                    label = f"fewstep-{backend}" + (("+fqkv" if a.fuse_qkv else "") + ("+cl" if a.channels_last
-                                                                                        else "")
-                                                      if backend == "compiled" else "")
+                    opts = ("+fqkv" if a.fuse_qkv else "") + ("+cl" if a.channels_last else "") + (
+                        "+dyn" if a.dynamic_batch else "")
+                    label = f"fewstep-{backend}" + (opts if backend == "compiled" else "")
                     emit(dict(meta, size=size, system=label, batch=batch,
                               prompt="cached" if cached else "cold", **{k: round(v, 3) for k, v in r.items()},
                               gflops_per_image=round(total_gflop, 1), mfu=None if mfu is None else round(mfu, 4),

@@ -74,8 +74,8 @@ def build_random_checkpoint(config_dir: str | Path, out_dir: str | Path, dtype: 
         if cls_name.endswith("Scheduler"):
             shutil.copytree(src, dst)
         elif "Tokenizer" in cls_name:
-            max_len = json.loads((config_dir / "text_encoder" / "config.json").read_text()).get(
-                "max_position_embeddings", 77)
+            max_len = (index.get("fewstep") or {}).get("max_sequence_length") or json.loads(
+                (config_dir / "text_encoder" / "config.json").read_text()).get("max_position_embeddings", 77)
             byte_level_clip_tokenizer(out_dir / "_vocab", max_len).save_pretrained(dst)
         elif lib == "diffusers":
             cls = getattr(diffusers, cls_name)

@@ -32,6 +32,9 @@ class CompileConfig(BaseModel):
     sizes: list[tuple[int, int]] = Field(default_factory=list, description="(height, width) buckets; "
                                          "empty = the model's default size")
     steps: list[int] = Field(default_factory=list, description="step counts to capture; empty = model default")
+    dynamic_batch: bool = Field(False, description="compile the batch dimension symbolically: one Inductor "
+                                "compile serves every bucket > 1 (batch 1 stays specialised); CUDA graphs are still "
+                                "captured per bucket. Cuts start-up by ~the number of buckets")
     fuse_qkv: bool = False
     channels_last: bool = False
     cache_dir: str | None = Field("~/.cache/fewstep/inductor", description="persistent compiler cache")

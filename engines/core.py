@@ -505,7 +505,7 @@ class EngineCore:
         for name, pipe in self.pipelines.items():
             if name in self.streams:  # a video model: run a short unpaced stream through ramp-up and emission
                 s = self.open_stream(StreamStart(prompt="warm-up", model=name, seed=0, fps=0, format="raw"))
-                while s.frames_generated < 2 * pipe.chunk_frames and not s.closed:
+                while s.frames_generated < 2 * pipe.frames_per_chunk and not s.closed:
                     self.stream_step()
                     s.owner.take()
                 self.close_stream(s.id)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .loading import Checkpoint
+from .loading import Checkpoint, CheckpointError
 from .samplers import (
     Schedule,
     consistency_step,
@@ -66,6 +66,17 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return emb  # [B, dim]
 
 
+def _vae_scale_factor(vae) -> int:
+    """Pixels per latent cell: 2^(levels - 1) for SD-style VAEs (block_out_channels) and Wan's (dim_mult)."""
+    if vae is None:
+        return 1
+    # From the architecture, not AutoencoderKLWan's scale_factor_spatial field (a constant 8 in its config
+    # defaults, whatever dim_mult says); a Wan 2.2 VAE patchifies on top (patch_size).
+    cfg = vae.config
+    levels = cfg.get("block_out_channels") or cfg.get("dim_mult")
+    return 2 ** (len(levels) - 1) * int(cfg.get("patch_size") or 1)
+
+
 class FewStepPipeline:
     kind = "image"  # StreamPipeline (engines/stream/) says "video"
 
@@ -87,10 +98,15 @@ class FewStepPipeline:
         cfg = self.denoiser.config
         if self.denoiser_name == "unet":
             self.family = "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"
+        elif type(self.denoiser).__name__ == "WanTransformer3DModel":
+            self.family = "wan"  # video latents through AutoencoderKLWan; streams only (engines/stream)
+            if self.kind != "video":
+                raise CheckpointError(f"{ckpt.path / 'model_index.json'}: a WanTransformer3DModel checkpoint is a "
+                                      'video model: set "fewstep": {"kind": "video", ...} to serve it as streams')
         else:
             self.family = "dit"
         self.latent_channels = cfg.in_channels
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.vae_scale_factor = _vae_scale_factor(self.vae)
         self.time_cond_dim = cfg.get("time_cond_proj_dim") if self.family != "dit" else None
         if self.vae is not None and dtype == torch.float16 and self.vae.config.get("force_upcast", False):
             # SD/SDXL VAEs overflow in fp16 (the config says so); decode in fp32 as diffusers does.
@@ -101,11 +117,16 @@ class FewStepPipeline:
         self.default_steps = int(meta.get("default_steps", 4 if self.sampler == "consistency" else 1))
         self.default_guidance = float(meta.get("default_guidance_scale",
                                                8.5 if self.time_cond_dim else 0.0))
-        sample = cfg.sample_size
+        sample = cfg.get("sample_size")
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-        self.default_size = int(meta.get("default_size", sample * self.vae_scale_factor))
+        if sample is None and "default_size" not in meta:
+            raise CheckpointError(f"{ckpt.path / 'model_index.json'}: the {type(self.denoiser).__name__} config has no "
+                                  "sample_size; set fewstep.default_size")
+        self.default_size = int(meta.get("default_size") or sample * self.vae_scale_factor)
+        patch = cfg.get("patch_size", 1)
+        patch = max(patch[1:]) if isinstance(patch, (list, tuple)) else patch  # Wan: (t, h, w)
         self.size_multiple = self.vae_scale_factor * (2 ** max(0, len(cfg.get("block_out_channels", [0])) - 1)
-                                                      if self.denoiser_name == "unet" else cfg.get("patch_size", 1))
+                                                      if self.denoiser_name == "unet" else patch)
         self._schedules: dict[int, Schedule] = {}
         self.attention = attention
         if attention != "dense":
@@ -137,8 +158,9 @@ class FewStepPipeline:
             return out
         # DiTs (PixArt with T5, our default with a small CLIP text model): masked last hidden state.
         # PixArt pads T5 prompts to 120 tokens (its pipeline default); other encoders use their own length.
-        max_len = int(self.ckpt.meta.get("max_sequence_length")
-                      or (120 if "T5" in type(self.text_encoder).__name__ else self.tokenizer.model_max_length))
+        default_len = (512 if self.family == "wan" else  # WanPipeline's max_sequence_length
+                       120 if "T5" in type(self.text_encoder).__name__ else self.tokenizer.model_max_length)
+        max_len = int(self.ckpt.meta.get("max_sequence_length") or default_len)
         tok = self._tokenize(self.tokenizer, prompts, max_len)
         return {"ids": tok.input_ids.to(dev), "mask": tok.attention_mask.to(dev)}
 
@@ -157,6 +179,9 @@ class FewStepPipeline:
                 embeds.append(out.hidden_states[-2])
             return PromptEmbeds(torch.cat(embeds, dim=-1).to(self.dtype), pooled=pooled.to(self.dtype))
         emb = self.text_encoder(tok["ids"], attention_mask=tok["mask"])[0]
+        if self.family == "wan":
+            # Wan's cross-attention takes no mask: its pipeline zeroes the padded positions instead
+            return PromptEmbeds((emb * tok["mask"][..., None].to(emb.dtype)).to(self.dtype))
         return PromptEmbeds(emb.to(self.dtype), mask=tok["mask"])
 
     @torch.no_grad()

@@ -166,8 +166,39 @@ def stream_dit(path: Path, seed: int = 0, size: int = 32, chunk_frames: int = 2,
     return path
 
 
+def wan_stream(path: Path, seed: int = 0, size: int = 32, chunk_frames: int = 2, buffer_chunks: int = 3,
+               fps: float = 8) -> Path:
+    """A Wan2.1-architecture stream checkpoint in miniature: WanTransformer3DModel (per-token timesteps) +
+    AutoencoderKLWan (4x spatial, 2x temporal) + a 1-layer UMT5 encoder + FlowMatch."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = clip_tokenizer(path / "_tok", max_length=16)
+    tok.save_pretrained(path / "tokenizer")
+    UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)) \
+        .eval().save_pretrained(path / "text_encoder", safe_serialization=True)
+    z = 4
+    AutoencoderKLWan(base_dim=8, z_dim=z, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+                     latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0]) \
+        .eval().save_pretrained(path / "vae")
+    WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=z,
+                          out_channels=z, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64) \
+        .eval().save_pretrained(path / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "fewstep": {"kind": "video", "chunk_frames": chunk_frames, "buffer_chunks": buffer_chunks,
+                    "default_size": size, "fps": fps, "max_sequence_length": 16}}))
+    return path
+
+
 BUILDERS = {"sd_turbo": sd_turbo, "lcm": lcm, "sdxl_turbo": sdxl_turbo, "pixart": pixart, "pixel_dit": pixel_dit,
-            "stream_dit": stream_dit}
+            "stream_dit": stream_dit, "wan_stream": wan_stream}
 
 if __name__ == "__main__":  # python tests/tiny_models.py KIND DIR (used by e2e tests and by hand)
     import sys

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Device run: SD-Turbo architecture (random weights), 512x512, 1 step, on the lent GPU. Every part has its own
 # time limit, so one slow part cannot eat the call; every part writes its rows as it goes.
-#  (order: HTTP first, so that the in-process run below finds Inductor's cache warm)
+#  (order: in-process first; its compile fills Inductor's cache, so the server's start-up finds it warm)
 #  1. in-process per-stage timings, batch 1/4/16: fewstep eager + compiled against diffusers eager + compiled
 #  2. the same model through HTTP (compiled engine, JPEG by nvjpeg) at concurrency 1/4/16/32, and PNG at 1
 #  3. image encoding: PIL PNG/JPEG/WebP on the CPU against nvjpeg
-#  (scaling curves: variants_stream_h200.sh)
+#  (scaling curves and compile options: variants_h200.sh; streams: stream_h200.sh)
 # Usage (repo root, on the device): bash benchmarks/device/core_h200.sh "$OUT"
 set -uo pipefail
 OUT=${1:-/tmp/out}
@@ -21,13 +21,19 @@ timeout 100 python -m pytest -q tests/unit/engines/test_gpu_jpeg.py tests/unit/e
   -k "jpeg or (cuda_graphs and not inductor)" 2>&1 | tail -15 | tee "$OUT/preflight.log"
 grep -q "FAILED.*test_compiled" "$OUT/preflight.log" && ENGINE=${ENGINE:-eager}
 
+stamp "1. pipeline"
+timeout "${T_PIPE:-330}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 --batch 1 4 16 \
+  --iters 20 --warmup 3 --format jpeg --backend eager compiled --baseline diffusers-eager diffusers-compile \
+  --out "$OUT/pipeline.jsonl" 2>&1 | grep -v "^{" | tee "$OUT/pipeline.log"
+
+
 stamp "2. HTTP"
 MODEL=$(python -c "from benchmarks.random_weights import build_random_checkpoint as b; import torch; print(b('$CFG', '/tmp/fewstep-bench-models/sd-turbo', torch.float16))" | tail -1)
 python -m fewstep.server.cli serve --model "$MODEL" --model-name sd-turbo-random --device cuda --port 8011 \
   --engine "${ENGINE:-compiled}" --compile-buckets 1,4,16 --compile-sizes 512x512 --max-batch-size 16 \
   --max-wait-ms 2 > "$OUT/serve.log" 2>&1 &
 SERVER=$!
-for i in $(seq 1 "${T_READY:-330}"); do
+for i in $(seq 1 "${T_READY:-420}"); do
   curl -sf http://127.0.0.1:8011/ready >/dev/null && break
   kill -0 $SERVER 2>/dev/null || { echo "server exited:"; tail -20 "$OUT/serve.log"; break; }
   sleep 1
@@ -45,14 +51,11 @@ kill $SERVER
 wait $SERVER 2>/dev/null
 grep -iE "compile|warm|error" "$OUT/serve.log" | tail -8
 
-stamp "1. pipeline"
-timeout "${T_PIPE:-330}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 --batch 1 4 16 \
-  --iters 20 --warmup 3 --format jpeg --backend eager compiled --baseline diffusers-eager diffusers-compile \
-  --out "$OUT/pipeline.jsonl" 2>&1 | grep -v "^{" | tee "$OUT/pipeline.log"
-
-if [ -z "${SKIP_ENCODE:-}" ]; then
+if [ -n "${ENCODE:-}" ]; then  # measured 2026-11-29: results/h200_image_encode.jsonl
   stamp "3. image encoding"
   timeout 60 python -m benchmarks.image_encode_bench --out "$OUT/encode.jsonl"
 fi
 
 stamp "done"
+# $OUT returns at most 8 files: everything also travels in one archive
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz -- * && ls)

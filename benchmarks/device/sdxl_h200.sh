@@ -9,3 +9,4 @@ timeout "${T_SDXL:-300}" python -m benchmarks.pipeline_bench --config benchmarks
   --steps 1 --batch 1 --iters 10 --warmup 2 --format jpeg --backend eager compiled \
   --baseline diffusers-eager diffusers-compile --out "$OUT/pipeline_sdxl.jsonl" 2>&1 | grep -v "^{" \
   | tee "$OUT/pipeline_sdxl.log"
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz -- * && ls)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch._dynamo  # noqa: F401  (StaticGraph marks dynamic dims)
 
 from ..pipeline import FewStepPipeline, PromptEmbeds
 
@@ -60,9 +61,14 @@ class StaticGraph:
     """A function of a flat dict of tensors, captured once into a CUDA graph (or just called on the CPU)."""
 
     def __init__(self, fn: Callable[[dict[str, torch.Tensor]], Any], example: dict[str, torch.Tensor],
-                 cuda_graph: bool, pool=None, warmup: int = 2):
+                 cuda_graph: bool, pool=None, warmup: int = 2, dynamic_rows: tuple[int, ...] = ()):
         self.fn = fn
         self.static = {k: v.clone() for k, v in example.items()}
+        for v in self.static.values():
+            # Batch-sized inputs get a symbolic dim 0, so the compiled code of one bucket serves the others;
+            # maybe_mark_dynamic (not mark_dynamic): where the model specialises on it, Dynamo may say no.
+            if v.dim() and v.shape[0] in dynamic_rows:
+                torch._dynamo.maybe_mark_dynamic(v, 0)
         self.graph = None
         if cuda_graph:
             side = torch.cuda.Stream()
@@ -127,7 +133,9 @@ class CompiledPipeline:
         for name in ("cache_size_limit", "recompile_limit"):
             if hasattr(dynamo.config, name):
                 setattr(dynamo.config, name, max(getattr(dynamo.config, name), limit))
-        wrap = (lambda f: torch.compile(f, mode=cfg.mode, dynamic=False)) if cfg.compile else (lambda f: f)
+        # dynamic=None + explicit marks when dynamic_batch: only the batch dim is symbolic, never H, W or lengths
+        dyn = None if cfg.dynamic_batch else False
+        wrap = (lambda f: torch.compile(f, mode=cfg.mode, dynamic=dyn)) if cfg.compile else (lambda f: f)
         self._encode_fn = wrap(lambda flat: _flatten(pipe.encode_tokens(
             {k.removeprefix("/"): v for k, v in flat.items()})))
         self._decode_fn = wrap(lambda flat: pipe.decode(flat["/latents"]))
@@ -152,7 +160,9 @@ class CompiledPipeline:
         g = self._graphs.get(key)
         if g is None:
             t0 = time.perf_counter()
-            g = self._graphs[key] = StaticGraph(fn, example, self.cuda_graphs, self._pool)
+            b = key[1]
+            rows = (b, 2 * b) if self.cfg.compile and self.cfg.dynamic_batch and b > 1 else ()
+            g = self._graphs[key] = StaticGraph(fn, example, self.cuda_graphs, self._pool, dynamic_rows=rows)
             self.report.seconds["/".join(map(str, key))] = time.perf_counter() - t0
         return g
 

@@ -7,7 +7,15 @@ the same as for our pixel-space image DiT) and adds the two stages a stream step
   noise levels, then a per-frame flow-matching Euler update (frames whose level does not change get
   ``sigma_next == sigma`` and stay exactly as they were);
 * ``decode_frames(x)``: clean frames -> uint8 ``[B, F, H, W, 3]`` (through the VAE frame by frame for a latent
-  model; directly for a pixel-space one).
+  image-VAE model; directly for a pixel-space one).
+
+Wan2.1-architecture checkpoints (``WanTransformer3DModel`` + ``AutoencoderKLWan``) run the same moving buffer in
+Wan's latent space: per-frame noise levels become per-token timesteps (the transformer's Wan 2.2 interface,
+``timestep: [B, tokens]``), and a chunk of F latent frames decodes through the causal video VAE into 1 + 4 (F - 1)
+frames. Each chunk is decoded on its own (``vae.decode`` resets the VAE's causal cache), so the decoder costs what
+it costs in a continuous decode, but consecutive chunks do not share temporal context: with trained weights there
+would be a seam between chunks. A per-session decoder cache would remove it; until then this path is for speed
+measurements (random weights) only.
 
 The checkpoint's ``model_index.json`` says ``"fewstep": {"kind": "video", "chunk_frames": F, "buffer_chunks": K,
 "default_size": S, "fps": ...}``; the denoiser predicts ``v = noise - x0`` from ``timestep = sigma * 1000``
@@ -43,6 +51,11 @@ class StreamPipeline(FewStepPipeline):
             raise CheckpointError(f"{ckpt.path / 'model_index.json'}: the buffer holds chunk_frames x buffer_chunks"
                                   f" = {self.buffer_frames} frames, more than the model's max_frames={max_frames}")
         self.sigmas = self.noise_levels(self.buffer_chunks)
+        # frames a client receives per emitted chunk: F, or 1 + 4 (F - 1) through Wan's causal VAE (4x in time)
+        self.frames_per_chunk = self.chunk_frames
+        if self.family == "wan":
+            t = 2 ** sum(bool(d) for d in self.vae.config.temperal_downsample)
+            self.frames_per_chunk = 1 + t * (self.chunk_frames - 1)
 
     @property
     def buffer_frames(self) -> int:
@@ -69,13 +82,42 @@ class StreamPipeline(FewStepPipeline):
     def denoise_step(self, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
                      cond: PromptEmbeds) -> torch.Tensor:
         """x: [B, C, T, H, W] fp32; sigma, sigma_next: [B, T] fp32 on the device. Returns x after one Euler step."""
-        v = self.denoiser(x.to(self.dtype), timestep=sigma * 1000.0, encoder_hidden_states=cond.embeds,
-                          encoder_attention_mask=cond.mask, return_dict=False)[0].float()
+        if self.family == "wan":
+            v = self.denoiser(x.to(self.dtype), timestep=self.wan_timesteps(sigma, x.shape),
+                              encoder_hidden_states=cond.embeds, return_dict=False)[0].float()
+        else:
+            v = self.denoiser(x.to(self.dtype), timestep=sigma * 1000.0, encoder_hidden_states=cond.embeds,
+                              encoder_attention_mask=cond.mask, return_dict=False)[0].float()
         return x + (sigma_next - sigma)[:, None, :, None, None] * v
+
+    def wan_timesteps(self, sigma: torch.Tensor, shape) -> torch.Tensor:
+        """[B, T] per-frame sigmas -> [B, T * h/p * w/p] per-token timesteps, in the transformer's token order
+        (frame-major: patch_embedding(...).flatten(2) walks t, then h, then w)."""
+        _, _, t, h, w = shape
+        pt, ph, pw = self.denoiser.config.patch_size
+        per_frame = (h // ph) * (w // pw)
+        if pt != 1:
+            raise CheckpointError("per-frame timesteps need a temporal patch size of 1")
+        return (sigma * 1000.0).repeat_interleave(per_frame, dim=1)
 
     @torch.no_grad()
     def decode_frames(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, F, H, W] clean samples -> uint8 [B, F, H, W, 3] on the device."""
+        """x: [B, C, F, H, W] clean samples -> uint8 [B, F', H, W, 3] on the device (F' = F, or 1 + 4 (F - 1) for
+        Wan's causal video VAE)."""
+        if self.family == "wan":
+            return self._decode_wan(x)
         b, c, f, h, w = x.shape
         frames = self.decode(x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w))  # [B*F, H', W', 3]
         return frames.view(b, f, *frames.shape[1:])
+
+    def _decode_wan(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        vae_dtype = next(self.vae.parameters()).dtype
+        z = x.to(vae_dtype)
+        if cfg.get("latents_mean") is not None:  # WanPipeline's de-normalisation
+            mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+            std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+            z = z * std + mean
+        video = self.vae.decode(z, return_dict=False)[0]  # [B, 3, F', H, W] in [-1, 1]
+        video = (video.float() / 2 + 0.5).clamp(0, 1)
+        return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)

@@ -17,6 +17,6 @@ async def list_models(request: Request) -> ModelList:
             cards.append(ModelCard(id=name, created=state.started, default_size=pipe.default_size,
                                    default_steps=pipe.default_steps, sampler=pipe.sampler,
                                    kind="video" if video else "image",
-                                   chunk_frames=pipe.chunk_frames if video else None,
+                                   chunk_frames=pipe.frames_per_chunk if video else None,
                                    fps=pipe.fps if video else None))
     return ModelList(data=cards)

@@ -41,7 +41,7 @@ async def videos(body: VideoRequest, request: Request) -> ClosingStreamingRespon
                                                   on_full="pause", format="raw"))
     s = stream.session
     fps = body.fps or core.pipelines[s.model].fps
-    chunk_frames = core.pipelines[s.model].chunk_frames
+    chunk_frames = core.pipelines[s.model].frames_per_chunk
 
     async def body_iter():
         from fewstep.engines.stream.fmp4 import FMP4Muxer

@@ -19,6 +19,9 @@ EXPECTED_M = {
     ("sdxl-turbo", "text_encoder_2"): 694.7, ("pixart-lcm-512", "transformer"): 610.9,
     ("pixart-lcm-512", "text_encoder"): 4762.3, ("wan2.1-t2v-1.3b", "transformer"): 1419.0,
     ("wan2.1-t2v-1.3b", "vae"): 126.9,
+    # the stream variant: the same transformer and VAE; UMT5-XXL's width and vocabulary with 2 of its 24 layers
+    ("wan2.1-t2v-1.3b-stream", "transformer"): 1419.0, ("wan2.1-t2v-1.3b-stream", "vae"): 126.9,
+    ("wan2.1-t2v-1.3b-stream", "text_encoder"): 1436.0,
 }
 
 

@@ -110,3 +110,25 @@ def test_fused_qkv_and_channels_last_match_eager(tiny_dir):
     a = _run(eager, ["a", "b"], [1, 2], 64, 1, 0.0)
     b = _run(cp, ["a", "b"], [1, 2], 64, 1, 0.0)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_dynamic_batch_compiles_once_for_all_buckets(tiny_dir):
+    """dynamic_batch: one Inductor compile per stage serves buckets 2 and 4 (static: one per bucket), and the
+    outputs still match eager."""
+    from torch._dynamo.utils import counters
+
+    eager = FewStepPipeline(load_checkpoint(tiny_dir / "pixel_dit"))
+    graphs = {}
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        cp = CompiledPipeline(FewStepPipeline(load_checkpoint(tiny_dir / "pixel_dit")),
+                              CompileConfig(compile=True, mode="default", dynamic_batch=dynamic, batch_buckets=[2, 4],
+                                            sizes=[(16, 16)], steps=[2], cache_dir=None))
+        cp.warmup(progress=False)
+        graphs[dynamic] = counters["stats"]["unique_graphs"]
+        a = _run(eager, ["a", "b", "c"], [1, 2, 3], 16, 2, 0.0)
+        b = _run(cp, ["a", "b", "c"], [1, 2, 3], 16, 2, 0.0)  # padded into bucket 4
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+    assert graphs[False] == 6  # 3 stages x 2 buckets
+    assert graphs[True] == 3

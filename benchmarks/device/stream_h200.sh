@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Device run: streams delivered to a client (`fewstep bench stream`, unpaced, JPEG frames over WebSocket).
+#  1. the default video model's architecture (training/video.py preset, random weights, 32x32): one 10,000-frame
+#     session (per-frame cost against stream length), then 1/2/4/8 concurrent sessions of 300 frames
+#  2. Wan2.1-T2V-1.3B architecture at 832x480 with a 4-step buffer (configs/wan2.1-t2v-1.3b-stream), 1/2/4/8
+#     sessions of 90 frames (10 chunks each)
+# Usage (repo root, on the device): bash benchmarks/device/stream_h200.sh "$OUT"
+set -uo pipefail
+OUT=${1:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+
+serve() {  # serve MODEL PORT LOG [args...]: start a server and wait until it is ready (or gone)
+  local model=$1 port=$2 log=$3; shift 3
+  python -m fewstep.server.cli serve --model "$model" --device cuda --port "$port" --max-sessions 64 "$@" \
+    > "$log" 2>&1 &
+  SERVER=$!
+  for i in $(seq 1 "${T_READY:-240}"); do
+    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && return 0
+    kill -0 $SERVER 2>/dev/null || { echo "server exited:"; tail -20 "$log"; return 1; }
+    sleep 1
+  done
+  echo "server not ready after ${T_READY:-240} s"; tail -5 "$log"; return 1
+}
+
+stamp "1. default stream architecture"
+python -m benchmarks.random_weights stream-default /tmp/rvid
+if serve /tmp/rvid 8012 "$OUT/serve_default.log"; then
+  timeout 120 python -m fewstep.server.cli bench stream http://127.0.0.1:8012 --sessions 1 --frames 10000 --fps 0 \
+    --out "$OUT/stream_default_long.json" 2>&1 | tail -12
+  for n in 1 2 4 8; do
+    timeout 60 python -m fewstep.server.cli bench stream http://127.0.0.1:8012 --sessions $n --frames 300 --fps 0 \
+      --out "$OUT/stream_default_s$n.json" 2>&1 | grep -E "Aggregate|first frame|per session|dropped"
+  done
+fi
+kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
+
+stamp "2. Wan2.1-1.3B stream, 832x480"
+python -m benchmarks.random_weights benchmarks/configs/wan2.1-t2v-1.3b-stream /tmp/rwan --dtype bfloat16
+if serve /tmp/rwan 8013 "$OUT/serve_wan.log" --dtype bfloat16; then
+  for n in 1 2 4 8; do
+    timeout 150 python -m fewstep.server.cli bench stream http://127.0.0.1:8013 --sessions $n --frames 90 --fps 0 \
+      --size 832x480 --out "$OUT/stream_wan_s$n.json" 2>&1 | grep -E "Aggregate|first frame|per session|dropped"
+  done
+fi
+kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
+stamp "done"
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz -- * && ls)

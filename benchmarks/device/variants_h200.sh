@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Device run: (1) the compiled backend's options on SD-Turbo 512², 1 step, batch 1, each against the plain fp16
+# compiled engine in the same run (benchmarks/NOTES.md records the choices): fused QKV, channels-last, bf16, and
+# a dynamic batch dimension (start-up); (2) eager scaling curves: latency against resolution 256..1024 and
+# against batch 1..64. Streams: stream_h200.sh. Usage: bash ... "$OUT"
+set -uo pipefail
+OUT=${1:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+CFG=benchmarks/configs/sd-turbo
+for v in "" "--fuse-qkv" "--channels-last" "--dtype bfloat16" "--dynamic-batch"; do
+  stamp "compiled $v"
+  timeout "${T_VAR:-90}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 --batch 1 \
+    --iters 20 --warmup 3 --format jpeg --backend compiled $v --out "$OUT/variants.jsonl" 2>&1 | tail -3
+done
+
+stamp "scaling (eager)"
+timeout "${T_SCALE:-80}" python -m benchmarks.pipeline_bench --config $CFG --size 256 512 768 1024 --steps 1 \
+  --batch 1 --iters 6 --warmup 2 --format jpeg --backend eager --out "$OUT/scaling.jsonl" 2>&1 | tail -12
+timeout "${T_SCALE:-80}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 \
+  --batch 1 2 4 8 16 32 64 --iters 5 --warmup 2 --format jpeg --backend eager --out "$OUT/scaling.jsonl" 2>&1 \
+  | tail -18
+stamp "done"
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz -- * && ls)

@@ -1,0 +1,87 @@
+"""Wan2.1-architecture streams: per-frame noise levels as per-token timesteps, latent chunks through the causal
+video VAE, served by the same moving-buffer scheduler as our own StreamDiT."""
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.engines.config import EngineConfig
+from fewstep.engines.core import EngineCore
+from fewstep.engines.loading import CheckpointError, load_checkpoint
+from fewstep.engines.pipeline import FewStepPipeline
+from fewstep.engines.stream import StreamPipeline
+from fewstep.engines.stream.session import StreamStart
+
+
+@pytest.fixture(scope="module")
+def wan(tiny_dir):
+    return StreamPipeline(load_checkpoint(tiny_dir / "wan_stream"))
+
+
+def test_wan_checkpoint_facts(wan):
+    assert wan.family == "wan" and wan.vae_scale_factor == 4 and wan.size_multiple == 8
+    assert wan.frames_per_chunk == 1 + 2 * (wan.chunk_frames - 1)  # the tiny VAE is 2x in time
+    prompts = ["a", "a much longer prompt about a blue square moving left"]
+    n = wan.tokenize(prompts)["mask"].sum(1).tolist()
+    emb = wan.encode_prompt(prompts)
+    assert emb.mask is None and emb.embeds.shape[:2] == (2, 16) and n[0] < 16
+    assert torch.all(emb.embeds[0, n[0]:] == 0) and torch.all(emb.embeds[0, :n[0]].abs().sum(-1) > 0)
+    assert torch.all(emb.embeds[1].abs().sum(-1) > 0)  # padding zeroed, as WanPipeline does
+
+
+def test_image_pipeline_refuses_a_wan_checkpoint(tiny_dir):
+    with pytest.raises(CheckpointError, match="video model"):
+        FewStepPipeline(load_checkpoint(tiny_dir / "wan_stream"))
+
+
+def test_per_token_timesteps_equal_the_scalar_call_when_levels_agree(wan):
+    """With one level for every frame, the per-token path must reproduce Wan's ordinary scalar-timestep call; with
+    different levels, the output must depend on them (the levels reach the model)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 8, 8, generator=g)
+    cond = wan.encode_prompt(["a", "b"])
+    sig = torch.full((2, 6), 0.6)
+    nxt = torch.full((2, 6), 0.35)
+    got = wan.denoise_step(x, sig, nxt, cond)
+    v = wan.denoiser(x, timestep=torch.full((2,), 600.0), encoder_hidden_states=cond.embeds, return_dict=False)[0]
+    torch.testing.assert_close(got, x + (0.35 - 0.6) * v, atol=1e-5, rtol=1e-5)
+
+    ladder = torch.tensor([[0.25, 0.25, 0.5, 0.5, 0.75, 0.75]] * 2)
+    other = wan.denoise_step(x, ladder, ladder, cond)  # sigma_next == sigma: x unchanged whatever v is
+    assert torch.equal(other, x)
+    v2 = wan.denoiser(x, timestep=wan.wan_timesteps(ladder, x.shape), encoder_hidden_states=cond.embeds,
+                      return_dict=False)[0]
+    assert (v2 - v).abs().mean() > 1e-3
+
+
+def test_wan_decode_matches_the_diffusers_recipe(wan):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, 4, 2, 8, 8, generator=g)
+    frames = wan.decode_frames(z)
+    assert frames.shape == (1, 3, 32, 32, 3) and frames.dtype == torch.uint8
+    mean = torch.tensor(wan.vae.config.latents_mean).view(1, 4, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(wan.vae.config.latents_std).view(1, 4, 1, 1, 1)
+    ref = wan.vae.decode(z / inv_std + mean, return_dict=False)[0]  # WanPipeline's de-normalisation
+    ref = ((ref / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+    assert torch.equal(frames, ref)
+
+
+def test_wan_stream_through_the_engine(wan):
+    core = EngineCore({"wan": wan}, EngineConfig())
+    s = core.open_stream(StreamStart(prompt="a green triangle moving right", model="wan", seed=3, fps=0,
+                                     format="raw"))
+    chunks = []
+    for _ in range(40):
+        chunks += core.stream_step()
+        while s.owner.take() is not None:  # drain the outbox as a client would
+            pass
+        if len(chunks) >= 3:
+            break
+    core.close_stream(s.id)
+    core.shutdown()
+    assert len(chunks) >= 3
+    idx = [c.first_index for c in chunks]
+    assert idx == [i * wan.frames_per_chunk for i in range(len(chunks))]  # no gaps
+    for c in chunks:
+        assert c.frames.shape == (wan.frames_per_chunk, 32, 32, 3)
+    assert not np.array_equal(chunks[0].frames, chunks[1].frames)
