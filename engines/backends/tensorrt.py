@@ -186,6 +186,15 @@ class Profile:
     def __str__(self) -> str:
         return ",".join(f"{k}={':'.join(map(str, getattr(self, k)))}" for k in ("batch", "height", "width"))
 
+    def check_size(self, height: int, width: int) -> None:
+        """Refuse, before any work, a request the engines cannot run (their input shapes are fixed ranges)."""
+        (hlo, _, hhi), (wlo, _, whi) = self.height, self.width
+        if not (hlo <= height <= hhi and wlo <= width <= whi):
+            raise ValueError(f"size {width}x{height} is outside this server's TensorRT engines (width {wlo}..{whi}, "
+                             f"height {hlo}..{hhi} pixels); ask for a size in that range, or rebuild with "
+                             f"`fewstep build --profile size=MIN:OPT:MAX` and restart")
+
+
     def shapes(self, spec: ComponentSpec) -> dict[str, tuple[tuple[int, ...], ...]]:
         """(min, opt, max) shape of every input of ``spec`` under this profile."""
         step = spec.spatial_scale * spec.spatial_multiple
@@ -204,6 +213,23 @@ class Profile:
                 "width": tuple(v // spec.spatial_scale for v in self.width)}
         return {t.name: tuple(tuple(axes[d][i] if isinstance(d, str) else d for d in t.dims) for i in range(3))
                 for t in spec.inputs}
+
+def restrict(pipe, profile: Profile, max_batch_size: int) -> None:
+    """Make ``pipe`` refuse out-of-profile sizes at validation time (a 400 up front, not a failed batch), and refuse
+    at start-up a batching setting the engines cannot serve."""
+    lo, _, hi = profile.batch
+    if lo > 1:
+        raise ValueError(f"TensorRT profile batch min is {lo}: a lone request is a batch of 1, so it must be 1")
+    if hi < max_batch_size:
+        raise ValueError(f"TensorRT profile batch max {hi} < --max-batch-size {max_batch_size}: rebuild with "
+                         f"batch=1:OPT:{max_batch_size} or lower --max-batch-size")
+    model_check = pipe.check_size
+
+    def check_size(height: int, width: int) -> None:
+        model_check(height, width)
+        profile.check_size(height, width)
+
+    pipe.check_size = check_size
 
 
 # -- checkpoint hash, memoised on file stats -----------------------------------------------------------------------
@@ -800,6 +826,7 @@ def enable(pipe, engine_cfg, progress: Callable[[str], None] | None = None) -> l
         raise ValueError("backend 'tensorrt' needs device cuda (the engines run on the GPU)")
     profile = (Profile.parse(opts.profile) if opts.profile
                else Profile.native(pipe, engine_cfg.batching.max_batch_size))
+    restrict(pipe, profile, engine_cfg.batching.max_batch_size)  # before the (long) build: fail fast
     results = build_engines(pipe, profile, cache_dir=opts.cache_dir, targets=opts.targets or None,
                             progress=progress or (lambda s: log.info("tensorrt: %s", s)))
     cache = EngineCache(opts.cache_dir)

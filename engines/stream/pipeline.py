@@ -11,11 +11,10 @@ the same as for our pixel-space image DiT) and adds the two stages a stream step
 
 Wan2.1-architecture checkpoints (``WanTransformer3DModel`` + ``AutoencoderKLWan``) run the same moving buffer in
 Wan's latent space: per-frame noise levels become per-token timesteps (the transformer's Wan 2.2 interface,
-``timestep: [B, tokens]``), and a chunk of F latent frames decodes through the causal video VAE into 1 + 4 (F - 1)
-frames. Each chunk is decoded on its own (``vae.decode`` resets the VAE's causal cache), so the decoder costs what
-it costs in a continuous decode, but consecutive chunks do not share temporal context: with trained weights there
-would be a seam between chunks. A per-session decoder cache would remove it; until then this path is for speed
-measurements (random weights) only.
+``timestep: [B, tokens]``), and each emitted chunk of F latent frames decodes through the causal video VAE with
+the session's decoder cache carried over from its previous chunk (``wan_vae.decode_continuing``): a session's
+first chunk gives 1 + 4 (F - 1) frames, every later one 4 F, and the concatenation equals one ``vae.decode`` of
+all the latents (tested), so chunks join without seams.
 
 The checkpoint's ``model_index.json`` says ``"fewstep": {"kind": "video", "chunk_frames": F, "buffer_chunks": K,
 "default_size": S, "fps": ...}``; the denoiser predicts ``v = noise - x0`` from ``timestep = sigma * 1000``
@@ -51,11 +50,12 @@ class StreamPipeline(FewStepPipeline):
             raise CheckpointError(f"{ckpt.path / 'model_index.json'}: the buffer holds chunk_frames x buffer_chunks"
                                   f" = {self.buffer_frames} frames, more than the model's max_frames={max_frames}")
         self.sigmas = self.noise_levels(self.buffer_chunks)
-        # frames a client receives per emitted chunk: F, or 1 + 4 (F - 1) through Wan's causal VAE (4x in time)
-        self.frames_per_chunk = self.chunk_frames
+        # frames a client receives per emitted chunk: F, or through Wan's causal VAE (4x in time) 4 F, except a
+        # session's first chunk: 1 + 4 (F - 1)
+        self.frames_per_chunk = self.first_chunk_frames = self.chunk_frames
         if self.family == "wan":
             t = 2 ** sum(bool(d) for d in self.vae.config.temperal_downsample)
-            self.frames_per_chunk = 1 + t * (self.chunk_frames - 1)
+            self.frames_per_chunk, self.first_chunk_frames = t * self.chunk_frames, 1 + t * (self.chunk_frames - 1)
 
     @property
     def buffer_frames(self) -> int:
@@ -101,23 +101,47 @@ class StreamPipeline(FewStepPipeline):
         return (sigma * 1000.0).repeat_interleave(per_frame, dim=1)
 
     @torch.no_grad()
-    def decode_frames(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, F, H, W] clean samples -> uint8 [B, F', H, W, 3] on the device (F' = F, or 1 + 4 (F - 1) for
-        Wan's causal video VAE)."""
+    def decode_frames(self, x: torch.Tensor, sessions: list | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """x: [B, C, F, H, W] clean samples -> uint8 [B, F, H, W, 3] on the device. Wan: with ``sessions`` (one per
+        row), each row continues its session's causal decode and the result is a list of [F', H, W, 3] (F' differs
+        between a session's first chunk and later ones); without, the rows decode as self-contained clips."""
         if self.family == "wan":
-            return self._decode_wan(x)
+            return self._decode_wan(x) if sessions is None else self._decode_wan_sessions(x, sessions)
         b, c, f, h, w = x.shape
         frames = self.decode(x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w))  # [B*F, H', W', 3]
         return frames.view(b, f, *frames.shape[1:])
 
-    def _decode_wan(self, x: torch.Tensor) -> torch.Tensor:
+    def _wan_latents(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.vae.config
-        vae_dtype = next(self.vae.parameters()).dtype
-        z = x.to(vae_dtype)
+        z = x.to(next(self.vae.parameters()).dtype)
         if cfg.get("latents_mean") is not None:  # WanPipeline's de-normalisation
             mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
             std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
             z = z * std + mean
-        video = self.vae.decode(z, return_dict=False)[0]  # [B, 3, F', H, W] in [-1, 1]
+        return z
+
+    @staticmethod
+    def _to_uint8(video: torch.Tensor) -> torch.Tensor:  # [B, 3, F, H, W] in [-1, 1] -> [B, F, H, W, 3]
         video = (video.float() / 2 + 0.5).clamp(0, 1)
         return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+    def _decode_wan(self, x: torch.Tensor) -> torch.Tensor:
+        return self._to_uint8(self.vae.decode(self._wan_latents(x), return_dict=False)[0])
+
+    def _decode_wan_sessions(self, x: torch.Tensor, sessions: list) -> list[torch.Tensor]:
+        from .wan_vae import decode_continuing
+
+        z = self._wan_latents(x)
+        out: list[torch.Tensor | None] = [None] * len(sessions)
+        # a first chunk and a later one cannot share the decoder's batch; group before any state changes
+        first = [s.decoder_state is None for s in sessions]
+        for phase in (True, False):
+            rows = [i for i, f in enumerate(first) if f == phase]
+            if not rows:
+                continue
+            video, states = decode_continuing(self.vae, z[rows], [sessions[i].decoder_state for i in rows])
+            frames = self._to_uint8(video)
+            for j, i in enumerate(rows):
+                sessions[i].decoder_state = states[j]
+                out[i] = frames[j]
+        return out

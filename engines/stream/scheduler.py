@@ -120,6 +120,7 @@ class MovingBufferPolicy:
     def release(self, s: StreamSession) -> None:
         s.buffer = None
         s.levels = []
+        s.decoder_state = None
 
 
 POLICIES = {MovingBufferPolicy.name: MovingBufferPolicy}
@@ -284,7 +285,10 @@ class StreamScheduler:
             done = [e for e in emitted if e is not None]
             frames = None
             if done:
-                frames = self.pipe.decode_frames(torch.stack([e.frames for e in done])).cpu().numpy()
+                out = self.pipe.decode_frames(torch.stack([e.frames for e in done]),
+                                              sessions=[e.session for e in done])
+                # a list when rows differ in length (a Wan session's first chunk is shorter), else one tensor
+                frames = [f.cpu().numpy() for f in out] if isinstance(out, list) else out.cpu().numpy()
             t2 = time.perf_counter()
         except Exception as e:  # a failed step ends its sessions with an error, never the engine
             log.exception("stream step failed")

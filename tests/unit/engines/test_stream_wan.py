@@ -20,7 +20,8 @@ def wan(tiny_dir):
 
 def test_wan_checkpoint_facts(wan):
     assert wan.family == "wan" and wan.vae_scale_factor == 4 and wan.size_multiple == 8
-    assert wan.frames_per_chunk == 1 + 2 * (wan.chunk_frames - 1)  # the tiny VAE is 2x in time
+    # the tiny VAE is 2x in time: a session's first chunk 1 + 2 (F - 1) frames, later ones 2 F
+    assert wan.first_chunk_frames == 1 + 2 * (wan.chunk_frames - 1) and wan.frames_per_chunk == 2 * wan.chunk_frames
     prompts = ["a", "a much longer prompt about a blue square moving left"]
     n = wan.tokenize(prompts)["mask"].sum(1).tolist()
     emb = wan.encode_prompt(prompts)
@@ -80,8 +81,43 @@ def test_wan_stream_through_the_engine(wan):
     core.close_stream(s.id)
     core.shutdown()
     assert len(chunks) >= 3
+    sizes = [c.frames.shape[0] for c in chunks]
+    assert sizes == [wan.first_chunk_frames] + [wan.frames_per_chunk] * (len(chunks) - 1)
     idx = [c.first_index for c in chunks]
-    assert idx == [i * wan.frames_per_chunk for i in range(len(chunks))]  # no gaps
+    assert idx == [sum(sizes[:i]) for i in range(len(chunks))]  # no gaps
     for c in chunks:
-        assert c.frames.shape == (wan.frames_per_chunk, 32, 32, 3)
-    assert not np.array_equal(chunks[0].frames, chunks[1].frames)
+        assert c.frames.shape[1:] == (32, 32, 3)
+    assert s.decoder_state is None  # closing the stream frees the decoder cache
+
+
+def test_continuing_decode_equals_one_decode_call(wan):
+    """Chunk by chunk with the causal cache carried over == the whole clip in one vae.decode: no seams. Two
+    sessions batched (stacked caches) == each decoded alone."""
+    from fewstep.engines.stream.wan_vae import decode_continuing
+
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 4, 5, 8, 8, generator=g)
+    full = wan.vae.decode(z, return_dict=False)[0]  # [2, 3, 1 + 2 * 4, 32, 32]
+    parts, states = [], [None, None]
+    for a, b in ((0, 2), (2, 4), (4, 5)):
+        video, states = decode_continuing(wan.vae, z[:, :, a:b], states)
+        parts.append(video)
+    assert [p.shape[2] for p in parts] == [3, 4, 2]  # first chunk 1 + 2 (F - 1), then 2 F (the tiny VAE is 2x)
+    torch.testing.assert_close(torch.cat(parts, 2), full, atol=1e-5, rtol=1e-5)
+    alone, st = decode_continuing(wan.vae, z[1:, :, :2], [None])
+    alone2, _ = decode_continuing(wan.vae, z[1:, :, 2:4], st)
+    torch.testing.assert_close(alone2, parts[1][1:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="separate batches"):
+        decode_continuing(wan.vae, z[:, :, :1], [None, st[0]])
+
+
+def test_sessions_in_different_phases_share_one_decode_call(wan):
+    class Session:
+        decoder_state = None
+
+    old, new = Session(), Session()
+    z = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(4))
+    wan.decode_frames(z[:1], sessions=[old])  # old has emitted once: its next chunk continues
+    out = wan.decode_frames(z, sessions=[old, new])
+    assert [f.shape[0] for f in out] == [wan.frames_per_chunk, wan.first_chunk_frames]
+    assert old.decoder_state is not None and new.decoder_state is not None

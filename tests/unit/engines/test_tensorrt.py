@@ -59,6 +59,31 @@ def test_profile_parse_and_shapes(tiny_dir):
 FIELDS = {"component": "denoiser", "flavour": "tensorrt_rtx", "flavour_version": "1.7.1.116", "precision": "fp16"}
 
 
+def test_out_of_profile_requests_are_refused_up_front(tiny_dir):
+    """With engines of a fixed profile, a size outside it is a 400 at validation (no batch runs and fails), and a
+    batching setting the engines cannot serve is refused at start-up."""
+    from fewstep.engines.backends.tensorrt import Profile, restrict
+    from fewstep.engines.config import BatchingConfig, EngineConfig
+    from fewstep.engines.core import EngineCore, EngineError, GenerateRequest
+    from fewstep.engines.loading import load_checkpoint
+    from fewstep.engines.pipeline import FewStepPipeline
+
+    pipe = FewStepPipeline(load_checkpoint(tiny_dir / "sd_turbo"))
+    with pytest.raises(ValueError, match="batch max 4 < --max-batch-size 8"):
+        restrict(pipe, Profile.parse("batch=1:2:4,size=64:64:128"), 8)
+    with pytest.raises(ValueError, match="must be 1"):
+        restrict(pipe, Profile.parse("batch=2:2:4,size=64"), 4)
+    restrict(pipe, Profile.parse("batch=1:2:4,size=64:64:128"), 4)
+    core = EngineCore({"m": pipe}, EngineConfig(batching=BatchingConfig(max_batch_size=4)))
+    with pytest.raises(EngineError) as e:
+        core.validate(GenerateRequest(prompt="a cat", width=256, height=64))
+    assert e.value.status == 400 and "outside this server's TensorRT engines" in str(e.value)
+    with pytest.raises(EngineError, match="multiple of"):  # the model's own rule still applies first
+        core.validate(GenerateRequest(prompt="a cat", width=99, height=64))
+    core.validate(GenerateRequest(prompt="a cat", width=128, height=64))
+    core.shutdown()
+
+
 def test_engine_cache_round_trip_and_rejections(tmp_path):
     cache = T.EngineCache(tmp_path)
     key = T.engine_key(FIELDS)
