@@ -11,6 +11,8 @@ set -uo pipefail
 OUT=${1:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/common.sh"
+restore_inductor_cache
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv | tee "$OUT/gpu.txt"
 CFG=benchmarks/configs/sd-turbo
 T0=$(date +%s)
@@ -60,4 +62,5 @@ fi
 
 stamp "done"
 # $OUT returns at most 8 files: everything also travels in one archive
-(cd "$OUT" && tar czf results.tgz --exclude=results.tgz -- * && ls)
+save_inductor_cache "$OUT"
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz --exclude=inductor_cache.tgz -- * && ls)

@@ -5,8 +5,11 @@ set -uo pipefail
 OUT=${1:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/common.sh"
+restore_inductor_cache
 timeout "${T_SDXL:-300}" python -m benchmarks.pipeline_bench --config benchmarks/configs/sdxl-turbo --size 512 1024 \
   --steps 1 --batch 1 --iters 10 --warmup 2 --format jpeg --backend eager compiled \
   --baseline diffusers-eager diffusers-compile --out "$OUT/pipeline_sdxl.jsonl" 2>&1 | grep -v "^{" \
   | tee "$OUT/pipeline_sdxl.log"
-(cd "$OUT" && tar czf results.tgz --exclude=results.tgz -- * && ls)
+save_inductor_cache "$OUT"
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz --exclude=inductor_cache.tgz -- * && ls)

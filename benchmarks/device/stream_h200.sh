@@ -47,4 +47,4 @@ if serve /tmp/rwan 8013 "$OUT/serve_wan.log" --dtype bfloat16; then
 fi
 kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
 stamp "done"
-(cd "$OUT" && tar czf results.tgz --exclude=results.tgz -- * && ls)
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz --exclude=inductor_cache.tgz -- * && ls)

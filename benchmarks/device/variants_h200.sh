@@ -7,6 +7,8 @@ set -uo pipefail
 OUT=${1:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/common.sh"
+restore_inductor_cache
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 CFG=benchmarks/configs/sd-turbo
@@ -23,4 +25,5 @@ timeout "${T_SCALE:-80}" python -m benchmarks.pipeline_bench --config $CFG --siz
   --batch 1 2 4 8 16 32 64 --iters 5 --warmup 2 --format jpeg --backend eager --out "$OUT/scaling.jsonl" 2>&1 \
   | tail -18
 stamp "done"
-(cd "$OUT" && tar czf results.tgz --exclude=results.tgz -- * && ls)
+save_inductor_cache "$OUT"
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz --exclude=inductor_cache.tgz -- * && ls)

@@ -1,0 +1,25 @@
+# Sourced by the device scripts. Inductor's cache turns a cold compile of SD-Turbo's three buckets (254 s) into a
+# warm one (69 s), but a lent machine starts bare. So a script returns the cache as $OUT/inductor_cache.tgz (when
+# it fits the 16 MB a returned file may have), the files are copied to out/carry/ here, and the next session's
+# call carries out/carry and restores them before compiling. Same image, torch and GPU: the cache keys match.
+INDUCTOR_CACHE=${TORCHINDUCTOR_CACHE_DIR:-$HOME/.cache/fewstep/inductor}
+
+restore_inductor_cache() {
+  local tgz=${1:-out/carry/inductor_cache.tgz}
+  if [ -f "$tgz" ]; then
+    mkdir -p "$(dirname "$INDUCTOR_CACHE")" && tar xzf "$tgz" -C "$(dirname "$INDUCTOR_CACHE")" \
+      && echo "restored Inductor cache from $tgz ($(du -sh "$INDUCTOR_CACHE" | cut -f1))"
+  fi
+}
+
+save_inductor_cache() {  # save_inductor_cache OUT
+  [ -d "$INDUCTOR_CACHE" ] || return 0
+  tar czf /tmp/inductor_cache.tgz -C "$(dirname "$INDUCTOR_CACHE")" "$(basename "$INDUCTOR_CACHE")"
+  local size
+  size=$(stat -c %s /tmp/inductor_cache.tgz)
+  if [ "$size" -lt 16000000 ]; then
+    cp /tmp/inductor_cache.tgz "$1/inductor_cache.tgz" && echo "Inductor cache returned ($size bytes)"
+  else
+    echo "Inductor cache is $size bytes: over the 16 MB a returned file may have; not returned"
+  fi
+}
