@@ -37,7 +37,7 @@ import re
 import struct
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 from .protocol import MAX_PROMPT_CHARS
 
@@ -89,6 +89,11 @@ def _check_size(v: str | int | None) -> str | int | None:
     return v
 
 
+
+# Reusable field types: every message that carries a prompt or a size validates it the same way.
+PromptField = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_check_prompt)]
+SizeField = Annotated[str | int | None, AfterValidator(_check_size)]
+
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -98,8 +103,8 @@ class StartMessage(_Msg):
     """Open the socket's stream session."""
 
     type: Literal["start"]
-    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
-    size: str | int | None = Field(None, description='"WxH" or one side; default: the model\'s native size')
+    prompt: PromptField
+    size: SizeField = Field(None, description='"WxH" or one side; default: the model\'s native size')
     seed: int | None = Field(None, ge=0, le=2**62, description="default: random (reported in 'started')")
     fps: float | None = Field(None, ge=0, le=1000, description="target frames/s; default: the model's fps; "
                               "0: unpaced (as fast as the engine goes)")
@@ -107,26 +112,14 @@ class StartMessage(_Msg):
     quality: int = Field(85, ge=1, le=100, description="JPEG / WebP quality")
     model: str | None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str) -> str:
-        return _check_prompt(v)
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v: str | int | None) -> str | int | None:
-        return _check_size(v)
 
 
 class UpdateMessage(_Msg):
     """Change the prompt mid-stream: it reaches the next chunk and blends in over one buffer length."""
 
     type: Literal["update"]
-    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    prompt: PromptField
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str) -> str:
-        return _check_prompt(v)
 
 
 class StopMessage(_Msg):
@@ -205,23 +198,15 @@ class RealtimeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # fal clients send extra keys
 
     type: Literal["generate"] = "generate"
-    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    prompt: PromptField
     seed: int | None = Field(None, ge=0, le=2**62)
     request_id: str | None = Field(None, max_length=128, description="echoed in the answer; default: generated")
-    size: str | int | None = None
+    size: SizeField = None
     steps: int | None = Field(None, ge=1, le=8)
     guidance_scale: float | None = Field(None, ge=0, le=30)
     format: Literal["jpeg", "png", "webp"] = "jpeg"
     model: str | None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str) -> str:
-        return _check_prompt(v)
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v: str | int | None) -> str | int | None:
-        return _check_size(v)
 
 
 class RealtimeResult(_Msg):
@@ -246,22 +231,14 @@ RealtimeServerMessage = Annotated[Union[RealtimeResult, RealtimeDropped, ErrorMe
 class VideoRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    prompt: PromptField
     model: str | None = None
     seed: int | None = Field(None, ge=0, le=2**62)
     num_frames: int = Field(16, ge=1, le=10_000)
-    size: str | int | None = None
+    size: SizeField = None
     fps: float | None = Field(None, gt=0, le=240, description="playback rate written into the file")
     format: Literal["mp4"] = "mp4"
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str) -> str:
-        return _check_prompt(v)
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v: str | int | None) -> str | int | None:
-        return _check_size(v)
 
 
 def schema() -> dict[str, Any]:
