@@ -37,7 +37,7 @@ import re
 import struct
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .protocol import MAX_PROMPT_CHARS
 
@@ -88,6 +88,19 @@ def _check_size(v: str | int | None) -> str | int | None:
         raise ValueError(f"size sides must be in [16, 2048] pixels, got {w}x{h}")
     return v
 
+
+
+def validation_message(e: ValidationError, tags: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """The first error of a client message that failed validation, as (message, param), in the API's words.
+    ``tags``: the message types of a discriminated union, left out of the parameter path."""
+    err = e.errors()[0]
+    if err.get("type") == "json_invalid":
+        return "message is not valid JSON", None
+    if tags and err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        return "message 'type' must be one of " + ", ".join(f"'{t}'" for t in tags), "type"
+    param = ".".join(str(x) for x in err.get("loc", ()) if x not in tags) or None
+    msg = err.get("msg", "invalid message").removeprefix("Value error, ")
+    return (f"invalid '{param}': {msg}" if param else msg), param
 
 
 # Reusable field types: every message that carries a prompt or a size validates it the same way.

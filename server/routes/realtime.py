@@ -19,7 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from fewstep.engines.core import EngineError, GenerateRequest
 
-from ..stream_protocol import ErrorMessage, RealtimeDropped, RealtimeRequest, RealtimeResult, parse_size
+from ..stream_protocol import (ErrorMessage, RealtimeDropped, RealtimeRequest, RealtimeResult, parse_size,
+                               validation_message)
 
 router = APIRouter()
 
@@ -48,10 +49,7 @@ class RealtimeConnection:
                 try:
                     req = RealtimeRequest.model_validate_json(text)
                 except ValidationError as e:
-                    err = e.errors()[0]
-                    param = ".".join(str(x) for x in err.get("loc", ())) or None
-                    message = ("message is not valid JSON" if err.get("type") == "json_invalid" else
-                               f"invalid '{param}': {err.get('msg', '').removeprefix('Value error, ')}")
+                    message, param = validation_message(e)
                     await self.send(ErrorMessage(message=message, code="invalid_message", param=param))
                     continue
                 if req.request_id is None:

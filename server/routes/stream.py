@@ -31,6 +31,7 @@ from ..stream_protocol import (
     pack_frame,
     parse_size,
     schema,
+    validation_message,
 )
 
 router = APIRouter()
@@ -91,18 +92,6 @@ def _engine(state):
     return state.core
 
 
-def _validation_message(e: ValidationError) -> tuple[str, str | None]:
-    err = e.errors()[0]
-    loc = [str(x) for x in err.get("loc", ()) if x not in ("start", "update", "stop")]
-    param = loc[0] if loc else None
-    msg = err.get("msg", "invalid message").removeprefix("Value error, ")
-    if err.get("type") == "json_invalid":
-        return "message is not valid JSON", None
-    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
-        return "message 'type' must be one of 'start', 'update', 'stop'", "type"
-    return (f"invalid '{param}': {msg}" if param else msg), param
-
-
 class StreamConnection:
     """One WebSocket on /v1/stream: a reader (control messages) and, while a session runs, a pump (frames)."""
 
@@ -137,7 +126,7 @@ class StreamConnection:
                 try:
                     parsed = CLIENT_MESSAGE.validate_json(text)
                 except ValidationError as e:
-                    message, param = _validation_message(e)
+                    message, param = validation_message(e, ("start", "update", "stop"))
                     await self.error(message, "invalid_message", param)
                     continue
                 try:
