@@ -52,6 +52,7 @@ class SessionRecord:
     seed: int
     session_id: str = ""
     chunk_frames: int = 1
+    first_chunk_frames: int = 1
     t_open: float = 0.0
     arrivals: list[float] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
@@ -90,6 +91,7 @@ async def _one_session(client: AsyncFewstepClient, rec: SessionRecord, args) -> 
         return
     rec.session_id = stream.session_id
     rec.chunk_frames = int(stream.info.get("chunk_frames", 1))
+    rec.first_chunk_frames = int(stream.info.get("first_chunk_frames") or rec.chunk_frames)
     try:
         async with stream:
             async for frame in stream:  # ends at the server's "stopped"
@@ -145,7 +147,9 @@ def build_report(records: list[SessionRecord], args, duration: float, date_utc: 
         d = [(b - a) * 1e3 for a, b in zip(r.arrivals, r.arrivals[1:])]
         gaps += d
         # a chunk boundary: the next frame starts a new chunk (index multiple of chunk_frames) or follows a drop
-        chunk_gaps += [g for g, i, j in zip(d, r.indices, r.indices[1:]) if j % r.chunk_frames == 0 or j != i + 1]
+        first = r.first_chunk_frames if r.first_chunk_frames else r.chunk_frames
+        chunk_gaps += [g for g, i, j in zip(d, r.indices, r.indices[1:])
+                       if (j >= first and (j - first) % r.chunk_frames == 0) or j != i + 1]
     firsts = [r.arrivals[0] for r in records if r.arrivals]
     lasts = [r.arrivals[-1] for r in records if r.arrivals]
     delivered = sum(len(r.arrivals) for r in records)

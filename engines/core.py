@@ -153,6 +153,7 @@ class EngineCore:
             name: StreamScheduler(name, pipe, self.config.stream, self.cache, self._pool.submit, self._wake)
             for name, pipe in pipelines.items() if getattr(pipe, "kind", "image") == "video"}
         self._images_turn = True  # who goes first when an image batch and a stream step are both ready
+        self._nvjpeg_failed = False
         if self.config.gpu_jpeg == "on" and not any(gpu_jpeg_available(p.device) for p in pipelines.values()):
             raise ValueError("gpu_jpeg 'on' needs a CUDA pipeline and torchvision with nvjpeg; use 'auto' or 'off'")
 
@@ -176,9 +177,11 @@ class EngineCore:
             raise EngineError(str(e), 400, "size", "invalid_size") from None
         steps = req.steps or pipe.default_steps
         guidance = pipe.default_guidance if req.guidance_scale is None else float(req.guidance_scale)
-        if req.n > self.config.batching.max_batch_size * 4:
-            raise EngineError(f"n must be at most {self.config.batching.max_batch_size * 4} on this server", 400,
-                              "n", "invalid_n")
+        max_n = self.config.batching.max_batch_size * 4
+        # a request runs as one batch: engines with a fixed profile (TensorRT) cap it at their batch max
+        max_n = min(max_n, getattr(pipe, "max_images_per_batch", None) or max_n)
+        if req.n > max_n:
+            raise EngineError(f"n must be at most {max_n} on this server", 400, "n", "invalid_n")
         base = req.seed if req.seed is not None else secrets.randbelow(2**62)
         # image i of a request uses seed + i, so n=4 at seed s reproduces four n=1 requests at s..s+3.
         seeds = [base + i for i in range(req.n)]
@@ -393,8 +396,13 @@ class EngineCore:
             t3 = time.perf_counter()
             jpeg_gpu = self._gpu_jpeg(pipe) and all(w.req.output_format == "jpeg" for w in batch)
             if jpeg_gpu:  # the batch leaves the GPU already compressed; timed as encode_image below
-                images = encode_jpeg_gpu(decoded)
-            else:
+                try:
+                    images = encode_jpeg_gpu(decoded)
+                except Exception:  # e.g. a torchvision without nvjpeg for this GPU: the CPU encoder takes over
+                    log.exception("nvjpeg encoding failed; JPEG responses are encoded on the CPU from now on")
+                    self._nvjpeg_failed = True
+                    jpeg_gpu = False
+            if not jpeg_gpu:
                 images = decoded.cpu().numpy()  # .cpu() synchronizes
                 t3 = time.perf_counter()
         except Exception as e:  # a failed batch fails its requests, never the engine
@@ -416,7 +424,7 @@ class EngineCore:
         return [w.future for w in batch]
 
     def _gpu_jpeg(self, pipe) -> bool:
-        return self.config.gpu_jpeg != "off" and gpu_jpeg_available(pipe.device)
+        return self.config.gpu_jpeg != "off" and not self._nvjpeg_failed and gpu_jpeg_available(pipe.device)
 
     def _finish(self, w: _Work, imgs, timings: dict, batch_size: int, t_decoded: float,
                 encoded: bool = False) -> None:

@@ -119,7 +119,7 @@ class FewStepPipeline:
                                                8.5 if self.time_cond_dim else 0.0))
         sample = cfg.get("sample_size")
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-        if sample is None and "default_size" not in meta:
+        if sample is None and meta.get("default_size") is None:
             raise CheckpointError(f"{ckpt.path / 'model_index.json'}: the {type(self.denoiser).__name__} config has no "
                                   "sample_size; set fewstep.default_size")
         self.default_size = int(meta.get("default_size") or sample * self.vae_scale_factor)

@@ -32,6 +32,8 @@ def _size_list(text: str) -> list[tuple[int, int]]:
             w, h = (int(v) for v in part.lower().split("x"))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected sizes like 512x512,1024x1024 (WxH), got {part!r}")
+        if h < 1 or w < 1:
+            raise argparse.ArgumentTypeError(f"sizes must be positive, got {part!r}")
         out.append((h, w))
     if not out:
         raise argparse.ArgumentTypeError("expected at least one size such as 512x512")

@@ -98,7 +98,8 @@ def validation_message(e: ValidationError, tags: tuple[str, ...] = ()) -> tuple[
         return "message is not valid JSON", None
     if tags and err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
         return "message 'type' must be one of " + ", ".join(f"'{t}'" for t in tags), "type"
-    param = ".".join(str(x) for x in err.get("loc", ()) if x not in tags) or None
+    loc = [str(x) for x in err.get("loc", ()) if x not in tags]
+    param = loc[0] if loc else None  # the field, not the union member pydantic tried ('size', not 'size.str')
     msg = err.get("msg", "invalid message").removeprefix("Value error, ")
     return (f"invalid '{param}': {msg}" if param else msg), param
 
@@ -154,7 +155,9 @@ class StartedMessage(_Msg):
     height: int
     seed: int
     fps: float = Field(..., description="the target; 0 = unpaced")
-    chunk_frames: int
+    chunk_frames: int = Field(..., description="frames per emitted chunk")
+    first_chunk_frames: int | None = Field(None, description="frames of the session's first chunk where it "
+                                           "differs (Wan's causal VAE: 1 + 4 (F - 1) instead of 4 F)")
     buffer_chunks: int
     format: str
     mjpeg_url: str

@@ -8,8 +8,10 @@
 #  (scaling curves and compile options: variants_h200.sh; streams: stream_h200.sh)
 # Usage (repo root, on the device): bash benchmarks/device/core_h200.sh "$OUT"
 set -uo pipefail
-OUT=${1:-/tmp/out}
-mkdir -p "$OUT"
+FINAL=$(mkdir -p "${1:-/tmp/out}" && cd "${1:-/tmp/out}" && pwd)  # what comes back: results.tgz (+ inductor_cache.tgz); at most 8 files may return
+OUT=/tmp/fewstep_run_$$  # every log, row and report goes here, and into results.tgz at exit
+mkdir -p "$FINAL" "$OUT"
+trap '(cd "$OUT" && tar czf "$FINAL/results.tgz" -- * 2>/dev/null; ls -la "$FINAL")' EXIT
 export PYTHONUNBUFFERED=1
 source "$(dirname "$0")/common.sh"
 restore_inductor_cache
@@ -42,6 +44,7 @@ for i in $(seq 1 "${T_READY:-420}"); do
   kill -0 $SERVER 2>/dev/null || { echo "server exited:"; tail -20 "$OUT/serve.log"; break; }
   sleep 1
 done
+if curl -sf http://127.0.0.1:8011/ready >/dev/null; then
 stamp "server ready"
 for c in 1 4 16 32; do
   timeout 60 python -m fewstep.server.cli bench images http://127.0.0.1:8011 --concurrency $c \
@@ -51,6 +54,9 @@ done
 timeout 60 python -m fewstep.server.cli bench images http://127.0.0.1:8011 --concurrency 1 --num-requests 40 \
   --warmup 3 --size 512x512 --steps 1 --output-format png --out "$OUT/http_png_c1.json" 2>&1 | tail -22
 curl -s http://127.0.0.1:8011/metrics | grep -E "^fewstep_(stage|request|batch)" | head -40 > "$OUT/metrics.txt"
+else
+  echo "server not ready: HTTP part skipped"
+fi
 kill $SERVER
 wait $SERVER 2>/dev/null
 grep -iE "compile|warm|error" "$OUT/serve.log" | tail -8
@@ -62,5 +68,4 @@ fi
 
 stamp "done"
 # $OUT returns at most 8 files: everything also travels in one archive
-save_inductor_cache "$OUT"
-(cd "$OUT" && tar czf results.tgz --exclude=results.tgz --exclude=inductor_cache.tgz -- * && ls)
+save_inductor_cache "$FINAL"

@@ -3,11 +3,13 @@
 #  1. the default video model's architecture (training/video.py preset, random weights, 32x32): one 10,000-frame
 #     session (per-frame cost against stream length), then 1/2/4/8 concurrent sessions of 300 frames
 #  2. Wan2.1-T2V-1.3B architecture at 832x480 with a 4-step buffer (configs/wan2.1-t2v-1.3b-stream), 1/2/4/8
-#     sessions of 90 frames (10 chunks each)
+#     sessions of 90 frames (8 chunks: 9 frames, then 12 per chunk)
 # Usage (repo root, on the device): bash benchmarks/device/stream_h200.sh "$OUT"
 set -uo pipefail
-OUT=${1:-/tmp/out}
-mkdir -p "$OUT"
+FINAL=$(mkdir -p "${1:-/tmp/out}" && cd "${1:-/tmp/out}" && pwd)  # what comes back: results.tgz (+ inductor_cache.tgz); at most 8 files may return
+OUT=/tmp/fewstep_run_$$  # every log, row and report goes here, and into results.tgz at exit
+mkdir -p "$FINAL" "$OUT"
+trap '(cd "$OUT" && tar czf "$FINAL/results.tgz" -- * 2>/dev/null; ls -la "$FINAL")' EXIT
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
@@ -47,4 +49,3 @@ if serve /tmp/rwan 8013 "$OUT/serve_wan.log" --dtype bfloat16; then
 fi
 kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
 stamp "done"
-(cd "$OUT" && tar czf results.tgz --exclude=results.tgz --exclude=inductor_cache.tgz -- * && ls)

@@ -4,19 +4,25 @@
 # a dynamic batch dimension (start-up); (2) eager scaling curves: latency against resolution 256..1024 and
 # against batch 1..64. Streams: stream_h200.sh. Usage: bash ... "$OUT"
 set -uo pipefail
-OUT=${1:-/tmp/out}
-mkdir -p "$OUT"
+FINAL=$(mkdir -p "${1:-/tmp/out}" && cd "${1:-/tmp/out}" && pwd)  # what comes back: results.tgz (+ inductor_cache.tgz); at most 8 files may return
+OUT=/tmp/fewstep_run_$$  # every log, row and report goes here, and into results.tgz at exit
+mkdir -p "$FINAL" "$OUT"
+trap '(cd "$OUT" && tar czf "$FINAL/results.tgz" -- * 2>/dev/null; ls -la "$FINAL")' EXIT
 export PYTHONUNBUFFERED=1
 source "$(dirname "$0")/common.sh"
 restore_inductor_cache
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 CFG=benchmarks/configs/sd-turbo
-for v in "" "--fuse-qkv" "--channels-last" "--dtype bfloat16" "--dynamic-batch"; do
+for v in "" "--fuse-qkv" "--channels-last" "--dtype bfloat16"; do
   stamp "compiled $v"
   timeout "${T_VAR:-90}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 --batch 1 \
     --iters 20 --warmup 3 --format jpeg --backend compiled $v --out "$OUT/variants.jsonl" 2>&1 | tail -3
 done
+
+stamp "dynamic batch: one compile for buckets 4 and 16 (compile_s and latency against core_h200's static run)"
+timeout "${T_DYN:-200}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 --batch 1 4 16 \
+  --iters 10 --warmup 2 --format jpeg --backend compiled --dynamic-batch --out "$OUT/variants.jsonl" 2>&1 | tail -7
 
 stamp "scaling (eager)"
 timeout "${T_SCALE:-80}" python -m benchmarks.pipeline_bench --config $CFG --size 256 512 768 1024 --steps 1 \
@@ -25,5 +31,4 @@ timeout "${T_SCALE:-80}" python -m benchmarks.pipeline_bench --config $CFG --siz
   --batch 1 2 4 8 16 32 64 --iters 5 --warmup 2 --format jpeg --backend eager --out "$OUT/scaling.jsonl" 2>&1 \
   | tail -18
 stamp "done"
-save_inductor_cache "$OUT"
-(cd "$OUT" && tar czf results.tgz --exclude=results.tgz --exclude=inductor_cache.tgz -- * && ls)
+save_inductor_cache "$FINAL"

@@ -133,9 +133,9 @@ class CompiledPipeline:
         for name in ("cache_size_limit", "recompile_limit"):
             if hasattr(dynamo.config, name):
                 setattr(dynamo.config, name, max(getattr(dynamo.config, name), limit))
-        # dynamic=None + explicit marks when dynamic_batch: only the batch dim is symbolic, never H, W or lengths
-        dyn = None if cfg.dynamic_batch else False
-        wrap = (lambda f: torch.compile(f, mode=cfg.mode, dynamic=dyn)) if cfg.compile else (lambda f: f)
+        # dynamic=False always: no automatic dynamic shapes (a second size or model would make H and W symbolic);
+        # with dynamic_batch, StaticGraph's explicit marks make the batch dim, and only it, symbolic
+        wrap = (lambda f: torch.compile(f, mode=cfg.mode, dynamic=False)) if cfg.compile else (lambda f: f)
         self._encode_fn = wrap(lambda flat: _flatten(pipe.encode_tokens(
             {k.removeprefix("/"): v for k, v in flat.items()})))
         self._decode_fn = wrap(lambda flat: pipe.decode(flat["/latents"]))

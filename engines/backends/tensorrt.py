@@ -223,6 +223,7 @@ def restrict(pipe, profile: Profile, max_batch_size: int) -> None:
     if hi < max_batch_size:
         raise ValueError(f"TensorRT profile batch max {hi} < --max-batch-size {max_batch_size}: rebuild with "
                          f"batch=1:OPT:{max_batch_size} or lower --max-batch-size")
+    pipe.max_images_per_batch = hi  # EngineCore.validate refuses a larger n up front
     model_check = pipe.check_size
 
     def check_size(height: int, width: int) -> None:

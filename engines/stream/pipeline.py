@@ -54,6 +54,10 @@ class StreamPipeline(FewStepPipeline):
         # session's first chunk: 1 + 4 (F - 1)
         self.frames_per_chunk = self.first_chunk_frames = self.chunk_frames
         if self.family == "wan":
+            if self.chunk_frames < 2:
+                # with one latent frame per chunk the VAE's causal cache holds 1 frame after a session's first
+                # chunk and 2 after later ones, so sessions could not share a decode batch
+                raise CheckpointError(f"{ckpt.path / 'model_index.json'}: Wan streams need fewstep.chunk_frames >= 2")
             t = 2 ** sum(bool(d) for d in self.vae.config.temperal_downsample)
             self.frames_per_chunk, self.first_chunk_frames = t * self.chunk_frames, 1 + t * (self.chunk_frames - 1)
 
@@ -139,7 +143,11 @@ class StreamPipeline(FewStepPipeline):
             rows = [i for i, f in enumerate(first) if f == phase]
             if not rows:
                 continue
-            video, states = decode_continuing(self.vae, z[rows], [sessions[i].decoder_state for i in rows])
+            previous = [sessions[i].decoder_state for i in rows]
+            for i in rows:  # drop the sessions' references now: only the batch's stacked copy stays alive
+                sessions[i].decoder_state = None
+            video, states = decode_continuing(self.vae, z[rows], previous)
+            del previous
             frames = self._to_uint8(video)
             for j, i in enumerate(rows):
                 sessions[i].decoder_state = states[j]

@@ -30,7 +30,7 @@ Session scheduling
 Round-robin over the open sessions: each engine step takes up to ``max_batch_sessions`` runnable sessions of one
 frame size, in rotation order, and moves them to the back of the rotation, so a session runs at most once per
 round and no client (however fast it reads) can starve the others. A session is runnable when it is ramping, or
-its next chunk is due (paced sessions: ``next_due`` advances by frames_per_chunk / fps per emitted chunk; a session due within
+its next chunk is due (paced sessions: ``next_due`` advances by the chunk's frames / fps per emitted chunk; a session due within
 ``coalesce_ms`` joins the current step, which keeps same-fps sessions in one forward pass), and, for
 ``on_full="pause"`` sessions, when its outbox has room.
 """
@@ -322,7 +322,7 @@ class StreamScheduler:
                 s.next_index += chunk.num_frames
                 s.frames_generated += chunk.num_frames
                 if s.fps > 0:
-                    period = self.pipe.frames_per_chunk / s.fps
+                    period = chunk.num_frames / s.fps  # a Wan session's first chunk is shorter
                     if s.first_chunk_at is None:
                         s.next_due = now + period
                     else:  # keep the ideal grid, but cap the debt after a stall at one period: at most one

@@ -173,7 +173,11 @@ class StreamConnection:
         s = self.stream.session
         pipe = core.pipelines[s.model]
         await self.send(StartedMessage(session_id=s.id, model=s.model, width=s.width, height=s.height, seed=s.seed,
-                                       fps=s.fps, chunk_frames=pipe.frames_per_chunk, buffer_chunks=pipe.buffer_chunks,
+                                       fps=s.fps, chunk_frames=pipe.frames_per_chunk,
+                                       first_chunk_frames=(pipe.first_chunk_frames
+                                                           if pipe.first_chunk_frames != pipe.frames_per_chunk
+                                                           else None),
+                                       buffer_chunks=pipe.buffer_chunks,
                                        format=msg.format, mjpeg_url=f"/v1/stream/{s.id}.mjpeg"))
         self.delivery = Delivery(self.state.metrics, s.model, s.opened_at)
         self.pump = asyncio.create_task(self.run_pump(self.stream, self.delivery, msg.format, msg.quality))

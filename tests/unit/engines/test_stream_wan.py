@@ -121,3 +121,10 @@ def test_sessions_in_different_phases_share_one_decode_call(wan):
     out = wan.decode_frames(z, sessions=[old, new])
     assert [f.shape[0] for f in out] == [wan.frames_per_chunk, wan.first_chunk_frames]
     assert old.decoder_state is not None and new.decoder_state is not None
+
+
+def test_wan_stream_needs_two_latent_frames_per_chunk(tmp_path):
+    from tests.tiny_models import wan_stream
+
+    with pytest.raises(CheckpointError, match="chunk_frames >= 2"):
+        StreamPipeline(load_checkpoint(wan_stream(tmp_path / "w", chunk_frames=1)))

@@ -80,7 +80,9 @@ def test_out_of_profile_requests_are_refused_up_front(tiny_dir):
     assert e.value.status == 400 and "outside this server's TensorRT engines" in str(e.value)
     with pytest.raises(EngineError, match="multiple of"):  # the model's own rule still applies first
         core.validate(GenerateRequest(prompt="a cat", width=99, height=64))
-    core.validate(GenerateRequest(prompt="a cat", width=128, height=64))
+    core.validate(GenerateRequest(prompt="a cat", width=128, height=64, n=4))
+    with pytest.raises(EngineError, match="n must be at most 4"):  # the engines' batch max, not 4 x 4
+        core.validate(GenerateRequest(prompt="a cat", width=128, height=64, n=5))
     core.shutdown()
 
 
