@@ -157,9 +157,7 @@ def train_teacher(args: TeacherArgs) -> Path:
                       ckpt_every_s=args.ckpt_every, jsonl=jsonl, log_every=(1 if args.tiny else 25),
                       estimate_after=(10**9 if args.tiny else 60))
     if args.resume:
-        st = trainer.resume()
-        if st is not None and st.get("model_config") not in (None, cfg.to_dict()):
-            raise ValueError(f"checkpoint model config {st['model_config']} != {cfg.to_dict()}")
+        trainer.resume(model_config=cfg.to_dict())
 
     def state():
         return {"stage": "teacher", "seed": args.seed, "model_config": cfg.to_dict(),

@@ -60,6 +60,7 @@ from training.common import (
     write_json,
 )
 from training.model import (
+    FewstepModel,
     ModelConfig,
     build_text_encoder,
     build_tokenizer,
@@ -122,24 +123,14 @@ VIDEO_PRESETS: dict[str, VideoConfig] = {
 }
 
 
-class VideoModel(nn.Module):
-    """text encoder + StreamDiT; ``forward(x [B,C,T,H,W], sigma [B,T], ids, mask) -> v [B,C,T,H,W]``."""
-
-    def __init__(self, text_encoder: nn.Module, transformer: nn.Module):
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.transformer = transformer
-
-    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+class VideoModel(FewstepModel):
+    """text encoder + StreamDiT; ``forward(x [B,C,T,H,W], sigma [B,T], ids, mask) -> v [B,C,T,H,W]``. Only the
+    denoiser call differs from the image model: per-frame sigmas, no PixArt resolution conditioning."""
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # exactly the engine's call (engines/stream/pipeline.StreamPipeline.denoise_step)
         return self.transformer(hidden_states=x, timestep=sigma.float() * 1000.0, encoder_hidden_states=emb,
                                 encoder_attention_mask=mask, return_dict=False)[0]
-
-    def forward(self, x, sigma, ids, mask):
-        return self.denoise(x, sigma, self.encode(ids, mask), mask)
 
 
 def stream_dit_class():
@@ -648,9 +639,7 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
                       ckpt_every_s=args.ckpt_every, jsonl=jsonl, log_every=(1 if args.tiny else 25),
                       estimate_after=(10**9 if args.tiny else 40))
     if args.resume:
-        st = trainer.resume()
-        if st is not None and st.get("model_config") not in (None, cfg.to_dict()):
-            raise ValueError(f"checkpoint model config {st['model_config']} != {cfg.to_dict()}")
+        trainer.resume(model_config=cfg.to_dict())
 
     def state():
         return {"stage": "video_teacher", "seed": args.seed, "model_config": cfg.to_dict(), "batch": batch, "lr": lr,

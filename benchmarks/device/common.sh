@@ -1,4 +1,19 @@
-# Sourced by the device scripts. Inductor's cache turns a cold compile of SD-Turbo's three buckets (254 s) into a
+# Sourced by the device scripts: `source "$(dirname "$0")/common.sh"; begin_run "${1:-/tmp/out}"`.
+
+begin_run() {  # begin_run DEST: logs, rows and reports go to $OUT; at exit they come back as DEST/results.tgz
+  set -uo pipefail
+  FINAL=$(mkdir -p "$1" && cd "$1" && pwd)  # at most 8 files return from a device call: keep DEST to 2-3
+  OUT=/tmp/fewstep_run_$$
+  mkdir -p "$OUT"
+  trap '(cd "$OUT" && tar czf "$FINAL/results.tgz" -- * 2>/dev/null; ls -la "$FINAL")' EXIT
+  export PYTHONUNBUFFERED=1
+  T0=$(date +%s)
+  restore_inductor_cache
+}
+
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+
+# Inductor's cache turns a cold compile of SD-Turbo's three buckets (254 s) into a
 # warm one (69 s), but a lent machine starts bare. So a script returns the cache as $OUT/inductor_cache.tgz (when
 # it fits the 16 MB a returned file may have), the files are copied to out/carry/ here, and the next session's
 # call carries out/carry and restores them before compiling. Same image, torch and GPU: the cache keys match.

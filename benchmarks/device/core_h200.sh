@@ -7,18 +7,10 @@
 #  3. image encoding: PIL PNG/JPEG/WebP on the CPU against nvjpeg
 #  (scaling curves and compile options: variants_h200.sh; streams: stream_h200.sh)
 # Usage (repo root, on the device): bash benchmarks/device/core_h200.sh "$OUT"
-set -uo pipefail
-FINAL=$(mkdir -p "${1:-/tmp/out}" && cd "${1:-/tmp/out}" && pwd)  # what comes back: results.tgz (+ inductor_cache.tgz); at most 8 files may return
-OUT=/tmp/fewstep_run_$$  # every log, row and report goes here, and into results.tgz at exit
-mkdir -p "$FINAL" "$OUT"
-trap '(cd "$OUT" && tar czf "$FINAL/results.tgz" -- * 2>/dev/null; ls -la "$FINAL")' EXIT
-export PYTHONUNBUFFERED=1
 source "$(dirname "$0")/common.sh"
-restore_inductor_cache
+begin_run "${1:-/tmp/out}"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv | tee "$OUT/gpu.txt"
 CFG=benchmarks/configs/sd-turbo
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
 if [ -n "${PREFLIGHT:-}" ]; then  # passed on the H200 on 2026-11-29 (10 tests, 41 s)
   stamp "0. pre-flight: CUDA graphs and nvjpeg against eager, on tiny models"

@@ -5,14 +5,8 @@
 #  2. Wan2.1-T2V-1.3B architecture at 832x480 with a 4-step buffer (configs/wan2.1-t2v-1.3b-stream), 1/2/4/8
 #     sessions of 90 frames (8 chunks: 9 frames, then 12 per chunk)
 # Usage (repo root, on the device): bash benchmarks/device/stream_h200.sh "$OUT"
-set -uo pipefail
-FINAL=$(mkdir -p "${1:-/tmp/out}" && cd "${1:-/tmp/out}" && pwd)  # what comes back: results.tgz (+ inductor_cache.tgz); at most 8 files may return
-OUT=/tmp/fewstep_run_$$  # every log, row and report goes here, and into results.tgz at exit
-mkdir -p "$FINAL" "$OUT"
-trap '(cd "$OUT" && tar czf "$FINAL/results.tgz" -- * 2>/dev/null; ls -la "$FINAL")' EXIT
-export PYTHONUNBUFFERED=1
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+source "$(dirname "$0")/common.sh"
+begin_run "${1:-/tmp/out}"
 
 serve() {  # serve MODEL PORT LOG [args...]: start a server and wait until it is ready (or gone)
   local model=$1 port=$2 log=$3; shift 3

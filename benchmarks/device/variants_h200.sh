@@ -3,16 +3,8 @@
 # compiled engine in the same run (benchmarks/NOTES.md records the choices): fused QKV, channels-last, bf16, and
 # a dynamic batch dimension (start-up); (2) eager scaling curves: latency against resolution 256..1024 and
 # against batch 1..64. Streams: stream_h200.sh. Usage: bash ... "$OUT"
-set -uo pipefail
-FINAL=$(mkdir -p "${1:-/tmp/out}" && cd "${1:-/tmp/out}" && pwd)  # what comes back: results.tgz (+ inductor_cache.tgz); at most 8 files may return
-OUT=/tmp/fewstep_run_$$  # every log, row and report goes here, and into results.tgz at exit
-mkdir -p "$FINAL" "$OUT"
-trap '(cd "$OUT" && tar czf "$FINAL/results.tgz" -- * 2>/dev/null; ls -la "$FINAL")' EXIT
-export PYTHONUNBUFFERED=1
 source "$(dirname "$0")/common.sh"
-restore_inductor_cache
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+begin_run "${1:-/tmp/out}"
 CFG=benchmarks/configs/sd-turbo
 for v in "" "--fuse-qkv" "--channels-last" "--dtype bfloat16"; do
   stamp "compiled $v"

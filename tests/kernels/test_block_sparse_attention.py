@@ -151,6 +151,7 @@ def test_kernel_matches_reference(seed, B, H, n_q, n_k, D, bm, bn, dtype, kind):
 def test_dense_mode(seed, n, D, dtype):
     q, k, v = _rand_qkv(1, 2, n, n, D, dtype)
     out = bsa.block_sparse_attention(q, k, v, block_m=32, block_n=32)
+    assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
     _assert_close_by_rule(out, attention_ref(q, k, v), _torch_lowp(q, k, v, None), seed)
 
 
@@ -161,6 +162,7 @@ def test_sub_tiles_and_custom_scale(seed):
     mask = _make_mask("random", 1, 2, 3, 3)
     cfg = bsa.TileConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
     out = bsa.block_sparse_attention(q, k, v, mask, block_m=64, block_n=64, scale=0.05, config=cfg)
+    assert out.shape == q.shape and torch.isfinite(out).all()
     token_mask = expand_block_mask(mask, 130, 130, 64, 64)
     ref = block_sparse_attention_ref(q, k, v, mask, 64, 64, scale=0.05)
     lowp = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask, scale=0.05)
@@ -446,4 +448,5 @@ def test_processor_kernel_path_sparse_runs(seed):
 @pytest.mark.parametrize("mode", sorted(FULL_CONFIGS))
 def test_processor_gpu_full_mask_matches_dense(seed, family, dtype, mode):
     out, ref, lowp, _ = _processor_vs_dense(family, dtype, "cuda", FULL_CONFIGS[mode], seed)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
     _assert_close_by_rule(out, ref, lowp, seed, family)
