@@ -78,3 +78,16 @@ def test_content_hash_tracks_weights(tiny_dir, tmp_path):
     raw[-1] ^= 1
     f.write_bytes(bytes(raw))
     assert checkpoint_hash(d) != h0
+
+
+@pytest.mark.parametrize("name,upcast", [("sd_turbo", False), ("sdxl_turbo", True)])
+def test_vae_upcast_follows_diffusers_pipelines(tiny_dir, name, upcast):
+    # AutoencoderKL defaults force_upcast to True; diffusers' SDXL pipeline honours it, its SD pipeline does not.
+    from fewstep.engines.pipeline import FewStepPipeline
+
+    pipe = FewStepPipeline(load_checkpoint(tiny_dir / name), dtype=torch.float16)
+    assert pipe.vae.config.force_upcast is True
+    assert pipe.upcasts_vae(torch.float16) is upcast
+    assert pipe.upcasts_vae(torch.float32) is False
+    if upcast:
+        assert next(pipe.vae.parameters()).dtype == torch.float32
