@@ -9,7 +9,7 @@ import time
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="diffusers-format model directory (default: the embedded default model)")
+    p.add_argument("--model", help="diffusers-format model directory, or an embedded model: default (image, the default) or default-video")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None)
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
 
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.set_defaults(func=_bench_stream, _parser=bs)
 
     e = sub.add_parser("build", help="build inference engines ahead of serving (TensorRT; cached on disk)")
-    e.add_argument("--model", help="diffusers-format model directory (default: the embedded default model)")
+    e.add_argument("--model", help="diffusers-format model directory, or an embedded model: default (image, the default) or default-video")
     e.add_argument("--engine", choices=["tensorrt"], default="tensorrt", help="engine kind (tensorrt)")
     e.add_argument("--profile", default=None, help="optimization profile, e.g. batch=1:4:16,size=512:512:1024 "
                    "(MIN:OPT:MAX; size in pixels, or height=/width= apart); default: batch 1..max batch size at "

@@ -13,6 +13,9 @@ from pydantic import BaseModel, Field
 from fewstep.engines.config import BatchingConfig, EngineConfig, StreamConfig
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "engines" / "default" / "image"
+DEFAULT_VIDEO_MODEL_DIR = DEFAULT_MODEL_DIR.parent / "video"
+# --model accepts these names besides a directory: the embedded students (training/README.md)
+EMBEDDED = {"default": DEFAULT_MODEL_DIR, "default-video": DEFAULT_VIDEO_MODEL_DIR}
 
 
 class LimitsConfig(BaseModel):
@@ -29,24 +32,27 @@ class HTTPConfig(BaseModel):
 
 
 class ServerConfig(BaseModel):
-    model: str | None = Field(None, description="diffusers-format directory; None = the embedded default model")
+    model: str | None = Field(None, description="diffusers-format directory, or 'default' / 'default-video' for the "
+                              "embedded image / streaming-video model; None = 'default'")
     model_name: str | None = Field(None, description="id served in /v1/models; default: the directory name")
     engine: EngineConfig = EngineConfig()
     limits: LimitsConfig = LimitsConfig()
     http: HTTPConfig = HTTPConfig()
 
     def model_dir(self) -> Path:
-        if self.model:
-            return Path(self.model)
-        if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
-            raise SystemExit("fewstep: the embedded default model has not landed yet; pass --model DIR "
+        name = self.model or "default"
+        if name not in EMBEDDED:
+            return Path(name)
+        if not (EMBEDDED[name] / "model_index.json").is_file():
+            raise SystemExit(f"fewstep: the embedded model {name!r} is missing from this install; pass --model DIR "
                              "(a diffusers-format directory)")
-        return DEFAULT_MODEL_DIR
+        return EMBEDDED[name]
 
     def served_name(self) -> str:
         if self.model_name:
             return self.model_name
-        return "fewstep-default" if not self.model else Path(self.model).resolve().name
+        name = self.model or "default"
+        return f"fewstep-{name}" if name in EMBEDDED else Path(name).resolve().name
 
 
 _ENV = {  # variable -> (path in the tree, type)

@@ -5,6 +5,7 @@ import io
 import re
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -149,5 +150,30 @@ def test_serve_with_no_arguments_serves_the_default_model():
         assert r.status_code == 200, r.text
         img = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
         assert img.size == (64, 64)
+    finally:
+        srv.stop()
+
+
+def test_serve_default_video_streams_the_embedded_video_model():
+    """`fewstep serve --model default-video` serves the embedded streaming student over WS /v1/stream."""
+    from fewstep.clients.python import FewstepClient
+    from tests.conftest import ServerProcess
+
+    srv = ServerProcess(["--model", "default-video", "--device", "cpu"])
+    try:
+        models = httpx.get(srv.url + "/v1/models").json()["data"]
+        assert models[0]["id"] == "fewstep-default-video"
+        frames = []
+        with FewstepClient(srv.url) as client:
+            with client.stream("a red circle moving right on a white background", seed=3, fps=0) as s:
+                assert s.info["chunk_frames"] == 2
+                for f in s:
+                    frames.append(f)
+                    if len(frames) == 6:
+                        s.stop()
+        assert [f.index for f in frames[:6]] == list(range(6))
+        img = np.asarray(Image.open(io.BytesIO(frames[-1].data)).convert("RGB"))
+        assert img.shape == (32, 32, 3)
+        assert img.reshape(-1, 3).mean(0).min() > 150  # the white background the caption asks for
     finally:
         srv.stop()

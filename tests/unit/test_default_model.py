@@ -1,4 +1,4 @@
-"""The embedded default model: shipped weights load through the normal checkpoint path, and generation on the CPU
+"""The embedded default models: shipped weights load through the normal checkpoint path, and generation on the CPU
 passes a minimum adherence that random weights fail."""
 
 import json
@@ -10,14 +10,20 @@ import torch
 from benchmarks.quality import adherence
 from fewstep.engines.loading import load_checkpoint
 from fewstep.engines.pipeline import FewStepPipeline
-from fewstep.server.config import DEFAULT_MODEL_DIR
-from training.data import heldout_prompts
+from fewstep.engines.config import EngineConfig, StreamConfig
+from fewstep.engines.core import EngineCore
+from fewstep.engines.stream import StreamPipeline, StreamStart
+from fewstep.server.config import DEFAULT_MODEL_DIR, DEFAULT_VIDEO_MODEL_DIR
+from training.data import heldout_prompts, sample_video_scene
 
-# The preliminary student (see README) gets colours and layout largely right and shapes mostly wrong, so the gate
+# The student (see training/README.md) gets colours and layout largely right and shapes mostly wrong, so the gate
 # is on the per-check rates it reliably passes; it tightens to strict accuracy as training improves.
-# Measured (48 held-out prompts, 1 step): shipped student colours 0.54, positions 0.50, background 1.00;
+# Measured (48 held-out prompts, 1 step): shipped student colours 0.65, positions 0.65, background 1.00;
 # random weights 0.00, 0.21, 0.21. The floors sit between the two with margin on both sides.
-MIN_RATES = {"colors": 0.3, "positions": 0.35, "background": 0.8}
+MIN_RATES = {"colors": 0.45, "positions": 0.45, "background": 0.8}
+# The video student is weak (training/README.md): of the per-frame checks only the background is reliably right.
+# Measured (8 held-out video prompts x 24 frames through the engine): background 1.00, random weights 0.25.
+MIN_VIDEO_RATES = {"background": 0.7}
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +32,14 @@ def pipe():
 
 
 def test_shipped_files_are_safetensors_and_small():
-    files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
+    files = [p for d in (DEFAULT_MODEL_DIR, DEFAULT_VIDEO_MODEL_DIR) for p in d.rglob("*") if p.is_file()]
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
-    assert weights and all(p.suffix == ".safetensors" for p in weights)
-    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    assert len(weights) >= 4 and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20  # both students together
     meta = json.loads((DEFAULT_MODEL_DIR / "model_index.json").read_text())["fewstep"]
     assert meta["default_steps"] == 1 and meta["default_guidance_scale"] == 0.0
+    vmeta = json.loads((DEFAULT_VIDEO_MODEL_DIR / "model_index.json").read_text())["fewstep"]
+    assert vmeta["kind"] == "video" and vmeta["calls_per_chunk"] <= 4
 
 
 def _rates(pipe, n=48):
@@ -53,3 +61,35 @@ def test_random_weights_fail_the_same_gate(pipe):
             p.copy_(torch.randn_like(p) * 0.02)
     rep = _rates(pipe)
     assert all(rep[check] < floor for check, floor in MIN_RATES.items()), rep
+
+
+def _video_rates(pipe, n=3, frames=12):
+    rng = np.random.default_rng(5)
+    prompts = [sample_video_scene(rng, "heldout").caption for _ in range(n)]
+    core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig(max_sessions=n, max_batch_sessions=n)))
+    sessions = [core.open_stream(StreamStart(prompt=p, seed=i, fps=0, format="raw")) for i, p in enumerate(prompts)]
+    for _ in range(100):
+        if all(s.frames_generated >= frames for s in sessions):
+            break
+        core.stream_step()
+    frames_by_prompt = []
+    for s, p in zip(sessions, prompts):
+        chunks = []
+        while (c := s.owner.take()) is not None:
+            chunks.append(c.frames)
+        frames_by_prompt += [(f, p) for f in np.concatenate(chunks)[:frames]]
+    core.shutdown()
+    return adherence([f for f, _ in frames_by_prompt], [p for _, p in frames_by_prompt])
+
+
+def test_default_video_model_streams_and_passes_minimum_adherence():
+    pipe = StreamPipeline(load_checkpoint(DEFAULT_VIDEO_MODEL_DIR))
+    rep = _video_rates(pipe)
+    for check, floor in MIN_VIDEO_RATES.items():
+        assert rep[check] >= floor, (check, rep)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.denoiser.parameters():
+            p.copy_(torch.randn_like(p) * 0.02)
+    rep = _video_rates(pipe)
+    assert all(rep[check] < floor for check, floor in MIN_VIDEO_RATES.items()), rep
