@@ -108,6 +108,93 @@ def stream_table(reps: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def latest(rows: list[dict]) -> list[dict]:
+    """One row per measured point (GPU, arch, size, steps, system, batch, prompt, options): the newest. The tables
+    keep every run; a curve must not mix points of two runs at the same x."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        if "system" not in r:
+            continue
+        key = (r["gpu"], r["arch"], r["size"], r["steps"], r["system"], r["batch"], r.get("prompt"),
+               r.get("dtype"), r.get("options") and json.dumps(r["options"], sort_keys=True))
+        if key not in best or r["date"] >= best[key]["date"]:
+            best[key] = r
+    return list(best.values())
+
+
+def kernel_tables(results: Path = HERE / "results" / "kernels") -> str:
+    """Block-sparse attention rows (benchmarks/kernels/bench_block_sparse_attention.py --out) -> markdown."""
+    rows = []
+    for f in sorted(results.glob("*.json")):
+        d = json.loads(f.read_text())
+        rows += [r | {"_file": f.name, "_args": d.get("args", {})} for r in d.get("rows", [])]
+    if not rows:
+        return ""
+    out = []
+    a = [r for r in rows if r["section"] == "a"]
+    if a:
+        ok = sum(r["status"] == "PASS" for r in a)
+        out.append(f"Correctness against the fp32 reference: {ok}/{len(a)} cases pass "
+                   f"(error ≤ 2× SDPA's own bf16/fp16 error + atol; {a[0]['gpu']}, {a[0]['date'][:10]}).\n")
+    c = defaultdict(dict)
+    for r in (r for r in rows if r["section"] == "c"):
+        sh = r["shape"]
+        c[(r["gpu"], sh["D"], sh["Nq"], r["_file"])][r["provider"]] = r["tflops"]
+    if c:
+        out.append("| GPU | head dim | tokens | ours, dense mode TF/s | SDPA TF/s | cuDNN TF/s | ours / SDPA | "
+                   "all-blocks list via indices / SDPA | … prefetched / SDPA | … full rows as a plain loop / SDPA "
+                   "| file |\n|" + "---|" * 11)
+        for (gpu, d, n, f), p in sorted(c.items()):
+            sd = p.get("sdpa")
+            ratio = lambda k: f"{p[k] / sd:.2f}" if sd and p.get(k) else "–"  # noqa: E731
+            # before the full-row loop existed (2026-11-29), bsa_full_mask went through the indices
+            indexed = "bsa_full_mask_indexed" if "bsa_full_mask_indexed" in p else "bsa_full_mask"
+            loop = ratio("bsa_full_mask") if indexed != "bsa_full_mask" else "–"
+            out.append(f"| {gpu} | {d} | {n} | {_fmt(p.get('bsa_dense'), 0)} | {_fmt(sd, 0)} | "
+                       f"{_fmt(p.get('sdpa_cudnn'), 0)} | {ratio('bsa_dense')} | {ratio(indexed)} | "
+                       f"{ratio('bsa_full_mask_prefetch')} | {loop} | {f} |")
+        out.append("")
+    dd = [r for r in rows if r["section"] == "d" and r["provider"] in ("bsa", "flex")]
+    if dd:
+        sdpa = {(r["gpu"], r["shape"]["D"], r["shape"]["Nq"]): r["ms"] for r in rows
+                if r["section"] == "d" and r["provider"] == "sdpa"}
+        out.append("| GPU | head dim | tokens | block sparsity | dense SDPA ms | ours ms | speed-up | ideal 1/(1−s) "
+                   "| FlexAttention ms |\n|" + "---|" * 9)
+        flex = {(r["gpu"], r["shape"]["D"], r["shape"]["Nq"], round(r["sparsity"], 2)): r["ms"] for r in dd
+                if r["provider"] == "flex"}
+        for r in sorted((r for r in dd if r["provider"] == "bsa"),
+                        key=lambda r: (r["gpu"], r["shape"]["D"], r["shape"]["Nq"], r["sparsity"])):
+            key = (r["gpu"], r["shape"]["D"], r["shape"]["Nq"])
+            out.append(f"| {r['gpu']} | {key[1]} | {key[2]} | {r['sparsity']:.2f} | {_fmt(sdpa.get(key), 2)} | "
+                       f"{r['ms']:.2f} | {r['speedup_vs_sdpa']:.2f}× | {1 / (1 - r['sparsity']):.2f}× | "
+                       f"{_fmt(flex.get(key + (round(r['sparsity'], 2),)), 2)} |")
+        out.append("")
+    e = {r["provider"]: r for r in rows if r["section"] == "e"}
+    if "asa_mask" in e and "bsa_gated" in e:
+        m, g = e["asa_mask"], e["bsa_gated"]
+        out.append(f"Adaptive mask construction (ASA, {m['shape']['Nq']} tokens, head dim {m['shape']['D']}): "
+                   f"{m['ms']:.2f} ms = {100 * m['ms'] / g['ms']:.1f}% of the attention it gates "
+                   f"({g['ms']:.2f} ms at sparsity {m['sparsity']:.2f}).\n")
+    f_rows = [r for r in rows if r["section"] == "f"]
+    if f_rows:
+        out.append("| Wan2.1-T2V-1.3B forward (random bf16 weights, 480×832×81) | ms | speed-up | block sparsity | "
+                   "rel. L2 vs dense |\n|---|---|---|---|---|")
+        for r in f_rows:
+            out.append(f"| {r.get('option') or r['provider']} | {r['ms']:.1f} | "
+                       f"{_fmt(r.get('speedup_vs_sdpa'), 2)} | {_fmt(r.get('sparsity'), 2)} | "
+                       f"{_fmt(r.get('rel_err_vs_dense'), 4)} |")
+        out.append("")
+    def flags(args: dict) -> str:
+        return " ".join(f"--{k.replace('_', '-')}" + ("" if v == "True" else f" {v}") for k, v in args.items()
+                        if v not in ("None", "False"))
+
+    files = sorted({(r["_file"], flags(r["_args"])) for r in rows})
+    out.append("Runs (`python benchmarks/kernels/bench_block_sparse_attention.py` with):\n" +
+               "".join(f"- `{f}`: `{a}`\n" for f, a in files))
+    out += [f"![{p.stem}](plots/{p.name})\n" for p in sorted((HERE / "plots").glob("bsa_speedup_vs_sparsity*.png"))]
+    return "\n".join(out)
+
+
 def plot_batch_scaling(rows: list[dict], out_dir: Path) -> list[Path]:
     """Latency per image against batch size, one line per (GPU, arch, system). Needs matplotlib."""
     try:
@@ -207,6 +294,9 @@ def render(rows: list[dict], plots: list[Path], http: list[dict] = (), streams: 
     enc = encode_table(rows)
     if enc:
         body += "\n### Image encoding\n\n" + enc
+    kern = kernel_tables()
+    if kern:
+        body += "\n### Block-sparse attention kernel (`fewstep.kernels`)\n\n" + kern
     if plots:
         body += "\n" + "".join(f"![{p.stem}](plots/{p.name})\n" for p in plots)
     return body
@@ -217,7 +307,7 @@ def main() -> None:
     plots_dir = HERE / "plots"
     plots_dir.mkdir(exist_ok=True)
     http, streams = load_reports("http"), load_reports("stream")
-    plots = (plot_batch_scaling(rows, plots_dir) + plot_resolution_scaling(rows, plots_dir) +
+    plots = (plot_batch_scaling(latest(rows), plots_dir) + plot_resolution_scaling(latest(rows), plots_dir) +
              plot_concurrency(http, plots_dir) + plot_stream_length(streams, plots_dir))
     readme = HERE / "README.md"
     text = readme.read_text()

@@ -37,6 +37,7 @@ except ImportError:  # CPU server without triton: callers check HAS_TRITON and f
 
 __all__ = [
     "HAS_TRITON",
+    "INDEX_PATH",
     "SUPPORTED_DTYPES",
     "TILE_CONFIGS",
     "TileConfig",
@@ -69,6 +70,12 @@ TILE_CONFIGS: dict[int, TileConfig] = {
     64: TileConfig(128, 64, 4, 3),
     128: TileConfig(128, 64, 8, 3),
 }
+
+
+# Index-path variants (compile-time switches; the benchmark A/Bs them on the device):
+# full_rows_contiguous: rows whose mask keeps every key block run the plain loop of the dense mode;
+# prefetch_index: load the next block index one iteration ahead. Off until measured.
+INDEX_PATH: dict[str, bool] = {"full_rows_contiguous": True, "prefetch_index": False}
 
 
 def _padded_head_dim(head_dim: int) -> int:
@@ -175,6 +182,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         MASK_BM: tl.constexpr, MASK_BN: tl.constexpr,
         DENSE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
+        FULL_ROWS_CONTIGUOUS: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         off_h = tl.program_id(1).to(tl.int64)
@@ -230,14 +238,37 @@ if HAS_TRITON:
                 last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
                 has_tail = (cnt > 0) & (last == n_kb - 1)
                 n_main = cnt - has_tail.to(tl.int32)
-            # one flat loop over BLOCK_N sub-tiles so the pipeliner buffers BLOCK_N, not MASK_BN, rows
-            for t in range(0, n_main * SUB_N):
-                kb = tl.load(idx_base + t // SUB_N)
-                acc, l_i, m_i = _attend_tile(
-                    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
-                    kb * MASK_BN + (t % SUB_N) * BLOCK_N, N_K, qk_scale, offs_n, offs_d,
-                    HEAD_DIM, BLOCK_D, False, DOT_FP32,
-                )
+            if FULL_ROWS_CONTIGUOUS and cnt == n_kb:
+                # a row that keeps every block is dense: walk it as a plain loop (no index loads on the K/V
+                # address path), which the H200 ran at 0.78-0.81 of SDPA against 0.51-0.67 through the indices
+                # at head dim 128 (benchmarks/NOTES.md)
+                for start_n in range(0, n_main * MASK_BN, BLOCK_N):
+                    acc, l_i, m_i = _attend_tile(
+                        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                        start_n, N_K, qk_scale, offs_n, offs_d,
+                        HEAD_DIM, BLOCK_D, False, DOT_FP32,
+                    )
+            elif PREFETCH_INDEX:
+                # the next sub-tile's block index is loaded one iteration ahead (experiment, see NOTES)
+                kb_next = tl.load(idx_base)
+                last_entry = tl.maximum(cnt - 1, 0)
+                for t in range(0, n_main * SUB_N):
+                    kb = kb_next
+                    kb_next = tl.load(idx_base + tl.minimum((t + 1) // SUB_N, last_entry))
+                    acc, l_i, m_i = _attend_tile(
+                        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                        kb * MASK_BN + (t % SUB_N) * BLOCK_N, N_K, qk_scale, offs_n, offs_d,
+                        HEAD_DIM, BLOCK_D, False, DOT_FP32,
+                    )
+            else:
+                # one flat loop over BLOCK_N sub-tiles so the pipeliner buffers BLOCK_N, not MASK_BN, rows
+                for t in range(0, n_main * SUB_N):
+                    kb = tl.load(idx_base + t // SUB_N)
+                    acc, l_i, m_i = _attend_tile(
+                        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+                        kb * MASK_BN + (t % SUB_N) * BLOCK_N, N_K, qk_scale, offs_n, offs_d,
+                        HEAD_DIM, BLOCK_D, False, DOT_FP32,
+                    )
 
         if not EVEN_N:
             if has_tail:
@@ -320,6 +351,7 @@ def _launch_block_sparse_attention(
         MASK_BM=block_m, MASK_BN=block_n,
         DENSE=dense, EVEN_M=n_q % tile_m == 0, EVEN_N=n_k % block_n == 0,
         DOT_FP32=q.dtype == torch.bfloat16 and _interpreted(),
+        FULL_ROWS_CONTIGUOUS=INDEX_PATH["full_rows_contiguous"], PREFETCH_INDEX=INDEX_PATH["prefetch_index"],
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 

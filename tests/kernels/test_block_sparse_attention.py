@@ -147,6 +147,28 @@ def test_kernel_matches_reference(seed, B, H, n_q, n_k, D, bm, bn, dtype, kind):
 
 
 @needs_kernel
+@pytest.mark.parametrize("full_rows_contiguous,prefetch_index", [(True, False), (False, False), (False, True),
+                                                                 (True, True)])
+def test_index_path_variants_match_reference(seed, monkeypatch, full_rows_contiguous, prefetch_index):
+    """Every compile-time variant of the index path, on one mask with full, partial and empty rows, a ragged
+    tail and two sub-tiles per key block."""
+    monkeypatch.setitem(bsa.INDEX_PATH, "full_rows_contiguous", full_rows_contiguous)
+    monkeypatch.setitem(bsa.INDEX_PATH, "prefetch_index", prefetch_index)
+    B, H, n, D, blk = 1, 2, 150, 64, 32
+    q, k, v = _rand_qkv(B, H, n, n, D, torch.float16)
+    nb = math.ceil(n / blk)
+    mask = torch.rand(B, H, nb, nb) < 0.5
+    mask[:, :, 0] = True  # full rows (incl. the ragged last block)
+    mask[:, 0, 1] = False  # an empty row
+    mask[:, 1, 2] = False
+    mask[:, 1, 2, -1] = True  # only the ragged tail
+    out = bsa.block_sparse_attention(q, k, v, mask, block_m=blk, block_n=blk, config=bsa.TileConfig(16, 16, 4, 1))
+    ref = block_sparse_attention_ref(q, k, v, mask, blk, blk)
+    lowp = _torch_lowp(q, k, v, expand_block_mask(mask, n, n, blk, blk))
+    _assert_close_by_rule(out, ref, lowp, seed, f"variant {full_rows_contiguous}/{prefetch_index}")
+
+
+@needs_kernel
 @pytest.mark.parametrize("n,D,dtype", [(96, 64, torch.float16), (130, 128, torch.bfloat16)])
 def test_dense_mode(seed, n, D, dtype):
     q, k, v = _rand_qkv(1, 2, n, n, D, dtype)

@@ -68,3 +68,11 @@ def test_pipeline_bench_rows_and_report(tiny_dir, tmp_path):
 
     table = pipeline_table(rows)
     assert table.count("\n| ") >= len(rows) - 1 and "fewstep-eager" in table and "python -m benchmarks" in table
+
+
+def test_kernel_tables_render_the_committed_device_rows():
+    from benchmarks.report import kernel_tables
+
+    text = kernel_tables()
+    assert "cases pass" in text and "| Wan2.1-T2V-1.3B forward" in text
+    assert "block sparsity" in text and "ideal 1/(1−s)" in text
