@@ -68,6 +68,9 @@ class StreamConfig(BaseModel):
     stats_interval_s: float = Field(1.0, gt=0, le=60, description="how often a stream socket gets a stats message")
     max_video_frames: int = Field(600, ge=1, description="most frames of one POST /v1/videos clip")
     max_viewers: int = Field(4, ge=0, le=64, description="extra MJPEG viewers per session")
+    reserve_gib: float = Field(2.0, ge=0, description="CUDA only: a new session is refused (503) unless the GPU's "
+                               "free memory covers the state the open sessions have yet to allocate, plus this; "
+                               "a Wan session's causal-VAE cache is ~1.8 GiB at 832x480 bf16")
 
 
 class EngineConfig(BaseModel):

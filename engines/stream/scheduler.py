@@ -123,6 +123,21 @@ class MovingBufferPolicy:
         s.decoder_state = None
 
 
+def session_state_bytes(s: StreamSession) -> int:
+    """Bytes of device state a session holds: its buffer and, for Wan, its causal-VAE cache."""
+    total = s.buffer.nbytes if s.buffer is not None else 0
+    stack = [s.decoder_state]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            total += x.nbytes
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+    return total
+
+
 POLICIES = {MovingBufferPolicy.name: MovingBufferPolicy}
 
 
@@ -161,13 +176,40 @@ class StreamScheduler:
         self._lock = threading.RLock()
 
     # -- registry (any thread) -----------------------------------------------------------------------------------
+    def free_memory(self) -> int | None:
+        """Free bytes on the pipeline's GPU, or None where there is no budget to keep (CPU)."""
+        if self.pipe.device.type != "cuda":
+            return None
+        return torch.cuda.mem_get_info(self.pipe.device)[0]
+
+    def _memory_refusal(self) -> str | None:
+        """Why a new session would not fit in GPU memory, or None. Sessions allocate lazily (the buffer on their first
+        step, a Wan decoder cache on their first chunk), so free memory alone admits a burst that cannot all fit:
+        the sessions that have not allocated yet are charged the largest state a live session holds."""
+        free = self.free_memory()
+        if free is None:
+            return None
+        sizes = [session_state_bytes(x) for x in self._sessions.values()]
+        per_session = max(sizes, default=0)
+        pending = sum(1 for x in sizes if x < per_session) + 1  # + the one asking
+        need = pending * per_session + int(self.config.reserve_gib * 2**30)
+        if free >= need:
+            return None
+        return (f"GPU memory: {free / 2**30:.1f} GiB free, a new stream needs {need / 2**30:.1f} GiB "
+                f"({pending} session(s) x {per_session / 2**30:.2f} GiB of state + {self.config.reserve_gib:g} GiB "
+                "reserve)")
+
     def add(self, s: StreamSession) -> None:
         with self._lock:
-            if len(self._sessions) >= self.config.max_sessions:
-                from ..core import EngineError
+            from ..core import EngineError
 
+            if len(self._sessions) >= self.config.max_sessions:
                 raise EngineError(f"server is at capacity ({len(self._sessions)} open streams); retry later", 503,
                                   None, "overloaded")
+            why = self._memory_refusal()
+            if why is not None:
+                log.warning("stream refused: %s", why)
+                raise EngineError(f"server is at capacity ({why}); retry later", 503, None, "overloaded")
             self._sessions[s.id] = s
             self._order.append(s.id)
         s.owner.on_take = self.wake
