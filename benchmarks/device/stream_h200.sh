@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device run: streams delivered to a client (`fewstep bench stream`, unpaced, JPEG frames over WebSocket).
-#  1. the default video model's architecture (training/video.py preset, random weights, 32x32): one 10,000-frame
+#  1. the embedded default video model (`--model default-video`, trained weights, 32x32): one 10,000-frame
 #     session (per-frame cost against stream length), then 1/2/4/8 concurrent sessions of 300 frames
 #  2. Wan2.1-T2V-1.3B architecture at 832x480 with a 4-step buffer (configs/wan2.1-t2v-1.3b-stream), 1/2/4/8
 #     sessions of 90 frames (8 chunks: 9 frames, then 12 per chunk)
@@ -21,9 +21,8 @@ serve() {  # serve MODEL PORT LOG [args...]: start a server and wait until it is
   echo "server not ready after ${T_READY:-240} s"; tail -5 "$log"; return 1
 }
 
-stamp "1. default stream architecture"
-python -m benchmarks.random_weights stream-default /tmp/rvid
-if serve /tmp/rvid 8012 "$OUT/serve_default.log"; then
+stamp "1. default video model"
+if serve default-video 8012 "$OUT/serve_default.log"; then
   timeout 120 python -m fewstep.server.cli bench stream http://127.0.0.1:8012 --sessions 1 --frames 10000 --fps 0 \
     --out "$OUT/stream_default_long.json" 2>&1 | tail -12
   for n in 1 2 4 8; do

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device run: (1) the compiled backend's options on SD-Turbo 512², 1 step, batch 1, each against the plain fp16
 # compiled engine in the same run (benchmarks/NOTES.md records the choices): fused QKV, channels-last, bf16, and
-# a dynamic batch dimension (start-up); (2) eager scaling curves: latency against resolution 256..1024 and
+# a dynamic batch dimension (start-up); (2, with SCALING=1) eager scaling curves: latency against resolution 256..1024 and
 # against batch 1..64. Streams: stream_h200.sh. Usage: bash ... "$OUT"
 source "$(dirname "$0")/common.sh"
 begin_run "${1:-/tmp/out}"
@@ -16,11 +16,13 @@ stamp "dynamic batch: one compile for buckets 4 and 16 (compile_s and latency ag
 timeout "${T_DYN:-200}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 --batch 1 4 16 \
   --iters 10 --warmup 2 --format jpeg --backend compiled --dynamic-batch --out "$OUT/variants.jsonl" 2>&1 | tail -7
 
+if [ "${SCALING:-0}" = 1 ]; then  # measured 2026-11-29 (benchmarks/NOTES.md); SCALING=1 to repeat
 stamp "scaling (eager)"
 timeout "${T_SCALE:-80}" python -m benchmarks.pipeline_bench --config $CFG --size 256 512 768 1024 --steps 1 \
   --batch 1 --iters 6 --warmup 2 --format jpeg --backend eager --out "$OUT/scaling.jsonl" 2>&1 | tail -12
 timeout "${T_SCALE:-80}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 \
   --batch 1 2 4 8 16 32 64 --iters 5 --warmup 2 --format jpeg --backend eager --out "$OUT/scaling.jsonl" 2>&1 \
   | tail -18
+fi
 stamp "done"
 save_inductor_cache "$FINAL"
