@@ -70,7 +70,7 @@ class StreamConfig(BaseModel):
     max_viewers: int = Field(4, ge=0, le=64, description="extra MJPEG viewers per session")
     reserve_gib: float = Field(2.0, ge=0, description="CUDA only: a new session is refused (503) unless the GPU's "
                                "free memory covers the state the open sessions have yet to allocate, plus this; "
-                               "a Wan session's causal-VAE cache is ~1.8 GiB at 832x480 bf16")
+                               "a Wan session's causal-VAE cache is 1.76 GiB at 832x480 bf16")
 
 
 class EngineConfig(BaseModel):
