@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     vd.add_argument("--substeps", type=int, default=4, help="teacher Euler sub-steps per ladder level")
     vd.add_argument("--guidance", type=float, default=None, help="teacher CFG (default: searched over --guidance-grid)")
     vd.add_argument("--guidance-grid", type=float, nargs="+", default=[2.0, 3.0, 4.5])
+    vd.add_argument("--streams", type=int, default=None, help="rollout streams per teacher rollout (192)")
+    vd.add_argument("--steps-per-rollout", type=int, default=None,
+                    help="optimizer steps per teacher rollout (8; with --batch 96 and 192 streams each target is "
+                         "used ~4x)")
+    vd.add_argument("--replay", type=int, default=4, help="replay buffer capacity, in rollouts")
+    vd.add_argument("--compile", dest="compile", action="store_true",
+                    help="compile the student step (default: only for budgets >= 7 min)")
+    vd.set_defaults(compile=None)
 
     ve = sub.add_parser("video-eval", help="300-frame streams with the engine's policy: video_metrics + adherence")
     ve.add_argument("--model", required=True)
@@ -175,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         distill_video(VideoDistillArgs(
             teacher=args.teacher, out=args.out, minutes=args.minutes, resume=args.resume, tiny=args.tiny,
             batch=args.batch, lr=args.lr, substeps=args.substeps, guidance=args.guidance,
-            guidance_grid=tuple(args.guidance_grid), seed=args.seed,
+            guidance_grid=tuple(args.guidance_grid), seed=args.seed, streams=args.streams,
+            steps_per_rollout=args.steps_per_rollout, replay=args.replay,
             compile=args.compile, max_steps=args.max_steps, ckpt_every=args.ckpt_every, device=args.device))
     elif args.cmd == "video-eval":
         from training.video import VideoEvalArgs, video_evaluate

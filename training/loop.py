@@ -5,8 +5,11 @@ periodic atomic safetensors checkpoints (``DIR/<name>_ckpt/``), resuming, the tq
 logging (``DIR/<name>_log.jsonl``) and throughput / ETA lines.
 
 The step budget: unless ``max_steps`` is given, the loop measures its own speed over the first
-``estimate_after`` steps (after compilation) and then freezes ``total_steps`` = what fits in the
-remaining wall-clock budget; the LR cooldown is placed on that step count (logged), and training
+``estimate_after`` steps (after compilation; the first ``rate_skip`` of them are left out of the
+rate, so that a one-off cost early in the run, e.g. a recompilation, does not shrink the budget)
+and sets ``total_steps`` = what fits in the remaining wall-clock budget; the LR cooldown is placed
+on that step count (logged). Until the cooldown begins the count is re-derived every
+``refine_every_s`` seconds (and at each loss line) from the rate since the same anchor; training
 stops at whichever of ``total_steps`` or the time budget comes first.
 """
 
@@ -28,12 +31,14 @@ class Trainer:
                  budget: Budget, lr: float, warmup: int, weight_decay: float, ema_decay: float,
                  batch: int, reserve_s: float, max_steps: int | None, ckpt_every_s: float,
                  cooldown_frac: float = 0.2, grad_clip: float = 1.0, log_every: int = 25,
-                 estimate_after: int = 60, jsonl: JsonlLog | None = None, show_bar: bool = True):
+                 estimate_after: int = 60, jsonl: JsonlLog | None = None, show_bar: bool = True,
+                 rate_skip: int = 0, refine_every_s: float = 5.0):
         self.name, self.out, self.model, self.device, self.budget = name, Path(out), model, device, budget
         self.lr, self.warmup, self.ema_decay, self.batch = lr, warmup, ema_decay, batch
         self.reserve_s, self.max_steps, self.ckpt_every_s = reserve_s, max_steps, ckpt_every_s
         self.cooldown_frac, self.grad_clip, self.log_every = cooldown_frac, grad_clip, log_every
         self.estimate_after = estimate_after
+        self.rate_skip, self.refine_every_s = max(0, int(rate_skip)), refine_every_s
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = make_adamw(model, lr, weight_decay, device)
@@ -48,6 +53,9 @@ class Trainer:
         self._last_print = 0.0
         self._t_run0: float | None = None      # time of the first optimiser step of this run
         self._step_run0 = 0
+        self._t_rate0: float | None = None    # anchor of the speed measurement (rate_skip steps after run0)
+        self._step_rate0 = 0
+        self._t_refine = 0.0
         self._t_log = time.time()
         self._step_log = 0
         self._rate: float | None = None      # set once the step budget has been estimated
@@ -112,6 +120,10 @@ class Trainer:
             compile_s = self._t_run0 - self.budget.start
             log(f"[{self.name}] first step done at {compile_s:.1f}s after process start "
                 "(imports, data workers, compilation)")
+        if self._t_rate0 is None and self.step - self._step_run0 >= self.rate_skip:
+            if self.rate_skip and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._t_rate0, self._step_rate0 = time.time(), self.step
         if self.bar is None and self.show_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=self.total_steps, initial=self.step - 1, desc=self.name,
@@ -120,9 +132,11 @@ class Trainer:
             self.bar.update(1)
         if self._loss_n >= self.log_every:
             self._flush_log()
-        if self.total_steps is None and self.step - self._step_run0 >= self.estimate_after:
+        if (self.total_steps is None and self.step - self._step_run0 >= self.estimate_after
+                and self.step > self._step_rate0):
             self._estimate_total()
-        elif self._rate is not None and not self._frozen and self._loss_n == 0:
+        elif (self._rate is not None and not self._frozen
+              and (self._loss_n == 0 or time.time() - self._t_refine >= self.refine_every_s)):
             self._refine_total()
         if time.time() - self._last_ckpt > self.ckpt_every_s:
             self.save(state_fn())
@@ -147,17 +161,21 @@ class Trainer:
 
     def eta(self) -> float:
         left_time = max(0.0, self.budget.left() - self.reserve_s)
-        if self.total_steps is not None and self._t_run0 is not None:
-            done = self.step - self._step_run0
-            rate = done / max(1e-6, time.time() - self._t_run0)
+        if self.total_steps is not None and self._t_rate0 is not None and self.step > self._step_rate0:
+            rate = self._measured_rate()
             if rate > 0:
                 return min(left_time, (self.total_steps - self.step) / rate)
         return left_time
 
+    def _measured_rate(self) -> float:
+        """Steps per second since the rate anchor (``rate_skip`` steps after the first step)."""
+        return (self.step - self._step_rate0) / max(1e-6, time.time() - self._t_rate0)
+
     def _estimate_total(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        rate = (self.step - self._step_run0) / max(1e-6, time.time() - self._t_run0)
+        rate = self._measured_rate()
+        self._t_refine = time.time()
         # checkpoints cost a little time every ckpt_every_s; keep 3% slack
         left = max(0.0, self.budget.left() - self.reserve_s) * 0.97
         self.total_steps = self.step + int(rate * left)
@@ -179,7 +197,8 @@ class Trainer:
             self._frozen = True
             self.jsonl.write(event="step_budget_frozen", step=self.step, total_steps=self.total_steps)
             return
-        rate = (self.step - self._step_run0) / max(1e-6, time.time() - self._t_run0)
+        self._t_refine = time.time()
+        rate = self._measured_rate()
         left = max(0.0, self.budget.left() - self.reserve_s) * 0.98
         total = self.step + int(rate * left)
         if self.max_steps is not None:

@@ -30,7 +30,9 @@ Caption dropout (CFG), left-right mirroring with left/right swapped in the capti
 Student (``video-distill``): a copy of the teacher trained so that ONE Euler step per ladder level
 (what the engine does) lands where the teacher lands with ``substeps`` Euler steps and CFG over the
 same interval, on buffer states visited by the student's own streams (on-policy rollouts of the
-engine's policy, restarted at random, so warm-up states are covered). Guidance-distilled: ships
+engine's policy, restarted at random, so warm-up states are covered). The teacher's targets are made
+one rollout (an engine step of all streams) at a time into a FIFO replay buffer, and the student
+takes several optimizer steps per rollout on batches drawn from it. Guidance-distilled: ships
 ``default_guidance_scale: 0``. Calls per emitted chunk: 1 (each chunk is denoised K = 4 times
 while it slides through the buffer).
 """
@@ -151,6 +153,24 @@ def build_video_model(cfg: VideoConfig, vocab_size: int) -> VideoModel:
                         num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim,
                         caption_channels=cfg.text_hidden, max_frames=cfg.max_frames)
     return VideoModel(build_text_encoder(cfg.text_cfg(), vocab_size), tr)
+
+
+@torch.no_grad()
+def warm_position_cache(model: VideoModel, cfg: VideoConfig, autocast: bool) -> None:
+    """One eager batch-1 forward in the training context (same frames, size, device and autocast dtype).
+
+    ``StreamDiTModel`` keeps its sin-cos position table in a dict on the module, filled by the first
+    forward. ``torch.compile`` guards on that dict, so a compiled step whose first call fills it is
+    compiled a second time on the second call (Dynamo: ``not ___dict_contains(... _pos_cache)``; on the
+    H200 that second compile took ~35-40 s of each video stage). Filling it before the first compiled
+    call leaves one compilation."""
+    dev = next(model.transformer.parameters()).device
+    T, S = cfg.frames, cfg.size
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        model.denoise(torch.zeros(1, 3, T, S, S, device=dev), torch.zeros(1, T, device=dev),
+                      torch.zeros(1, 1, model.transformer.config.caption_channels, device=dev),
+                      torch.ones(1, 1, dtype=torch.long, device=dev))
 
 
 def engine_ladder(K: int, shift: float = 1.0) -> list[float]:
@@ -637,7 +657,7 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
                       ema_decay=args.ema_decay, batch=batch * T, reserve_s=reserve,
                       max_steps=(args.max_steps if args.max_steps is not None else (4 if args.tiny else None)),
                       ckpt_every_s=args.ckpt_every, jsonl=jsonl, log_every=(1 if args.tiny else 25),
-                      estimate_after=(10**9 if args.tiny else 40))
+                      estimate_after=(10**9 if args.tiny else 40), rate_skip=(0 if args.tiny else 5))
     if args.resume:
         trainer.resume(model_config=cfg.to_dict())
 
@@ -647,7 +667,8 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
                 "data_rng": "batch j = video_work(seed, j) at step j; noise from (seed, step)"}
 
     use_ac = device.type == "cuda"
-
+    if args.compile and not args.tiny:
+        warm_position_cache(model, cfg, use_ac)   # else the compiled step compiles twice
     step_fn = guarded_train_step(
         video_flow_loss,
         lambda f, x0, ids, mask, noise, sigma: f(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight),
@@ -693,7 +714,11 @@ class VideoDistillArgs:
     minutes: float = 3.5
     resume: bool = False
     tiny: bool = False
-    batch: int | None = None       # rollout streams (= training samples per step); default 96
+    batch: int | None = None       # training samples (buffer states) per optimizer step; default 96
+    streams: int | None = None     # rollout streams, advanced together by one teacher rollout; default 192
+    steps_per_rollout: int | None = None  # optimizer steps per teacher rollout; default 8 (each target used
+    #                                       steps_per_rollout * batch / streams = 4 times on average)
+    replay: int = 4                # replay buffer (FIFO) capacity, in rollouts of `streams` samples
     lr: float | None = None
     warmup: int = 50
     ema_decay: float = 0.995
@@ -703,51 +728,74 @@ class VideoDistillArgs:
     search_n: int = 16             # streams x frames of the CFG search (train-split captions)
     search_frames: int = 16
     p_teacher_advance: float = 0.5  # rollouts advance with the teacher's result (else the student's)
-    life: tuple = (1.0, 6.0)       # a rollout stream lives U[life0*K, life1*K] steps, then restarts
+    life: tuple = (1.0, 6.0)       # a rollout stream lives U[life0*K, life1*K] rollout steps, then restarts
     seed: int = 0
-    compile: bool = True
+    compile: bool | None = None    # None: compile the student step only if minutes >= compile_min_minutes
+    compile_min_minutes: float = 7.0
     max_steps: int | None = None
     ckpt_every: float = 60.0
     device: str = "auto"
     budget_start: float | None = None
 
 
+def _warm_job(_):
+    """Imports what the scoring workers need (torch, the detector) ahead of the first real job."""
+    from benchmarks import quality  # noqa: F401
+    return 0
+
+
+def start_score_pool(workers: int | None = None):
+    """A spawn pool for :func:`score_stream`, its imports started in the background (they overlap with
+    loading the teacher and generating the streams); ``None`` when fewer than 2 workers."""
+    import multiprocessing as mp
+    import os
+    if workers is None:
+        workers = max(0, min(14, (os.cpu_count() or 1) - 2))
+    if workers < 2:
+        return None
+    pool = mp.get_context("spawn").Pool(workers)
+    pool.map_async(_warm_job, range(workers))
+    return pool
+
+
 @torch.no_grad()
 def search_video_guidance(teacher, tokenizer, cfg: VideoConfig, grid, n: int, frames: int, substeps: int, seed: int,
-                          autocast_dtype=None, workers: int | None = None) -> tuple[float, list[dict]]:
+                          autocast_dtype=None, workers: int | None = None, pool=None) -> tuple[float, list[dict]]:
     """Teacher streams (engine policy, ``substeps`` CFG sub-steps per level) on train-split captions at
     each CFG scale of ``grid``; keeps the smallest scale within 0.01 of the best per-frame strict
-    adherence (as the image distill stage does)."""
-    import os
-
+    adherence (as the image distill stage does). The streams of all scales are generated first (GPU),
+    then scored in one map over the CPU pool (``pool``, or one made here)."""
     from training import data as D
     rng = np.random.default_rng([seed, 4321])
     prompts = [D.sample_video_scene(rng, "train").caption for _ in range(n)]
     seeds = [int(step_seed(seed, i, 71) % (2**31)) for i in range(n)]
-    if workers is None:
-        workers = max(0, min(14, (os.cpu_count() or 1) - 2))
-    pool = None
-    if workers > 1:
-        import multiprocessing as mp
-        pool = mp.get_context("spawn").Pool(min(workers, n))
-    rows = []
+    own_pool = pool is None
+    if own_pool:
+        pool = start_score_pool(min(n, workers) if workers is not None else None)
+    jobs, gen_s = [], []
     try:
         for g in grid:
             t0 = time.time()
             vids, _ = generate_streams(teacher, tokenizer, prompts, seeds, frames, cfg.buffer_chunks,
                                        cfg.chunk_frames, cfg.size, substeps, float(g), autocast_dtype=autocast_dtype)
-            jobs = [(vids[i].numpy(), prompts[i], cfg.chunk_frames) for i in range(n)]
-            agg = aggregate(pool.map(_score_job, jobs) if pool is not None else [_score_job(j) for j in jobs])
-            rows.append({"guidance": float(g), "streams": n, "frames": frames,
-                         "frame_strict_adherence": agg["frame_strict_adherence"],
-                         "chunk_adherence": agg["chunk_adherence"], "frame_adherence": agg["frame_adherence"],
-                         "seconds": round(time.time() - t0, 1)})
-            log(f"[video-distill] teacher CFG {g:g}: frame strict adherence {agg['frame_strict_adherence']} "
-                f"chunk adherence {agg['chunk_adherence']} ({n} train-split streams x {frames} frames)")
+            jobs += [(vids[i].numpy(), prompts[i], cfg.chunk_frames) for i in range(n)]
+            gen_s.append(time.time() - t0)
+        t0 = time.time()
+        scores = pool.map(_score_job, jobs) if pool is not None else [_score_job(j) for j in jobs]
+        score_s = time.time() - t0
     finally:
-        if pool is not None:
+        if own_pool and pool is not None:
             pool.terminate()
             pool.join()
+    rows = []
+    for i, g in enumerate(grid):
+        agg = aggregate(scores[i * n:(i + 1) * n])
+        rows.append({"guidance": float(g), "streams": n, "frames": frames,
+                     "frame_strict_adherence": agg["frame_strict_adherence"],
+                     "chunk_adherence": agg["chunk_adherence"], "frame_adherence": agg["frame_adherence"],
+                     "seconds": round(gen_s[i] + score_s / len(grid), 1)})
+        log(f"[video-distill] teacher CFG {g:g}: frame strict adherence {agg['frame_strict_adherence']} "
+            f"chunk adherence {agg['chunk_adherence']} ({n} train-split streams x {frames} frames)")
     best = max(r["frame_strict_adherence"] or 0.0 for r in rows)
     choice = min(r["guidance"] for r in rows if (r["frame_strict_adherence"] or 0.0) >= best - 0.01)
     return float(choice), rows
@@ -761,51 +809,132 @@ def distill_loss(student, x, sig, nxt, emb, mask, v_target, frame_w, autocast: b
     return (err * frame_w).sum() / frame_w.sum().clamp(min=1.0), v
 
 
-def distill_video(args: VideoDistillArgs) -> Path:
-    from training import data as D
-    from training.loop import Trainer
+class ReplayBuffer:
+    """FIFO ring of training samples on the training device: ``add(**tensors)`` appends a batch (leading
+    dim = samples; the oldest are overwritten once ``capacity`` is reached), ``sample(n, generator)``
+    draws ``n`` distinct stored samples uniformly (a pure function of the generator's seed)."""
 
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self.data: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.pos = 0
+        self.added = 0
+
+    def add(self, **tensors: torch.Tensor) -> None:
+        n = next(iter(tensors.values())).shape[0]
+        if n > self.capacity:
+            raise ValueError(f"adding {n} samples to a replay buffer of {self.capacity}")
+        if not self.data:
+            self.data = {k: torch.empty((self.capacity, *v.shape[1:]), dtype=v.dtype, device=v.device)
+                         for k, v in tensors.items()}
+        idx = (self.pos + torch.arange(n)) % self.capacity
+        same = self.pos + n <= self.capacity
+        for k, v in tensors.items():
+            if same:
+                self.data[k][self.pos:self.pos + n] = v
+            else:
+                self.data[k][idx.to(v.device)] = v
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.capacity, self.size + n)
+        self.added += n
+
+    def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if n > self.size:
+            raise ValueError(f"sampling {n} of {self.size} stored samples")
+        dev = next(iter(self.data.values())).device
+        idx = torch.randperm(self.size, generator=generator, device=generator.device)[:n].to(dev)
+        return {k: v.index_select(0, idx) for k, v in self.data.items()}
+
+
+def distill_video(args: VideoDistillArgs) -> Path:
+    """Moving-buffer distillation with a replay buffer of teacher targets.
+
+    A *rollout* advances ``streams`` engine-policy streams by one ladder step: the teacher (``substeps``
+    CFG sub-steps, fp16 on CUDA as in the engine) gives the target for every stream's current buffer
+    state, (state, target) pairs go into a FIFO replay buffer of ``replay`` rollouts, and each stream
+    moves on with the teacher's result or (on-policy) the student's own one-call step. Between two
+    rollouts the student takes ``steps_per_rollout`` optimizer steps on ``batch`` states drawn from the
+    replay buffer, so the 8 teacher forwards per state are paid once per ~4 uses instead of once per use.
+    """
     budget = Budget(args.minutes, args.budget_start)
     device = pick_device(args.device)
     setup_torch(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # the CFG search scores on CPU workers: start them (and their imports) now, behind the teacher's loading
+    pool = [start_score_pool() if (args.guidance is None and not args.tiny) else None]
+    try:
+        return _distill_video(args, budget, device, out, pool)
+    finally:
+        _close_pool(pool)
+
+
+def _close_pool(holder: list) -> None:
+    if holder[0] is not None:
+        holder[0].terminate()
+        holder[0].join()
+        holder[0] = None
+
+
+def _distill_video(args: VideoDistillArgs, budget: Budget, device: torch.device, out: Path, pool: list) -> Path:
+    from training import data as D
+    from training.loop import Trainer
+
     jsonl = JsonlLog(out / "video_distill_log.jsonl")
     torch.manual_seed(args.seed)
-    teacher, tokenizer, index = load_video_export(args.teacher, device, torch.float32)
+    # teacher in the engine's precision (fp16 on CUDA, no autocast: what video-eval and the server run;
+    # the export is fp16, so the fp32 student copy below has exactly the exported weights)
+    teacher, tokenizer, index = load_video_export(args.teacher, device)
     teacher.requires_grad_(False).eval()
     cfg = config_of_export(index, teacher)
     K, F, T = cfg.buffer_chunks, cfg.chunk_frames, cfg.frames
-    R = args.batch or (3 if args.tiny else 96)
+    B = args.batch or (3 if args.tiny else 96)
+    R = args.streams or (4 if args.tiny else 192)
+    N = args.steps_per_rollout or (2 if args.tiny else 8)
+    capacity = max(1, args.replay) * R
+    if B > capacity:
+        raise ValueError(f"batch {B} > replay capacity {capacity} ({args.replay} rollouts x {R} streams)")
     lr = args.lr or (1e-3 if args.tiny else 1e-4)
     substeps = 1 if args.tiny and args.substeps == 4 else args.substeps
     student = copy.deepcopy(teacher).float().train().requires_grad_(True)
-    log(f"[video-distill] teacher {args.teacher}: K={K} levels {engine_ladder(K)}, F={F}; {R} rollout streams; "
-        f"teacher {substeps} sub-steps/level; lr {lr}")
+    use_ac = device.type == "cuda"
+    compile_ = args.compile if args.compile is not None else args.minutes >= args.compile_min_minutes
+    compile_ = bool(compile_) and not args.tiny and device.type == "cuda"
+    how = "compiled" if compile_ else "eager"
+    if not compile_ and args.compile is None and device.type == "cuda" and not args.tiny:
+        how += f" (a {args.minutes:g}-min budget does not repay a compile; --compile forces one)"
+    log(f"[video-distill] teacher {args.teacher}: K={K} levels {engine_ladder(K)}, F={F}; {R} rollout streams, "
+        f"replay {args.replay} rollouts, batch {B}, {N} steps per rollout (each target used ~{N * B / R:.1f}x); "
+        f"teacher {substeps} sub-steps/level ({next(teacher.parameters()).dtype}); lr {lr}; student step {how}")
     jsonl.write(event="start", stage="video_distill", args={k: v for k, v in vars(args).items()}, K=K, F=F,
-                ladder=engine_ladder(K), substeps=substeps, device=str(device))
-    reserve = 6.0 if args.tiny or device.type != "cuda" else 25.0
+                ladder=engine_ladder(K), substeps=substeps, device=str(device), streams=R, batch=B,
+                steps_per_rollout=N, replay=args.replay, compile=compile_)
+    reserve = 6.0 if args.tiny or device.type != "cuda" else 12.0   # checkpoint + export: < 1 s on the H200
     trainer = Trainer(name="video_distill", out=out, model=student, device=device, budget=budget, lr=lr,
                       warmup=(2 if args.tiny else args.warmup), weight_decay=0.0, ema_decay=args.ema_decay,
-                      batch=R * T, reserve_s=reserve,
+                      batch=B * T, reserve_s=reserve,
                       max_steps=(args.max_steps if args.max_steps is not None else (3 if args.tiny else None)),
                       ckpt_every_s=args.ckpt_every, jsonl=jsonl, log_every=(1 if args.tiny else 25),
-                      estimate_after=(10**9 if args.tiny else 30), cooldown_frac=0.2)
+                      estimate_after=(10**9 if args.tiny else 5 * N), rate_skip=(0 if args.tiny else N),
+                      cooldown_frac=0.2)
     resumed = trainer.resume() if args.resume else None
-    use_ac = device.type == "cuda"
-    ac_dtype = torch.bfloat16 if use_ac else None
     guidance = args.guidance
     if guidance is None and resumed is not None:
         guidance = trainer.extra_state.get("guidance")
     if guidance is None:
         grid = (1.0, 3.0) if args.tiny else tuple(args.guidance_grid)
         n, frames = (2, 4) if args.tiny else (args.search_n, args.search_frames)
+        t0 = time.time()
         guidance, rows = search_video_guidance(teacher, tokenizer, cfg, grid, n, frames, substeps, args.seed,
-                                               ac_dtype, workers=(0 if args.tiny else None))
+                                               workers=(0 if args.tiny else None), pool=pool[0])
         for r in rows:
             jsonl.write(event="guidance_search", **r)
         trainer.extra_state["guidance_search"] = rows
+        log(f"[video-distill] CFG search took {time.time() - t0:.1f}s")
+    _close_pool(pool)
     guidance = float(guidance)
+    cfg_calls = 2 if guidance > 1.0 else 1
     trainer.extra_state["guidance"] = guidance
     log(f"[video-distill] teacher CFG {guidance:g}")
     jsonl.write(event="guidance", guidance=guidance)
@@ -821,6 +950,7 @@ def distill_video(args: VideoDistillArgs) -> Path:
     mask = torch.zeros_like(ids)
     life = np.zeros(R, dtype=np.int64)
     resets = [int(trainer.extra_state.get("resets", 0))]
+    rollouts = [int(trainer.extra_state.get("rollouts", 0))]
     u_ids, u_mask = tokenize(tokenizer, [""], device)
 
     def reset(b: int) -> None:
@@ -839,45 +969,85 @@ def distill_video(args: VideoDistillArgs) -> Path:
         # stagger the phases so that the first batches are not all warm-up states
         life[b] = max(1, life[b] - int(np.random.default_rng([args.seed, b, 92]).integers(0, K)))
 
-    step_fn = guarded_train_step(distill_loss, lambda f, *a: f(student, *a, use_ac), args.compile and not args.tiny,
+    with torch.no_grad():
+        u_emb = teacher.encode(u_ids.expand(R, -1), u_mask.expand(R, -1))
+    replay = ReplayBuffer(capacity)
+    g_mix = torch.Generator(device="cpu")
+    ac = torch.autocast("cuda", dtype=torch.bfloat16) if use_ac else contextlib.nullcontext()
+    roll_s = [0.0]
+
+    @torch.no_grad()
+    def rollout() -> None:
+        """Teacher targets for the R current states into the replay buffer; every stream advances one step."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.time()
+        sig_c, nxt_c, adv = mb.plan()
+        sig, nxt = sig_c.to(device), nxt_c.to(device)
+        x = mb.x
+        emb_t = teacher.encode(ids, mask)
+        x_t = euler_update(teacher, emb_t, mask, substeps, guidance, u_emb, u_mask.expand(R, -1))(x, sig, nxt)
+        d = (nxt - sig)[:, None, :, None, None]
+        moving = nxt != sig
+        v_target = torch.where(moving[:, None, :, None, None], (x_t - x) / torch.where(d == 0, 1.0, d), 0.0)
+        replay.add(x=x, sig=sig, nxt=nxt, ids=ids, mask=mask, v=v_target, w=moving.float())
+        # advance: the teacher's result for some streams, the student's own one-call step for the others
+        g_mix.manual_seed(step_seed(args.seed, rollouts[0], 53))
+        own = torch.nonzero(torch.rand(R, generator=g_mix) >= args.p_teacher_advance).flatten()
+        x_next = x_t
+        if own.numel():
+            o = own.to(device)
+            e = student.encode(ids[o], mask[o])      # as in the training step: text encoder outside autocast
+            with ac:
+                v_s = student.denoise(x[o], sig[o], e, mask[o])
+            x_next[o] = x[o] + d[o] * v_s.float()
+        mb.commit(x_next, adv, g_dev)
+        rollouts[0] += 1
+        life[:] -= 1
+        for b in np.nonzero(life <= 0)[0]:
+            reset(int(b))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.time() - t0
+        roll_s[0] += dt
+        jsonl.write(event="rollout", rollout=rollouts[0], step=trainer.step, streams=R, replay=replay.size,
+                    teacher_forwards=R * substeps * cfg_calls, own=int(own.numel()), seconds=round(dt, 4))
+
+    if compile_:
+        warm_position_cache(student, cfg, use_ac)   # else the compiled step compiles twice
+    step_fn = guarded_train_step(distill_loss, lambda f, *a: f(student, *a, use_ac), compile_,
                                  device, "video distill step", on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
 
     def state():
         trainer.extra_state["resets"] = resets[0]
-        return {"stage": "video_distill", "seed": args.seed, "teacher": str(args.teacher), "batch": R, "lr": lr,
-                "guidance": guidance, "substeps": substeps, "total_steps": trainer.total_steps,
-                "note": "rollout buffers are restarted on resume (a cache of recent states, not training state)"}
+        trainer.extra_state["rollouts"] = rollouts[0]
+        return {"stage": "video_distill", "seed": args.seed, "teacher": str(args.teacher), "batch": B, "streams": R,
+                "steps_per_rollout": N, "replay": args.replay, "lr": lr, "guidance": guidance, "substeps": substeps,
+                "total_steps": trainer.total_steps,
+                "note": "rollout streams and the replay buffer are restarted on resume (a cache of recent "
+                        "states and targets, not training state)"}
 
-    g_mix = torch.Generator(device="cpu")
+    g_samp = torch.Generator(device=device)
+    since = N   # a rollout before the first step
     while not trainer.should_stop():
-        sig_c, nxt_c, adv = mb.plan()
-        sig, nxt = sig_c.to(device), nxt_c.to(device)
-        with torch.no_grad():
-            emb_t = teacher.encode(ids, mask)
-            u_emb = teacher.encode(u_ids.expand(R, -1), u_mask.expand(R, -1))
-            x_t = euler_update(teacher, emb_t, mask, substeps, guidance, u_emb, u_mask.expand(R, -1),
-                               ac_dtype)(mb.x, sig, nxt)
-            d = (nxt - sig)[:, None, :, None, None]
-            moving = (nxt != sig)
-            v_target = torch.where(moving[:, None, :, None, None], (x_t - mb.x) / torch.where(d == 0, 1.0, d), 0.0)
-        frame_w = moving.float()
+        if since >= N:
+            rollout()
+            since = 0
+        while replay.size < B:
+            rollout()
+        g_samp.manual_seed(step_seed(args.seed, trainer.step, 57))
+        s = replay.sample(B, g_samp)
         trainer.begin_step()
-        emb_s = student.encode(ids, mask)
-        loss, v_s = step_fn(mb.x, sig, nxt, emb_s, mask, v_target, frame_w)
+        emb_s = student.encode(s["ids"], s["mask"])
+        loss, _ = step_fn(s["x"], s["sig"], s["nxt"], emb_s, s["mask"], s["v"], s["w"])
         trainer.end_step(loss, state)
-        # advance the rollouts: the teacher's result for some streams, the student's for the others
-        with torch.no_grad():
-            g_mix.manual_seed(step_seed(args.seed, trainer.step, 53))
-            use_t = (torch.rand(R, generator=g_mix) < args.p_teacher_advance).to(device)
-            x_s = mb.x + d * v_s.detach().float()
-            mb.commit(torch.where(use_t[:, None, None, None, None], x_t, x_s), adv, g_dev)
-        life -= 1
-        for b in np.nonzero(life <= 0)[0]:
-            reset(int(b))
+        since += 1
     trainer.finish(state())
+    log(f"[video-distill] {rollouts[0]} rollouts ({replay.added} teacher targets, {roll_s[0]:.1f}s in rollouts)")
+    jsonl.write(event="rollouts", rollouts=rollouts[0], targets=replay.added, seconds=round(roll_s[0], 2))
     fs = {"default_guidance_scale": 0.0, "teacher_guidance_scale": guidance, "teacher_substeps": substeps,
           "distillation": (f"moving-buffer step distillation: one Euler step per ladder level matches the teacher's "
-                           f"{substeps} CFG sub-steps (on-policy rollouts)"),
+                           f"{substeps} CFG sub-steps (on-policy rollouts, replayed targets)"),
           "train_steps": trainer.step, "seed": args.seed}
     exp = export_video(trainer.ema, tokenizer, out / "video_student", cfg, fs)
     from training.export import summarize

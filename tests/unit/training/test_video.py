@@ -187,3 +187,166 @@ def test_video_eval_tiny(run_dir):
     assert trow["guidance"] == fs["teacher_guidance_scale"] and trow["substeps"] == fs["teacher_substeps"]
     assert {"identity_consistency", "chunk_adherence", "frame_adherence"} <= set(row)
     assert (run_dir / "video_eval.json").exists() and (run_dir / "video_strip.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Video distillation: replayed teacher targets, determinism, resume, one compilation
+# ----------------------------------------------------------------------------------------------
+
+def _distill_log(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "video_distill_log.jsonl").read_text().splitlines()]
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in _distill_log(out) if "loss" in r and r.get("event") is None]
+
+
+def test_replay_buffer_fifo_and_sampling():
+    from training.video import ReplayBuffer
+    rb = ReplayBuffer(5)
+    rb.add(a=torch.arange(3), b=torch.arange(3)[:, None].float() * torch.ones(3, 2))
+    assert rb.size == 3 and rb.added == 3
+    rb.add(a=torch.arange(3, 6), b=torch.arange(3, 6)[:, None].float() * torch.ones(3, 2))
+    assert rb.size == 5 and rb.added == 6
+    assert sorted(rb.data["a"].tolist()) == [1, 2, 3, 4, 5]            # FIFO: sample 0 was overwritten
+    g = torch.Generator().manual_seed(3)
+    s = rb.sample(4, g)
+    assert len(set(s["a"].tolist())) == 4                               # distinct samples
+    assert torch.equal(s["b"][:, 0], s["a"].float()) and torch.equal(s["b"][:, 1], s["a"].float())  # rows aligned
+    assert torch.equal(rb.sample(4, torch.Generator().manual_seed(3))["a"], s["a"])   # a function of the seed
+    with pytest.raises(ValueError):
+        rb.sample(6, g)
+
+
+def test_video_distill_reuses_teacher_targets(run_dir, tmp_path, monkeypatch):
+    """One teacher rollout (all streams, substeps x CFG forwards) per `steps_per_rollout` optimizer steps."""
+    import training.video as V
+    calls = []
+    real = V.euler_update
+
+    def counting(model, *a, **kw):
+        upd = real(model, *a, **kw)
+
+        def f(x, sig, nxt):
+            calls.append(x.shape[0])
+            return upd(x, sig, nxt)
+        return f
+    monkeypatch.setattr(V, "euler_update", counting)
+    out = tmp_path / "reuse"
+    distill_video(VideoDistillArgs(teacher=str(run_dir / "video_teacher"), out=str(out), tiny=True, device="cpu",
+                                   guidance=3.0, streams=4, batch=3, steps_per_rollout=3, max_steps=7,
+                                   budget_start=time.time()))
+    assert calls == [4, 4, 4]                                           # rollouts before steps 1, 4 and 7
+    log = _distill_log(out)
+    ro = [r for r in log if r.get("event") == "rollout"]
+    assert [r["step"] for r in ro] == [0, 3, 6]
+    assert all(r["teacher_forwards"] == 4 * 1 * 2 for r in ro)          # tiny: 1 sub-step, CFG -> 2 calls
+    assert [r["replay"] for r in ro] == [4, 8, 12]
+    assert [s for s, _ in _losses(out)] == list(range(1, 8))
+    fin = [r for r in log if r.get("event") == "rollouts"][-1]
+    assert fin["rollouts"] == 3 and fin["targets"] == 12                # 7 steps x 3 samples from 12 targets
+    st = json.loads((out / "video_distill_ckpt" / "state.json").read_text())
+    assert st["extra"]["rollouts"] == 3 and st["steps_per_rollout"] == 3
+
+
+def test_video_distill_deterministic_and_resume(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    def run(name: str, max_steps: int, resume: bool = False, seed: int = 0) -> Path:
+        out = tmp_path / name
+        distill_video(VideoDistillArgs(teacher=str(run_dir / "video_teacher"), out=str(out), tiny=True,
+                                       device="cpu", guidance=3.0, max_steps=max_steps, resume=resume, seed=seed,
+                                       budget_start=time.time()))
+        return out
+
+    a, b = run("a", 4), run("b", 4)
+    assert _losses(a) == _losses(b) and len(_losses(a)) == 4            # same seed, same run
+    wa = load_file(str(a / "video_student" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    wb = load_file(str(b / "video_student" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _losses(run("c", 4, seed=1)) != _losses(a)
+
+    st = json.loads((b / "video_distill_ckpt" / "state.json").read_text())
+    assert st["step"] == 4 and st["extra"]["rollouts"] == 2 and st["extra"]["guidance"] == 3.0
+    run("b", 6, resume=True)
+    st2 = json.loads((b / "video_distill_ckpt" / "state.json").read_text())
+    assert st2["step"] == 6 and st2["generation"] > st["generation"]
+    assert st2["extra"]["rollouts"] == 3                                # counters continue (rollout seeds too)
+    log = _distill_log(b)
+    assert any(r.get("event") == "resume" and r["step"] == 4 for r in log)
+    assert [s for s, _ in _losses(b)][-2:] == [5, 6]
+
+
+def test_compiled_steps_compile_once():
+    """With the position cache filled first (warm_position_cache), the compiled video steps are compiled
+    once: no recompilation on the second call (the H200 runs paid a second full compile there)."""
+    from training.model import build_tokenizer, tokenize
+    from training.video import (
+        VIDEO_PRESETS,
+        build_video_model,
+        distill_loss,
+        warm_position_cache,
+    )
+
+    cfg = VIDEO_PRESETS["tiny"]
+    tok = build_tokenizer(data.vocabulary(), 32)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        model = build_video_model(cfg, len(tok)).train()
+        warm_position_cache(model, cfg, False)
+        step = torch.compile(distill_loss, backend=backend, dynamic=False)
+        opt = torch.optim.AdamW(model.parameters(), 1e-3)
+        for i in range(3):
+            g = torch.Generator().manual_seed(i)
+            ids, mask = tokenize(tok, ["a red circle", "a blue square on the left", ""][i:] + [""] * i)
+            x = torch.randn(3, 3, cfg.frames, 32, 32, generator=g)
+            sig = torch.rand(3, cfg.frames, generator=g)
+            loss, _ = step(model, x, sig, sig * 0.5, model.encode(ids, mask), mask, torch.randn(x.shape, generator=g),
+                           torch.ones(3, cfg.frames), False)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            assert len(graphs) == 1, f"recompiled at call {i + 1}"
+
+        graphs.clear()
+        teacher = build_video_model(cfg, len(tok)).train()
+        warm_position_cache(teacher, cfg, False)
+        tstep = torch.compile(video_flow_loss, backend=backend, dynamic=False)
+        for i in range(2):
+            x0 = torch.rand(3, cfg.frames, 3, 32, 32) * 2 - 1
+            tstep(teacher, x0, ids, mask, torch.randn_like(x0), torch.rand(3, cfg.frames), False, 4.0).backward()
+        assert len(graphs) == 1
+    finally:
+        torch._dynamo.reset()
+
+
+def test_trainer_rate_skips_slow_first_steps(tmp_path):
+    """The step budget comes from the rate after `rate_skip` steps: a slow start (e.g. a recompilation)
+    must not shrink it (the H200 video distill froze 43 steps from such a rate and stopped 40 s early)."""
+    from training.common import Budget
+    from training.loop import Trainer
+
+    def run(rate_skip: int) -> int:
+        model = torch.nn.Linear(4, 4)
+        tr = Trainer(name=f"t{rate_skip}", out=tmp_path, model=model, device=torch.device("cpu"),
+                     budget=Budget(1.0, time.time()), lr=1e-3, warmup=0, weight_decay=0.0, ema_decay=0.9,
+                     batch=1, reserve_s=5.0, max_steps=None, ckpt_every_s=1e9, estimate_after=8,
+                     rate_skip=rate_skip, show_bar=False, log_every=100)
+        for i in range(9):
+            tr.begin_step()
+            loss = model(torch.ones(1, 4)).square().mean()
+            loss.backward()
+            time.sleep(0.3 if i < 3 else 0.01)
+            tr.end_step(loss, dict)
+            if tr.total_steps is not None:
+                break
+        return tr.total_steps
+
+    fast, slow = run(3), run(0)
+    assert fast > 1500 > slow, (fast, slow)          # ~55 s at ~90 step/s vs a rate diluted by 0.6 s of sleeps
