@@ -9,6 +9,14 @@ and runs the Triton kernel. Anything the kernel cannot take (CPU, fp32, unsuppor
 triton, an attention mask, cross-attention) goes to the stock processor, so that path is
 bit-identical to dense; each reason is logged once on the ``fewstep.kernels`` logger.
 
+``backend="reference"`` (an argument of ``enable_block_sparse_attention`` / the processor, deliberately
+not a :class:`BlockSparseConfig` field, so the engine's ``attention`` option can never select it)
+replaces the Triton kernel by the fp32 torch oracle of ``reference.py``: same adaptive mask
+(``build_block_mask``), same 3-D tiling, attention computed densely with the expanded block mask and
+cast back to the input dtype. It runs on any device and dtype (CPU fp32 included), materialises the
+``[B, H, N, N]`` score matrix and is slow: it exists for quality studies on CPU
+(``benchmarks/kernels/quality_block_sparse.py``), never for serving, and says so in a warning.
+
 Engine option syntax (:meth:`BlockSparseConfig.parse`)::
 
     attention: dense
@@ -29,6 +37,7 @@ import torch.nn.functional as F
 from .block_sparse_mask import build_block_mask, tile_3d_permutation
 
 __all__ = [
+    "BACKENDS",
     "BlockSparseAttnProcessor",
     "BlockSparseConfig",
     "block_sparse_processors",
@@ -45,6 +54,24 @@ def _log_once(reason: str, level: int = logging.WARNING) -> None:
     if reason not in _logged_reasons:
         _logged_reasons.add(reason)
         logger.log(level, "block-sparse attention falls back to dense SDPA: %s", reason)
+
+
+#: attention backends of :class:`BlockSparseAttnProcessor`: the Triton kernel (serving) and the fp32
+#: torch reference (quality studies on any device; see the module docstring).
+BACKENDS = ("triton", "reference")
+_REFERENCE_NOTICE = (
+    "block-sparse attention runs on the fp32 torch REFERENCE backend (device %s): the adaptive block mask "
+    "is applied exactly, but attention is computed densely with the expanded mask (O(N^2) memory, slow). "
+    "For quality studies only, not a serving path."
+)
+# elements of one fp32 [b, H, Nq, Nk] score matrix chunk in the reference backend (~128 MB)
+_REFERENCE_CHUNK_ELEMS = 1 << 25
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +211,8 @@ class BlockSparseAttnProcessor:
     Works on ``Attention`` modules that use ``AttnProcessor2_0`` semantics and on ``WanAttention``.
     ``last_sparsity`` holds the fraction of skipped blocks of the latest call (0-dim tensor, no host
     sync) or None when that call ran dense. ``allow_cpu_interpreter`` lets the kernel run on CPU
-    under ``TRITON_INTERPRET=1`` (tests only; very slow).
+    under ``TRITON_INTERPRET=1`` (tests only; very slow). ``backend="reference"`` computes the same
+    masked attention with the fp32 torch reference on any device/dtype (quality studies only).
     """
 
     def __init__(
@@ -201,6 +229,7 @@ class BlockSparseAttnProcessor:
         dense_processor=None,
         allow_cpu_interpreter: bool = False,
         shared_state: _SharedState | None = None,
+        backend: str = "triton",
     ) -> None:
         self.config = config or BlockSparseConfig(
             threshold=threshold, topk=topk, block=block, local=local, sinks=sinks, tile_3d=tile_3d,
@@ -208,6 +237,7 @@ class BlockSparseAttnProcessor:
         )
         self.dense_processor = dense_processor
         self.allow_cpu_interpreter = allow_cpu_interpreter
+        self.backend = _check_backend(backend)
         self.state = shared_state or _SharedState()
         self.last_sparsity: torch.Tensor | None = None
         self._stock_processors: dict[bool, object] = {}
@@ -248,6 +278,12 @@ class BlockSparseAttnProcessor:
             return "cross-attention"
         if attention_mask is not None:
             return self._reason("an attention mask is present")
+        if self.backend == "reference":
+            key = f"reference backend on {hidden_states.device.type}"
+            if key not in _logged_reasons:
+                _logged_reasons.add(key)
+                logger.warning(_REFERENCE_NOTICE, hidden_states.device.type)
+            return self._short_sequence(hidden_states)
         if hidden_states.device.type != "cuda":
             if not (self.allow_cpu_interpreter and _interpreting()):
                 return self._reason(f"not on CUDA (device {hidden_states.device.type})")
@@ -265,6 +301,9 @@ class BlockSparseAttnProcessor:
             return self._reason(f"head dim {head_dim} unsupported")
         if not kernels.HAS_TRITON:
             return self._reason("triton is not installed")
+        return self._short_sequence(hidden_states)
+
+    def _short_sequence(self, hidden_states: torch.Tensor) -> str | None:
         n = hidden_states.shape[1] if hidden_states.ndim == 3 else math.prod(hidden_states.shape[2:])
         if n < self.config.min_seq_len:
             _log_once(f"sequence shorter than min_seq_len={self.config.min_seq_len}", logging.DEBUG)
@@ -304,6 +343,8 @@ class BlockSparseAttnProcessor:
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q, k, v: [B, H, N, D] (possibly strided views) -> [B, H, N, D]
+        if self.backend == "reference":
+            return self._attend_reference(q, k, v)
         kernels = _kernel_module()
         if not (q.dtype == k.dtype == v.dtype and q.dtype in kernels.SUPPORTED_DTYPES):
             _log_once(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} unsupported")
@@ -319,6 +360,34 @@ class BlockSparseAttnProcessor:
         )
         self.last_sparsity = res.sparsity
         return kernels.block_sparse_attention(q, k, v, res.mask, block_m=cfg.block, block_n=cfg.block)
+
+    def _attend_reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # same mask as the kernel path, attention by the fp32 oracle of reference.py; chunked over the
+        # batch so the [b, H, Nq, Nk] fp32 score matrix stays near _REFERENCE_CHUNK_ELEMS elements
+        from .reference import attention_ref, block_sparse_attention_ref
+
+        cfg = self.config
+        if cfg.full:
+            mask = None
+            self.last_sparsity = torch.zeros((), device=q.device)
+        else:
+            res = build_block_mask(
+                q, k, block_m=cfg.block, block_n=cfg.block, threshold=cfg.threshold, topk=cfg.topk,
+                local=cfg.local, sinks=cfg.sinks,
+            )
+            mask = res.mask  # mask: [B, H, Mq, Mk]
+            self.last_sparsity = res.sparsity
+        B, H, n_q, _ = q.shape
+        step = max(1, _REFERENCE_CHUNK_ELEMS // max(1, H * n_q * k.shape[2]))
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # out: [B, H, Nq, D]
+        for i in range(0, B, step):
+            sl = slice(i, i + step)
+            if mask is None:
+                o = attention_ref(q[sl], k[sl], v[sl])
+            else:
+                o = block_sparse_attention_ref(q[sl], k[sl], v[sl], mask[sl], cfg.block, cfg.block)
+            out[sl] = o.to(q.dtype)
+        return out
 
     def _wan_forward(self, attn, hidden_states: torch.Tensor, rotary_emb) -> torch.Tensor:
         # hidden_states: [B, N, C]
@@ -419,13 +488,18 @@ def enable_block_sparse_attention(
     cfg: BlockSparseConfig | str | None,
     *,
     allow_cpu_interpreter: bool = False,
+    backend: str = "triton",
 ) -> int:
     """Install :class:`BlockSparseAttnProcessor` on the self-attention modules of ``model``.
 
     ``cfg`` may be a config, an option string, or None/"dense" (restores dense, returns 0). Only
     modules running the stock ``AttnProcessor2_0``/``WanAttnProcessor`` are replaced (calling this
     again re-configures already replaced ones). Returns the number of modules now block-sparse.
+    ``backend="reference"``: the fp32 torch oracle instead of the Triton kernel, on any device
+    (quality studies; logged; see the module docstring). ``model`` must be the denoiser itself (the
+    module whose ``patch_size`` config gives the token grid for ``tile_3d``), not a wrapper.
     """
+    _check_backend(backend)
     if isinstance(cfg, str) or cfg is None:
         cfg = BlockSparseConfig.parse(cfg)
     if cfg is None:
@@ -446,10 +520,14 @@ def enable_block_sparse_attention(
             continue
         module.set_processor(
             BlockSparseAttnProcessor(
-                config=cfg, dense_processor=current, allow_cpu_interpreter=allow_cpu_interpreter, shared_state=state
+                config=cfg, dense_processor=current, allow_cpu_interpreter=allow_cpu_interpreter, shared_state=state,
+                backend=backend,
             )
         )
         replaced += 1
+    if backend != "triton":
+        logger.info("block-sparse attention (%s) on %d modules of %s with the %s backend",
+                    cfg.to_option(), replaced, type(model).__name__, backend)
 
     old = getattr(model, _HOOK_ATTR, None)
     if old is not None:

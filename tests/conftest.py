@@ -10,6 +10,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+try:  # Triton kernels decorate at import: without CUDA they must see the interpreter flag before anything (diffusers
+    import torch  # included) imports triton, whatever order pytest collects the modules in
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
