@@ -64,12 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=512)
     _common(e)
 
-    a = sub.add_parser("all", help="teacher -> distill -> eval in one process")
+    a = sub.add_parser("all", help="both models in one process: teacher -> distill -> eval, then video teacher -> "
+                                   "video distill -> video eval (default budgets: 8 + 3.5 + 5 + 3 = 19.5 min)")
     a.add_argument("--out", required=True)
     _common(a)
+    a.add_argument("--preset", default=None, help="image model preset (default: the teacher stage's)")
     a.add_argument("--teacher-minutes", type=float, default=8.0)
-    a.add_argument("--distill-minutes", type=float, default=4.0)
+    a.add_argument("--distill-minutes", type=float, default=3.5)
+    a.add_argument("--video-teacher-minutes", type=float, default=5.0)
+    a.add_argument("--video-distill-minutes", type=float, default=3.0)
+    a.add_argument("--no-video", dest="video", action="store_false", help="the image model only")
     a.add_argument("--n", type=int, default=512)
+    a.add_argument("--video-n", type=int, default=28)
     a.add_argument("--no-compile", dest="compile", action="store_false")
 
     vt = sub.add_parser("video-teacher", help="train the streaming video teacher (StreamDiT, per-frame noise)")
@@ -159,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         from training.distill import DistillArgs, distill
         from training.evaluate import EvalArgs, evaluate
         from training.teacher import TeacherArgs, train_teacher
+        t_all = time.time()
         out = Path(args.out)
+        preset = {"preset": args.preset} if args.preset else {}
         tdir = train_teacher(TeacherArgs(out=str(out), minutes=args.teacher_minutes, tiny=args.tiny,
                                          seed=args.seed, compile=args.compile, device=args.device,
-                                         budget_start=time.time()))
+                                         budget_start=time.time(), **preset))
         sdir = distill(DistillArgs(teacher=str(tdir), out=str(out), minutes=args.distill_minutes,
                                    tiny=args.tiny, seed=args.seed, compile=args.compile, device=args.device,
                                    budget_start=time.time()))
@@ -171,6 +179,19 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(EvalArgs(model=str(sdir), steps=[1, 2, 4], teacher=str(tdir),
                           teacher_steps=(4 if args.tiny else 25), out=str(out), seed=args.seed,
                           tiny=args.tiny, device=args.device, **kw))
+        if args.video:
+            from training.video import (VideoDistillArgs, VideoEvalArgs, VideoTeacherArgs, distill_video,
+                                        train_video_teacher, video_evaluate)
+            vt = train_video_teacher(VideoTeacherArgs(
+                out=str(out), minutes=args.video_teacher_minutes, tiny=args.tiny, seed=args.seed,
+                compile=args.compile, device=args.device))
+            vs = distill_video(VideoDistillArgs(teacher=str(vt), out=str(out), minutes=args.video_distill_minutes,
+                                                tiny=args.tiny, seed=args.seed, device=args.device))
+            video_evaluate(VideoEvalArgs(model=str(vs), teacher=str(vt), n=4 if args.tiny else args.video_n,
+                                         frames=40 if args.tiny else 300, out=str(out), seed=args.seed,
+                                         tiny=args.tiny, device=args.device))
+        print(f"[all] done in {(time.time() - t_all) / 60:.1f} min; students: {sdir}"
+              + (f", {vs}" if args.video else ""), flush=True)
     elif args.cmd == "video-teacher":
         from training.video import VideoTeacherArgs, train_video_teacher
         train_video_teacher(VideoTeacherArgs(

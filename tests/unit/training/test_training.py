@@ -238,3 +238,13 @@ def test_recipe_defaults_sizes_and_edge_loss():
     err = (v - t) ** 2
     w = 1 + 4 * e
     assert torch.allclose(weighted_mse(v, t, x, 4.0), (err * w).mean() / w.mean())
+
+
+def test_all_runs_both_chains_and_exports_both_students(tmp_path):
+    """`python -m training all` is the one reproducible command: image and video students, both evaluated."""
+    out = tmp_path / "all"
+    assert main(["all", "--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    for d in ("student", "video_student"):
+        assert (out / d / "model_index.json").is_file()
+    assert json.loads((out / "video_student" / "model_index.json").read_text())["fewstep"]["kind"] == "video"
+    assert (out / "eval.json").is_file() and (out / "video_eval.json").is_file()
