@@ -397,8 +397,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image-model", default=str(REPO / "out/r4/student"))
-    p.add_argument("--video-model", default=str(REPO / "out/r4/video_student"))
+    p.add_argument("--image-model", default=str(REPO / "engines/default/image"), help="the shipped student (as out/r4/student)")
+    p.add_argument("--video-model", default=str(REPO / "engines/default/video"), help="the shipped video student")
     p.add_argument("--only", choices=["both", "image", "video"], default="both")
     p.add_argument("--settings", nargs="+", default=None,
                    help='attention settings for both models ("dense" is always run first)')
