@@ -309,7 +309,6 @@ class FewStepPipeline:
         return self.denoise_latents(noise, step_noise, cond, uncond, steps, consts)
 
     # -- stage 3 ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def upcasts_vae(self, dtype: torch.dtype) -> bool:
         """Whether the VAE decodes in fp32 under an fp16 pipeline, following diffusers' own pipelines.
 
@@ -320,6 +319,7 @@ class FewStepPipeline:
         return (self.vae is not None and dtype == torch.float16 and self.family == "sdxl"
                 and bool(self.vae.config.get("force_upcast", False)))
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> uint8 images [B, H, W, 3] on the pipeline's device (graph-capturable)."""
         if self.vae is not None:

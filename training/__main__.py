@@ -182,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.video:
             from training.video import (VideoDistillArgs, VideoEvalArgs, VideoTeacherArgs, distill_video,
                                         train_video_teacher, video_evaluate)
+            # each stage's budget counts from its own start (the default counts from process start)
             vt = train_video_teacher(VideoTeacherArgs(
                 out=str(out), minutes=args.video_teacher_minutes, tiny=args.tiny, seed=args.seed,
-                compile=args.compile, device=args.device))
+                compile=args.compile, device=args.device, budget_start=time.time()))
             vs = distill_video(VideoDistillArgs(teacher=str(vt), out=str(out), minutes=args.video_distill_minutes,
-                                                tiny=args.tiny, seed=args.seed, device=args.device))
+                                                tiny=args.tiny, seed=args.seed, device=args.device,
+                                                compile=None if args.compile else False, budget_start=time.time()))
             video_evaluate(VideoEvalArgs(model=str(vs), teacher=str(vt), n=4 if args.tiny else args.video_n,
                                          frames=40 if args.tiny else 300, out=str(out), seed=args.seed,
                                          tiny=args.tiny, device=args.device))

@@ -133,7 +133,7 @@ class Trainer:
         if self._loss_n >= self.log_every:
             self._flush_log()
         if (self.total_steps is None and self.step - self._step_run0 >= self.estimate_after
-                and self.step > self._step_rate0):
+                and self._t_rate0 is not None and self.step > self._step_rate0):
             self._estimate_total()
         elif (self._rate is not None and not self._frozen
               and (self._loss_n == 0 or time.time() - self._t_refine >= self.refine_every_s)):

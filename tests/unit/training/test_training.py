@@ -243,7 +243,14 @@ def test_recipe_defaults_sizes_and_edge_loss():
 def test_all_runs_both_chains_and_exports_both_students(tmp_path):
     """`python -m training all` is the one reproducible command: image and video students, both evaluated."""
     out = tmp_path / "all"
-    assert main(["all", "--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    # short budgets: each stage's budget must count from its own start, not from process start (a later stage
+    # would otherwise find its minutes spent and export untrained weights)
+    assert main(["all", "--tiny", "--device", "cpu", "--out", str(out), "--teacher-minutes", ".3",
+                 "--distill-minutes", ".3", "--video-teacher-minutes", ".2", "--video-distill-minutes", ".2"]) == 0
+    for stage in ("teacher", "distill", "video_teacher", "video_distill"):
+        events = [json.loads(line) for line in (out / f"{stage}_log.jsonl").read_text().splitlines()]
+        finished = [e for e in events if e.get("event") == "finished"]
+        assert finished and finished[-1]["steps_this_run"] >= 1, (stage, finished)
     for d in ("student", "video_student"):
         assert (out / d / "model_index.json").is_file()
     assert json.loads((out / "video_student" / "model_index.json").read_text())["fewstep"]["kind"] == "video"
