@@ -65,6 +65,25 @@ class StreamPipeline(FewStepPipeline):
     def buffer_frames(self) -> int:
         return self.chunk_frames * self.buffer_chunks
 
+    def session_state_estimate(self, height: int, width: int) -> int:
+        """Bytes of device state one session of this size will hold once running: its fp32 latent buffer and,
+        for Wan, the causal VAE's cache. The cache is measured once, on a small latent with this VAE, device and
+        dtype, and scaled by area (it is proportional to the latent area: 1.76 GiB at 832x480 in bf16)."""
+        c, h, w = self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor
+        total = 4 * c * self.buffer_frames * h * w
+        if self.family == "wan":
+            if getattr(self, "_wan_cache_per_px", None) is None:
+                from .wan_vae import decode_continuing
+
+                z = torch.zeros(1, c, self.chunk_frames, 8, 8, device=self.device,
+                                dtype=next(self.vae.parameters()).dtype)
+                with torch.no_grad():
+                    _, states = decode_continuing(self.vae, z, [None])
+                    _, states = decode_continuing(self.vae, z, states)  # the steady-state cache (2 frames)
+                self._wan_cache_per_px = tensor_bytes(states[0]) / 64
+            total += int(self._wan_cache_per_px * h * w)
+        return total
+
     def noise_levels(self, n: int) -> list[float]:
         """n + 1 flow sigmas from 1 (noise) to 0 (clean): n uniform steps in t (1, 1 - 1/n, ..., 1/n, then 0) mapped
         through the checkpoint's own scheduler config (its ``shift``).
@@ -153,3 +172,17 @@ class StreamPipeline(FewStepPipeline):
                 sessions[i].decoder_state = states[j]
                 out[i] = frames[j]
         return out
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a nest of lists, tuples and dicts."""
+    total, stack = 0, [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            total += x.nbytes
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+    return total

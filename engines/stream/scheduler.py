@@ -125,17 +125,9 @@ class MovingBufferPolicy:
 
 def session_state_bytes(s: StreamSession) -> int:
     """Bytes of device state a session holds: its buffer and, for Wan, its causal-VAE cache."""
-    total = s.buffer.nbytes if s.buffer is not None else 0
-    stack = [s.decoder_state]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            total += x.nbytes
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-    return total
+    from .pipeline import tensor_bytes
+
+    return tensor_bytes([s.buffer, s.decoder_state])
 
 
 POLICIES = {MovingBufferPolicy.name: MovingBufferPolicy}
@@ -177,27 +169,29 @@ class StreamScheduler:
 
     # -- registry (any thread) -----------------------------------------------------------------------------------
     def free_memory(self) -> int | None:
-        """Free bytes on the pipeline's GPU, or None where there is no budget to keep (CPU)."""
+        """Bytes the pipeline's GPU can still give, or None where there is no budget to keep (CPU). Blocks torch
+        has cached but not used count as free: the driver reports them as taken long after a burst has closed."""
         if self.pipe.device.type != "cuda":
             return None
-        return torch.cuda.mem_get_info(self.pipe.device)[0]
+        free = torch.cuda.mem_get_info(self.pipe.device)[0]
+        return free + torch.cuda.memory_reserved(self.pipe.device) - torch.cuda.memory_allocated(self.pipe.device)
 
-    def _memory_refusal(self) -> str | None:
-        """Why a new session would not fit in GPU memory, or None. Sessions allocate lazily (the buffer on their first
-        step, a Wan decoder cache on their first chunk), so free memory alone admits a burst that cannot all fit:
-        the sessions that have not allocated yet are charged the largest state a live session holds."""
+    def _memory_refusal(self, new: StreamSession) -> str | None:
+        """Why ``new`` would not fit in GPU memory, or None. Sessions allocate lazily (the buffer on their first
+        step, a Wan decoder cache on their first chunk, and a decode briefly drops the cache's reference), so every
+        open session is charged what it still lacks of its size's estimate, and the new one all of it."""
         free = self.free_memory()
         if free is None:
             return None
-        sizes = [session_state_bytes(x) for x in self._sessions.values()]
-        per_session = max(sizes, default=0)
-        pending = sum(1 for x in sizes if x < per_session) + 1  # + the one asking
-        need = pending * per_session + int(self.config.reserve_gib * 2**30)
+        est = self.pipe.session_state_estimate
+        owed = sum(max(0, est(x.height, x.width) - session_state_bytes(x)) for x in self._sessions.values())
+        mine = est(new.height, new.width)
+        need = owed + mine + int(self.config.reserve_gib * 2**30)
         if free >= need:
             return None
         return (f"GPU memory: {free / 2**30:.1f} GiB free, a new stream needs {need / 2**30:.1f} GiB "
-                f"({pending} session(s) x {per_session / 2**30:.2f} GiB of state + {self.config.reserve_gib:g} GiB "
-                "reserve)")
+                f"({mine / 2**30:.2f} GiB for its state, {owed / 2**30:.2f} GiB still to be allocated by open "
+                f"streams, {self.config.reserve_gib:g} GiB reserve)")
 
     def add(self, s: StreamSession) -> None:
         with self._lock:
@@ -206,7 +200,7 @@ class StreamScheduler:
             if len(self._sessions) >= self.config.max_sessions:
                 raise EngineError(f"server is at capacity ({len(self._sessions)} open streams); retry later", 503,
                                   None, "overloaded")
-            why = self._memory_refusal()
+            why = self._memory_refusal(s)
             if why is not None:
                 log.warning("stream refused: %s", why)
                 raise EngineError(f"server is at capacity ({why}); retry later", 503, None, "overloaded")

@@ -323,29 +323,26 @@ def test_capacity_and_validation(pipe):
 
 
 def test_memory_admission_charges_sessions_that_have_not_allocated_yet(pipe, monkeypatch):
-    """On CUDA a new stream is refused when free memory cannot hold the state the open sessions will still allocate
-    (they allocate lazily) plus the reserve. The free-memory probe is the only part swapped here (no GPU in CI); the
-    session states are real."""
+    """On CUDA a new stream is refused unless free memory holds its estimated state, what open sessions still lack
+    of theirs (they allocate lazily), and the reserve. The free-memory probe is the only part swapped here (no GPU
+    in CI); the sessions and their states are real."""
     from fewstep.engines.stream.scheduler import session_state_bytes
 
     core = _core(pipe, reserve_gib=0.0)
     sched = core.streams["video"]
-    a = core.open_stream(_start())  # CPU: no budget, always admitted
-    _run_until(core, a, 1)
-    per = session_state_bytes(a)
-    assert per == a.buffer.nbytes > 0
-    a.decoder_state = [torch.zeros(10, 10), (torch.zeros(5),)]  # nested, like a causal-VAE cache
-    per = session_state_bytes(a)
-    assert per == a.buffer.nbytes + 4 * 105
-    free = {"bytes": 2 * per}
+    free = {"bytes": 1}
     monkeypatch.setattr(sched, "free_memory", lambda: free["bytes"])
-    b = core.open_stream(_start())  # needs 1 x per: fits
-    with pytest.raises(EngineError, match="GPU memory") as e:  # b has not allocated: needs 2 x per > free - used
-        free["bytes"] = 2 * per - 1
+    with pytest.raises(EngineError, match="GPU memory") as e:
         core.open_stream(_start())
-    assert e.value.status == 503
-    free["bytes"] = 2 * per
-    core.open_stream(_start())
+    assert e.value.status == 503 and core.num_sessions == 0
+    est = pipe.session_state_estimate(pipe.default_size, pipe.default_size)
+    free["bytes"] = est
+    a = core.open_stream(_start())  # needs its own estimate: fits exactly
+    with pytest.raises(EngineError, match="still to be allocated"):  # a has not allocated: 2 x est > est
+        core.open_stream(_start())
+    _run_until(core, a, 1)
+    assert session_state_bytes(a) == a.buffer.nbytes == est  # the estimate is what a running session holds
+    b = core.open_stream(_start())  # a owes nothing now
     core.close_stream(b.id)
     core.config.stream.reserve_gib = 1.0  # the reserve counts too
     with pytest.raises(EngineError, match="reserve"):

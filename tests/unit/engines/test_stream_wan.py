@@ -128,3 +128,19 @@ def test_wan_stream_needs_two_latent_frames_per_chunk(tmp_path):
 
     with pytest.raises(CheckpointError, match="chunk_frames >= 2"):
         StreamPipeline(load_checkpoint(wan_stream(tmp_path / "w", chunk_frames=1)))
+
+
+def test_session_state_estimate_matches_a_running_session(wan):
+    """The admission estimate (buffer + causal-VAE cache, the cache measured on an 8x8 latent and scaled by area)
+    equals what a real session holds once it has emitted two chunks."""
+    from fewstep.engines.stream.scheduler import session_state_bytes
+
+    core = EngineCore({"video": wan}, EngineConfig())
+    s = core.open_stream(StreamStart(prompt="a red ball", seed=1, fps=0, format="raw"))
+    for _ in range(wan.buffer_chunks + 3):
+        core.stream_step()
+    assert s.frames_generated >= 2 * wan.frames_per_chunk
+    held = session_state_bytes(s)
+    assert held > s.buffer.nbytes  # the cache is there
+    assert wan.session_state_estimate(s.height, s.width) == held
+    core.shutdown()
