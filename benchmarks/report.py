@@ -124,10 +124,9 @@ def latest(rows: list[dict]) -> list[dict]:
 
 def sdpa_baseline(rows: list[dict], file: str, d: int, n: int) -> float | None:
     """Dense SDPA ms for one shape in one run: the fastest of its section c and d timings (conservative for us)."""
-    ms = [r["ms"] for r in rows if r["_file"] == file and r["provider"] == "sdpa" and r["section"] in "cd"
-          and r["shape"]["D"] == d and r["shape"]["Nq"] == n]
-    ms += [m for r in rows if r["_file"] == file and r["provider"] == "sdpa" and r["section"] == "d"
-           and r["shape"]["D"] == d and r["shape"]["Nq"] == n for m in (r.get("sdpa_ms_before_after") or [])]
+    same = [r for r in rows if r["_file"] == file and r.get("provider") == "sdpa" and r["section"] in ("c", "d")
+            and r["shape"]["D"] == d and r["shape"]["Nq"] == n]
+    ms = [r["ms"] for r in same] + [m for r in same for m in (r.get("sdpa_ms_before_after") or [])]
     return min(ms) if ms else None
 
 
@@ -272,7 +271,7 @@ def plot_bsa_speedup(out_dir: Path) -> list[Path]:
     for gpu in sorted({r["gpu"] for r in rows if r["section"] == "d"}):
         series: dict[str, list] = defaultdict(list)
         for r in rows:
-            if r["gpu"] != gpu or r["section"] != "d" or r["provider"] not in ("bsa", "flex"):
+            if r["gpu"] != gpu or r["section"] != "d" or r.get("provider") not in ("bsa", "flex"):
                 continue
             base = sdpa_baseline(rows, r["_file"], r["shape"]["D"], r["shape"]["Nq"])
             if base:
