@@ -318,6 +318,22 @@ def section_c():
                     f"  vs best torch {best_torch / times['bsa_dense']:.2f}x"
                     + "".join(f"  {name.removeprefix('bsa_')} {base / times[name]:.2f}x" for name in
                               ("bsa_full_mask", "bsa_full_mask_indexed", "bsa_full_mask_prefetch") if name in times))
+            if D == 128 and n == ns[0] and not SMOKE:
+                # the index path was 0.51-0.67 of SDPA at D 128 with the dense mode's tile (2026-11-29): does it
+                # want another tile? A few configs, all-blocks list walked through the indices
+                for cfg in (bsa.TileConfig(128, 64, 4, 3), bsa.TileConfig(128, 64, 8, 2),
+                            bsa.TileConfig(64, 64, 4, 3), bsa.TileConfig(64, 128, 8, 2)):
+                    try:
+                        ms = bench_ms(lambda: index_path(lambda: bsa.block_sparse_attention(
+                            q, k, v, kv_indices=indices, kv_counts=counts, block_m=block, block_n=block,
+                            config=cfg), full_rows_contiguous=False))
+                    except Exception as e:  # a config that does not fit (shared memory) is skipped
+                        print(f"  indexed {cfg}: failed ({type(e).__name__})")
+                        continue
+                    add_row("c", "bsa_full_mask_indexed_cfg", ms, H=H, n_q=n, n_k=n, D=D,
+                            tflops=attn_tflops(1, H, n, n, D, ms), config=cfg.__dict__)
+                    SUMMARY.append(f"c  D=128 N={n} indexed, tile {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} "
+                                   f"s{cfg.num_stages}: {base / ms:.2f}x of sdpa" if base else "")
 
 
 # -- d: sparsity sweep ----------------------------------------------------------------------------
