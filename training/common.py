@@ -96,6 +96,28 @@ class JsonlLog:
         self._f.close()
 
 
+class Stage:
+    """What every training stage starts with (wall-clock budget, device, output folder, loss log, seed) and ends
+    with (the export line in the log)."""
+
+    def __init__(self, args, log_name: str):
+        self.budget = Budget(args.minutes, args.budget_start)
+        self.device = pick_device(args.device)
+        setup_torch(self.device)
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = JsonlLog(self.out / log_name)
+        torch.manual_seed(args.seed)
+
+    def exported(self, tag: str, what: str, exp: Path, step: int) -> Path:
+        from training.export import summarize
+
+        log(f"[{tag}] exported {what}: {summarize(exp)}")
+        self.jsonl.write(event="exported", path=str(exp), step=step)
+        self.jsonl.close()
+        return exp
+
+
 def _json_default(o: Any):
     if isinstance(o, (torch.Tensor,)):
         return o.tolist()

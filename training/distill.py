@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.common import (Budget, GuardedCompiled, JsonlLog, count_params, fmt_secs, guarded_train_step, log,
-                             maybe_compile, pick_device, setup_torch, step_seed)
-from training.export import export_model, load_export, summarize
+from training.common import (GuardedCompiled, JsonlLog, Stage, count_params, fmt_secs, guarded_train_step, log,
+                             maybe_compile, step_seed)
+from training.export import export_model, load_export
 from training.loop import Trainer
 from training.model import sample, scheduler_sigmas, to_uint8_list, tokenize
 
@@ -234,13 +234,8 @@ def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, aut
 # ----------------------------------------------------------------------------------------------
 
 def distill(args: DistillArgs) -> Path:
-    budget = Budget(args.minutes, args.budget_start)
-    device = pick_device(args.device)
-    setup_torch(device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jsonl = JsonlLog(out / "distill_log.jsonl")
-    torch.manual_seed(args.seed)
+    stage = Stage(args, "distill_log.jsonl")
+    budget, device, out, jsonl = stage.budget, stage.device, stage.out, stage.jsonl
     tiny = args.tiny
     batch = args.batch or (8 if tiny else 512)
     lr = args.lr or (1e-3 if tiny else 2e-4)
@@ -342,8 +337,5 @@ def distill(args: DistillArgs) -> Path:
                                "guidance-distilled",
                "teacher_steps": steps, "teacher_guidance_scale": float(guidance),
                "train_steps": trainer.step, "pairs": int(extra["pairs_total"]), "seed": args.seed}
-    exp = export_model(trainer.ema, tokenizer, out / "student", fewstep)
-    log(f"[distill] exported EMA student: {summarize(exp)}")
-    jsonl.write(event="exported", path=str(exp), step=trainer.step)
-    jsonl.close()
-    return exp
+    return stage.exported("distill", "EMA student", export_model(trainer.ema, tokenizer, out / "student", fewstep),
+                          trainer.step)

@@ -143,21 +143,24 @@ def check_export(d: str | Path) -> dict:
     return {"params": n_params, "bytes": dir_bytes(d)}
 
 
-def load_export(d: str | Path, device="cpu", dtype: torch.dtype | None = None):
-    """Load an exported directory -> (FewstepModel, tokenizer, model_index dict).
+def load_export(d: str | Path, device="cpu", dtype: torch.dtype | None = None, transformer_cls=None,
+                wrapper=FewstepModel):
+    """Load an exported directory -> (wrapper model, tokenizer, model_index dict). The image export by default;
+    ``training.video.load_video_export`` passes the StreamDiT transformer and the VideoModel wrapper.
 
     ``dtype=None`` keeps fp16 on CUDA and uses fp32 on the CPU."""
-    from diffusers import PixArtTransformer2DModel
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
+    if transformer_cls is None:
+        from diffusers import PixArtTransformer2DModel as transformer_cls
     d = Path(d)
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    tr = PixArtTransformer2DModel.from_pretrained(str(d / "transformer"), torch_dtype=dtype)
+    tr = transformer_cls.from_pretrained(str(d / "transformer"), torch_dtype=dtype)
     te = CLIPTextModel.from_pretrained(str(d / "text_encoder"), dtype=dtype)
     tok = PreTrainedTokenizerFast.from_pretrained(str(d / "tokenizer"))
-    model = FewstepModel(te, tr).to(device, dtype).eval()
+    model = wrapper(te, tr).to(device, dtype).eval()
     return model, tok, read_json(d / "model_index.json")
 
 

@@ -28,9 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.common import (Budget, JsonlLog, count_params, guarded_train_step, log,
-                             pick_device, setup_torch, step_seed)
-from training.export import export_model, summarize
+from training.common import Stage, count_params, guarded_train_step, log, step_seed
+from training.export import export_model
 from training.loop import Trainer
 from training.model import (DEFAULT_PRESET, PRESETS, ModelConfig, build_model, build_tokenizer,
                             required_max_length)
@@ -123,13 +122,8 @@ def resolve(args: TeacherArgs, device: torch.device) -> tuple[ModelConfig, int, 
 
 
 def train_teacher(args: TeacherArgs) -> Path:
-    budget = Budget(args.minutes, args.budget_start)
-    device = pick_device(args.device)
-    setup_torch(device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jsonl = JsonlLog(out / "teacher_log.jsonl")
-    torch.manual_seed(args.seed)
+    stage = Stage(args, "teacher_log.jsonl")
+    budget, device, out, jsonl = stage.budget, stage.device, stage.out, stage.jsonl
 
     from training import data
     cfg, batch, lr = resolve(args, device)
@@ -207,8 +201,5 @@ def train_teacher(args: TeacherArgs) -> Path:
                "preset": "tiny" if args.tiny else args.preset,
                "recipe": {"batch": batch, "lr": lr, "sigma_loc": args.sigma_loc, "uniform_frac": args.uniform_frac,
                           "edge_weight": args.edge_weight, "ema_decay": args.ema_decay}}
-    exp = export_model(trainer.ema, tokenizer, out / "teacher", fewstep)
-    log(f"[teacher] exported EMA weights: {summarize(exp)}")
-    jsonl.write(event="exported", path=str(exp), step=trainer.step)
-    jsonl.close()
-    return exp
+    return stage.exported("teacher", "EMA weights", export_model(trainer.ema, tokenizer, out / "teacher", fewstep),
+                          trainer.step)

@@ -47,12 +47,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from training.common import (
-    Budget,
+    Stage,
     guarded_train_step,
-    JsonlLog,
     count_params,
     log,
     pick_device,
@@ -407,17 +405,9 @@ def export_video(model: VideoModel, tokenizer, out_dir, cfg: VideoConfig, fewste
 
 def load_video_export(d, device="cpu", dtype: torch.dtype | None = None):
     """-> (VideoModel, tokenizer, model_index)."""
-    from transformers import CLIPTextModel, PreTrainedTokenizerFast
+    from training.export import load_export
 
-    StreamDiTModel = stream_dit_class()
-    d = Path(d)
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    tr = StreamDiTModel.from_pretrained(str(d / "transformer"), torch_dtype=dtype)
-    te = CLIPTextModel.from_pretrained(str(d / "text_encoder"), dtype=dtype)
-    tok = PreTrainedTokenizerFast.from_pretrained(str(d / "tokenizer"))
-    return VideoModel(te, tr).to(device, dtype).eval(), tok, read_json(d / "model_index.json")
+    return load_export(d, device, dtype, transformer_cls=stream_dit_class(), wrapper=VideoModel)
 
 
 def config_of_export(index: dict, model: VideoModel) -> VideoConfig:
@@ -630,13 +620,8 @@ def _video_tokenizer(cfg: VideoConfig, seed: int, tiny: bool):
 def train_video_teacher(args: VideoTeacherArgs) -> Path:
     from training.loop import Trainer
 
-    budget = Budget(args.minutes, args.budget_start)
-    device = pick_device(args.device)
-    setup_torch(device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jsonl = JsonlLog(out / "video_teacher_log.jsonl")
-    torch.manual_seed(args.seed)
+    stage = Stage(args, "video_teacher_log.jsonl")
+    budget, device, out, jsonl = stage.budget, stage.device, stage.out, stage.jsonl
     preset = "tiny" if args.tiny else args.preset
     cfg = VideoConfig.from_dict(VIDEO_PRESETS[preset].to_dict())
     tokenizer = _video_tokenizer(cfg, args.seed, args.tiny)
@@ -695,12 +680,8 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
           "distillation": "none (per-frame-noise flow-matching teacher; sample with CFG and sub-steps)",
           "train_steps": trainer.step, "seed": args.seed, "preset": preset,
           "training": {"mixed_partitioning": args.sigma.to_dict(), "data": asdict(args.data), "batch": batch}}
-    exp = export_video(trainer.ema, tokenizer, out / "video_teacher", cfg, fs)
-    from training.export import summarize
-    log(f"[video-teacher] exported EMA weights: {summarize(exp)}")
-    jsonl.write(event="exported", path=str(exp), step=trainer.step)
-    jsonl.close()
-    return exp
+    return stage.exported("video-teacher", "EMA weights",
+                          export_video(trainer.ema, tokenizer, out / "video_teacher", cfg, fs), trainer.step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -857,15 +838,11 @@ def distill_video(args: VideoDistillArgs) -> Path:
     rollouts the student takes ``steps_per_rollout`` optimizer steps on ``batch`` states drawn from the
     replay buffer, so the 8 teacher forwards per state are paid once per ~4 uses instead of once per use.
     """
-    budget = Budget(args.minutes, args.budget_start)
-    device = pick_device(args.device)
-    setup_torch(device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    stage = Stage(args, "video_distill_log.jsonl")
     # the CFG search scores on CPU workers: start them (and their imports) now, behind the teacher's loading
     pool = [start_score_pool() if (args.guidance is None and not args.tiny) else None]
     try:
-        return _distill_video(args, budget, device, out, pool)
+        return _distill_video(args, stage, pool)
     finally:
         _close_pool(pool)
 
@@ -877,12 +854,11 @@ def _close_pool(holder: list) -> None:
         holder[0] = None
 
 
-def _distill_video(args: VideoDistillArgs, budget: Budget, device: torch.device, out: Path, pool: list) -> Path:
+def _distill_video(args: VideoDistillArgs, stage: Stage, pool: list) -> Path:
     from training import data as D
     from training.loop import Trainer
 
-    jsonl = JsonlLog(out / "video_distill_log.jsonl")
-    torch.manual_seed(args.seed)
+    budget, device, out, jsonl = stage.budget, stage.device, stage.out, stage.jsonl
     # teacher in the engine's precision (fp16 on CUDA, no autocast: what video-eval and the server run;
     # the export is fp16, so the fp32 student copy below has exactly the exported weights)
     teacher, tokenizer, index = load_video_export(args.teacher, device)
@@ -1049,12 +1025,8 @@ def _distill_video(args: VideoDistillArgs, budget: Budget, device: torch.device,
           "distillation": (f"moving-buffer step distillation: one Euler step per ladder level matches the teacher's "
                            f"{substeps} CFG sub-steps (on-policy rollouts, replayed targets)"),
           "train_steps": trainer.step, "seed": args.seed}
-    exp = export_video(trainer.ema, tokenizer, out / "video_student", cfg, fs)
-    from training.export import summarize
-    log(f"[video-distill] exported EMA student: {summarize(exp)}")
-    jsonl.write(event="exported", path=str(exp), step=trainer.step)
-    jsonl.close()
-    return exp
+    return stage.exported("video-distill", "EMA student",
+                          export_video(trainer.ema, tokenizer, out / "video_student", cfg, fs), trainer.step)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ class StreamPipeline(FewStepPipeline):
             raise CheckpointError(f"{ckpt.path / 'model_index.json'}: the buffer holds chunk_frames x buffer_chunks"
                                   f" = {self.buffer_frames} frames, more than the model's max_frames={max_frames}")
         self.sigmas = self.noise_levels(self.buffer_chunks)
+        self._wan_cache_per_px: float | None = None  # measured on the first session_state_estimate (Wan)
         # frames a client receives per emitted chunk: F, or through Wan's causal VAE (4x in time) 4 F, except a
         # session's first chunk: 1 + 4 (F - 1)
         self.frames_per_chunk = self.first_chunk_frames = self.chunk_frames
@@ -72,7 +73,7 @@ class StreamPipeline(FewStepPipeline):
         c, h, w = self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor
         total = 4 * c * self.buffer_frames * h * w
         if self.family == "wan":
-            if getattr(self, "_wan_cache_per_px", None) is None:
+            if self._wan_cache_per_px is None:
                 from .wan_vae import decode_continuing
 
                 z = torch.zeros(1, c, self.chunk_frames, 8, 8, device=self.device,

@@ -49,7 +49,7 @@ import torch
 
 from ..config import StreamConfig
 from ..pipeline import PromptEmbeds
-from .pipeline import StreamPipeline
+from .pipeline import StreamPipeline, tensor_bytes
 from .session import StreamChunk, StreamSession
 
 log = logging.getLogger("fewstep.engines")
@@ -125,8 +125,6 @@ class MovingBufferPolicy:
 
 def session_state_bytes(s: StreamSession) -> int:
     """Bytes of device state a session holds: its buffer and, for Wan, its causal-VAE cache."""
-    from .pipeline import tensor_bytes
-
     return tensor_bytes([s.buffer, s.decoder_state])
 
 

@@ -166,6 +166,9 @@ def test_index_path_variants_match_reference(seed, monkeypatch, full_rows_contig
     ref = block_sparse_attention_ref(q, k, v, mask, blk, blk)
     lowp = _torch_lowp(q, k, v, expand_block_mask(mask, n, n, blk, blk))
     _assert_close_by_rule(out, ref, lowp, seed, f"variant {full_rows_contiguous}/{prefetch_index}")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert (out[:, 0, blk:2 * blk] == 0).all()  # the empty row outputs zeros
+    assert out[:, 0, :blk].abs().amax() > 0  # the full row does not
 
 
 @needs_kernel
