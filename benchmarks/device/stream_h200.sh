@@ -4,7 +4,7 @@
 #     session (per-frame cost against stream length), then 1/2/4/8 concurrent sessions of 300 frames
 #  2. Wan2.1-T2V-1.3B architecture at 832x480 with a 4-step buffer (configs/wan2.1-t2v-1.3b-stream), 1/2/4/8
 #     sessions of 90 frames (8 chunks: 9 frames, then 12 per chunk)
-# Usage (repo root, on the device): bash benchmarks/device/stream_h200.sh "$OUT"
+# Usage (repo root, on the device): bash benchmarks/device/stream_h200.sh "$OUT"   (PARTS="default wan" by default)
 source "$(dirname "$0")/common.sh"
 begin_run "${1:-/tmp/out}"
 
@@ -21,6 +21,8 @@ serve() {  # serve MODEL PORT LOG [args...]: start a server and wait until it is
   echo "server not ready after ${T_READY:-240} s"; tail -5 "$log"; return 1
 }
 
+PARTS=${PARTS:-default wan}
+if [[ " $PARTS " == *" default "* ]]; then
 stamp "1. default video model"
 if serve default-video 8012 "$OUT/serve_default.log"; then
   timeout 120 python -m fewstep.server.cli bench stream http://127.0.0.1:8012 --sessions 1 --frames 10000 --fps 0 \
@@ -31,7 +33,9 @@ if serve default-video 8012 "$OUT/serve_default.log"; then
   done
 fi
 kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
+fi
 
+if [[ " $PARTS " == *" wan "* ]]; then
 stamp "2. Wan2.1-1.3B stream, 832x480"
 python -m benchmarks.random_weights benchmarks/configs/wan2.1-t2v-1.3b-stream /tmp/rwan --dtype bfloat16
 if serve /tmp/rwan 8013 "$OUT/serve_wan.log" --dtype bfloat16; then
@@ -41,4 +45,5 @@ if serve /tmp/rwan 8013 "$OUT/serve_wan.log" --dtype bfloat16; then
   done
 fi
 kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
+fi
 stamp "done"
