@@ -34,9 +34,14 @@ def device_name() -> str:
 
 
 def git_commit() -> str | None:
+    """Short HEAD, with "+dirty" when tracked files differ from it: a device copy of the work tree can carry a
+    stale HEAD under newer files, and a row must not claim a commit it did not run."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return (head + ("+dirty" if dirty else "")) or None
     except Exception:
         return None
 

@@ -78,16 +78,24 @@ def load_reports(kind: str, results: Path = HERE / "results") -> list[dict]:
     return out
 
 
+def served_model(rep: dict) -> str:
+    """The model a report measured: the request's ``model``, else what the server listed (``server_models``), else
+    the note added when a device run's JSON was copied into the results store (``server``)."""
+    listed = rep.get("server_models") or []
+    return (rep["config"].get("model") or (listed[0].get("id") if listed else None)
+            or (rep.get("server") or {}).get("model", "–").split(" ")[0])
+
+
 def http_table(reps: list[dict]) -> str:
     if not reps:
         return ""
     out = ["| GPU | model | format | concurrency | requests | img/s | p50 ms | p90 ms | p99 ms | engine total p50 "
            "| serving overhead p50 | errors | date | commit |", "|" + "---|" * 14]
-    for r in sorted(reps, key=lambda r: (r["_gpu"], r["config"].get("model") or "", r["config"]["output_format"],
+    for r in sorted(reps, key=lambda r: (r["_gpu"], served_model(r), r["config"]["output_format"],
                                          r["config"]["concurrency"] or 0)):
         c, lat, st = r["config"], r["latency_ms"] or {}, r.get("server_timings") or {}
         ov = r.get("serving_overhead_ms") or {}
-        out.append(f"| {r['_gpu']} | {c.get('model') or '–'} | {c['output_format']} | {c['concurrency']} | "
+        out.append(f"| {r['_gpu']} | {served_model(r)} | {c['output_format']} | {c['concurrency']} | "
                    f"{r['completed']} | {_fmt(r['image_throughput'])} | {_fmt(lat.get('p50'))} | "
                    f"{_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {_fmt((st.get('total_ms') or {}).get('p50'))} | "
                    f"{_fmt(ov.get('p50'))} | {r['errors']['total']} | {r['date_utc'][:10]} | "
@@ -98,11 +106,11 @@ def http_table(reps: list[dict]) -> str:
 def stream_table(reps: list[dict]) -> str:
     if not reps:
         return ""
-    out = ["| GPU | sessions | frames each | aggregate fps | fps per session p50 | TTFF p50 ms | inter-frame p99 ms "
-           "| dropped | date |", "|" + "---|" * 9]
-    for r in sorted(reps, key=lambda r: (r["_gpu"], r["config"]["sessions"], r["config"]["frames"])):
+    out = ["| GPU | model | size | sessions | frames each | aggregate fps | fps per session p50 | TTFF p50 ms "
+           "| inter-frame p99 ms | dropped | date |", "|" + "---|" * 11]
+    for r in sorted(reps, key=lambda r: (r["_gpu"], served_model(r), r["config"]["sessions"], r["config"]["frames"])):
         c = r["config"]
-        out.append(f"| {r['_gpu']} | {c['sessions']} | {c['frames']} | {_fmt(r['aggregate_fps'])} | "
+        out.append(f"| {r['_gpu']} | {served_model(r)} | {c.get('size') or 'native'} | {c['sessions']} | {c['frames']} | {_fmt(r['aggregate_fps'])} | "
                    f"{_fmt((r['fps_per_session'] or {}).get('p50'))} | {_fmt((r['ttff_ms'] or {}).get('p50'))} | "
                    f"{_fmt((r['inter_frame_ms'] or {}).get('p99'))} | {r['frames_dropped']} | {r['date_utc'][:10]} |")
     return "\n".join(out) + "\n"
@@ -217,6 +225,17 @@ ANCHORS_SD_TURBO = [
      "TensorRT UNet + VAE, tiny VAE (TAESD), stream batch, cached prompt"),
     ("plain diffusers eager, SD-Turbo 512² 1 step", "A100", 90.0, "vendor blog chart"),
 ]
+ANCHORS_SDXL = [  # SDXL-Turbo 512², 1 step, A100, read off a vendor blog chart
+    ("plain diffusers eager, SDXL-Turbo 512² 1 step", "A100", 145.0, "vendor blog chart"),
+    ("diffusers torch.compile, SDXL-Turbo 512² 1 step", "A100", 59.0, "vendor blog chart"),
+    ("diffusers ORT-TensorRT, SDXL-Turbo 512² 1 step", "A100", 45.0, "vendor blog chart"),
+]
+ANCHORS_STREAM = [  # (system, GPU, fps, time to first frame s or None, how)
+    ("Self-Forcing, Wan2.1-1.3B causal, 832×480", "H100", 17.0, 0.69, "chunk-wise autoregression + KV cache, "
+     "4 steps per chunk of 3 latent frames, DMD"),
+    ("StreamDiT, 4B, 512p", "H100", 16.0, None, "moving buffer, window attention"),
+    ("FastWan (FastVideo), Wan2.1-1.3B, 448×832", "H100", 16.0, None, "3 steps, DMD + video sparse attention"),
+]
 ANCHORS_ATTENTION = {  # N=32768, D=128, ms (ANCHORS.md, our H200, torch 2.11)
     "dense cuDNN": 10.6, "FlexAttention 50%": 9.9, "FlexAttention 75%": 5.3, "FlexAttention 90%": 2.4,
 }
@@ -241,7 +260,27 @@ def anchor_table(rows: list[dict]) -> str:
                 "text encoder + UNet + VAE, to PIL"
             out.append(f"| {label}, SD-Turbo arch. 512² 1 step | {r['gpu']} | {r['total_ms']:.1f} | "
                        f"{1000 / r['total_ms']:.0f} | {how} | measured {r['date'][:10]}, {r.get('commit') or '–'} |")
+    for name, gpu, ms, how in ANCHORS_SDXL:
+        out.append(f"| {name} | {gpu} | {ms:.1f} | {1000 / ms:.0f} | {how} | ANCHORS.md |")
+    for system, label in (("fewstep-compiled", "fewstep compiled"), ("diffusers-compile", "diffusers torch.compile"),
+                          ("diffusers-eager", "diffusers eager")):
+        r = best(system, arch="sdxl-turbo", size=512, steps=1, batch=1)
+        if r:
+            how = "2 text encoders + UNet + VAE" + (" + JPEG, cold prompt" if system.startswith("fewstep") else
+                                                   ", to PIL")
+            out.append(f"| {label}, SDXL-Turbo arch. 512² 1 step | {r['gpu']} | {r['total_ms']:.1f} | "
+                       f"{1000 / r['total_ms']:.0f} | {how} | measured {r['date'][:10]}, {r.get('commit') or '–'} |")
     text = "\n".join(out) + "\n"
+    streams = [r for r in load_reports("stream") if r["config"]["sessions"] == 1 and "wan" in served_model(r)]
+    text += ("\n| video stream | GPU | fps delivered | time to first frame s | how | source |\n"
+             "|---|---|---|---|---|---|\n")
+    for name, gpu, fps, ttff, how in ANCHORS_STREAM:
+        text += f"| {name} | {gpu} | {fps:.1f} | {_fmt(ttff, 2)} | {how} | ANCHORS.md |\n"
+    for r in streams:
+        text += (f"| fewstep, Wan2.1-1.3B arch. (random weights), {r['config'].get('size')} | {r['_gpu']} | "
+                 f"{r['aggregate_fps']:.1f} | {r['ttff_ms']['p50'] / 1e3:.2f} | moving buffer of 4 chunks × 3 latent "
+                 "frames, 1 call per 12 frames, eager, JPEG over WebSocket, 1 session | measured "
+                 f"{r['date_utc'][:10]}, {(r.get('git_commit') or '–')[:7]} |\n")
     # one run only: the newest file with section d rows at 32K tokens, head dim 128
     krows = [r for r in _kernel_rows(HERE / "results" / "kernels")
              if r.get("shape", {}).get("D") == 128 and r.get("shape", {}).get("Nq") == 32768]
@@ -360,7 +399,7 @@ def plot_concurrency(reps: list[dict], out_dir: Path) -> list[Path]:
     for r in reps:
         c = r["config"]
         if c.get("mode") == "closed" and r["completed"]:
-            series[f"{r['_gpu']} {c.get('model') or ''} {c['output_format']}"].append((c["concurrency"],
+            series[f"{r['_gpu']} {served_model(r)} {c['output_format']}"].append((c["concurrency"],
                                                                                     r["image_throughput"]))
     return _plot(out_dir, "throughput_vs_concurrency", series, "concurrent requests", "images/s (HTTP)",
                  "throughput against concurrency", logy=False)
@@ -370,8 +409,9 @@ def plot_stream_length(reps: list[dict], out_dir: Path) -> list[Path]:
     series = {}
     for r in reps:
         pts = [(int(n), ms) for n, ms in (r.get("frame_ms_by_length") or {}).items()]
-        if pts:
-            series[f"{r['_gpu']} {r['config']['sessions']} session(s)"] = pts
+        if len(pts) >= 3:  # a curve needs a long stream: 300-frame runs give two points and are in the table
+            series[f"{r['_gpu']} {served_model(r)}, {r['config']['sessions']} session(s) x "
+                   f"{r['config']['frames']} frames"] = pts
     return _plot(out_dir, "stream_frame_cost_vs_length", series, "frames streamed", "ms per frame (last 100)",
                  "per-frame cost against stream length", logy=False)
 

@@ -53,6 +53,7 @@ and is ``null`` when there are no samples.
         "prompt_file": str | null, "num_prompts": int, "prompts": [str, ...],  # first 20
         "api_key_set": bool
       },
+      "server_models": [{"id": str, "kind": ...}, ...] | null,  # GET /v1/models before the run (best effort)
       "warmup": {"requests": int, "completed": int, "errors": {str: int}},
       "num_requests": int,            # requests sent in the measured run
       "completed": int,               # 2xx with a well-formed body
@@ -568,6 +569,7 @@ async def bench_images(cfg: ImagesBenchConfig) -> dict[str, Any]:
             warm.append(await _send_one(client, cfg, headers, i, t_w, warmup=True))
 
         date_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        served = await server_models(client, cfg.endpoint, headers)
         t0 = time.perf_counter()
 
         async def send(i: int, scheduled_s: float | None) -> RequestRecord:
@@ -584,7 +586,7 @@ async def bench_images(cfg: ImagesBenchConfig) -> dict[str, Any]:
     for r in warm:
         if not r.ok:
             warm_errors[r.error or "unknown"] = warm_errors.get(r.error or "unknown", 0) + 1
-    return build_report(
+    report = build_report(
         records,
         duration_s=duration,
         config=cfg.to_report_dict(),
@@ -597,6 +599,20 @@ async def bench_images(cfg: ImagesBenchConfig) -> dict[str, Any]:
         date_utc=date_utc,
         save_requests=cfg.save_requests,
     )
+    report["server_models"] = served
+    return report
+
+
+async def server_models(client: httpx.AsyncClient, endpoint: str, headers: dict[str, str]) -> list[dict] | None:
+    """What the server says it serves (``GET /v1/models``: id, kind, sizes), recorded in the report so that a
+    result names its model even when the client ran on another machine. Best effort: None when unavailable."""
+    base = endpoint[: -len(IMAGES_PATH)] if endpoint.endswith(IMAGES_PATH) else endpoint.rstrip("/")
+    try:
+        resp = await client.get(base + "/v1/models", headers=headers, timeout=10)
+        data = resp.json().get("data") if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else None
 
 
 # ---------------------------------------------------------------------- report

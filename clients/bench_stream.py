@@ -24,7 +24,8 @@ JSON report (``--out FILE``; ``schema == "fewstep.bench.stream/v1"``)::
      "fps_per_session": {...same keys...}, "aggregate_fps": float,
      "inter_frame_ms": {...}, "chunk_interval_ms": {...},
      "per_session": [{"session_id", "seed", "frames", "ttff_ms", "fps", "dropped", "server_dropped",
-                      "chunk_frames", "error"}]}
+                      "chunk_frames", "error"}],
+     "server_models": [{"id", "kind", "chunk_frames", "fps", ...}] | None}   # GET /v1/models, best effort
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ async def bench_stream(args) -> dict[str, Any]:
     records = [SessionRecord(i, args.seed + i) for i in range(args.sessions)]
     t0 = time.perf_counter()
     async with AsyncFewstepClient(args.url, timeout=args.timeout) as client:
+        try:  # recorded so that the report names the model it measured; never fails the bench
+            served = await client.models()
+        except Exception:
+            served = None
 
         async def run(rec: SessionRecord) -> None:
             await asyncio.sleep(rec.index * args.stagger_ms / 1e3)
@@ -121,7 +126,7 @@ async def bench_stream(args) -> dict[str, Any]:
     for rec, res in zip(records, results):
         if isinstance(res, BaseException) and rec.error is None:
             rec.error = f"{type(res).__name__}: {res}"
-    return build_report(records, args, duration, date_utc)
+    return build_report(records, args, duration, date_utc) | {"server_models": served}
 
 
 LENGTHS = (100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000)

@@ -133,6 +133,9 @@ def test_bench_images_smoke(tiny_server, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     rep = json.loads(out.read_text())
     assert rep["completed"] == 20
+    # the report names what it measured (GET /v1/models), so a result copied off another machine still says so
+    listed = httpx.get(tiny_server.url + "/v1/models").json()["data"]
+    assert [m["id"] for m in rep["server_models"]] == [m["id"] for m in listed]
     lat = rep["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
 

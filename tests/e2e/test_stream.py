@@ -336,6 +336,7 @@ def test_bench_stream_reports(stream_server, tmp_path):
     for key in ("ttff_ms", "fps_per_session", "inter_frame_ms"):
         assert rep[key]["p50"] >= 0 and "p99" in rep[key]
     assert rep["aggregate_fps"] > 0
+    assert [m["kind"] for m in rep["server_models"]] == ["video"]
     assert isinstance(args, argparse.Namespace)
 
 
