@@ -29,6 +29,9 @@ class CompileConfig(BaseModel):
     cuda_graphs: bool = True
     batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16],
                                      description="a batch is padded up to the next bucket")
+    split_batches: bool = Field(True, description="run a waiting batch as the cheapest sequence of captured buckets, "
+                                "by costs timed at warm-up (GPU only), instead of padding it to one bucket: with "
+                                "buckets 1,4,16, two images run as 1+1, not as 4 with two thrown away")
     sizes: list[tuple[int, int]] = Field(default_factory=list, description="(height, width) buckets; "
                                          "empty = the model's default size")
     steps: list[int] = Field(default_factory=list, description="step counts to capture; empty = model default")

@@ -357,6 +357,20 @@ class EngineCore:
                 images += len(w.seeds)
             else:
                 keep.append(w)
+        # The backend may run these images cheaper as several sub-batches than padded to one bucket (2 images:
+        # 1+1 rather than 4 with 2 thrown away). Take only the first sub-batch, whole requests in FIFO order; the
+        # rest stay at the front of the queue for the next step, where newcomers can still join them.
+        plan = getattr(self.pipelines[head.req.model], "batch_plan", None)
+        target = plan(images, head.height, head.width, head.steps)[0] if plan else images
+        if target < images:
+            taken, images = [head], len(head.seeds)
+            for i, w in enumerate(batch[1:], 1):
+                if images + len(w.seeds) > target:  # back in the queue in arrival order, among the others
+                    keep = deque(sorted([*keep, *batch[i:]], key=lambda x: x.req.arrival))
+                    break
+                taken.append(w)
+                images += len(w.seeds)
+            batch = taken
         self._waiting = keep
         return batch
 

@@ -270,6 +270,11 @@ class FewStepPipeline:
         u, c = both.chunk(2)
         return u + consts["guidance"] * (c - u)
 
+    def batch_plan(self, n: int, height: int, width: int, steps: int) -> list[int]:
+        """Rows per sub-batch for ``n`` waiting images: eager runs any batch size as one (the compiled backend
+        overrides this with measured bucket costs)."""
+        return [n]
+
     def uses_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 1.0 and not self.time_cond_dim
 

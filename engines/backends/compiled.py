@@ -115,6 +115,8 @@ class CompiledPipeline:
         self.steps = list(cfg.steps or [pipe.default_steps])
         self.report = CompileReport()
         self._graphs: dict[tuple, StaticGraph] = {}
+        # (height, width, steps) -> {bucket: seconds}, timed at warm-up on a GPU; see batch_plan
+        self.batch_costs: dict[tuple[int, int, int], dict[int, float]] = {}
         self._warned: set[tuple] = set()
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         if cfg.cache_dir:
@@ -155,6 +157,35 @@ class CompiledPipeline:
     # -- buckets ---------------------------------------------------------------------------------------------
     def _bucket(self, n: int) -> int | None:
         return next((b for b in self.batch_buckets if b >= n), None)
+
+    def batch_plan(self, n: int, height: int, width: int, steps: int) -> list[int]:
+        """Rows per sub-batch for ``n`` waiting images (EngineCore runs the first and leaves the rest waiting).
+        One padded bucket unless warm-up timed the buckets of this shape (``batch_costs``)."""
+        costs = self.batch_costs.get((height, width, steps)) if self.cfg.split_batches else None
+        return cheapest_split(n, costs) if costs else [n]
+
+    def _time_buckets(self) -> None:
+        """Time each captured bucket end to end (prompt, denoise, decode; median of 3) per declared size and step
+        count, for ``batch_plan``. Measured, not modelled: whether 2 images are cheaper as 1+1 or padded to 4
+        depends on the GPU, the model and the size."""
+        pipe = self.pipe
+        for (h, w), steps in ((hw, s) for hw in self.sizes for s in self.steps):
+            costs = {}
+            for b in self.batch_buckets:
+                runs = []
+                for r in range(3):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    cond = self.encode_prompt([f"timing {r} {i}" for i in range(b)])
+                    uncond = self.negative_embeds([""] * b) if pipe.uses_cfg(pipe.default_guidance) else None
+                    gens = [torch.Generator().manual_seed(i) for i in range(b)]
+                    self.decode(self.denoise(cond, gens, h, w, steps, pipe.default_guidance, uncond))
+                    torch.cuda.synchronize()
+                    runs.append(time.perf_counter() - t0)
+                costs[b] = sorted(runs)[1]
+            self.batch_costs[(h, w, steps)] = costs
+            log.info("compiled backend: bucket costs at %dx%d, %d step(s): %s", w, h, steps,
+                     ", ".join(f"{b}: {1e3 * c:.1f} ms" for b, c in costs.items()))
 
     def _graph(self, key: tuple, fn: Callable, example: dict[str, torch.Tensor]) -> StaticGraph:
         g = self._graphs.get(key)
@@ -241,4 +272,26 @@ class CompiledPipeline:
             torch.cuda.synchronize()
         log.info("compiled backend: %d buckets ready in %.1f s (compile + capture)", len(jobs),
                  time.perf_counter() - t0)
+        if self.cfg.split_batches and self.cuda_graphs and len(self.batch_buckets) > 1:
+            self._time_buckets()
         return self.report
+
+
+def cheapest_split(n: int, costs: dict[int, float]) -> list[int]:
+    """Rows per sub-batch that cover ``n`` rows at the least total cost, each sub-batch padded to its bucket
+    (``costs``: bucket -> seconds). Smallest first: run back to back, the short ones finish, and answer, early.
+
+    Unbounded knapsack over n (at most max_batch_size, so tiny): best[k] = min_b costs[b] + best[k - b]."""
+    if n <= 0:
+        return []
+    best, pick = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for k in range(1, n + 1):
+        for b, c in costs.items():
+            total = c + best[max(0, k - b)]
+            if total < best[k] or (total == best[k] and b > pick[k]):  # ties: fewer, larger launches
+                best[k], pick[k] = total, b
+    rows, k = [], n
+    while k > 0:
+        rows.append(min(pick[k], k))
+        k -= pick[k]
+    return sorted(rows)

@@ -84,6 +84,9 @@ def test_cuda_graphs_match_eager_on_gpu(tiny_dir, name, size, steps, g, compile_
                           CompileConfig(compile=compile_, batch_buckets=[1, 4], sizes=[(size, size)], steps=[steps],
                                         cache_dir=None))
     cp.warmup(progress=False)
+    costs = cp.batch_costs[(size, size, steps)]  # warm-up timed both buckets for batch_plan
+    assert set(costs) == {1, 4} and all(c > 0 for c in costs.values())
+    assert sum(cp.batch_plan(3, size, size, steps)) == 3
     a = _run_gpu(eager, ["a", "b", "c"], [1, 2, 3], size, steps, g)
     b = _run_gpu(cp, ["a", "b", "c"], [1, 2, 3], size, steps, g)
     b2 = _run_gpu(cp, ["a", "b", "c"], [1, 2, 3], size, steps, g)  # a second replay of the same graphs
@@ -132,3 +135,54 @@ def test_dynamic_batch_compiles_once_for_all_buckets(tiny_dir):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
     assert graphs[False] == 6  # 3 stages x 2 buckets
     assert graphs[True] == 3
+
+
+def test_cheapest_split_against_measured_costs():
+    from fewstep.engines.backends.compiled import cheapest_split
+
+    h200 = {1: 16.0, 4: 48.6, 16: 142.0}  # SD-Turbo 512², compiled, in-process ms (benchmarks/results, 2026-11-29)
+    assert cheapest_split(1, h200) == [1]
+    assert cheapest_split(2, h200) == [1, 1]  # padded to 4: 48.6 ms for 2 images
+    assert cheapest_split(9, h200) == [1, 4, 4]  # 113 ms, against 142 for one padded 16
+    assert cheapest_split(12, h200) == [12]  # 4+4+4 would be 145.8
+    assert cheapest_split(16, h200) == [16]
+    assert cheapest_split(20, h200) == [4, 16]  # more than the largest bucket
+    # no per-launch overhead: ties go to fewer, larger launches
+    assert cheapest_split(4, {1: 1.0, 2: 2.0, 4: 4.0}) == [4]
+    assert sum(cheapest_split(7, {1: 1.0, 2: 1.5, 4: 2.5})) == 7
+
+
+def test_engine_runs_a_batch_as_the_cheapest_sub_batches(tiny_dir):
+    """Nine waiting requests over buckets 1/4/16 with the H200's cost ratios run as 1, 4, 4 (three steps, oldest
+    first), and every image equals the eager engine's for its seed."""
+    from fewstep.engines.config import BatchingConfig
+
+    def core_for(pipe):
+        return EngineCore({"m": pipe}, EngineConfig(batching=BatchingConfig(max_batch_size=16)))
+
+    def submit(core):
+        return [core.add_request(GenerateRequest(prompt=f"shape {i}", seed=i, output_format="raw"))
+                for i in range(9)]
+
+    cp = CompiledPipeline(FewStepPipeline(load_checkpoint(tiny_dir / "pixel_dit")),
+                          CompileConfig(compile=False, batch_buckets=[1, 4, 16], sizes=[(16, 16)], steps=[2]))
+    cp.warmup(progress=False)
+    assert cp.batch_costs == {}  # timed only where CUDA graphs run; here it is given
+    cp.batch_costs[(16, 16, 2)] = {1: 16.0, 4: 48.6, 16: 142.0}
+    core = core_for(cp)
+    futs = submit(core)
+    sizes = [len(core.step()) for _ in range(3)]
+    assert sizes == [1, 4, 4] and core.num_waiting == 0
+    assert [f.result().images[0].shape for f in futs] == [(16, 16, 3)] * 9
+    assert all(f.result().timings["batch_size"] == n for f, n in zip(futs, [1] + [4] * 8))
+
+    eager = core_for(FewStepPipeline(load_checkpoint(tiny_dir / "pixel_dit")))
+    ref = submit(eager)
+    assert len(eager.step()) == 9  # eager: one batch of 9
+    for a, b in zip(futs, ref):
+        assert np.abs(a.result().images[0].astype(int) - b.result().images[0].astype(int)).max() <= 1
+
+    cp.cfg = cp.cfg.model_copy(update={"split_batches": False})  # padding to one bucket, as before
+    core = core_for(cp)
+    submit(core)
+    assert len(core.step()) == 9
