@@ -34,7 +34,7 @@ if [[ " $PARTS " == *" http "* ]]; then
 stamp "2. HTTP"
 MODEL=$(python -c "from benchmarks.random_weights import build_random_checkpoint as b; import torch; print(b('$CFG', '/tmp/fewstep-bench-models/sd-turbo', torch.float16))" | tail -1)
 python -m fewstep.server.cli serve --model "$MODEL" --model-name sd-turbo-random --device cuda --port 8011 \
-  --engine "${ENGINE:-compiled}" --compile-buckets 1,4,16 --compile-sizes 512x512 --max-batch-size 16 \
+  --engine "${ENGINE:-compiled}" --compile-buckets "${BUCKETS:-1,4,16}" --compile-sizes 512x512 --max-batch-size 16 \
   --max-wait-ms 2 > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 for i in $(seq 1 "${T_READY:-420}"); do
@@ -57,7 +57,7 @@ else
 fi
 kill $SERVER
 wait $SERVER 2>/dev/null
-grep -iE "compile|warm|error" "$OUT/serve.log" | tail -8
+grep -iE "compile|warm|error|bucket costs" "$OUT/serve.log" | tail -8
 fi
 
 if [ -n "${ENCODE:-}" ]; then  # measured 2026-11-29: results/h200_image_encode.jsonl
