@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from fewstep.clients.bench import percentiles
+
 
 def load_diffusers(model_dir: str | Path, dtype: torch.dtype, device: torch.device):
     import diffusers
@@ -113,8 +115,6 @@ def bench_diffusers(model_dir, dtype, device, size, steps, batch, iters, warmup,
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    from benchmarks.pipeline_bench import rank_percentile
-
-    times.sort()
-    return {**stages, "total_ms": round(statistics.median(times), 3), "total_p90_ms": round(rank_percentile(times, 90), 3),
-            "total_p99_ms": round(rank_percentile(times, 99), 3), "first_call_s": round(first, 2)}
+    p90, p99 = percentiles(times, (90, 99))
+    return {**stages, "total_ms": round(statistics.median(times), 3), "total_p90_ms": round(p90, 3),
+            "total_p99_ms": round(p99, 3), "first_call_s": round(first, 2)}

@@ -343,35 +343,30 @@ class EngineCore:
 
     # -- schedule ----------------------------------------------------------------------------------------------
     def _schedule(self) -> list[_Work]:
-        """Pop the oldest request and every compatible one that fits (FIFO within the key). Caller holds _cv."""
+        """Take the oldest request and every compatible one that fits (FIFO within the key). Caller holds _cv."""
         if not self._waiting:
             return []
-        head = self._waiting.popleft()
-        batch, images = [head], len(head.seeds)
-        limit = self.config.batching.max_batch_size
-        keep: deque[_Work] = deque()
-        while self._waiting:
-            w = self._waiting.popleft()
-            if w.key == head.key and images + len(w.seeds) <= limit:
-                batch.append(w)
-                images += len(w.seeds)
-            else:
-                keep.append(w)
+        order = list(self._waiting)
+        head = order[0]
+
+        def fill(cap: int) -> tuple[list[_Work], int]:
+            batch, images = [head], len(head.seeds)
+            for w in order[1:]:
+                if w.key == head.key and images + len(w.seeds) <= cap:
+                    batch.append(w)
+                    images += len(w.seeds)
+            return batch, images
+
+        batch, images = fill(self.config.batching.max_batch_size)
         # The backend may run these images cheaper as several sub-batches than padded to one bucket (2 images:
-        # 1+1 rather than 4 with 2 thrown away). Take only the first sub-batch, whole requests in FIFO order; the
-        # rest stay at the front of the queue for the next step, where newcomers can still join them.
+        # 1+1 rather than 4 with 2 thrown away): take only the first sub-batch; the rest keep their place in the
+        # queue for the next step, where newcomers can still join them.
         plan = getattr(self.pipelines[head.req.model], "batch_plan", None)
         target = plan(images, head.height, head.width, head.steps)[0] if plan else images
         if target < images:
-            taken, images = [head], len(head.seeds)
-            for i, w in enumerate(batch[1:], 1):
-                if images + len(w.seeds) > target:  # back in the queue in arrival order, among the others
-                    keep = deque(sorted([*keep, *batch[i:]], key=lambda x: x.req.arrival))
-                    break
-                taken.append(w)
-                images += len(w.seeds)
-            batch = taken
-        self._waiting = keep
+            batch, _ = fill(target)
+        taken = set(map(id, batch))
+        self._waiting = deque(w for w in order if id(w) not in taken)
         return batch
 
     # -- run ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ begin_run() {  # begin_run DEST: logs, rows and reports go to $OUT; at exit they
 
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 
+wants() { [[ " $PARTS " == *" $1 "* ]]; }  # wants NAME: is NAME in the script's space-separated PARTS?
+
 # Inductor's cache turns a cold compile of SD-Turbo's three buckets (254 s) into a
 # warm one (69 s), but a lent machine starts bare. So a script returns the cache as $OUT/inductor_cache.tgz (when
 # it fits the 16 MB a returned file may have), the files are copied to out/carry/ here, and the next session's

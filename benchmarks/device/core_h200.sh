@@ -22,7 +22,7 @@ if [ -n "${PREFLIGHT:-}" ]; then  # passed on the H200 on 2026-11-29 (10 tests, 
 fi
 
 PARTS=${PARTS:-pipeline http}
-if [[ " $PARTS " == *" pipeline "* ]]; then
+if wants pipeline; then
 stamp "1. pipeline"
 timeout "${T_PIPE:-400}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 --batch 1 4 16 \
   --iters 20 --warmup 3 --format jpeg --backend eager compiled --baseline diffusers-eager diffusers-compile \
@@ -30,7 +30,7 @@ timeout "${T_PIPE:-400}" python -m benchmarks.pipeline_bench --config $CFG --siz
 fi
 
 
-if [[ " $PARTS " == *" http "* ]]; then
+if wants http; then
 stamp "2. HTTP"
 MODEL=$(python -c "from benchmarks.random_weights import build_random_checkpoint as b; import torch; print(b('$CFG', '/tmp/fewstep-bench-models/sd-turbo', torch.float16))" | tail -1)
 python -m fewstep.server.cli serve --model "$MODEL" --model-name sd-turbo-random --device cuda --port 8011 \

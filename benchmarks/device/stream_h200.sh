@@ -22,7 +22,7 @@ serve() {  # serve MODEL PORT LOG [args...]: start a server and wait until it is
 }
 
 PARTS=${PARTS:-default wan}
-if [[ " $PARTS " == *" default "* ]]; then
+if wants default; then
 stamp "1. default video model"
 if serve default-video 8012 "$OUT/serve_default.log"; then
   timeout 120 python -m fewstep.server.cli bench stream http://127.0.0.1:8012 --sessions 1 --frames 10000 --fps 0 \
@@ -35,7 +35,7 @@ fi
 kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
 fi
 
-if [[ " $PARTS " == *" wan "* ]]; then
+if wants wan; then
 stamp "2. Wan2.1-1.3B stream, 832x480"
 python -m benchmarks.random_weights benchmarks/configs/wan2.1-t2v-1.3b-stream /tmp/rwan --dtype bfloat16
 if serve /tmp/rwan 8013 "$OUT/serve_wan.log" --dtype bfloat16; then

@@ -176,16 +176,20 @@ class CompiledPipeline:
                 for r in range(3):
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    cond = self.encode_prompt([f"timing {r} {i}" for i in range(b)])
-                    uncond = self.negative_embeds([""] * b) if pipe.uses_cfg(pipe.default_guidance) else None
-                    gens = [torch.Generator().manual_seed(i) for i in range(b)]
-                    self.decode(self.denoise(cond, gens, h, w, steps, pipe.default_guidance, uncond))
+                    self._run_bucket(b, h, w, steps, pipe.default_guidance, f"timing {r}")
                     torch.cuda.synchronize()
                     runs.append(time.perf_counter() - t0)
                 costs[b] = sorted(runs)[1]
             self.batch_costs[(h, w, steps)] = costs
             log.info("compiled backend: bucket costs at %dx%d, %d step(s): %s", w, h, steps,
                      ", ".join(f"{b}: {1e3 * c:.1f} ms" for b, c in costs.items()))
+
+    def _run_bucket(self, b: int, h: int, w: int, steps: int, guidance: float, tag: str) -> None:
+        """One synthetic batch of ``b`` images through every stage (warm-up capture, bucket timing)."""
+        cond = self.encode_prompt([f"{tag} {i}" for i in range(b)])
+        uncond = self.negative_embeds([""] * b) if self.pipe.uses_cfg(guidance) else None
+        gens = [torch.Generator().manual_seed(i) for i in range(b)]
+        self.decode(self.denoise(cond, gens, h, w, steps, guidance, uncond))
 
     def _graph(self, key: tuple, fn: Callable, example: dict[str, torch.Tensor]) -> StaticGraph:
         g = self._graphs.get(key)
@@ -262,12 +266,8 @@ class CompiledPipeline:
         jobs = [(b, hw, s, c) for b in self.batch_buckets for hw in self.sizes for s in self.steps for c in cfg_modes]
         t0 = time.perf_counter()
         for b, (h, w), steps, cfg_on in tqdm(jobs, desc="compiling buckets", disable=not progress, unit="bucket"):
-            prompts = [f"warm-up {i}" for i in range(b)]
-            cond = self.encode_prompt(prompts)
-            uncond = self.negative_embeds([""] * b) if cfg_on else None
             guidance = max(pipe.default_guidance, 2.0) if cfg_on else pipe.default_guidance
-            gens = [torch.Generator().manual_seed(i) for i in range(b)]
-            self.decode(self.denoise(cond, gens, h, w, steps, guidance, uncond))
+            self._run_bucket(b, h, w, steps, guidance, "warm-up")
         if self.cuda_graphs:
             torch.cuda.synchronize()
         log.info("compiled backend: %d buckets ready in %.1f s (compile + capture)", len(jobs),
