@@ -110,7 +110,8 @@ def main() -> None:
                    "CompileConfig's)")
     p.add_argument("--dynamic-batch", action="store_true", help="compiled backend: one symbolic-batch compile")
     p.add_argument("--fuse-qkv", action="store_true", help="compiled backend: fused QKV projections")
-    p.add_argument("--channels-last", action="store_true", help="compiled backend: channels-last UNet and VAE")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="compiled backend: channels-last UNet and VAE convolutions (default: CompileConfig's, on)")
     p.add_argument("--peak-tflops", type=float, default=790.0)
     p.add_argument("--out", help="append result rows (JSON lines) here")
     a = p.parse_args()
@@ -160,8 +161,9 @@ def main() -> None:
             from fewstep.engines.backends.compiled import CompiledPipeline
             from fewstep.engines.config import CompileConfig
 
-            extra = dict({"mode": a.compile_mode} if a.compile_mode else {}, fuse_qkv=a.fuse_qkv,
-                         channels_last=a.channels_last, dynamic_batch=a.dynamic_batch)
+            extra = dict({"mode": a.compile_mode} if a.compile_mode else {},
+                         **({} if a.channels_last is None else {"channels_last": a.channels_last}),
+                         fuse_qkv=a.fuse_qkv, dynamic_batch=a.dynamic_batch)
             try:
                 runner = CompiledPipeline(pipe, CompileConfig(batch_buckets=a.batch, steps=[a.steps],
                                                               sizes=[(s, s) for s in a.size], **extra))
@@ -181,9 +183,11 @@ def main() -> None:
                     gpu_ms = r["encode_prompt_ms"] + r["denoise_ms"] + r["decode_ms"]
                     mfu = (total_gflop * batch / (gpu_ms * 1e-3) / (a.peak_tflops * 1e3)
                            if device.type == "cuda" else None)
-                    opts = ("+fqkv" if a.fuse_qkv else "") + ("+cl" if a.channels_last else "") + (
-                        "+dyn" if a.dynamic_batch else "")
-                    label = f"fewstep-{backend}" + (opts if backend == "compiled" else "")
+                    label = f"fewstep-{backend}"
+                    if backend == "compiled":  # the options actually used (+cl), whatever the default at the time
+                        c = runner.cfg
+                        label += ("+fqkv" if c.fuse_qkv else "") + ("+cl" if c.channels_last else "") + (
+                            "+dyn" if c.dynamic_batch else "")
                     emit(dict(meta, size=size, system=label, batch=batch,
                               prompt="cached" if cached else "cold", **{k: round(v, 3) for k, v in r.items()},
                               gflops_per_image=round(total_gflop, 1), mfu=None if mfu is None else round(mfu, 4),

@@ -34,8 +34,8 @@ def pipeline_table(rows: list[dict]) -> str:
     rows = [r for r in rows if "system" in r and "batch" in r]
     if not rows:
         return "_no pipeline rows yet_\n"
-    head = ("| GPU | arch | size | steps | system | batch | prompt | encode_prompt | denoise | decode | encode_image "
-            "| total ms | ms/image | MFU | date | commit |\n|" + "---|" * 16 + "\n")
+    head = ("| GPU | arch | size | steps | system | dtype | batch | prompt | encode_prompt | denoise | decode "
+            "| encode_image | total ms | ms/image | MFU | date | commit |\n|" + "---|" * 17 + "\n")
     out = []
     for r in sorted(rows, key=lambda r: (r["gpu"], r["arch"], r["size"], r["steps"], r["system"], r["batch"],
                                          r.get("prompt", ""))):
@@ -46,7 +46,8 @@ def pipeline_table(rows: list[dict]) -> str:
         encode = _fmt(r.get("encode_image_ms"))
         if r.get("decode_ms") is None and r.get("decode_encode_ms") is not None:  # see the row's note
             decode, encode = f"{r['decode_encode_ms']:.1f} (decode + encode)¹", "¹"
-        out.append(f"| {r['gpu']} | {r['arch']} | {r['size']} | {r['steps']} | {r['system']} | {r['batch']} | "
+        out.append(f"| {r['gpu']} | {r['arch']} | {r['size']} | {r['steps']} | {r['system']} | "
+                   f"{r.get('dtype') or '–'} | {r['batch']} | "
                    f"{r.get('prompt', '')} | {_fmt(r.get('encode_prompt_ms'))} | {_fmt(r.get('denoise_ms'))} | "
                    f"{decode} | {encode} | {_fmt(r.get('total_ms'))} | "
                    f"{_fmt(r['total_ms'] / r['batch'])} | {mfu_s} | "
@@ -258,7 +259,7 @@ def anchor_table(rows: list[dict]) -> str:
         if r:
             how = "text encoder + UNet + VAE + JPEG, cold prompt" if system.startswith("fewstep") else \
                 "text encoder + UNet + VAE, to PIL"
-            out.append(f"| {label}, SD-Turbo arch. 512² 1 step | {r['gpu']} | {r['total_ms']:.1f} | "
+            out.append(f"| {label}, SD-Turbo arch. 512² 1 step (`{r['system']}`, {r.get('dtype')}) | {r['gpu']} | {r['total_ms']:.1f} | "
                        f"{1000 / r['total_ms']:.0f} | {how} | measured {r['date'][:10]}, {r.get('commit') or '–'} |")
     for name, gpu, ms, how in ANCHORS_SDXL:
         out.append(f"| {name} | {gpu} | {ms:.1f} | {1000 / ms:.0f} | {how} | ANCHORS.md |")
@@ -268,7 +269,7 @@ def anchor_table(rows: list[dict]) -> str:
         if r:
             how = "2 text encoders + UNet + VAE" + (" + JPEG, cold prompt" if system.startswith("fewstep") else
                                                    ", to PIL")
-            out.append(f"| {label}, SDXL-Turbo arch. 512² 1 step | {r['gpu']} | {r['total_ms']:.1f} | "
+            out.append(f"| {label}, SDXL-Turbo arch. 512² 1 step (`{r['system']}`, {r.get('dtype')}) | {r['gpu']} | {r['total_ms']:.1f} | "
                        f"{1000 / r['total_ms']:.0f} | {how} | measured {r['date'][:10]}, {r.get('commit') or '–'} |")
     text = "\n".join(out) + "\n"
     streams = [r for r in load_reports("stream") if r["config"]["sessions"] == 1 and "wan" in served_model(r)]
@@ -399,8 +400,10 @@ def plot_concurrency(reps: list[dict], out_dir: Path) -> list[Path]:
     for r in reps:
         c = r["config"]
         if c.get("mode") == "closed" and r["completed"]:
-            series[f"{r['_gpu']} {served_model(r)} {c['output_format']}"].append((c["concurrency"],
-                                                                                    r["image_throughput"]))
+            # one curve per run (commit): two runs of one server must not zig-zag into a single line
+            run = (r.get("git_commit") or "?")[:7]
+            series[f"{r['_gpu']} {served_model(r)} {c['output_format']} @ {run}"].append(
+                (c["concurrency"], r["image_throughput"]))
     return _plot(out_dir, "throughput_vs_concurrency", series, "concurrent requests", "images/s (HTTP)",
                  "throughput against concurrency", logy=False)
 

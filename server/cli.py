@@ -56,7 +56,8 @@ def _serve(args) -> int:
                        "engine.stream.outbox_chunks": args.outbox_chunks,
                        "engine.compiled.batch_buckets": args.compile_buckets,
                        "engine.compiled.sizes": args.compile_sizes, "engine.compiled.mode": args.compile_mode,
-                       "engine.compiled.dynamic_batch": args.compile_dynamic_batch})
+                       "engine.compiled.dynamic_batch": args.compile_dynamic_batch,
+                       "engine.compiled.channels_last": args.compile_channels_last})
     cfg.model_dir()  # fail fast, with a one-line message, before the server starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(cfg)
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernels for minutes more)")
     s.add_argument("--compile-dynamic-batch", action="store_true", default=None,
                    help="compiled engine: one symbolic-batch compile for all buckets > 1 (faster start-up)")
+    s.add_argument("--compile-channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="compiled engine: NHWC convolutions in the UNet and VAE (default on: 8%% faster end to end "
+                        "for SD-Turbo on an H200)")
     s.add_argument("--attention", default=None,
                    help='DiT self-attention: "dense" (default) or "block_sparse(threshold=0.9,block=128)"')
     s.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's choice)")

@@ -124,10 +124,13 @@ class CompiledPipeline:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.cache_dir).expanduser()))
         if cfg.fuse_qkv and hasattr(pipe.denoiser, "fuse_qkv_projections"):
             pipe.denoiser.fuse_qkv_projections()
-        if cfg.channels_last:  # convolutional stages only; a DiT's linear layers are unaffected
+        if cfg.channels_last:
+            # 2-D convolutions only: NHWC is a 4-D layout (a video VAE's Conv3d would raise), and a DiT's linear
+            # layers have no layout to change. Inductor then keeps activations NHWC between convolutions.
             for module in (pipe.denoiser, pipe.vae):
-                if module is not None:
-                    module.to(memory_format=torch.channels_last)
+                for conv in (m for m in (module.modules() if module is not None else ())
+                             if isinstance(m, torch.nn.Conv2d)):
+                    conv.to(memory_format=torch.channels_last)
         import torch._dynamo as dynamo  # a bare `import torch._dynamo` here would make `torch` local to __init__
 
         # One compiled graph per bucket and stage: raise the recompile limit above the number of buckets.
