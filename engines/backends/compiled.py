@@ -125,11 +125,12 @@ class CompiledPipeline:
         if cfg.fuse_qkv and hasattr(pipe.denoiser, "fuse_qkv_projections"):
             pipe.denoiser.fuse_qkv_projections()
         if cfg.channels_last:
-            # 2-D convolutions only: NHWC is a 4-D layout (a video VAE's Conv3d would raise), and a DiT's linear
-            # layers have no layout to change. Inductor then keeps activations NHWC between convolutions.
+            # 2-D convolutions only (the 4-D weights `module.to(memory_format=...)` would convert): NHWC has no
+            # 5-D form, so a video VAE's Conv3d would raise, and a DiT's linear layers have no layout to change.
+            # Inductor then keeps activations NHWC between convolutions.
+            conv2d = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
             for module in (pipe.denoiser, pipe.vae):
-                for conv in (m for m in (module.modules() if module is not None else ())
-                             if isinstance(m, torch.nn.Conv2d)):
+                for conv in (m for m in (module.modules() if module is not None else ()) if isinstance(m, conv2d)):
                     conv.to(memory_format=torch.channels_last)
         import torch._dynamo as dynamo  # a bare `import torch._dynamo` here would make `torch` local to __init__
 
