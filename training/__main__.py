@@ -18,7 +18,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _train_common(p: argparse.ArgumentParser, minutes: float) -> None:
     _common(p)
     p.add_argument("--minutes", type=float, default=minutes,
-                   help="wall-clock budget of the stage, from process start, export included")
+                   help="wall-clock budget of the stage, from the command's start, export included")
     p.add_argument("--resume", action="store_true", help="continue from DIR/<stage>_ckpt/")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -135,6 +135,10 @@ def _tiny_eval_kw(tiny: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A stage's --minutes count from here, not from the import of training.common: called in-process (the tests,
+    # after minutes of other work) the import time would eat the budget. In a fresh `python -m training` the two
+    # differ by the import of torch (seconds), well inside the margin each stage keeps for its export.
+    started = time.time()
     args = build_parser().parse_args(argv)
     if args.cmd == "teacher":
         from training.model import DEFAULT_PRESET
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                                   ema_decay=args.ema_decay, sigma_loc=args.sigma_loc, edge_weight=args.edge_weight,
                                   seed=args.seed, compile=args.compile, max_steps=args.max_steps,
                                   ckpt_every=args.ckpt_every, workers=args.workers, device=args.device,
-                                  reuse=args.reuse, flip=args.flip))
+                                  reuse=args.reuse, flip=args.flip, budget_start=started))
     elif args.cmd == "distill":
         from training.distill import DEFAULT_GRID, DistillArgs, distill
         distill(DistillArgs(teacher=args.teacher, out=args.out, minutes=args.minutes, resume=args.resume,
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                             guidance=args.guidance, guidance_grid=tuple(args.guidance_grid or DEFAULT_GRID),
                             gen_frac=args.gen_frac, max_pairs=args.max_pairs, freeze_text=args.freeze_text,
                             seed=args.seed, compile=args.compile, max_steps=args.max_steps,
-                            ckpt_every=args.ckpt_every, device=args.device))
+                            ckpt_every=args.ckpt_every, device=args.device, budget_start=started))
     elif args.cmd == "eval":
         from training.evaluate import EvalArgs, evaluate
         kw = dict(n=args.n, batch=args.batch)
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.video:
             from training.video import (VideoDistillArgs, VideoEvalArgs, VideoTeacherArgs, distill_video,
                                         train_video_teacher, video_evaluate)
-            # each stage's budget counts from its own start (the default counts from process start)
+            # each stage's budget counts from its own start (a single-stage command: from the command's start)
             vt = train_video_teacher(VideoTeacherArgs(
                 out=str(out), minutes=args.video_teacher_minutes, tiny=args.tiny, seed=args.seed,
                 compile=args.compile, device=args.device, budget_start=time.time()))
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             out=args.out, minutes=args.minutes, resume=args.resume, tiny=args.tiny, preset=args.preset,
             batch=args.batch, lr=args.lr, ema_decay=args.ema_decay, edge_weight=args.edge_weight,
             guidance=args.guidance, seed=args.seed, compile=args.compile, max_steps=args.max_steps,
-            ckpt_every=args.ckpt_every, workers=args.workers, device=args.device))
+            ckpt_every=args.ckpt_every, workers=args.workers, device=args.device, budget_start=started))
     elif args.cmd == "video-distill":
         from training.video import VideoDistillArgs, distill_video
         distill_video(VideoDistillArgs(
@@ -208,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             batch=args.batch, lr=args.lr, substeps=args.substeps, guidance=args.guidance,
             guidance_grid=tuple(args.guidance_grid), seed=args.seed, streams=args.streams,
             steps_per_rollout=args.steps_per_rollout, replay=args.replay,
-            compile=args.compile, max_steps=args.max_steps, ckpt_every=args.ckpt_every, device=args.device))
+            compile=args.compile, max_steps=args.max_steps, ckpt_every=args.ckpt_every, device=args.device,
+            budget_start=started))
     elif args.cmd == "video-eval":
         from training.video import VideoEvalArgs, video_evaluate
         video_evaluate(VideoEvalArgs(

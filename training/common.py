@@ -57,7 +57,7 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 
 class Budget:
-    """Wall-clock budget of one stage, measured from process start (imports included)."""
+    """Wall-clock budget of one stage, from ``start`` (default: the import of this module)."""
 
     def __init__(self, minutes: float, start: float | None = None):
         self.seconds = float(minutes) * 60.0

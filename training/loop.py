@@ -118,7 +118,7 @@ class Trainer:
             self._step_run0 = self.step
             self._t_log, self._step_log = self._t_run0, self.step
             compile_s = self._t_run0 - self.budget.start
-            log(f"[{self.name}] first step done at {compile_s:.1f}s after process start "
+            log(f"[{self.name}] first step done at {compile_s:.1f}s after the stage's start "
                 "(imports, data workers, compilation)")
         if self._t_rate0 is None and self.step - self._step_run0 >= self.rate_skip:
             if self.rate_skip and self.device.type == "cuda":
