@@ -259,7 +259,8 @@ def anchor_table(rows: list[dict]) -> str:
         if r:
             how = "text encoder + UNet + VAE + JPEG, cold prompt" if system.startswith("fewstep") else \
                 "text encoder + UNet + VAE, to PIL"
-            out.append(f"| {label}, SD-Turbo arch. 512² 1 step (`{r['system']}`, {r.get('dtype')}) | {r['gpu']} | {r['total_ms']:.1f} | "
+            out.append(f"| {label}, SD-Turbo arch. 512² 1 step (`{r['system']}`, {r.get('dtype')}) | {r['gpu']} | "
+                       f"{r['total_ms']:.1f} | "
                        f"{1000 / r['total_ms']:.0f} | {how} | measured {r['date'][:10]}, {r.get('commit') or '–'} |")
     for name, gpu, ms, how in ANCHORS_SDXL:
         out.append(f"| {name} | {gpu} | {ms:.1f} | {1000 / ms:.0f} | {how} | ANCHORS.md |")
@@ -269,7 +270,8 @@ def anchor_table(rows: list[dict]) -> str:
         if r:
             how = "2 text encoders + UNet + VAE" + (" + JPEG, cold prompt" if system.startswith("fewstep") else
                                                    ", to PIL")
-            out.append(f"| {label}, SDXL-Turbo arch. 512² 1 step (`{r['system']}`, {r.get('dtype')}) | {r['gpu']} | {r['total_ms']:.1f} | "
+            out.append(f"| {label}, SDXL-Turbo arch. 512² 1 step (`{r['system']}`, {r.get('dtype')}) | {r['gpu']} | "
+                       f"{r['total_ms']:.1f} | "
                        f"{1000 / r['total_ms']:.0f} | {how} | measured {r['date'][:10]}, {r.get('commit') or '–'} |")
     text = "\n".join(out) + "\n"
     streams = [r for r in load_reports("stream") if r["config"]["sessions"] == 1 and "wan" in served_model(r)]
