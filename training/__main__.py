@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema-decay", type=float, default=0.9995)
     t.add_argument("--sigma-loc", type=float, default=0.8, help="logit-normal location of the training sigmas")
     t.add_argument("--edge-weight", type=float, default=4.0, help="shape-aware loss weight on outlines (0: MSE)")
+    t.add_argument("--low-sigma", type=float, default=0.2,
+                   help="loss weight min(1, (sigma/LOW)^2) on nearly clean samples (0: off; see teacher.py)")
+    t.add_argument("--sigma-min", type=float, default=0.02, help="smallest training sigma")
     t.add_argument("--workers", type=int, default=None, help="scene-sampling worker processes")
     t.add_argument("--reuse", type=int, default=2, help="training steps per freshly rendered batch")
     t.add_argument("--no-flip", dest="flip", action="store_false", help="no left-right flip augmentation")
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         train_teacher(TeacherArgs(out=args.out, minutes=args.minutes, resume=args.resume, tiny=args.tiny,
                                   preset=args.preset or DEFAULT_PRESET, batch=args.batch, lr=args.lr,
                                   ema_decay=args.ema_decay, sigma_loc=args.sigma_loc, edge_weight=args.edge_weight,
+                                  low_sigma=args.low_sigma, sigma_min=args.sigma_min,
                                   seed=args.seed, compile=args.compile, max_steps=args.max_steps,
                                   ckpt_every=args.ckpt_every, workers=args.workers, device=args.device,
                                   reuse=args.reuse, flip=args.flip, budget_start=started))

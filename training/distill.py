@@ -67,6 +67,7 @@ class DistillArgs:
     w_one: float = 2.0
     w_perc: float = 0.5
     w_edge: float = 4.0         # shape-aware weighting of the velocity error (see teacher.edge_map)
+    low_sigma: float = 0.2      # weight min(1, (sigma/low_sigma)^2) on nearly clean samples (teacher.low_sigma_weight)
     freeze_text: bool = False
     seed: int = 0
     compile: bool = True
@@ -208,7 +209,7 @@ def draw_sigma(B: int, g: torch.Generator, device, p_one: float, p_grid: float) 
 
 
 def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, autocast: bool,
-                w_edge: float = 0.0):
+                w_edge: float = 0.0, low_sigma: float = 0.0):
     s = sigma.view(-1, 1, 1, 1)
     xs = (1.0 - s) * x0 + s * z
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -226,6 +227,9 @@ def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, aut
     d = F.avg_pool2d(x0_pred, 2) - F.avg_pool2d(x0, 2)
     perc = d.abs().mean(dim=(1, 2, 3)) + (d ** 2).mean(dim=(1, 2, 3))
     w = 1.0 + (w_one - 1.0) * (sigma >= 0.9999).float()
+    if low_sigma > 0:  # the velocity error of a nearly clean sample is a noise-prediction error: see the teacher
+        from training.teacher import low_sigma_weight
+        mse = mse * low_sigma_weight(sigma.float(), low_sigma)
     return ((mse + w_perc * perc) * w).sum() / w.sum()
 
 
@@ -304,7 +308,7 @@ def distill(args: DistillArgs) -> Path:
 
     step_fn = guarded_train_step(
         reflow_loss, lambda f, z, x0, ids, mask, sigma: f(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc,
-                                                          use_ac, args.w_edge),
+                                                          use_ac, args.w_edge, args.low_sigma),
         args.compile and not tiny, device, "distill step", on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
     g = torch.Generator(device=device)
     log(f"[distill] training the student on {pool.n} pairs; {fmt_secs(budget.left())} left")

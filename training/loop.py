@@ -48,6 +48,7 @@ class Trainer:
         self.jsonl = jsonl or JsonlLog(self.out / f"{name}_log.jsonl")
         self.extra_state: dict = {}
         self._loss_acc: torch.Tensor | None = None
+        self._gn_acc: torch.Tensor | None = None  # summed pre-clip gradient norms since the last log line
         self._loss_n = 0
         self._last_ckpt = time.time()
         self._last_print = 0.0
@@ -103,7 +104,9 @@ class Trainer:
     def end_step(self, loss: torch.Tensor, state_fn) -> None:
         """Clip, optimiser step, EMA, counters, logging, periodic checkpoint."""
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+            # the pre-clip norm is logged: a norm far above the clip means a few samples steer every step
+            gn = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True).detach().float()
+            self._gn_acc = gn if self._gn_acc is None else self._gn_acc + gn
         self.opt.step()
         ema_update(self.ema, self.model, ema_decay_at(self.step, self.ema_decay))
         self.step += 1
@@ -143,13 +146,16 @@ class Trainer:
 
     def _flush_log(self) -> None:
         loss = float(self._loss_acc.item()) / self._loss_n  # syncs the GPU (keeps the CPU close)
+        gnorm = None if self._gn_acc is None else round(float(self._gn_acc.item()) / self._loss_n, 4)
+        self._gn_acc = None
         now = time.time()
         rate = (self.step - self._step_log) / max(1e-6, now - self._t_log)
         self._t_log, self._step_log = now, self.step
         self.last_loss = loss
         self._loss_acc, self._loss_n = None, 0
         ips = rate * self.batch
-        self.jsonl.write(step=self.step, loss=round(loss, 6), lr=self.cur_lr, steps_per_s=round(rate, 3),
+        self.jsonl.write(step=self.step, loss=round(loss, 6), grad_norm=gnorm, lr=self.cur_lr,
+                         steps_per_s=round(rate, 3),
                          img_per_s=round(ips, 1), elapsed=round(self.budget.elapsed(), 1))
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", lr=f"{self.cur_lr:.2e}")

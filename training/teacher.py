@@ -52,6 +52,8 @@ class TeacherArgs:
     ema_decay: float = 0.9995
     sigma_loc: float = 0.8      # logit-normal location (0 = median sigma 0.5; 0.8 = median 0.69)
     edge_weight: float = 4.0    # shape-aware loss: extra weight on object outlines (0 = plain MSE)
+    low_sigma: float = 0.2      # loss weight min(1, (sigma / low_sigma)^2): see low_sigma_weight (0 = off)
+    sigma_min: float = 0.02     # SIGMA_MIN: smallest training sigma
     drop_prob: float = 0.1
     reuse: int = 2              # steps per fresh rendered batch (see stream.ReplayBuffer)
     buffer_batches: int = 32    # replay buffer capacity, in batches
@@ -66,21 +68,55 @@ class TeacherArgs:
     budget_start: float | None = None    # default: process start
 
 
+#: smallest training sigma. Below ~0.02 the velocity target is the noise itself, invisible under a 1/255-step
+#: image: unlearnable, and (before the low-noise weight below) the largest gradients of the batch.
+SIGMA_MIN = 0.02
+
+
 def draw_sigma(n: int, g: torch.Generator, device, uniform_frac: float, loc: float = 0.0,
-               scale: float = 1.0) -> torch.Tensor:
+               scale: float = 1.0, sigma_min: float = SIGMA_MIN) -> torch.Tensor:
     """``n`` sigmas: ``uniform_frac`` uniform on (0, 1), the rest logit-normal(loc, scale)."""
     z = torch.randn(n, generator=g, device=device)
     u = torch.rand(n, generator=g, device=device)
     pick = torch.rand(n, generator=g, device=device) < uniform_frac
-    return torch.where(pick, u, torch.sigmoid(loc + scale * z)).clamp(1e-4, 1.0)
+    return torch.where(pick, u, torch.sigmoid(loc + scale * z)).clamp(sigma_min, 1.0)
 
 
-def sample_sigma_noise(x0: torch.Tensor, seed: int, step: int, uniform_frac: float, loc: float = 0.0):
+def sample_sigma_noise(x0: torch.Tensor, seed: int, step: int, uniform_frac: float, loc: float = 0.0,
+                       sigma_min: float = SIGMA_MIN):
     g = torch.Generator(device=x0.device)
     g.manual_seed(step_seed(seed, step, 2))
     noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=torch.float32)
-    sigma = draw_sigma(x0.shape[0], g, x0.device, uniform_frac, loc)
+    sigma = draw_sigma(x0.shape[0], g, x0.device, uniform_frac, loc, sigma_min=sigma_min)
     return noise, sigma
+
+
+def low_sigma_weight(sigma: torch.Tensor, low_sigma: float) -> torch.Tensor:
+    """Per-sample loss weight ``min(1, (sigma / low_sigma)^2)``: below ``low_sigma`` the velocity error is scored
+    as the clean-image error it causes (x0 error = sigma * v error), not as a noise-prediction error.
+
+    Why: with a plain velocity loss, the few samples of a batch with sigma < 0.15 gave 95% of the gradient norm of
+    the first H200 teacher (3.7 of 3.7-4.5; the other 123 of 128 samples: 0.10-0.14), so the global clip at 1.0
+    shrank the useful part 4x and its direction was 4-6% of the step. Shapes, decided at sigma 0.6-0.9 and the
+    weakest signal in the data, were never learnt (training/README.md, "Diagnosis, second round")."""
+    if low_sigma <= 0:
+        return torch.ones_like(sigma)
+    return (sigma / low_sigma).square().clamp(max=1.0)
+
+
+def weighted_mse(v: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, edge_weight: float,
+                 sigma: torch.Tensor | None = None, low_sigma: float = 0.0) -> torch.Tensor:
+    """Mean squared velocity error; ``edge_weight`` up-weights object outlines (normalised by the mean weight),
+    ``low_sigma`` down-weights nearly clean samples (``low_sigma_weight``; ``sigma`` per sample, or per frame
+    ``[B, T]`` for videos ``[B, T, C, H, W]``)."""
+    err = (v.float() - target) ** 2
+    if edge_weight > 0:
+        w = 1.0 + edge_weight * edge_map(x0)
+        err = err * (w / w.mean())
+    if sigma is not None and low_sigma > 0:
+        sw = low_sigma_weight(sigma.float(), low_sigma)
+        err = err * sw.reshape(*sw.shape, *([1] * (err.dim() - sw.dim())))
+    return err.mean()
 
 
 def edge_map(x0: torch.Tensor, thr: float = 0.25) -> torch.Tensor:
@@ -96,21 +132,14 @@ def edge_map(x0: torch.Tensor, thr: float = 0.25) -> torch.Tensor:
     return (e / thr).clamp(0.0, 1.0).reshape(*lead, 1, *x0.shape[-2:])
 
 
-def weighted_mse(v: torch.Tensor, target: torch.Tensor, x0: torch.Tensor, edge_weight: float) -> torch.Tensor:
-    err = (v.float() - target) ** 2
-    if edge_weight <= 0:
-        return err.mean()
-    w = 1.0 + edge_weight * edge_map(x0)
-    return (err * w).mean() / w.mean()
-
-
-def flow_loss(model, x0, ids, mask, noise, sigma, autocast: bool, edge_weight: float = 0.0):
+def flow_loss(model, x0, ids, mask, noise, sigma, autocast: bool, edge_weight: float = 0.0,
+              low_sigma: float = 0.0):
     s = sigma.view(-1, 1, 1, 1)
     xt = (1.0 - s) * x0 + s * noise
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
         v = model(xt, sigma, ids, mask)
-    return weighted_mse(v, noise - x0, x0, edge_weight)
+    return weighted_mse(v, noise - x0, x0, edge_weight, sigma, low_sigma)
 
 
 def resolve(args: TeacherArgs, device: torch.device) -> tuple[ModelConfig, int, float]:
@@ -164,7 +193,9 @@ def train_teacher(args: TeacherArgs) -> Path:
     use_ac = device.type == "cuda"
 
     step_fn = guarded_train_step(
-        flow_loss, lambda f, x0, ids, mask, noise, sigma: f(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight),
+        flow_loss,
+        lambda f, x0, ids, mask, noise, sigma: f(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight,
+                                                 args.low_sigma),
         args.compile and not args.tiny, device, "teacher step",
         on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
 
@@ -187,7 +218,7 @@ def train_teacher(args: TeacherArgs) -> Path:
                 buf.add(xb, idb, mb)
             g.manual_seed(step_seed(args.seed, k, 3))
             x0, ids, mask = buf.sample(batch, g)
-            noise, sigma = sample_sigma_noise(x0, args.seed, k, args.uniform_frac, args.sigma_loc)
+            noise, sigma = sample_sigma_noise(x0, args.seed, k, args.uniform_frac, args.sigma_loc, args.sigma_min)
             trainer.begin_step()
             loss = step_fn(x0, ids, mask, noise, sigma)
             trainer.end_step(loss, state)
@@ -200,6 +231,7 @@ def train_teacher(args: TeacherArgs) -> Path:
                "teacher_steps": TEACHER_STEPS, "train_steps": trainer.step, "seed": args.seed,
                "preset": "tiny" if args.tiny else args.preset,
                "recipe": {"batch": batch, "lr": lr, "sigma_loc": args.sigma_loc, "uniform_frac": args.uniform_frac,
-                          "edge_weight": args.edge_weight, "ema_decay": args.ema_decay}}
+                          "edge_weight": args.edge_weight, "ema_decay": args.ema_decay,
+                          "low_sigma": args.low_sigma, "sigma_min": args.sigma_min}}
     return stage.exported("teacher", "EMA weights", export_model(trainer.ema, tokenizer, out / "teacher", fewstep),
                           trainer.step)

@@ -375,7 +375,8 @@ class VideoStream:
 # Loss
 # ----------------------------------------------------------------------------------------------
 
-def video_flow_loss(model, x0, ids, mask, noise, sigma, autocast: bool, edge_weight: float = 0.0):
+def video_flow_loss(model, x0, ids, mask, noise, sigma, autocast: bool, edge_weight: float = 0.0,
+                    low_sigma: float = 0.0):
     """x0, noise: [B, T, C, H, W]; sigma: [B, T] per frame."""
     from training.teacher import weighted_mse
     s = sigma[:, :, None, None, None]
@@ -383,7 +384,7 @@ def video_flow_loss(model, x0, ids, mask, noise, sigma, autocast: bool, edge_wei
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
         v = model(xt.transpose(1, 2), sigma, ids, mask)
-    return weighted_mse(v.float().transpose(1, 2), noise - x0, x0, edge_weight)
+    return weighted_mse(v.float().transpose(1, 2), noise - x0, x0, edge_weight, sigma, low_sigma)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,6 +596,7 @@ class VideoTeacherArgs:
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     edge_weight: float = 4.0
+    low_sigma: float = 0.2      # per-frame loss weight min(1, (sigma / low_sigma)^2), as the image teacher's
     guidance: float = 3.0          # written into the export as the teacher's CFG scale
     seed: int = 0
     compile: bool = True
@@ -656,7 +658,8 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
         warm_position_cache(model, cfg, use_ac)   # else the compiled step compiles twice
     step_fn = guarded_train_step(
         video_flow_loss,
-        lambda f, x0, ids, mask, noise, sigma: f(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight),
+        lambda f, x0, ids, mask, noise, sigma: f(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight,
+                                                  args.low_sigma),
         args.compile and not args.tiny, device, "video teacher step",
         on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
     stream = VideoStream(seed=args.seed, batch=batch, cfg=cfg, split="train", device=device, start=trainer.step,

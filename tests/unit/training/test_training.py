@@ -84,6 +84,8 @@ def test_teacher_export_format(run_dir):
     assert not list(run_dir.rglob("*.pt")) and not list(run_dir.rglob("*.pkl")) and not list(run_dir.rglob("*.bin"))
     log = [json.loads(x) for x in (run_dir / "teacher_log.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in log)
+    steps = [r for r in log if "loss" in r and "event" not in r]
+    assert steps and all(r["grad_norm"] > 0 for r in steps)  # pre-clip norm, logged beside the loss
 
 
 def test_teacher_resume_continues_step(run_dir):
