@@ -179,20 +179,39 @@ def _val_metrics(model, tok, xv, cv, seed: int = 1) -> dict:
     band = (sig >= 0.5) & (sig <= 0.95)
     out = {"val_loss": float(err.mean()), "val_loss_shape_band": float(err[band].mean()),
            "val_edge_loss_shape_band": float(err_edge[band].mean())}
-    # Does the model read the shape word? The same noisy inputs in the shape band (sigma 0.6-0.9) scored with the
-    # true caption, with the shape word swapped, and with no caption: a model that ignores the word gains ~0
-    # from it (the first H200 teacher: +0.9% at sigma 0.9, against +57% for no caption).
+    return out | shape_word_gains(model, tok, xv, cv, noise, sig)
+
+
+def shape_word_gains(model, tok, xv, cv, noise, sig) -> dict:
+    """Does the model read the shape word? The same noisy inputs in the shape band (sigma 0.6-0.9) scored with the
+    true caption, with the shape word swapped, and with no caption: the relative loss increase of each. A model
+    that ignores the word gains ~0 from it (the first H200 teacher: +0.9% at sigma 0.9, +57% for no caption)."""
     xs = (1 - sig).view(-1, 1, 1, 1) * xv + sig.view(-1, 1, 1, 1) * noise
     keep = (sig >= 0.6) & (sig <= 0.9)
-    with torch.no_grad():
-        def band_loss(captions):
-            i2, m2 = tokenize(tok, captions)
-            vv = model(xs[keep], sig[keep], i2[keep], m2[keep])
-            return float(((vv - (noise - xv)[keep]) ** 2).mean())
-        true_l = band_loss(cv)
-        out["shape_word_gain"] = band_loss([swap_shape(c) for c in cv]) / true_l - 1
-        out["caption_gain"] = band_loss([""] * len(cv)) / true_l - 1
-    return out
+
+    @torch.no_grad()
+    def band_loss(captions):
+        i2, m2 = tokenize(tok, captions)
+        vv = torch.cat([model(xs[keep][i:i + 64], sig[keep][i:i + 64], i2[keep][i:i + 64], m2[keep][i:i + 64])
+                        for i in range(0, int(keep.sum()), 64)])
+        return float(((vv - (noise - xv)[keep]) ** 2).mean())
+
+    true_l = band_loss(cv)
+    return {"shape_word_gain": band_loss([swap_shape(c) for c in cv]) / true_l - 1,
+            "caption_gain": band_loss([""] * len(cv)) / true_l - 1}
+
+
+def shape_word_probe(model_dir: str, n: int = 256) -> dict:
+    """``shape_word_gains`` of an exported image teacher on ``n`` held-out single-object renders at its size."""
+    from training.export import load_export
+    model, tok, _ = load_export(model_dir, "cpu", torch.float32)
+    size = model.transformer.config.sample_size
+    xv, cv = single_object_pool(n, size, seed=12345, split="heldout")
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(xv.shape, generator=g)
+    sig = 0.6 + 0.3 * torch.rand(n, generator=g)
+    return {"model": model_dir, "n": n, **{k: round(v, 4) for k, v in
+                                             shape_word_gains(model.eval(), tok, xv, cv, noise, sig).items()}}
 
 
 def run_proxy(name: str, seconds: float, pool, val, n_samples: int, seed: int = 0,
@@ -304,6 +323,51 @@ def probe_teacher(path: str, n: int, sigmas: list[float], guidance: float, seed:
     return rows
 
 
+def gradient_split(model_dir: str, shards: list[str], lows: list[float], batch: int = 128, seed: int = 4) -> None:
+    """Where one training batch's gradient comes from: the samples below sigma 0.15 against the rest, under each
+    low-noise weight (teacher.low_sigma_weight), at an exported teacher's weights, or at the raw weights of its
+    checkpoint ``shards`` (the model the optimiser was actually stepping). One JSON line per weight."""
+    import torch.nn.functional as F
+    from safetensors import safe_open
+
+    from training import data as D
+    from training.export import load_export
+    from training.teacher import draw_sigma, edge_map, low_sigma_weight
+    model, tok, _ = load_export(model_dir, "cpu", torch.float32)
+    if shards:
+        raw = {}
+        for f in shards:
+            with safe_open(f, "pt") as fh:
+                raw.update({k[len("model."):]: fh.get_tensor(k).float() for k in fh.keys() if k.startswith("model.")})
+        for n, p in model.named_parameters():
+            p.data.copy_(raw[n])
+    rng = np.random.default_rng(seed)
+    scenes = [D.sample_scene(rng, "train") for _ in range(batch)]
+    x0 = D.render(scenes)
+    ids, mask = tokenize(tok, [sc.caption for sc in scenes])
+    g = torch.Generator().manual_seed(100)
+    noise = torch.randn(x0.shape, generator=g)
+    sig = draw_sigma(batch, g, "cpu", 0.2, 0.8)  # the teacher's default law (loc 0.8, 20% uniform, floor 0.02)
+    s = sig.view(-1, 1, 1, 1)
+    xs, w = (1 - s) * x0 + s * noise, 1 + 4.0 * edge_map(x0)
+
+    def grad(sel):
+        model.zero_grad()
+        v = model(xs, sig, ids, mask)
+        ((((v - (noise - x0)) ** 2 * w) * sel.view(-1, 1, 1, 1)).mean() / w.mean()).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    for low in lows:
+        sw = low_sigma_weight(sig, low)
+        full, useful = grad(sw), grad(sw * (sig >= 0.15).float())
+        print(json.dumps({"low_sigma": low, "samples_below_0.15": int((sig < 0.15).sum()),
+                          "grad_norm": round(float(full.norm()), 4),
+                          "part_below_0.15": round(float((full - useful).norm()), 4),
+                          "part_from_0.15": round(float(useful.norm()), 4),
+                          "cos_step_useful": round(float(F.cosine_similarity(full, useful, dim=0)), 4),
+                          "clip_1_scales_useful_by": round(min(1.0, 1.0 / float(full.norm())), 4)}), flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.study")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -319,6 +383,13 @@ def main(argv=None) -> int:
     t.add_argument("--cfg", type=float, default=4.0)
     t.add_argument("--sample", nargs="*", default=[], help="STEPS:CFG settings to sample, e.g. 25:4 100:4")
     t.add_argument("--n-samples", type=int, default=32)
+    sw = sub.add_parser("shapeword", help="does an exported teacher read the shape word? (loss gain when swapped)")
+    sw.add_argument("model")
+    sw.add_argument("--n", type=int, default=256)
+    gs = sub.add_parser("grad", help="where one batch's gradient comes from, per low-noise weight")
+    gs.add_argument("model", help="an exported teacher folder")
+    gs.add_argument("--shards", nargs="*", default=[], help="its checkpoint shards: use the raw (not EMA) weights")
+    gs.add_argument("--lows", nargs="+", type=float, default=[0.0, 0.2, 0.3])
     c = sub.add_parser("cpu")
     c.add_argument("--seconds", type=float, default=150.0)
     c.add_argument("--recipes", nargs="+", default=list(RECIPES))
@@ -333,6 +404,10 @@ def main(argv=None) -> int:
     elif a.cmd == "probe":
         cfgs = [(int(x.split(":")[0]), float(x.split(":")[1])) for x in a.sample]
         probe_teacher(a.model, a.n, a.sigmas, a.cfg, sample_cfgs=cfgs, n_samples=a.n_samples)
+    elif a.cmd == "shapeword":
+        print(json.dumps(shape_word_probe(a.model, a.n)), flush=True)
+    elif a.cmd == "grad":
+        gradient_split(a.model, a.shards, a.lows)
     elif a.cmd == "bayes":
         sig = [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
         for size in a.sizes:

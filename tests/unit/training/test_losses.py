@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from training.teacher import draw_sigma, low_sigma_weight, weighted_mse
@@ -32,3 +33,14 @@ def test_weighted_mse_applies_the_weight_per_sample_and_per_frame():
 def test_training_sigmas_start_at_sigma_min():
     s = draw_sigma(100_000, torch.Generator().manual_seed(0), "cpu", 0.2, 0.8)
     assert s.min() >= 0.02 and (s == 0.02).any()  # the floor is reached, and nothing goes below it
+
+
+def test_swap_shape_changes_only_the_shape_word():
+    from training import data as D
+    from training.study import swap_shape
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        cap = D.sample_scene(rng, "heldout").caption
+        sw = swap_shape(cap)
+        diff = [(a, b) for a, b in zip(cap.split(), sw.split()) if a != b]
+        assert len(diff) == 1 and diff[0][0] in D.SHAPES and diff[0][1] in D.SHAPES, (cap, sw)
