@@ -161,9 +161,9 @@ def main() -> None:
             from fewstep.engines.backends.compiled import CompiledPipeline
             from fewstep.engines.config import CompileConfig
 
-            extra = dict({"mode": a.compile_mode} if a.compile_mode else {},
-                         **({} if a.channels_last is None else {"channels_last": a.channels_last}),
-                         fuse_qkv=a.fuse_qkv, dynamic_batch=a.dynamic_batch)
+            # options left unset on the command line keep CompileConfig's defaults
+            extra = {k: v for k, v in dict(mode=a.compile_mode, channels_last=a.channels_last, fuse_qkv=a.fuse_qkv,
+                                           dynamic_batch=a.dynamic_batch).items() if v is not None}
             try:
                 runner = CompiledPipeline(pipe, CompileConfig(batch_buckets=a.batch, steps=[a.steps],
                                                               sizes=[(s, s) for s in a.size], **extra))

@@ -361,8 +361,7 @@ class EngineCore:
         # The backend may run these images cheaper as several sub-batches than padded to one bucket (2 images:
         # 1+1 rather than 4 with 2 thrown away): take only the first sub-batch; the rest keep their place in the
         # queue for the next step, where newcomers can still join them.
-        plan = getattr(self.pipelines[head.req.model], "batch_plan", None)
-        target = plan(images, head.height, head.width, head.steps)[0] if plan else images
+        target = self.pipelines[head.req.model].batch_plan(images, head.height, head.width, head.steps)[0]
         if target < images:
             batch, _ = fill(target)
         taken = set(map(id, batch))

@@ -74,7 +74,7 @@ class DistillArgs:
     max_steps: int | None = None
     ckpt_every: float = 60.0
     device: str = "auto"
-    budget_start: float | None = None    # default: process start
+    budget_start: float | None = None    # default: Budget's (the import of training.common)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -332,7 +332,8 @@ def gradient_split(model_dir: str, shards: list[str], lows: list[float], batch: 
 
     from training import data as D
     from training.export import load_export
-    from training.teacher import draw_sigma, edge_map, low_sigma_weight
+    from training.teacher import TeacherArgs, draw_sigma, edge_map, low_sigma_weight
+    recipe = TeacherArgs(out="")  # the teacher's default sigma law and outline weight
     model, tok, _ = load_export(model_dir, "cpu", torch.float32)
     if shards:
         raw = {}
@@ -347,9 +348,9 @@ def gradient_split(model_dir: str, shards: list[str], lows: list[float], batch: 
     ids, mask = tokenize(tok, [sc.caption for sc in scenes])
     g = torch.Generator().manual_seed(100)
     noise = torch.randn(x0.shape, generator=g)
-    sig = draw_sigma(batch, g, "cpu", 0.2, 0.8)  # the teacher's default law (loc 0.8, 20% uniform, floor 0.02)
+    sig = draw_sigma(batch, g, "cpu", recipe.uniform_frac, recipe.sigma_loc, sigma_min=recipe.sigma_min)
     s = sig.view(-1, 1, 1, 1)
-    xs, w = (1 - s) * x0 + s * noise, 1 + 4.0 * edge_map(x0)
+    xs, w = (1 - s) * x0 + s * noise, 1 + recipe.edge_weight * edge_map(x0)
 
     def grad(sel):
         model.zero_grad()

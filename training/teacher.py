@@ -65,7 +65,7 @@ class TeacherArgs:
     ckpt_every: float = 60.0
     workers: int | None = None
     device: str = "auto"
-    budget_start: float | None = None    # default: process start
+    budget_start: float | None = None    # default: Budget's (the import of training.common)
 
 
 #: smallest training sigma. Below ~0.02 the velocity target is the noise itself, invisible under a 1/255-step
