@@ -35,7 +35,7 @@ from training.common import (GuardedCompiled, JsonlLog, Stage, count_params, fmt
                              maybe_compile, step_seed)
 from training.export import export_model, load_export
 from training.loop import Trainer
-from training.model import sample, scheduler_sigmas, to_uint8_list, tokenize
+from training.model import sample, scheduler_sigmas, to_uint8_list, tokenize, uniform_sigmas
 
 # sigmas of the few-step grids the student must handle: diffusers' set_timesteps(4) with shift=1
 # (1, .667, .334, .001 -> 0) and the quarter points of linspace(1, 1/N, N) conventions.
@@ -86,10 +86,9 @@ def _ac_dtype(device: torch.device):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], noise: torch.Tensor, steps: int, guidance: float,
+def generate(model, tokenizer, prompts: list[str], noise: torch.Tensor, sig: list[float], guidance: float,
              batch: int) -> torch.Tensor:
     device = noise.device
-    sig = scheduler_sigmas(steps)
     uncond = tokenize(tokenizer, [""], device)
     outs = []
     for i in range(0, len(prompts), batch):
@@ -112,7 +111,7 @@ def search_guidance(model, tokenizer, grid, n: int, steps: int, seed: int, devic
     rows = []
     for scale in grid:
         t0 = time.time()
-        imgs = generate(model, tokenizer, prompts, noise, steps, scale, batch)
+        imgs = generate(model, tokenizer, prompts, noise, scheduler_sigmas(steps), scale, batch)
         res = adherence_of(imgs, prompts, scorer)
         rows.append({"guidance": scale, **res, "seconds": round(time.time() - t0, 2)})
         log(f"[distill] teacher @ {steps} steps, CFG {scale:g}: adherence {res.get('accuracy', float('nan')):.3f} "
@@ -330,7 +329,8 @@ def distill(args: DistillArgs) -> Path:
     quick = {}
     trainer.ema.eval()
     for n_steps in (1, 2, 4):
-        imgs = generate(trainer.ema, tokenizer, prompts, noise, n_steps, 0.0, batch=1024)
+        # the student is served on the uniform grid it was trained on (export hint flow_sigmas "uniform")
+        imgs = generate(trainer.ema, tokenizer, prompts, noise, uniform_sigmas(n_steps), 0.0, batch=1024)
         quick[n_steps] = adherence_of(imgs, prompts, scorer).get("accuracy")
         log(f"[distill] student (EMA) {n_steps}-step adherence on train-split prompts: {quick[n_steps]:.3f}")
     jsonl.write(event="student_quick_eval", n=search_n, accuracy=quick)

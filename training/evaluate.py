@@ -9,7 +9,8 @@
 * writes ``OUT/eval.json``, ``OUT/eval.md`` (table) and ``OUT/grid.png`` (prompts x models),
   ``OUT`` defaulting to the parent of ``--model``.
 
-The sampler here is the minimal one of :mod:`training.model` (Euler on the scheduler's sigmas,
+The sampler here is the minimal one of :mod:`training.model` (Euler on the sigmas the engine serves for the
+export: its scheduler config and ``flow_sigmas`` hint,
 weights in fp16 on CUDA as served, fp32 on the CPU).
 """
 
@@ -23,7 +24,7 @@ import torch
 
 from training.common import log, pick_device, read_json, setup_torch, step_seed, write_json
 from training.export import load_export
-from training.model import sample, scheduler_sigmas, to_uint8_list, tokenize
+from training.model import sample, served_sigmas, to_uint8_list, tokenize
 
 
 @dataclass
@@ -46,9 +47,8 @@ class EvalArgs:
 
 
 @torch.no_grad()
-def _generate(model, tok, prompts, noise, steps, guidance, batch) -> tuple[torch.Tensor, float]:
+def _generate(model, tok, prompts, noise, sig, guidance, batch) -> tuple[torch.Tensor, float]:
     dev = noise.device
-    sig = scheduler_sigmas(steps)
     uncond = tokenize(tok, [""], dev)
     outs = []
     if dev.type == "cuda":
@@ -105,19 +105,21 @@ def evaluate(args: EvalArgs) -> dict:
             if path not in loaded:
                 loaded = {path: load_export(path, device)}     # keep one model in memory
             model, tok, _ = loaded[path]
-            imgs, dt = _generate(model, tok, prompts, noise, steps, guidance, args.batch)
+            sig = served_sigmas(path, steps)     # exactly the schedule `fewstep serve` walks for this export
+            imgs, dt = _generate(model, tok, prompts, noise, sig, guidance, args.batch)
             # warm timing (the first call includes allocator / kernel selection warm-up)
             _, dt2 = _generate(model, tok, prompts[: min(n, args.batch)], noise[: min(n, args.batch)],
-                               steps, guidance, args.batch)
+                               sig, guidance, args.batch)
             ms = 1000.0 * dt2 / min(n, args.batch)
             t0 = time.time()
             adh = scorer.adherence(to_uint8_list(imgs), prompts)
             t_score = time.time() - t0
-            dimgs, _ = _generate(model, tok, div_list, div_noise, steps, guidance, args.batch)
+            dimgs, _ = _generate(model, tok, div_list, div_noise, sig, guidance, args.batch)
             du = to_uint8_list(dimgs)
             div = [scorer.diversity(du[i * args.div_seeds:(i + 1) * args.div_seeds])
                    for i in range(args.div_prompts)]
-            row = {"model": label, "path": str(path), "steps": steps, "guidance": guidance,
+            row = {"model": label, "path": str(path), "steps": steps, "sigmas": [round(v, 4) for v in sig],
+                   "guidance": guidance,
                    "accuracy": adh.get("accuracy"), "checks": {k: v for k, v in adh.items() if k not in ("accuracy", "n")},
                    "diversity": float(sum(div) / max(1, len(div))), "n": n,
                    "ms_per_image_batch": round(ms, 4), "batch": args.batch, "score_seconds": round(t_score, 1)}

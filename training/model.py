@@ -213,6 +213,29 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> FewstepModel:
 # Sampling (minimal; the serving engine samples the same format through its own path)
 # ----------------------------------------------------------------------------------------------
 
+def served_sigmas(model_dir, steps: int) -> list[float]:
+    """The sigmas the engine walks for the export in ``model_dir`` at ``steps`` steps, terminal 0 included:
+    its own scheduler config and its ``fewstep.flow_sigmas`` hint, through the engine's ``make_schedule``
+    (exports say "uniform": linspace(1, 0, N + 1), so a 2-step student really takes two steps)."""
+    import json
+    from pathlib import Path
+
+    from fewstep.engines.samplers import make_schedule
+
+    d = Path(model_dir)
+    index = json.loads((d / "model_index.json").read_text())
+    sched_cfg = json.loads((d / "scheduler" / "scheduler_config.json").read_text())
+    hint = index.get("fewstep", {}).get("flow_sigmas", "scheduler")
+    return make_schedule(index["scheduler"][1], sched_cfg, steps, index.get("_class_name", ""),
+                         flow_sigmas=hint).sigmas
+
+
+def uniform_sigmas(steps: int) -> list[float]:
+    """linspace(1, 0, N + 1): what ``served_sigmas`` gives for our exports (flow_sigmas "uniform"), for models
+    that exist only in memory (the distill stage's student checks)."""
+    return [1.0 - i / steps for i in range(steps)] + [0.0]
+
+
 def scheduler_sigmas(steps: int) -> list[float]:
     """The sigmas FlowMatchEulerDiscreteScheduler(shift=1).set_timesteps(steps) walks through,
     terminal 0 included. NB diffusers 0.42: linspace(1, 1/1000, N) then 0 (for N=2: 1, 0.001, 0)."""

@@ -257,3 +257,17 @@ def test_all_runs_both_chains_and_exports_both_students(tmp_path):
         assert (out / d / "model_index.json").is_file()
     assert json.loads((out / "video_student" / "model_index.json").read_text())["fewstep"]["kind"] == "video"
     assert (out / "eval.json").is_file() and (out / "video_eval.json").is_file()
+
+
+def test_eval_walks_the_served_schedule():
+    """The held-out eval samples an export on the sigmas the engine serves it with (its flow_sigmas hint): a
+    2-step student takes two real steps, not diffusers' default [1, 0.001, 0] (in effect one)."""
+    from pathlib import Path
+
+    from training.model import served_sigmas, uniform_sigmas
+
+    image = Path(__file__).resolve().parents[3] / "engines" / "default" / "image"
+    assert served_sigmas(image, 2) == [1.0, 0.5, 0.0]
+    for n in (1, 2, 3, 4, 8):
+        assert served_sigmas(image, n) == pytest.approx(uniform_sigmas(n)), n
+    assert scheduler_sigmas(2)[1] < 0.01     # what the eval walked before: the second step is a no-op
