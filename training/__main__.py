@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("teacher", help="train the flow-matching teacher from scratch")
     t.add_argument("--out", required=True)
     _train_common(t, 8.0)
-    t.add_argument("--preset", default=None, help="model preset (p2n [default] | deep8 | base | deep | p2 | tiny)")
+    t.add_argument("--preset", default=None, help="model preset (deep8 [default] | p2n | base | deep | p2 | tiny)")
     t.add_argument("--ema-decay", type=float, default=0.9995)
     t.add_argument("--sigma-loc", type=float, default=0.8, help="logit-normal location of the training sigmas")
     t.add_argument("--edge-weight", type=float, default=4.0, help="shape-aware loss weight on outlines (0: MSE)")
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--split", default="heldout", choices=["heldout", "train"])
     ve.add_argument("--out", default=None)
     ve.add_argument("--workers", type=int, default=None)
+    ve.add_argument("--div-prompts", type=int, default=4, help="diversity: the first N prompts ...")
+    ve.add_argument("--div-seeds", type=int, default=4, help="... each streamed from this many seeds (< 2: skip)")
     _common(ve)
 
     pk = sub.add_parser("pack", help="pack DIR into DEST (an $OUT folder) in <= 8 files < 16 MB")
@@ -223,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         video_evaluate(VideoEvalArgs(
             model=args.model, teacher=args.teacher, teacher_substeps=args.teacher_substeps,
             teacher_guidance=args.teacher_guidance, n=args.n, frames=args.frames, split=args.split, out=args.out,
-            seed=args.seed, tiny=args.tiny, device=args.device, workers=args.workers))
+            seed=args.seed, tiny=args.tiny, device=args.device, workers=args.workers,
+            div_prompts=args.div_prompts, div_seeds=args.div_seeds))
     elif args.cmd == "pack":
         from training.pack import pack
         pack(args.dir, args.dest, exports=args.exports, ckpt=args.ckpt)

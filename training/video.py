@@ -1050,6 +1050,8 @@ class VideoEvalArgs:
     tiny: bool = False
     device: str = "auto"
     workers: int | None = None
+    div_prompts: int = 4     # diversity: this many prompts x div_seeds seeds, each a full stream of `frames`
+    div_seeds: int = 4
 
 
 def score_stream(frames_u8: np.ndarray, caption: str, F: int) -> dict:
@@ -1071,6 +1073,23 @@ def score_stream(frames_u8: np.ndarray, caption: str, F: int) -> dict:
 
 def _score_job(a):
     return score_stream(*a)
+
+
+def chunk_diversity(vids: np.ndarray, F: int) -> dict:
+    """Per-chunk diversity across seeds for one prompt: ``vids`` uint8 ``[S, T, H, W, 3]`` (S seeds of one
+    caption). For every chunk position c, ``benchmarks.quality.diversity`` of the S chunks c (their F frames side
+    by side), then the mean over chunks, and over each half of the stream (does the spread collapse as it runs?)."""
+    from benchmarks import quality as Q
+    S, T = vids.shape[:2]
+    n_chunks = T // F
+    per = []
+    for c in range(n_chunks):
+        chunk = vids[:, c * F:(c + 1) * F]                              # [S, F, H, W, 3]
+        per.append(Q.diversity(list(np.concatenate(list(chunk.transpose(1, 0, 2, 3, 4)), axis=2))))
+    half = n_chunks // 2
+    mean = lambda v: round(float(np.mean(v)), 4) if len(v) else None  # noqa: E731
+    return {"diversity": mean(per), "diversity_first_half": mean(per[:half]) if half else mean(per),
+            "diversity_second_half": mean(per[half:]) if half else mean(per)}
 
 
 def aggregate(rows: list[dict]) -> dict:
@@ -1097,6 +1116,9 @@ def video_evaluate(args: VideoEvalArgs) -> dict:
     scenes = [D.sample_video_scene(rng, args.split) for _ in range(n)]
     prompts = [s.caption for s in scenes]
     seeds = [int(step_seed(args.seed, i, 61) % (2**31)) for i in range(n)]
+    n_div = 2 if args.tiny else args.div_prompts
+    div_prompts = prompts[:n_div] if args.div_seeds >= 2 else []
+    div_seeds = [int(step_seed(args.seed, 1000 + i, 62) % (2**31)) for i in range(len(div_prompts) * args.div_seeds)]
     configs = [("student", args.model, 1, None)]
     if args.teacher:
         # the teacher at the CFG scale the student was distilled from (unless given)
@@ -1128,6 +1150,13 @@ def video_evaluate(args: VideoEvalArgs) -> dict:
             t1 = time.time()
             rows = pool.map(_score_job, jobs) if pool is not None else [_score_job(j) for j in jobs]
             agg = aggregate(rows)
+            if div_prompts:
+                # diversity: the same prompt from div_seeds seeds, compared chunk by chunk
+                dvids, _ = generate_streams(model, tok, [p for p in div_prompts for _ in range(args.div_seeds)],
+                                            div_seeds, frames, K, F, size, substeps, guidance)
+                S = args.div_seeds
+                dv = [chunk_diversity(dvids[i * S:(i + 1) * S].numpy(), F) for i in range(len(div_prompts))]
+                agg.update({k: round(float(np.mean([d[k] for d in dv])), 4) for k in dv[0]})
             res = {"model": label, "path": str(path), "K": K, "F": F, "ladder": engine_ladder(K), "substeps": substeps,
                    "guidance": guidance, "model_calls_per_emitted_chunk": timing["model_calls_per_step"],
                    "frames": frames, "prompts": args.split, **agg, "timing": timing,
@@ -1142,7 +1171,9 @@ def video_evaluate(args: VideoEvalArgs) -> dict:
         if pool is not None:
             pool.terminate()
             pool.join()
-    result = {"n": n, "frames": frames, "split": args.split, "seed": args.seed, "device": str(device), "rows": results}
+    result = {"n": n, "frames": frames, "split": args.split, "seed": args.seed, "device": str(device), "rows": results,
+              "diversity_protocol": (f"first {len(div_prompts)} prompts x {args.div_seeds} seeds, per chunk"
+                                     if div_prompts else "not measured")}
     write_json(out / "video_eval.json", result)
     (out / "video_eval.md").write_text(video_markdown(result), encoding="utf-8")
     draw_strips(prompts[:4], strips, out / "video_strip.png")
@@ -1152,10 +1183,11 @@ def video_evaluate(args: VideoEvalArgs) -> dict:
 
 def video_markdown(result: dict) -> str:
     keys = ["chunk_adherence", "frame_strict_adherence", "identity_consistency", "frame_adherence",
-            "motion_accuracy", "color_change_accuracy", "chunk_adherence_first_half", "chunk_adherence_second_half"]
+            "motion_accuracy", "color_change_accuracy", "chunk_adherence_first_half", "chunk_adherence_second_half",
+            "diversity", "diversity_first_half", "diversity_second_half"]
     head = ["model", "K", "F", "calls/step", "cfg"] + keys + ["ms/step first->last 10%"]
     lines = [(f"Streams: {result['n']} {result['split']} prompts x {result['frames']} frames (moving buffer, "
-              f"engine policy), device {result['device']}."), "",
+              f"engine policy), device {result['device']}; diversity: {result.get('diversity_protocol', 'not measured')}."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         t = r["timing"]

@@ -225,7 +225,7 @@ def test_recipe_defaults_sizes_and_edge_loss():
     from training.video import VIDEO_PRESETS, build_video_model
 
     a = TeacherArgs(out="x")
-    assert a.preset == DEFAULT_PRESET == "p2n" and a.sigma_loc == 0.8 and a.edge_weight == 4.0
+    assert a.preset == DEFAULT_PRESET == "deep8" and a.sigma_loc == 0.8 and a.edge_weight == 4.0
     tok = build_tokenizer(data.vocabulary(), 32)
     n_img = sum(p.numel() for p in build_model(PRESETS[DEFAULT_PRESET], len(tok)).parameters())
     n_vid = sum(p.numel() for p in build_video_model(VIDEO_PRESETS["small"], len(tok)).parameters())
@@ -271,3 +271,4 @@ def test_eval_walks_the_served_schedule():
     for n in (1, 2, 3, 4, 8):
         assert served_sigmas(image, n) == pytest.approx(uniform_sigmas(n)), n
     assert scheduler_sigmas(2)[1] < 0.01     # what the eval walked before: the second step is a no-op
+    assert served_sigmas(image, 25) == uniform_sigmas(25)    # a teacher's count, beyond the engine's MAX_STEPS

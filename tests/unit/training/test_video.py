@@ -186,7 +186,22 @@ def test_video_eval_tiny(run_dir):
     fs = json.loads((run_dir / "video_student" / "model_index.json").read_text())["fewstep"]
     assert trow["guidance"] == fs["teacher_guidance_scale"] and trow["substeps"] == fs["teacher_substeps"]
     assert {"identity_consistency", "chunk_adherence", "frame_adherence"} <= set(row)
+    assert all(0.0 <= r["diversity"] <= 1.0 and "diversity_second_half" in r for r in (row, trow))
     assert (run_dir / "video_eval.json").exists() and (run_dir / "video_strip.png").exists()
+
+
+def test_chunk_diversity_compares_seeds_chunk_by_chunk():
+    """Identical streams score 0; streams that differ only in the second half score 0 there and > 0 after."""
+    from training.video import chunk_diversity
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (1, 8, 4, 4, 3), dtype=np.uint8)
+    same = np.repeat(base, 3, axis=0)
+    assert chunk_diversity(same, 2) == {"diversity": 0.0, "diversity_first_half": 0.0, "diversity_second_half": 0.0}
+    late = same.copy()
+    late[1, 4:] = 255 - late[1, 4:]                  # seed 1 departs from frame 4 on (chunks 2 and 3 of 4)
+    d = chunk_diversity(late, 2)
+    assert d["diversity_first_half"] == 0.0 and d["diversity_second_half"] > 0.1
+    assert d["diversity"] == pytest.approx(d["diversity_second_half"] / 2, abs=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------
