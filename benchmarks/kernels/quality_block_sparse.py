@@ -182,7 +182,7 @@ def image_study(model_dir: str | Path, settings: list[str], *, n: int, device: t
     from training.evaluate import _generate, _noise
     from training.export import load_export
     from training.metrics import Scorer
-    from training.model import to_uint8_list
+    from training.model import served_sigmas, to_uint8_list
 
     model, tok, index = load_export(model_dir, device)
     fs = index.get("fewstep", {})
@@ -198,7 +198,7 @@ def image_study(model_dir: str | Path, settings: list[str], *, n: int, device: t
             modules = apply_setting(model.transformer, setting, backend)
             meter = SparsityMeter(model.transformer)
             t0 = time.time()
-            imgs, _ = _generate(model, tok, prompts, noise, steps, guidance, batch)
+            imgs, _ = _generate(model, tok, prompts, noise, served_sigmas(model_dir, steps), guidance, batch)
             gen_s = time.time() - t0
             sp = meter.close()
             u8 = np.stack(to_uint8_list(imgs))
