@@ -115,6 +115,10 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=790.0)
     p.add_argument("--out", help="append result rows (JSON lines) here")
     a = p.parse_args()
+    if a.config and any(Path(a.config).rglob("*.safetensors")):
+        # random weights are built from configs only; a real checkpoint's own tokenizer would be replaced by a
+        # generic one that its text encoder cannot embed (an IndexError deep in the flop counter)
+        p.error(f"--config {a.config} holds weights: it is a checkpoint, pass it as --model {a.config}")
 
     from benchmarks.random_weights import build_random_checkpoint
     from fewstep.engines.loading import load_checkpoint

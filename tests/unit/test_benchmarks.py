@@ -70,6 +70,13 @@ def test_pipeline_bench_rows_and_report(tiny_dir, tmp_path):
     assert table.count("\n| ") >= len(rows) - 1 and "fewstep-eager" in table and "python -m benchmarks" in table
 
 
+def test_pipeline_bench_refuses_a_checkpoint_as_config(tiny_dir):
+    """--config builds random weights from a config-only directory; a checkpoint gets a usage error naming --model."""
+    p = subprocess.run([sys.executable, "-m", "benchmarks.pipeline_bench", "--config", str(tiny_dir / "sd_turbo")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "pass it as --model" in p.stderr, p.stderr[-2000:]
+
+
 def test_kernel_tables_render_the_committed_device_rows():
     from benchmarks.report import kernel_tables
 
