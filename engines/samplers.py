@@ -140,7 +140,7 @@ def sampler_kind(scheduler_class: str, pipeline_class: str = "") -> str:
 
 
 def make_schedule(scheduler_class: str, scheduler_config: dict, steps: int, pipeline_class: str = "",
-                  flow_sigmas: str = "scheduler") -> Schedule:
+                  flow_sigmas: str = "scheduler", max_steps: int = MAX_STEPS) -> Schedule:
     """Build the schedule for ``steps`` steps from the checkpoint's own scheduler config.
 
     diffusers' scheduler classes are used only as a config -> timestep-table function, so that our timesteps are
@@ -148,11 +148,12 @@ def make_schedule(scheduler_class: str, scheduler_config: dict, steps: int, pipe
 
     ``flow_sigmas="uniform"`` (a checkpoint hint) spaces FlowMatch sigmas as linspace(1, 0, N + 1): diffusers'
     own spacing, linspace(1, 1/1000, N), makes a 2-step schedule [1, 0.001, 0], which is in effect one step.
+    ``max_steps``: the serving limit; offline tools (a teacher's 25-step evaluation) raise it.
     """
     import diffusers  # local: keep `import fewstep.engines.samplers` light
 
-    if not MIN_STEPS <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be in [{MIN_STEPS}, {MAX_STEPS}], got {steps}")
+    if not MIN_STEPS <= steps <= max_steps:
+        raise ValueError(f"steps must be in [{MIN_STEPS}, {max_steps}], got {steps}")
     kind = sampler_kind(scheduler_class, pipeline_class)
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
 

@@ -221,18 +221,15 @@ def served_sigmas(model_dir, steps: int) -> list[float]:
     import json
     from pathlib import Path
 
-    from fewstep.engines.samplers import MAX_STEPS, make_schedule
+    from fewstep.engines.samplers import make_schedule
 
     d = Path(model_dir)
     index = json.loads((d / "model_index.json").read_text())
     sched_cfg = json.loads((d / "scheduler" / "scheduler_config.json").read_text())
     hint = index.get("fewstep", {}).get("flow_sigmas", "scheduler")
-    if steps > MAX_STEPS:
-        # a teacher's 25 steps: beyond what the engine serves, so the same rule by hand (equal for <= MAX_STEPS,
-        # tested)
-        return uniform_sigmas(steps) if hint == "uniform" else scheduler_sigmas(steps)
+    # max_steps: a teacher's 25 steps are beyond what the engine serves, on the same rule
     return make_schedule(index["scheduler"][1], sched_cfg, steps, index.get("_class_name", ""),
-                         flow_sigmas=hint).sigmas
+                         flow_sigmas=hint, max_steps=max(steps, 1)).sigmas
 
 
 def uniform_sigmas(steps: int) -> list[float]:

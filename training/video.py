@@ -1087,9 +1087,9 @@ def chunk_diversity(vids: np.ndarray, F: int) -> dict:
         chunk = vids[:, c * F:(c + 1) * F]                              # [S, F, H, W, 3]
         per.append(Q.diversity(list(np.concatenate(list(chunk.transpose(1, 0, 2, 3, 4)), axis=2))))
     half = n_chunks // 2
-    mean = lambda v: round(float(np.mean(v)), 4) if len(v) else None  # noqa: E731
-    return {"diversity": mean(per), "diversity_first_half": mean(per[:half]) if half else mean(per),
-            "diversity_second_half": mean(per[half:]) if half else mean(per)}
+    first, second = (per[:half], per[half:]) if half else (per, per)
+    return {k: round(float(np.mean(v)), 4) if v else None
+            for k, v in (("diversity", per), ("diversity_first_half", first), ("diversity_second_half", second))}
 
 
 def aggregate(rows: list[dict]) -> dict:
