@@ -3,7 +3,7 @@
 ::
 
     <dir>/model_index.json
-    <dir>/transformer/{config.json, diffusion_pytorch_model.safetensors}   fp16
+    <dir>/transformer/{config.json, diffusion_pytorch_model.safetensors}   fp16 (a UNet denoiser: <dir>/unet/)
     <dir>/text_encoder/{config.json, model.safetensors}                    fp16
     <dir>/tokenizer/{tokenizer.json, tokenizer_config.json, special_tokens_map.json}
     <dir>/scheduler/scheduler_config.json     FlowMatchEulerDiscreteScheduler(shift=1, 1000 steps)
@@ -23,20 +23,27 @@ from training.common import dir_bytes, read_json, write_json
 from training.model import FewstepModel
 
 PIPELINE_CLASS = "FewstepPixelPipeline"
+DENOISER_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 COMPONENT_FILES = {
-    "transformer": ("config.json", "diffusion_pytorch_model.safetensors"),
     "text_encoder": ("config.json", "model.safetensors"),
     "tokenizer": ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
     "scheduler": ("scheduler_config.json",),
 }
 
 
+def denoiser_component(d: Path) -> str:
+    """"unet" or "transformer": the denoiser folder an export (or any diffusers-style folder) has."""
+    idx = read_json(Path(d) / "model_index.json")
+    return "unet" if "unet" in idx else "transformer"
+
+
 def export_model(model: FewstepModel, tokenizer, out_dir: str | Path, fewstep: dict,
                  pipeline_class: str = PIPELINE_CLASS,
-                 transformer_entry: tuple[str, str] = ("diffusers", "PixArtTransformer2DModel")) -> Path:
+                 transformer_entry: tuple[str, str] | None = None) -> Path:
     """Export ``model`` (any dtype/device; converted to fp16 copies on the CPU) atomically.
 
-    ``model`` needs ``.transformer`` (a diffusers ModelMixin) and ``.text_encoder``; the video model
+    ``model`` needs ``.transformer`` (a diffusers ModelMixin: the denoiser) and ``.text_encoder``; the
+    denoiser's folder is ``model.denoiser_name`` ("transformer" unless it is a UNet). The video model
     (training/video.py) exports through here with ``FewstepStreamPipeline`` / ``["fewstep",
     "StreamDiTModel"]``."""
     import diffusers
@@ -55,7 +62,10 @@ def export_model(model: FewstepModel, tokenizer, out_dir: str | Path, fewstep: d
         transformer = copy.deepcopy(model.transformer).to("cpu", torch.float16).eval()
     finally:
         dlogging.set_verbosity(verbosity)
-    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+    comp = getattr(model, "denoiser_name", "transformer")
+    if transformer_entry is None:
+        transformer_entry = ("diffusers", type(transformer).__name__)
+    transformer.save_pretrained(tmp / comp, safe_serialization=True)
     text_encoder = copy.deepcopy(model.text_encoder).to("cpu", torch.float16).eval()
     text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     _drop_extra(tmp / "text_encoder", keep=COMPONENT_FILES["text_encoder"])
@@ -82,7 +92,7 @@ def export_model(model: FewstepModel, tokenizer, out_dir: str | Path, fewstep: d
     index = {
         "_class_name": pipeline_class,
         "_diffusers_version": diffusers.__version__,
-        "transformer": list(transformer_entry),
+        comp: list(transformer_entry),
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -115,16 +125,17 @@ def check_export(d: str | Path) -> dict:
 
     d = Path(d)
     idx = read_json(d / "model_index.json")
-    for k in ("_class_name", "_diffusers_version", "transformer", "text_encoder", "tokenizer",
+    den = denoiser_component(d)
+    for k in ("_class_name", "_diffusers_version", den, "text_encoder", "tokenizer",
               "scheduler", "fewstep"):
         if k not in idx:
             raise ValueError(f"model_index.json lacks {k}")
-    for comp, files in COMPONENT_FILES.items():
+    for comp, files in ((den, DENOISER_FILES), *COMPONENT_FILES.items()):
         for f in files:
             if not (d / comp / f).is_file():
                 raise ValueError(f"missing {comp}/{f}")
     n_params = {}
-    for comp, f in (("transformer", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+    for comp, f in ((den, DENOISER_FILES[1]), ("text_encoder", "model.safetensors")):
         n = 0
         with safe_open(str(d / comp / f), framework="pt") as sf:
             for key in sf.keys():
@@ -151,13 +162,15 @@ def load_export(d: str | Path, device="cpu", dtype: torch.dtype | None = None, t
     ``dtype=None`` keeps fp16 on CUDA and uses fp32 on the CPU."""
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
-    if transformer_cls is None:
-        from diffusers import PixArtTransformer2DModel as transformer_cls
     d = Path(d)
+    comp = denoiser_component(d)
+    if transformer_cls is None:
+        import diffusers
+        transformer_cls = getattr(diffusers, read_json(d / "model_index.json")[comp][1])
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-    tr = transformer_cls.from_pretrained(str(d / "transformer"), torch_dtype=dtype)
+    tr = transformer_cls.from_pretrained(str(d / comp), torch_dtype=dtype)
     te = CLIPTextModel.from_pretrained(str(d / "text_encoder"), dtype=dtype)
     tok = PreTrainedTokenizerFast.from_pretrained(str(d / "tokenizer"))
     model = wrapper(te, tr).to(device, dtype).eval()
@@ -167,7 +180,8 @@ def load_export(d: str | Path, device="cpu", dtype: torch.dtype | None = None, t
 def summarize(d: str | Path) -> str:
     info = check_export(d)
     p = info["params"]
-    return (f"{d}: transformer {p['transformer'] / 1e6:.2f}M + text_encoder {p['text_encoder'] / 1e6:.2f}M "
+    den = denoiser_component(Path(d))
+    return (f"{d}: {den} {p[den] / 1e6:.2f}M + text_encoder {p['text_encoder'] / 1e6:.2f}M "
             f"params, {info['bytes'] / 1e6:.2f} MB on disk (fp16)")
 
 

@@ -26,23 +26,31 @@ class ModelConfig:
     text_heads: int = 4
     text_ff: int = 512
     max_length: int = 32
-    # denoiser (PixArtTransformer2DModel)
+    # denoiser: "dit" = PixArtTransformer2DModel (dim/heads/layers/patch), "unet" = UNet2DConditionModel
+    # (channels/level_heads/unet_layers/attn_levels)
+    arch: str = "dit"
     dim: int = 256
     heads: int = 4
     layers: int = 4
     patch: int = 4
     size: int = 64
+    channels: tuple[int, ...] = (32, 64, 128)     # block_out_channels, one per resolution level
+    level_heads: tuple[int, ...] = (1, 2, 4)      # attention heads per level (diffusers' attention_head_dim)
+    unet_layers: int = 1                          # resnets per down block (up blocks have one more)
+    attn_levels: int = 2                          # the lowest-resolution levels get self+cross attention
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # JSON-native (lists, not tuples): checkpoints compare it with the config they stored
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        # JSON (checkpoint state, logs) stores tuples as lists
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 #: named presets; "tiny" is for CPU tests (seconds). "deep8" is the default teacher/student since the sixth session:
@@ -60,6 +68,12 @@ PRESETS: dict[str, ModelConfig] = {
     # patch 2 (32x32 tokens: a small shape spans ~5x5 tokens) at half width, 8 layers: 1.94x base
     # FLOPs, 2.91M params (5.8 MB fp16)
     "p2n": ModelConfig(dim=128, heads=2, layers=8, patch=2),
+    # convolutional: 64/32/16 px levels at 32/64/128 channels, self+cross attention at 32 and 16 px (seventh
+    # session): 4.22M + 0.61M params, 4.1 GFLOP forward (1.85x deep8). Why: every DiT so far drew ragged blobs
+    # whose outlines follow the 4x4 patch grid; convolutions draw local outlines by construction.
+    "unet": ModelConfig(arch="unet"),
+    "tiny_unet": ModelConfig(text_hidden=32, text_layers=1, text_heads=2, text_ff=64, arch="unet",
+                             channels=(16, 32), level_heads=(1, 2), attn_levels=1),
 }
 DEFAULT_PRESET = "deep8"
 
@@ -143,6 +157,28 @@ def build_text_encoder(cfg: ModelConfig, vocab_size: int):
     return CLIPTextModel(tcfg)
 
 
+def build_denoiser(cfg: ModelConfig):
+    return build_unet(cfg) if cfg.arch == "unet" else build_transformer(cfg)
+
+
+def build_unet(cfg: ModelConfig):
+    """A small pixel-space UNet2DConditionModel (no VAE): the engine serves it on its "sd" path, i.e. the text
+    encoder runs without a padding mask and the cross-attention sees all ``max_length`` positions."""
+    from diffusers import UNet2DConditionModel
+
+    n, k = len(cfg.channels), cfg.attn_levels
+    m = UNet2DConditionModel(
+        sample_size=cfg.size, in_channels=3, out_channels=3, block_out_channels=tuple(cfg.channels),
+        down_block_types=("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k,
+        up_block_types=("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k),
+        layers_per_block=cfg.unet_layers, attention_head_dim=tuple(cfg.level_heads),
+        cross_attention_dim=cfg.text_hidden, norm_num_groups=min(16, min(cfg.channels)))
+    with torch.no_grad():  # start as v = 0, as the DiT does (zero output projection)
+        nn.init.zeros_(m.conv_out.weight)
+        nn.init.zeros_(m.conv_out.bias)
+    return m
+
+
 def build_transformer(cfg: ModelConfig):
     from diffusers import PixArtTransformer2DModel
 
@@ -184,19 +220,30 @@ def init_transformer_(m: nn.Module) -> None:
 
 
 class FewstepModel(nn.Module):
-    """text encoder + denoiser; ``forward(x, sigma, ids, mask) -> velocity``."""
+    """text encoder + denoiser; ``forward(x, sigma, ids, mask) -> velocity``.
+
+    ``transformer`` holds the denoiser whatever its kind (the attribute name keeps checkpoints of the DiT runs
+    loadable); ``denoiser_name`` is its component name in the export ("transformer" or "unet")."""
 
     def __init__(self, text_encoder: nn.Module, transformer: nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
         self.transformer = transformer
+        self.is_unet = type(transformer).__name__ == "UNet2DConditionModel"
+
+    @property
+    def denoiser_name(self) -> str:
+        return "unet" if self.is_unet else "transformer"
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        # the engine's "sd" path (UNets) runs CLIP without a padding mask, as Stable Diffusion does
+        return self.text_encoder(input_ids=ids, attention_mask=None if self.is_unet else mask).last_hidden_state
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, emb: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         t = (sigma.reshape(-1).to(torch.float32) * 1000.0).expand(x.shape[0])
+        if self.is_unet:  # exactly the engine's call: no encoder mask
+            return self.transformer(x, t, encoder_hidden_states=emb, return_dict=False)[0]
         return self.transformer(hidden_states=x, encoder_hidden_states=emb, encoder_attention_mask=mask,
                                 timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
                                 return_dict=False)[0]
@@ -207,7 +254,7 @@ class FewstepModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> FewstepModel:
-    return FewstepModel(build_text_encoder(cfg, vocab_size), build_transformer(cfg))
+    return FewstepModel(build_text_encoder(cfg, vocab_size), build_denoiser(cfg))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,8 +45,8 @@ def _worker_init(vocab: dict, max_length: int, drop_prob: float) -> None:
 
 
 def _scenes_for_step(args):
-    """Worker: the scene list sample_batch would draw for this step (no rendering), plus the
-    tokenised captions after caption dropout (word-level lookup, see model.fast_tokenize)."""
+    """Worker: the scenes sample_batch would draw for this step, as ``data.scene_arrays`` (no rendering), plus
+    the tokenised captions after caption dropout (word-level lookup, see model.fast_tokenize)."""
     seed, step, batch, split = args
     from training import data
     from training.model import fast_tokenize
@@ -54,7 +54,7 @@ def _scenes_for_step(args):
     scenes = [data.sample_scene(rng, split) for _ in range(batch)]
     caps_in = drop_captions([s.caption for s in scenes], seed, step, _WORKER["drop_prob"])
     ids, mask = fast_tokenize(caps_in, _WORKER["vocab"], _WORKER["max_length"])
-    return scenes, caps_in, ids, mask
+    return data.scene_arrays(scenes), caps_in, ids, mask
 
 
 def default_workers() -> int:
@@ -79,7 +79,7 @@ class BatchStream:
         if workers is None:
             workers = default_workers() if self.threaded else 0
         self.pool = None
-        can_split = hasattr(data, "sample_scene") and hasattr(data, "render")
+        can_split = hasattr(data, "sample_scene") and hasattr(data, "render_arrays")
         if workers > 0 and can_split and self.threaded:
             import multiprocessing as mp
             self.pool = mp.get_context("spawn").Pool(
@@ -104,8 +104,8 @@ class BatchStream:
             caps_in = drop_captions(caps, self.seed, step, self.drop_prob)
             ids, mask = tokenize(self.tokenizer, caps_in)
         else:
-            scenes, caps_in, ids_np, mask_np = work
-            imgs = self.data.render(scenes, self.size, self.device)
+            arrays, caps_in, ids_np, mask_np = work
+            imgs = self.data.render_arrays(arrays, self.size, self.device)
             ids, mask = torch.from_numpy(ids_np), torch.from_numpy(mask_np)
             if not self._verified:  # the workers' fast tokenizer must equal the real one
                 ref_ids, ref_mask = tokenize(self.tokenizer, caps_in)

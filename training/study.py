@@ -126,6 +126,8 @@ PROXIES = {
     # 32x32 images, patch 4 -> 8x8 tokens (cheap on 2 CPU cores)
     "w64x4": ModelConfig(dim=64, heads=2, layers=4, patch=4, size=32, **PROXY_TEXT),
     "w48x8": ModelConfig(dim=48, heads=2, layers=8, patch=4, size=32, **PROXY_TEXT),
+    # the "unet" preset's kind at 32 px: 32/16/8 px levels, attention at 16 and 8 px
+    "u32": ModelConfig(arch="unet", size=32, channels=(32, 64, 64), level_heads=(1, 2, 2), **PROXY_TEXT),
 }
 RECIPES = {
     # name: (proxy, sigma_loc, edge_weight, batch, lr, low_sigma, sigma_min); the first five as first studied
@@ -137,6 +139,8 @@ RECIPES = {
     # second round (the low-noise weight of teacher.low_sigma_weight), with and without the outline weight
     "loc+edge+low": ("w64x4", 0.5, 4.0, 64, 1e-3, 0.2, 0.02),
     "loc+low": ("w64x4", 0.5, 0.0, 64, 1e-3, 0.2, 0.02),
+    # seventh session: the same recipe on a convolutional UNet
+    "unet,loc+edge+low": ("u32", 0.5, 4.0, 64, 1e-3, 0.2, 0.02),
 }
 
 

@@ -142,12 +142,13 @@ def flow_loss(model, x0, ids, mask, noise, sigma, autocast: bool, edge_weight: f
     return weighted_mse(v, noise - x0, x0, edge_weight, sigma, low_sigma)
 
 
-def resolve(args: TeacherArgs, device: torch.device) -> tuple[ModelConfig, int, float]:
-    preset = "tiny" if args.tiny else args.preset
+def resolve(args: TeacherArgs, device: torch.device) -> tuple[str, ModelConfig, int, float]:
+    # --tiny takes a tiny preset ("tiny", "tiny_unet") as given and swaps any other for "tiny"
+    preset = args.preset if not args.tiny or args.preset.startswith("tiny") else "tiny"
     cfg = ModelConfig.from_dict(PRESETS[preset].to_dict())
     batch = args.batch or (8 if args.tiny else 256)
     lr = args.lr or (1e-3 if args.tiny else 5e-4)
-    return cfg, batch, lr
+    return preset, cfg, batch, lr
 
 
 def train_teacher(args: TeacherArgs) -> Path:
@@ -155,7 +156,7 @@ def train_teacher(args: TeacherArgs) -> Path:
     budget, device, out, jsonl = stage.budget, stage.device, stage.out, stage.jsonl
 
     from training import data
-    cfg, batch, lr = resolve(args, device)
+    preset, cfg, batch, lr = resolve(args, device)
     n_probe = 300 if args.tiny else 3000
     cfg.max_length = required_max_length([data.train_prompts(n_probe, seed=args.seed + 17),
                                           data.heldout_prompts(n_probe // 3)])
@@ -163,7 +164,7 @@ def train_teacher(args: TeacherArgs) -> Path:
     model = build_model(cfg, len(tokenizer)).to(device)
     model.train()
     n_tr, n_te = count_params(model.transformer), count_params(model.text_encoder)
-    log(f"[teacher] device {device}, preset {'tiny' if args.tiny else args.preset}: transformer "
+    log(f"[teacher] device {device}, preset {preset}: {model.denoiser_name} "
         f"{n_tr / 1e6:.3f}M + text encoder {n_te / 1e6:.3f}M = {(n_tr + n_te) / 1e6:.3f}M params "
         f"(~{2 * (n_tr + n_te) / 1e6:.1f} MB fp16); vocab {len(tokenizer)}, max_length {cfg.max_length}; "
         f"batch {batch}, lr {lr}, sigma logit-normal loc {args.sigma_loc} (+{args.uniform_frac:.0%} uniform), "
@@ -229,7 +230,7 @@ def train_teacher(args: TeacherArgs) -> Path:
     fewstep = {"default_steps": TEACHER_STEPS, "default_guidance_scale": TEACHER_DEFAULT_GUIDANCE,
                "default_size": cfg.size, "sizes": [cfg.size], "distillation": "none (flow-matching teacher)",
                "teacher_steps": TEACHER_STEPS, "train_steps": trainer.step, "seed": args.seed,
-               "preset": "tiny" if args.tiny else args.preset,
+               "preset": preset,
                "recipe": {"batch": batch, "lr": lr, "sigma_loc": args.sigma_loc, "uniform_frac": args.uniform_frac,
                           "edge_weight": args.edge_weight, "ema_decay": args.ema_decay,
                           "low_sigma": args.low_sigma, "sigma_min": args.sigma_min}}

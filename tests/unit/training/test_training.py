@@ -272,3 +272,55 @@ def test_eval_walks_the_served_schedule():
         assert served_sigmas(image, n) == pytest.approx(uniform_sigmas(n)), n
     assert scheduler_sigmas(2)[1] < 0.01     # what the eval walked before: the second step is a no-op
     assert served_sigmas(image, 25) == pytest.approx(uniform_sigmas(25))  # a teacher's count, beyond MAX_STEPS
+
+
+def test_unet_teacher_exports_and_the_engine_serves_it_as_trained(tmp_path):
+    """A UNet denoiser (preset "unet", tiny here) exports to ``unet/`` and the engine's ordinary checkpoint path
+    (its "sd" branch: CLIP without a padding mask, no cross-attention mask) samples exactly what the training
+    model samples from the same noise."""
+    from fewstep.engines.loading import load_checkpoint
+    from fewstep.engines.pipeline import FewStepPipeline
+    from training.export import check_export, load_export
+    from training.model import sample, served_sigmas
+
+    assert main(["teacher", "--tiny", "--preset", "tiny_unet", "--device", "cpu", "--out", str(tmp_path),
+                 "--max-steps", "2"]) == 0
+    d = tmp_path / "teacher"
+    idx = json.loads((d / "model_index.json").read_text())
+    assert idx["unet"] == ["diffusers", "UNet2DConditionModel"] and "transformer" not in idx
+    assert check_export(d)["params"]["unet"] > 0
+    model, tok, _ = load_export(d, "cpu", torch.float32)
+    assert model.denoiser_name == "unet"
+    pipe = FewStepPipeline(load_checkpoint(d))
+    assert pipe.denoiser_name == "unet" and pipe.default_size == 64
+    prompts, seeds = ["a red circle left of a blue square on a white background", "a green star"], [3, 4]
+    # the call contract in float: the same text embeddings (all positions, pads included) and the same velocity
+    ids, mask = tokenize(tok, prompts)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        emb = model.encode(ids, mask)
+        served = pipe.encode_prompt(prompts)
+        assert served.mask is None and torch.allclose(served.embeds.float(), emb, atol=1e-5)
+        # a masked encoder (the DiT path) would differ at the padded positions the UNet attends to
+        assert not torch.allclose(model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, emb,
+                                  atol=1e-3)
+        v = model.denoise(x, torch.tensor([0.7, 0.7]), emb, mask)
+        v_served = pipe._model(x, 700.0, served, pipe.conditioning(2, 64, 64, 0.0)).float()
+        assert torch.allclose(v, v_served, atol=1e-5) and v.abs().max() > 0
+    for steps in (1, 2):
+        ours_u8 = pipe(prompts, seeds, steps=steps, guidance_scale=0.0).numpy()
+        z = torch.cat([torch.randn((1, 3, 64, 64), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+        x = sample(model, ids, mask, z, served_sigmas(d, steps))
+        ref_u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert np.abs(ours_u8.astype(int) - ref_u8.astype(int)).max() <= 1, steps
+
+
+def test_stream_workers_send_what_sample_batch_renders():
+    """Data workers send scene arrays instead of scenes; rendering them gives sample_batch's images exactly."""
+    from training import stream
+    tok = build_tokenizer(data.vocabulary(), 32)
+    stream._worker_init(dict(tok.get_vocab()), 32, 0.0)
+    arrays, caps, ids, mask = stream._scenes_for_step((0, 5, 16, "train"))
+    imgs, ref_caps = data.sample_batch(stream.batch_rng(0, 5), 16, 64, "train")
+    assert caps == ref_caps
+    assert torch.equal(data.render_arrays(arrays, 64), imgs)
