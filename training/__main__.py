@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("teacher", help="train the flow-matching teacher from scratch")
     t.add_argument("--out", required=True)
     _train_common(t, 8.0)
-    t.add_argument("--preset", default=None, help="model preset (deep8 [default] | p2n | base | deep | p2 | tiny)")
+    t.add_argument("--preset", default=None, help="model preset (unet [default] | deep8 | p2n | base | deep | p2 | tiny | tiny_unet)")
     t.add_argument("--ema-decay", type=float, default=0.9995)
     t.add_argument("--sigma-loc", type=float, default=0.8, help="logit-normal location of the training sigmas")
     t.add_argument("--edge-weight", type=float, default=4.0, help="shape-aware loss weight on outlines (0: MSE)")
@@ -49,10 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher", required=True, help="exported teacher directory (DIR/teacher)")
     d.add_argument("--out", required=True)
     _train_common(d, 4.0)
-    d.add_argument("--teacher-steps", type=int, default=None, help="Euler steps for teacher pairs (25)")
+    d.add_argument("--teacher-steps", type=int, default=None, help="Euler steps for teacher pairs (12)")
     d.add_argument("--guidance", type=float, default=None, help="CFG scale for the pairs (default: search)")
     d.add_argument("--guidance-grid", type=float, nargs="+", default=None)
-    d.add_argument("--gen-frac", type=float, default=0.5, help="fraction of the budget spent making pairs")
+    d.add_argument("--gen-frac", type=float, default=0.25, help="fraction of the budget spent making pairs")
+    d.add_argument("--p-one", type=float, default=0.7, help="fraction of student samples drawn at sigma 1 (one step)")
+    d.add_argument("--compile", dest="compile", action="store_true", help="torch.compile the sampler and the step")
+    d.set_defaults(compile=False)  # see DistillArgs.compile
     d.add_argument("--max-pairs", type=int, default=None)
     d.add_argument("--freeze-text", action="store_true")
 
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         distill(DistillArgs(teacher=args.teacher, out=args.out, minutes=args.minutes, resume=args.resume,
                             tiny=args.tiny, batch=args.batch, lr=args.lr, teacher_steps=args.teacher_steps,
                             guidance=args.guidance, guidance_grid=tuple(args.guidance_grid or DEFAULT_GRID),
-                            gen_frac=args.gen_frac, max_pairs=args.max_pairs, freeze_text=args.freeze_text,
+                            gen_frac=args.gen_frac, p_one=args.p_one, max_pairs=args.max_pairs,
+                            freeze_text=args.freeze_text,
                             seed=args.seed, compile=args.compile, max_steps=args.max_steps,
                             ckpt_every=args.ckpt_every, device=args.device, budget_start=started))
     elif args.cmd == "eval":
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                                          seed=args.seed, compile=args.compile, device=args.device,
                                          budget_start=time.time(), **preset))
         sdir = distill(DistillArgs(teacher=str(tdir), out=str(out), minutes=args.distill_minutes,
-                                   tiny=args.tiny, seed=args.seed, compile=args.compile, device=args.device,
+                                   tiny=args.tiny, seed=args.seed, device=args.device,   # eager: DistillArgs.compile
                                    budget_start=time.time()))
         kw = dict(n=args.n)
         kw.update(_tiny_eval_kw(args.tiny))
