@@ -1,4 +1,4 @@
-"""CPU-side evidence for the image recipe (``python -m training.study {flops,bayes,cpu}``).
+"""CPU-side evidence for the image recipe (``python -m training.study {flops,bayes,probe,shapeword,grad,relations,cpu}``).
 
 * ``flops``: parameters, fp16 size and forward FLOPs per 64x64 image (``torch.utils.flop_counter``)
   of every preset, with an H200 throughput estimate scaled from the measured img/s of the preset
@@ -11,6 +11,8 @@
 * ``probe MODEL``: the detector on a trained teacher's one-step x0 predictions from noised held-out
   renders at fixed sigma (is the shape rendered once the layout is given?) and on its samples at a
   few (steps, CFG) settings.
+* ``relations MODEL``: which position phrases fail: per absolute position ("at the top") and per pairwise
+  relation ("left of"), how often it holds on held-out samples, and how often the opposite relation holds instead.
 * ``cpu``: a small convergence study at 32x32 pixels on single-object scenes: proxy models trained
   for the same CPU time each (process CPU seconds: the machine is shared), scored by a fixed validation flow loss (overall, in the
   shape band sigma in [0.5, 0.95], and on object outlines) and by the detector
@@ -373,6 +375,47 @@ def gradient_split(model_dir: str, shards: list[str], lows: list[float], batch: 
                           "clip_1_scales_useful_by": round(min(1.0, 1.0 / float(full.norm())), 4)}), flush=True)
 
 
+@torch.no_grad()
+def relation_breakdown(model_dir: str, steps: int, n: int, guidance: float = 0.0, seed: int = 0) -> dict:
+    """Where the position check fails: per absolute position phrase and per pairwise relation of ``n`` held-out
+    prompts, the rate at which it holds, and (relations) how often the opposite relation holds instead. Only images
+    whose objects were all matched by the detector count. Samples walk the served sigmas from the CPU noise."""
+    from benchmarks import quality as Q
+    from training import data as D
+    from training.export import load_export
+    from training.model import served_sigmas, to_uint8_list
+
+    model, tok, _ = load_export(model_dir, "cpu", torch.float32)
+    prompts = D.heldout_prompts(n, seed=seed)
+    z = torch.randn((n, 3, 64, 64), generator=torch.Generator().manual_seed(seed + 1))
+    ids, mask = tokenize(tok, prompts)
+    sig = served_sigmas(model_dir, steps)
+    x = torch.cat([sample(model, ids[i:i + 64], mask[i:i + 64], z[i:i + 64], sig, guidance, tokenize(tok, [""]))
+                   for i in range(0, n, 64)])
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    rows: dict[str, list[int]] = {}
+    unmatched = 0
+    for im, p in zip(to_uint8_list(x), prompts):
+        spec = Q.parse_caption(p)
+        a = Q._assign(spec, Q.detect(im))
+        if any(d is None for d in a):
+            unmatched += 1
+            continue
+        for o, d in zip(spec.objects, a):
+            if o.position is not None:
+                r = rows.setdefault(f"at {o.position}", [0, 0, 0])
+                r[0] += Q.position_of(d.cx, d.cy) == o.position
+                r[1] += 1
+        for i, rel, j in spec.relations:
+            r = rows.setdefault(rel, [0, 0, 0])
+            r[0] += Q.relation_holds(a[i], rel, a[j])
+            r[1] += 1
+            r[2] += Q.relation_holds(a[i], opposite[rel], a[j])
+    return {"model": model_dir, "steps": steps, "guidance": guidance, "n": n, "unmatched": unmatched,
+            "rows": {k: {"holds": round(v[0] / v[1], 3), "n": v[1], "opposite_holds": round(v[2] / v[1], 3)}
+                     for k, v in sorted(rows.items())}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.study")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -395,6 +438,11 @@ def main(argv=None) -> int:
     gs.add_argument("model", help="an exported teacher folder")
     gs.add_argument("--shards", nargs="*", default=[], help="its checkpoint shards: use the raw (not EMA) weights")
     gs.add_argument("--lows", nargs="+", type=float, default=[0.0, 0.2, 0.3])
+    rl = sub.add_parser("relations", help="position check failures per phrase: absolute positions vs relations")
+    rl.add_argument("model")
+    rl.add_argument("--steps", type=int, default=1)
+    rl.add_argument("--n", type=int, default=512)
+    rl.add_argument("--cfg", type=float, default=0.0)
     c = sub.add_parser("cpu")
     c.add_argument("--seconds", type=float, default=150.0)
     c.add_argument("--recipes", nargs="+", default=list(RECIPES))
@@ -411,6 +459,8 @@ def main(argv=None) -> int:
         probe_teacher(a.model, a.n, a.sigmas, a.cfg, sample_cfgs=cfgs, n_samples=a.n_samples)
     elif a.cmd == "shapeword":
         print(json.dumps(shape_word_probe(a.model, a.n)), flush=True)
+    elif a.cmd == "relations":
+        print(json.dumps(relation_breakdown(a.model, a.steps, a.n, a.cfg)), flush=True)
     elif a.cmd == "grad":
         gradient_split(a.model, a.shards, a.lows)
     elif a.cmd == "bayes":
