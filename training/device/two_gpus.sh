@@ -1,0 +1,40 @@
+#!/bin/bash
+# Two image-training runs side by side on nvidia-h200-x2, one per GPU (the seventh session's calls, generalised).
+# Run from the repo root on the device, after `source .whl/preamble.sh`:
+#   bash training/device/two_gpus.sh teacher "--preset unet4" "--preset unet --batch 512"
+#   TEACHER=out/carry/u bash training/device/two_gpus.sh distill "" "--lr 2e-4"
+# Each run i (a, b) trains into out/<i>, packs its export into $OUT/<i> at once (it survives a later timeout), runs
+# the held-out eval (a teacher at 25 steps, or a student at 1/2/4 steps with its teacher) and repacks the logs.
+# $OUT gets 3 files per run (export tar, meta tar, run.log), plus setup.log.
+set -u
+export PYTHONUNBUFFERED=1
+stage=$1; flags_a=$2; flags_b=$3
+python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/setup.log 2>&1
+python -c "import fewstep.engines" 2>>$OUT/setup.log || {
+  # seventh session: `pip install -e .` reported success, yet fewstep did not import; a namespace shim does
+  mkdir -p /tmp/shim/fewstep
+  for p in server engines kernels clients; do ln -sfn "$PWD/$p" /tmp/shim/fewstep/$p; done
+  export PYTHONPATH=/tmp/shim:$PYTHONPATH
+  echo "fewstep: namespace shim" >> $OUT/setup.log
+}
+one() {  # GPU NAME FLAGS
+  local g=$1 d=$2 flags=$3
+  mkdir -p $OUT/$d out/$d
+  if [ "$stage" = teacher ]; then
+    CUDA_VISIBLE_DEVICES=$g python -m training teacher --out out/$d --minutes 8 $flags > $OUT/$d/run.log 2>&1
+    python -m training pack out/$d $OUT/$d --exports teacher >> $OUT/$d/run.log 2>&1
+    CUDA_VISIBLE_DEVICES=$g timeout 120 python -m training eval --model out/$d/teacher --steps 25 --n 512 \
+      --out out/$d >> $OUT/$d/run.log 2>&1
+  else
+    CUDA_VISIBLE_DEVICES=$g python -m training distill --teacher $TEACHER/teacher --out out/$d --minutes 3.5 $flags \
+      > $OUT/$d/run.log 2>&1
+    python -m training pack out/$d $OUT/$d --exports student >> $OUT/$d/run.log 2>&1
+    CUDA_VISIBLE_DEVICES=$g timeout 150 python -m training eval --model out/$d/student --teacher $TEACHER/teacher \
+      --steps 1 2 4 --n 512 --out out/$d >> $OUT/$d/run.log 2>&1
+  fi
+  python -m training pack out/$d $OUT/$d --exports >> $OUT/$d/run.log 2>&1
+}
+one 0 a "$flags_a" &
+one 1 b "$flags_b" &
+wait
+grep -h "first step\|throughput\|chosen CFG\|finished\|\[eval\]\|student (EMA)" $OUT/a/run.log $OUT/b/run.log | grep -v "it/s"
