@@ -565,8 +565,8 @@ def _pack(scenes_objs: list[list[Obj]], colors: list[list[tuple]] | None = None)
 
 def scene_arrays(scenes: list[Scene]) -> tuple:
     """What ``render`` needs of ``scenes``, as arrays (shape names per image, cx, cy, r, rgb, bg, grad). Data
-    workers send this instead of the scenes: it unpickles in microseconds where 256 Scene objects cost ~11 ms of
-    the training process's GIL (sixth session, training/README.md)."""
+    workers send this instead of the scenes: for 256 scenes it unpickles in 0.07 ms against 3 ms for the Scene
+    objects (this CPU), time the training process spends holding the GIL."""
     shapes, cx, cy, r, rgb = _pack([s.objects for s in scenes])
     bg = np.array([BACKGROUNDS[s.background] for s in scenes], dtype=np.float32).reshape(-1, 3)
     grad = np.array([s.gradient for s in scenes], dtype=np.float32).reshape(-1, 2)

@@ -74,9 +74,10 @@ PRESETS: dict[str, ModelConfig] = {
     # whose outlines follow the 4x4 patch grid; convolutions draw local outlines by construction.
     "unet": ModelConfig(arch="unet"),
     # NOT TRAINED YET (the next session's first run): a fourth level at 8 px, attention at 16 and 8 px instead of 32
-    # and 16. Why: the shipped unet places single objects right (absolute positions 1.00) but pairwise relations at
-    # chance (0.49-0.58; training/README.md), because its attention layers carry no position and its 3x3 convolutions
-    # at 16 px see a third of the image; at 8 px they see all of it. 5.14M + 0.61M params (11.5 MB fp16), 3.4 GFLOP.
+    # and 16. Why: the shipped unet places single objects right (absolute positions 1.00) but orders the two objects
+    # of a relation near chance (training/README.md). Our untested guess: its attention layers carry no position and
+    # its 3x3 convolutions at 16 px see a third of the image; at 8 px they see all of it. 5.14M + 0.61M params
+    # (11.5 MB fp16), 3.4 GFLOP forward.
     "unet4": ModelConfig(arch="unet", channels=(32, 64, 128, 96), level_heads=(1, 2, 4, 3)),
     "tiny_unet": ModelConfig(text_hidden=32, text_layers=1, text_heads=2, text_ff=64, arch="unet",
                              channels=(16, 32), level_heads=(1, 2), attn_levels=1),
