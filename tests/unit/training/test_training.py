@@ -317,6 +317,11 @@ def test_unet_teacher_exports_and_the_engine_serves_it_as_trained(tmp_path):
         x = sample(model, ids, mask, z, served_sigmas(d, steps))
         ref_u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         assert np.abs(ours_u8.astype(int) - ref_u8.astype(int)).max() <= 1, steps
+    # the distill stage keeps the denoiser's kind: a UNet student the engine loads the same way
+    assert main(["distill", "--tiny", "--teacher", str(d), "--device", "cpu", "--out", str(tmp_path)]) == 0
+    student = FewStepPipeline(load_checkpoint(tmp_path / "student"))
+    assert student.denoiser_name == "unet" and student.default_steps == 1
+    assert student(prompts[:1], [0]).numpy().shape == (1, 64, 64, 3)
 
 
 def test_stream_workers_send_what_sample_batch_renders():
