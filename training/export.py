@@ -31,10 +31,10 @@ COMPONENT_FILES = {
 }
 
 
-def denoiser_component(d: Path) -> str:
-    """"unet" or "transformer": the denoiser folder an export (or any diffusers-style folder) has."""
-    idx = read_json(Path(d) / "model_index.json")
-    return "unet" if "unet" in idx else "transformer"
+def denoiser_component(index: dict) -> str:
+    """"unet" or "transformer": the denoiser folder of an export (or any diffusers-style folder), from its
+    model_index.json."""
+    return "unet" if "unet" in index else "transformer"
 
 
 def export_model(model: FewstepModel, tokenizer, out_dir: str | Path, fewstep: dict,
@@ -125,7 +125,7 @@ def check_export(d: str | Path) -> dict:
 
     d = Path(d)
     idx = read_json(d / "model_index.json")
-    den = denoiser_component(d)
+    den = denoiser_component(idx)
     for k in ("_class_name", "_diffusers_version", den, "text_encoder", "tokenizer",
               "scheduler", "fewstep"):
         if k not in idx:
@@ -163,10 +163,11 @@ def load_export(d: str | Path, device="cpu", dtype: torch.dtype | None = None, t
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
     d = Path(d)
-    comp = denoiser_component(d)
+    index = read_json(d / "model_index.json")
+    comp = denoiser_component(index)
     if transformer_cls is None:
         import diffusers
-        transformer_cls = getattr(diffusers, read_json(d / "model_index.json")[comp][1])
+        transformer_cls = getattr(diffusers, index[comp][1])
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -174,13 +175,13 @@ def load_export(d: str | Path, device="cpu", dtype: torch.dtype | None = None, t
     te = CLIPTextModel.from_pretrained(str(d / "text_encoder"), dtype=dtype)
     tok = PreTrainedTokenizerFast.from_pretrained(str(d / "tokenizer"))
     model = wrapper(te, tr).to(device, dtype).eval()
-    return model, tok, read_json(d / "model_index.json")
+    return model, tok, index
 
 
 def summarize(d: str | Path) -> str:
     info = check_export(d)
     p = info["params"]
-    den = denoiser_component(Path(d))
+    den = next(k for k in p if k != "text_encoder")
     return (f"{d}: {den} {p[den] / 1e6:.2f}M + text_encoder {p['text_encoder'] / 1e6:.2f}M "
             f"params, {info['bytes'] / 1e6:.2f} MB on disk (fp16)")
 

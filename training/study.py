@@ -383,15 +383,13 @@ def relation_breakdown(model_dir: str, steps: int, n: int, guidance: float = 0.0
     from benchmarks import quality as Q
     from training import data as D
     from training.export import load_export
+    from training.distill import generate
     from training.model import served_sigmas, to_uint8_list
 
     model, tok, _ = load_export(model_dir, "cpu", torch.float32)
     prompts = D.heldout_prompts(n, seed=seed)
     z = torch.randn((n, 3, 64, 64), generator=torch.Generator().manual_seed(seed + 1))
-    ids, mask = tokenize(tok, prompts)
-    sig = served_sigmas(model_dir, steps)
-    x = torch.cat([sample(model, ids[i:i + 64], mask[i:i + 64], z[i:i + 64], sig, guidance, tokenize(tok, [""]))
-                   for i in range(0, n, 64)])
+    x = generate(model, tok, prompts, z, served_sigmas(model_dir, steps), guidance, batch=64)
     opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
     rows: dict[str, list[int]] = {}
     unmatched = 0
