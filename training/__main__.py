@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(compile=False)  # see DistillArgs.compile
     d.add_argument("--max-pairs", type=int, default=None)
     d.add_argument("--freeze-text", action="store_true")
+    d.add_argument("--dmd", type=float, default=0.0,
+                   help="weight of the DMD distribution-matching term on one-step samples (0: off; try 1)")
+    d.add_argument("--dmd-batch", type=int, default=None, help="one-step samples per step for --dmd (128)")
+    d.add_argument("--dmd-lr", type=float, default=None, help="the fake score network's LR (default: --lr's)")
 
     e = sub.add_parser("eval", help="held-out adherence / diversity / grid of an exported model")
     e.add_argument("--model", required=True)
@@ -164,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                             tiny=args.tiny, batch=args.batch, lr=args.lr, teacher_steps=args.teacher_steps,
                             guidance=args.guidance, guidance_grid=tuple(args.guidance_grid or DEFAULT_GRID),
                             gen_frac=args.gen_frac, p_one=args.p_one, max_pairs=args.max_pairs,
-                            freeze_text=args.freeze_text,
-                            seed=args.seed, compile=args.compile, max_steps=args.max_steps,
+                            freeze_text=args.freeze_text, dmd=args.dmd, dmd_batch=args.dmd_batch,
+                            dmd_lr=args.dmd_lr, seed=args.seed, compile=args.compile, max_steps=args.max_steps,
                             ckpt_every=args.ckpt_every, device=args.device, budget_start=started))
     elif args.cmd == "eval":
         from training.evaluate import EvalArgs, evaluate

@@ -333,3 +333,39 @@ def test_stream_workers_send_what_sample_batch_renders():
     imgs, ref_caps = data.sample_batch(stream.batch_rng(0, 5), 16, 64, "train")
     assert caps == ref_caps
     assert torch.equal(data.render_arrays(arrays, 64), imgs)
+
+
+def test_distribution_matching_gradient_vanishes_at_the_teacher_and_points_to_it(tmp_path):
+    """DMD's term (distill --dmd): zero when the fake score equals the real one, and when the fake network's
+    velocity is biased up by c (its clean-image estimate down by t*c) the student's one-step samples are pushed
+    up, i.e. its output bias (x = z - v) gets a positive gradient. Then a distill run with the term exports."""
+    import copy
+
+    from training.distill import DistributionMatching
+    from training.export import load_export
+
+    assert main(["teacher", "--tiny", "--preset", "tiny_unet", "--device", "cpu", "--out", str(tmp_path),
+                 "--max-steps", "2"]) == 0
+    teacher, tok, _ = load_export(tmp_path / "teacher", "cpu", torch.float32)
+    teacher.requires_grad_(False)
+    dm = DistributionMatching(teacher, guidance=1.0, uncond=tokenize(tok, [""]), lr=1e-3, device=torch.device("cpu"),
+                              autocast=False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    ids, mask = tokenize(tok, ["a red circle left of a blue square", "a green star at the top"])
+    z = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    loss, x, emb = dm.generator_loss(student, z, ids, mask, torch.Generator().manual_seed(1))
+    assert float(loss.detach()) == 0.0 and x.shape == z.shape
+    with torch.no_grad():
+        dm.fake.transformer.conv_out.bias += 0.5
+    loss, x, emb = dm.generator_loss(student, z, ids, mask, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert float(loss.detach()) > 0 and (student.transformer.conv_out.bias.grad > 0).all()
+    # the fake network learns the student's samples: its flow-matching loss on a fixed batch goes down
+    losses = [float(dm.fake_step(x, emb, mask, torch.Generator().manual_seed(2), 1e-3)) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    assert main(["distill", "--tiny", "--teacher", str(tmp_path / "teacher"), "--device", "cpu",
+                 "--out", str(tmp_path), "--max-steps", "2", "--dmd", "1"]) == 0
+    log = [json.loads(x) for x in (tmp_path / "distill_log.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "dmd_loss" for r in log)
+    idx = json.loads((tmp_path / "student" / "model_index.json").read_text())
+    assert "distribution matching" in idx["fewstep"]["distillation"]
