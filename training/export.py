@@ -64,7 +64,9 @@ def export_model(model: FewstepModel, tokenizer, out_dir: str | Path, fewstep: d
         dlogging.set_verbosity(verbosity)
     comp = getattr(model, "denoiser_name", "transformer")
     if transformer_entry is None:
-        transformer_entry = ("diffusers", type(transformer).__name__)
+        from fewstep.engines import models as fewstep_models
+        name = type(transformer).__name__
+        transformer_entry = ("fewstep" if name in fewstep_models.__all__ else "diffusers", name)
     transformer.save_pretrained(tmp / comp, safe_serialization=True)
     text_encoder = copy.deepcopy(model.text_encoder).to("cpu", torch.float16).eval()
     text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
@@ -167,7 +169,10 @@ def load_export(d: str | Path, device="cpu", dtype: torch.dtype | None = None, t
     comp = denoiser_component(index)
     if transformer_cls is None:
         import diffusers
-        transformer_cls = getattr(diffusers, index[comp][1])
+
+        from fewstep.engines import models as fewstep_models
+        lib, name = index[comp]
+        transformer_cls = getattr(fewstep_models if lib == "fewstep" else diffusers, name)
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32

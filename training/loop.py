@@ -66,14 +66,18 @@ class Trainer:
         self.show_bar = show_bar
 
     # -- resume / save --------------------------------------------------------------------------
-    def resume(self, model_config: dict | None = None) -> dict | None:
-        """Load the stage's checkpoint, if any. ``model_config``: refuse a checkpoint of another architecture."""
+    def resume(self, model_config: dict | None = None, config_defaults: dict | None = None) -> dict | None:
+        """Load the stage's checkpoint, if any. ``model_config``: refuse a checkpoint of another architecture;
+        ``config_defaults`` fill the keys a checkpoint written before they existed lacks."""
         got = load_checkpoint(self.out, self.name)
         if got is None:
             log(f"[{self.name}] --resume: no checkpoint in {self.out}, starting from scratch")
             return None
         tensors, state = got
-        if model_config is not None and state.get("model_config") not in (None, model_config):
+        saved = state.get("model_config")
+        if saved is not None and config_defaults:
+            saved = {**config_defaults, **saved}
+        if model_config is not None and saved not in (None, model_config):
             raise ValueError(f"checkpoint model config {state['model_config']} != {model_config}")
         unpack_training_state(tensors, self.model, self.ema, self.opt)
         self.step = self.start_step = int(state["step"])

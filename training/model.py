@@ -38,6 +38,7 @@ class ModelConfig:
     level_heads: tuple[int, ...] = (1, 2, 4)      # attention heads per level (diffusers' attention_head_dim)
     unet_layers: int = 1                          # resnets per down block (up blocks have one more)
     attn_levels: int = 2                          # the lowest-resolution levels get self+cross attention
+    pos_embed: bool = False                       # UNet: 2-D positions into every attention block (see below)
 
     @property
     def head_dim(self) -> int:
@@ -79,6 +80,14 @@ PRESETS: dict[str, ModelConfig] = {
     # its 3x3 convolutions at 16 px see a third of the image; at 8 px they see all of it. 5.14M + 0.61M params
     # (11.5 MB fp16), 3.4 GFLOP forward.
     "unet4": ModelConfig(arch="unet", channels=(32, 64, 128, 96), level_heads=(1, 2, 4, 3)),
+    # NOT TRAINED YET: unet / unet4 + a fixed 2-D sin-cos position table into every attention block through a
+    # zero-initialised 1x1 convolution (fewstep.engines.models.PositionalUNet2DConditionModel). Why: unet4 (eighth
+    # session) did not fix relations (positions 0.62-0.65, as unet's 0.62), so the receptive field was not the
+    # cause; the DiT, with positions in every token, got them right (0.92). +23k params (unetp), +25k (unet4p).
+    "unetp": ModelConfig(arch="unet", pos_embed=True),
+    "unet4p": ModelConfig(arch="unet", channels=(32, 64, 128, 96), level_heads=(1, 2, 4, 3), pos_embed=True),
+    "tiny_unetp": ModelConfig(text_hidden=32, text_layers=1, text_heads=2, text_ff=64, arch="unet",
+                              channels=(16, 32), level_heads=(1, 2), attn_levels=1, pos_embed=True),
     "tiny_unet": ModelConfig(text_hidden=32, text_layers=1, text_heads=2, text_ff=64, arch="unet",
                              channels=(16, 32), level_heads=(1, 2), attn_levels=1),
 }
@@ -173,8 +182,11 @@ def build_unet(cfg: ModelConfig):
     encoder runs without a padding mask and the cross-attention sees all ``max_length`` positions."""
     from diffusers import UNet2DConditionModel
 
+    from fewstep.engines.models import PositionalUNet2DConditionModel
+
     n, k = len(cfg.channels), cfg.attn_levels
-    m = UNet2DConditionModel(
+    cls = PositionalUNet2DConditionModel if cfg.pos_embed else UNet2DConditionModel
+    m = cls(
         sample_size=cfg.size, in_channels=3, out_channels=3, block_out_channels=tuple(cfg.channels),
         down_block_types=("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k,
         up_block_types=("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k),
@@ -226,6 +238,10 @@ def init_transformer_(m: nn.Module) -> None:
     nn.init.zeros_(m.proj_out.bias)
 
 
+#: denoiser classes served on the engine's "sd" path (text encoder without a padding mask, no encoder mask)
+UNET_CLASSES = ("UNet2DConditionModel", "PositionalUNet2DConditionModel")
+
+
 class FewstepModel(nn.Module):
     """text encoder + denoiser; ``forward(x, sigma, ids, mask) -> velocity``.
 
@@ -236,7 +252,7 @@ class FewstepModel(nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
         self.transformer = transformer
-        self.is_unet = type(transformer).__name__ == "UNet2DConditionModel"
+        self.is_unet = type(transformer).__name__ in UNET_CLASSES
 
     @property
     def denoiser_name(self) -> str:

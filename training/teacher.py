@@ -181,7 +181,7 @@ def train_teacher(args: TeacherArgs) -> Path:
                       ckpt_every_s=args.ckpt_every, jsonl=jsonl, log_every=(1 if args.tiny else 25),
                       estimate_after=(10**9 if args.tiny else 60))
     if args.resume:
-        trainer.resume(model_config=cfg.to_dict())
+        trainer.resume(model_config=cfg.to_dict(), config_defaults=ModelConfig().to_dict())
 
     def state():
         return {"stage": "teacher", "seed": args.seed, "model_config": cfg.to_dict(),

@@ -5,6 +5,7 @@ our own models load through exactly the same path as diffusers' and transformers
 importing it below and listing it in __all__.
 """
 
+from .positional_unet import PositionalUNet2DConditionModel
 from .stream_dit import StreamDiTModel
 
-__all__: list[str] = ["StreamDiTModel"]
+__all__: list[str] = ["PositionalUNet2DConditionModel", "StreamDiTModel"]

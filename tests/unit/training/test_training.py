@@ -278,20 +278,22 @@ def test_eval_walks_the_served_schedule():
     assert served_sigmas(image, 25) == pytest.approx(uniform_sigmas(25))  # a teacher's count, beyond MAX_STEPS
 
 
-def test_unet_teacher_exports_and_the_engine_serves_it_as_trained(tmp_path):
-    """A UNet denoiser (preset "unet", tiny here) exports to ``unet/`` and the engine's ordinary checkpoint path
-    (its "sd" branch: CLIP without a padding mask, no cross-attention mask) samples exactly what the training
-    model samples from the same noise."""
+@pytest.mark.parametrize("preset,entry", [("tiny_unet", ["diffusers", "UNet2DConditionModel"]),
+                                          ("tiny_unetp", ["fewstep", "PositionalUNet2DConditionModel"])])
+def test_unet_teacher_exports_and_the_engine_serves_it_as_trained(tmp_path, preset, entry):
+    """A UNet denoiser (preset "unet", tiny here; "unetp" with positions in its attention blocks) exports to
+    ``unet/`` and the engine's ordinary checkpoint path (its "sd" branch: CLIP without a padding mask, no
+    cross-attention mask) samples exactly what the training model samples from the same noise."""
     from fewstep.engines.loading import load_checkpoint
     from fewstep.engines.pipeline import FewStepPipeline
     from training.export import check_export, load_export
     from training.model import sample, served_sigmas
 
-    assert main(["teacher", "--tiny", "--preset", "tiny_unet", "--device", "cpu", "--out", str(tmp_path),
+    assert main(["teacher", "--tiny", "--preset", preset, "--device", "cpu", "--out", str(tmp_path),
                  "--max-steps", "2"]) == 0
     d = tmp_path / "teacher"
     idx = json.loads((d / "model_index.json").read_text())
-    assert idx["unet"] == ["diffusers", "UNet2DConditionModel"] and "transformer" not in idx
+    assert idx["unet"] == entry and "transformer" not in idx
     assert check_export(d)["params"]["unet"] > 0
     model, tok, _ = load_export(d, "cpu", torch.float32)
     assert model.denoiser_name == "unet"
