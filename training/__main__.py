@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--guidance", type=float, default=None, help="CFG scale for the pairs (default: search)")
     d.add_argument("--guidance-grid", type=float, nargs="+", default=None)
     d.add_argument("--gen-frac", type=float, default=0.25, help="fraction of the budget spent making pairs")
-    d.add_argument("--p-one", type=float, default=0.7, help="fraction of student samples drawn at sigma 1 (one step)")
+    d.add_argument("--p-one", type=float, default=0.85, help="fraction of student samples drawn at sigma 1 (one step)")
     d.add_argument("--compile", dest="compile", action="store_true", help="torch.compile the sampler and the step")
     d.set_defaults(compile=False)  # see DistillArgs.compile
     d.add_argument("--max-pairs", type=int, default=None)

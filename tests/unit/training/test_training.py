@@ -227,9 +227,9 @@ def test_recipe_defaults_sizes_and_edge_loss():
     from training.distill import DistillArgs
 
     a = TeacherArgs(out="x")
-    assert a.preset == DEFAULT_PRESET == "unet" and a.sigma_loc == 0.8 and a.edge_weight == 4.0
-    d = DistillArgs(teacher="t", out="x")   # the seventh session's shipped run (training/README.md)
-    assert (d.gen_frac, d.p_one, d.compile) == (0.25, 0.7, False)
+    assert a.preset == DEFAULT_PRESET == "unet4p" and a.sigma_loc == 0.8 and a.edge_weight == 4.0
+    d = DistillArgs(teacher="t", out="x")   # the eighth session's shipped run (training/README.md)
+    assert (d.gen_frac, d.p_one, d.compile) == (0.25, 0.85, False)
     tok = build_tokenizer(data.vocabulary(), 32)
     n_img = sum(p.numel() for p in build_model(PRESETS[DEFAULT_PRESET], len(tok)).parameters())
     n_vid = sum(p.numel() for p in build_video_model(VIDEO_PRESETS["small"], len(tok)).parameters())
