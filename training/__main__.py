@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=None, help="scene-sampling worker processes")
     t.add_argument("--reuse", type=int, default=2, help="training steps per freshly rendered batch")
     t.add_argument("--no-flip", dest="flip", action="store_false", help="no left-right flip augmentation")
+    t.add_argument("--drop-background", type=float, default=0.0,
+                   help="share of captions trained without their ' on a BG background' phrase (0: off; try 0.25)")
 
     d = sub.add_parser("distill", help="reflow + one-step distillation into the student")
     d.add_argument("--teacher", required=True, help="exported teacher directory (DIR/teacher)")
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the DMD distribution-matching term on one-step samples (0: off; try 1)")
     d.add_argument("--dmd-batch", type=int, default=None, help="one-step samples per step for --dmd (128)")
     d.add_argument("--dmd-lr", type=float, default=None, help="the fake score network's LR (default: --lr's)")
+    d.add_argument("--drop-background", type=float, default=0.0,
+                   help="share of pair prompts without their ' on a BG background' phrase (0: off)")
 
     e = sub.add_parser("eval", help="held-out adherence / diversity / grid of an exported model")
     e.add_argument("--model", required=True)
@@ -72,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=512)
     e.add_argument("--out", default=None, help="default: the parent of --model")
     e.add_argument("--batch", type=int, default=512)
+    e.add_argument("--no-background", action="store_true",
+                   help="score the same held-out prompts without their ' on a BG background' phrase")
     _common(e)
 
     a = sub.add_parser("all", help="both models in one process: teacher -> distill -> eval, then video teacher -> "
@@ -161,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                                   low_sigma=args.low_sigma, sigma_min=args.sigma_min,
                                   seed=args.seed, compile=args.compile, max_steps=args.max_steps,
                                   ckpt_every=args.ckpt_every, workers=args.workers, device=args.device,
-                                  reuse=args.reuse, flip=args.flip, budget_start=started))
+                                  reuse=args.reuse, flip=args.flip, drop_background=args.drop_background,
+                                  budget_start=started))
     elif args.cmd == "distill":
         from training.distill import DEFAULT_GRID, DistillArgs, distill
         distill(DistillArgs(teacher=args.teacher, out=args.out, minutes=args.minutes, resume=args.resume,
@@ -169,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                             guidance=args.guidance, guidance_grid=tuple(args.guidance_grid or DEFAULT_GRID),
                             gen_frac=args.gen_frac, p_one=args.p_one, max_pairs=args.max_pairs,
                             freeze_text=args.freeze_text, dmd=args.dmd, dmd_batch=args.dmd_batch,
-                            dmd_lr=args.dmd_lr, seed=args.seed, compile=args.compile, max_steps=args.max_steps,
-                            ckpt_every=args.ckpt_every, device=args.device, budget_start=started))
+                            dmd_lr=args.dmd_lr, drop_background=args.drop_background, seed=args.seed,
+                            compile=args.compile, max_steps=args.max_steps, ckpt_every=args.ckpt_every,
+                            device=args.device, budget_start=started))
     elif args.cmd == "eval":
         from training.evaluate import EvalArgs, evaluate
         kw = dict(n=args.n, batch=args.batch)
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(EvalArgs(model=args.model, steps=args.steps, teacher=args.teacher,
                           teacher_steps=(4 if args.tiny and args.teacher_steps == 25 else args.teacher_steps),
                           teacher_guidance=args.teacher_guidance, out=args.out, seed=args.seed,
-                          tiny=args.tiny, device=args.device, **kw))
+                          tiny=args.tiny, device=args.device, no_background=args.no_background, **kw))
     elif args.cmd == "all":
         from training.distill import DistillArgs, distill
         from training.evaluate import EvalArgs, evaluate

@@ -621,6 +621,16 @@ def _prompts(n: int, seed: int, split: str) -> list[str]:
     return [sample_scene(rng, split).caption for _ in range(n)]
 
 
+def without_background(caption: str) -> str:
+    """``caption`` without its closing " on a BG background" (unchanged if it has none). A newcomer types "a red
+    circle above a blue square"; the eighth session's model, trained only on captions that name the background,
+    scored 0.41 strict on held-out prompts stripped this way against 0.77 with the phrase (1 step, 128 prompts,
+    CPU). ``--drop-background`` trains on both forms; the scene keeps its (random) background."""
+    head, sep, tail = caption.rpartition(" on a ")
+    name = tail[: -len(" background")] if tail.endswith(" background") else None
+    return head if sep and name in BACKGROUNDS else caption
+
+
 def heldout_prompts(n: int, seed: int = 0) -> list[str]:
     return _prompts(n, seed, "heldout")
 

@@ -84,6 +84,7 @@ class DistillArgs:
     dmd_lr: float | None = None   # the fake score network's learning rate (default: the student's)
     dmd_warmup: int = 50        # the weight ramps up over this many steps while the fake network catches up
     dmd_guidance: float | None = None  # the real score's CFG (default: the pairs' scale)
+    drop_background: float = 0.0  # share of pair prompts without " on a BG background" (data.without_background)
     seed: int = 0
     # eager by default since the UNet (seventh session): compiling its sampler and its train step cost ~100 s each
     # of a 210 s stage (one run trained a single step); eager it trains ~630 steps at 3.2k img/s
@@ -174,7 +175,7 @@ class PairPool:
 
 def fill_pool(pool: PairPool, teacher, tokenizer, *, seconds: float, chunk: int, steps: int, guidance: float,
               seed: int, first_chunk: int, device, jsonl: JsonlLog, max_chunks: int | None = None,
-              denoise=None) -> int:
+              denoise=None, bg_prob: float = 0.0) -> int:
     """Generate teacher pairs for ``seconds`` (or until full / max_chunks); returns chunks made."""
     from tqdm import tqdm
 
@@ -191,6 +192,10 @@ def fill_pool(pool: PairPool, teacher, tokenizer, *, seconds: float, chunk: int,
         if pool.added >= pool.cap or (max_chunks is not None and made >= max_chunks):
             break
         prompts = data.train_prompts(chunk, seed=step_seed(seed, c, 5) % (2**32))
+        if bg_prob > 0:  # the teacher draws a background of its choosing for these
+            import numpy as np
+            rb = np.random.default_rng(step_seed(seed, c, 7) % (2**32)).random(chunk)
+            prompts = [data.without_background(p) if u < bg_prob else p for u, p in zip(rb, prompts)]
         ids, mask = tokenize(tokenizer, prompts, device)
         g = torch.Generator(device=device).manual_seed(step_seed(seed, c, 6))
         z = torch.randn((chunk, 3, 64, 64), generator=g, device=device)
@@ -256,8 +261,8 @@ def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, aut
 class DistributionMatching:
     """DMD's distribution-matching gradient for the student's one-step samples, and the "fake" score network it
     needs. The real score is the frozen teacher with CFG; the fake one starts as a copy of the teacher's denoiser and
-    is trained by flow matching on the student's current one-step samples (DMD2's two time-scale rule, at one fake
-    update per student step: the budget is minutes). Both read the teacher's frozen text embeddings.
+    is trained by flow matching on the student's current one-step samples, once per student step (DMD2's two
+    time-scale rule updates it five times; our budget is minutes). Both read the teacher's frozen text embeddings.
 
     Flow-matching form: at ``x_t = (1 - t) x + t n`` each network's clean-image estimate is ``x_t - t v``; the
     score difference ``s_fake - s_real`` is proportional to ``x0_fake - x0_real``, normalised per sample by
@@ -396,7 +401,7 @@ def distill(args: DistillArgs) -> Path:
     denoise = GuardedCompiled(eager_den, t_den, "teacher sampler") if t_den is not eager_den else None
     made = fill_pool(pool, teacher, tokenizer, seconds=args.gen_frac * phase, chunk=chunk, steps=steps,
                      guidance=guidance, seed=args.seed, first_chunk=first_chunk, device=device, jsonl=jsonl,
-                     max_chunks=(2 if tiny else None), denoise=denoise)
+                     max_chunks=(2 if tiny else None), denoise=denoise, bg_prob=args.drop_background)
     extra["chunks_done"] = first_chunk + made
     extra["pairs_total"] = int(extra.get("pairs_total", 0)) + made * chunk
 

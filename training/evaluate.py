@@ -44,6 +44,7 @@ class EvalArgs:
     batch: int = 512
     tiny: bool = False
     device: str = "auto"
+    no_background: bool = False   # the same held-out prompts without " on a BG background" (data.without_background)
 
 
 @torch.no_grad()
@@ -80,6 +81,9 @@ def evaluate(args: EvalArgs) -> dict:
     n = args.n
     prompts = data.heldout_prompts(n, seed=args.seed)
     div_prompts = data.heldout_prompts(args.div_prompts, seed=args.seed + 1)
+    if args.no_background:
+        prompts = [data.without_background(p) for p in prompts]
+        div_prompts = [data.without_background(p) for p in div_prompts]
     noise = _noise(n, args.seed, 21, device)
     div_noise = _noise(args.div_prompts * args.div_seeds, args.seed, 22, device)
     div_list = [p for p in div_prompts for _ in range(args.div_seeds)]
@@ -133,7 +137,8 @@ def evaluate(args: EvalArgs) -> dict:
     finally:
         scorer.close()
 
-    result = {"model": str(args.model), "teacher": args.teacher, "n": n, "prompts": "heldout_prompts",
+    result = {"model": str(args.model), "teacher": args.teacher, "n": n,
+              "prompts": "heldout_prompts" + (" without their background phrase" if args.no_background else ""),
               "seed": args.seed, "device": str(device), "rows": rows,
               "diversity_protocol": f"{args.div_prompts} heldout prompts x {args.div_seeds} seeds"}
     write_json(out / "eval.json", result)
@@ -147,7 +152,7 @@ def markdown_table(result: dict) -> str:
     rows = result["rows"]
     checks = sorted({k for r in rows for k in r["checks"]})
     head = ["model", "steps", "cfg", "adherence", "diversity", "ms/img"] + checks
-    lines = [f"Held-out evaluation: {result['n']} prompts (`heldout_prompts`), device {result['device']}; "
+    lines = [f"Held-out evaluation: {result['n']} prompts (`{result['prompts']}`), device {result['device']}; "
              f"diversity: {result['diversity_protocol']}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -30,9 +30,17 @@ def batch_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step])
 
 
-def drop_captions(captions: list[str], seed: int, step: int, prob: float) -> list[str]:
+def drop_captions(captions: list[str], seed: int, step: int, prob: float, bg_prob: float = 0.0) -> list[str]:
+    """Caption dropout for CFG (``prob``: the empty caption) after background-phrase dropout (``bg_prob``: the
+    caption without " on a BG background", see ``data.without_background``); each from its own random stream, so
+    turning one on leaves the other's draws as they were."""
+    captions = list(captions)
+    if bg_prob > 0:
+        from training.data import without_background
+        rb = np.random.default_rng([seed, step, 2]).random(len(captions))
+        captions = [without_background(c) if u < bg_prob else c for u, c in zip(rb, captions)]
     if prob <= 0:
-        return list(captions)
+        return captions
     r = np.random.default_rng([seed, step, 1]).random(len(captions))
     return ["" if u < prob else c for u, c in zip(r, captions)]
 
@@ -40,8 +48,8 @@ def drop_captions(captions: list[str], seed: int, step: int, prob: float) -> lis
 _WORKER: dict = {}
 
 
-def _worker_init(vocab: dict, max_length: int, drop_prob: float) -> None:
-    _WORKER.update(vocab=vocab, max_length=max_length, drop_prob=drop_prob)
+def _worker_init(vocab: dict, max_length: int, drop_prob: float, bg_prob: float = 0.0) -> None:
+    _WORKER.update(vocab=vocab, max_length=max_length, drop_prob=drop_prob, bg_prob=bg_prob)
 
 
 def _scenes_for_step(args):
@@ -52,7 +60,7 @@ def _scenes_for_step(args):
     from training.model import fast_tokenize
     rng = batch_rng(seed, step)
     scenes = [data.sample_scene(rng, split) for _ in range(batch)]
-    caps_in = drop_captions([s.caption for s in scenes], seed, step, _WORKER["drop_prob"])
+    caps_in = drop_captions([s.caption for s in scenes], seed, step, _WORKER["drop_prob"], _WORKER["bg_prob"])
     ids, mask = fast_tokenize(caps_in, _WORKER["vocab"], _WORKER["max_length"])
     return data.scene_arrays(scenes), caps_in, ids, mask
 
@@ -67,13 +75,13 @@ class BatchStream:
 
     def __init__(self, *, seed: int, batch: int, size: int, split: str, device: torch.device,
                  start_step: int, tokenizer, drop_prob: float = 0.0, workers: int | None = None,
-                 prefetch: int = 3):
+                 prefetch: int = 3, bg_prob: float = 0.0):
         from training import data
         self.data = data
         self.seed, self.batch, self.size, self.split = seed, batch, size, split
         self.device = torch.device(device)
         self.tokenizer = tokenizer
-        self.drop_prob = drop_prob
+        self.drop_prob, self.bg_prob = drop_prob, bg_prob
         self.next_step = start_step
         self.threaded = self.device.type == "cuda"
         if workers is None:
@@ -84,7 +92,7 @@ class BatchStream:
             import multiprocessing as mp
             self.pool = mp.get_context("spawn").Pool(
                 workers, initializer=_worker_init,
-                initargs=(dict(tokenizer.get_vocab()), int(tokenizer.model_max_length), drop_prob))
+                initargs=(dict(tokenizer.get_vocab()), int(tokenizer.model_max_length), drop_prob, bg_prob))
             self._verified = False
             self.window = 2 * workers + 2
         self.workers = workers if self.pool is not None else 0
@@ -101,7 +109,7 @@ class BatchStream:
         if work is None:
             imgs, caps = self.data.sample_batch(batch_rng(self.seed, step), self.batch, self.size,
                                                 self.split, self.device)
-            caps_in = drop_captions(caps, self.seed, step, self.drop_prob)
+            caps_in = drop_captions(caps, self.seed, step, self.drop_prob, self.bg_prob)
             ids, mask = tokenize(self.tokenizer, caps_in)
         else:
             arrays, caps_in, ids_np, mask_np = work

@@ -56,6 +56,7 @@ class TeacherArgs:
     low_sigma: float = 0.2      # loss weight min(1, (sigma / low_sigma)^2): see low_sigma_weight (0 = off)
     sigma_min: float = 0.02     # SIGMA_MIN: smallest training sigma
     drop_prob: float = 0.1
+    drop_background: float = 0.0  # share of captions trained without " on a BG background" (data.without_background)
     reuse: int = 2              # steps per fresh rendered batch (see stream.ReplayBuffer)
     buffer_batches: int = 32    # replay buffer capacity, in batches
     flip: bool = True
@@ -206,6 +207,7 @@ def train_teacher(args: TeacherArgs) -> Path:
     # stream batch j feeds the buffer at step j * reuse (a resumed run refills the buffer)
     stream = BatchStream(seed=args.seed, batch=batch, size=cfg.size, split="train", device=device,
                          start_step=-(-trainer.step // reuse), tokenizer=tokenizer, drop_prob=args.drop_prob,
+                         bg_prob=args.drop_background,
                          workers=args.workers)
     buf = ReplayBuffer(max(batch, args.buffer_batches * batch), cfg.size, cfg.max_length, device,
                        vocab=tokenizer.get_vocab(), flip=args.flip)

@@ -371,3 +371,37 @@ def test_distribution_matching_gradient_vanishes_at_the_teacher_and_points_to_it
     assert any(r.get("event") == "dmd_loss" for r in log)
     idx = json.loads((tmp_path / "student" / "model_index.json").read_text())
     assert "distribution matching" in idx["fewstep"]["distillation"]
+
+
+def test_background_phrase_dropout_is_seeded_and_keeps_the_rest(tmp_path):
+    """--drop-background: the caption without " on a BG background" for a seeded share of captions, drawn from its
+    own stream, so caption dropout (CFG) keeps its draws; the evaluation's --no-background scores those forms."""
+    from training.stream import drop_captions
+
+    caps = data.train_prompts(400, seed=3)
+    assert data.without_background("a red circle above a blue square on a white background") == \
+        "a red circle above a blue square"
+    assert data.without_background("a red circle above a blue square") == "a red circle above a blue square"
+    out = drop_captions(caps, 0, 7, 0.0, bg_prob=0.25)
+    short = [o for o, c in zip(out, caps) if o != c]
+    longs = [c for o, c in zip(out, caps) if o != c]
+    assert 60 < len(short) < 140 and all(c.startswith(s + " on a ") for s, c in zip(short, longs))
+    assert out == drop_captions(caps, 0, 7, 0.0, bg_prob=0.25)
+    # CFG dropout draws the same captions whether the background dropout is on or not
+    empty_a = [i for i, c in enumerate(drop_captions(caps, 0, 7, 0.1)) if c == ""]
+    empty_b = [i for i, c in enumerate(drop_captions(caps, 0, 7, 0.1, bg_prob=0.25)) if c == ""]
+    assert empty_a == empty_b and empty_a
+    # every stripped caption still parses into the same objects, with no background stated
+    from benchmarks.quality import parse_caption
+    for s in short[:20]:
+        spec = parse_caption(s)
+        assert spec.background is None and len(spec.objects) >= 1
+    # the stages take it: teacher and distill train on both forms, eval scores the stripped prompts
+    assert main(["teacher", "--tiny", "--device", "cpu", "--out", str(tmp_path), "--max-steps", "2",
+                 "--drop-background", "0.5"]) == 0
+    assert main(["distill", "--tiny", "--device", "cpu", "--teacher", str(tmp_path / "teacher"), "--out",
+                 str(tmp_path), "--max-steps", "2", "--drop-background", "0.5"]) == 0
+    assert main(["eval", "--tiny", "--device", "cpu", "--model", str(tmp_path / "student"), "--steps", "1",
+                 "--no-background"]) == 0
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["prompts"] == "heldout_prompts without their background phrase"
