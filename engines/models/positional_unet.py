@@ -1,18 +1,22 @@
 """A diffusers ``UNet2DConditionModel`` whose attention blocks also know where they are.
 
 Why: a convolutional UNet draws clean shapes (our DiTs drew ragged ones), but its attention layers carry no
-position, so two objects of one prompt are placed independently of each other. The eighth session's split of the
-default UNet's failures: single objects land in the stated place every time, while "A left of B" holds about half
-the time, in the teacher too, and a deeper 8-px level (preset ``unet4``) did not change that. A DiT with position
-embeddings in every token placed relations right (0.92), but drew poor shapes.
+position. The seventh session's default UNet put single objects in the stated place every time, yet "A left of B"
+held about half the time, in its teacher too; in the eighth session a deeper 8-px level (preset ``unet4``) got the
+axis right more often but the order still near chance. Our reading: to draw the right noun phrase a cell must know
+where it is, and a convolution learns that only from the zero padding at the border. The DiTs, with position
+embeddings in every token, placed relations right (0.92) but drew poor shapes.
 
-So each attention block (diffusers ``Transformer2DModel``) gets a fixed 2-D sin-cos table of image coordinates, in
-full-resolution pixels, whatever the level's grid, through a learned linear map added to its input. The map starts
-at zero: a fresh model computes exactly the plain UNet's function. The table enters the block's residual stream too,
-so the convolutions that follow see it as well.
+So each attention block (diffusers ``Transformer2DModel``) gets a fixed 2-D sin-cos table of image coordinates,
+in the pixels of a ``sample_size`` image whatever the level's grid (another size maps onto that range), through a
+learned 1x1 convolution added to its input. The map starts at zero: a fresh model computes exactly the plain UNet's
+function. The table enters the block's residual stream too, so the convolutions that follow see it as well.
 
-The wrapped UNet keeps diffusers' call signature (``unet(sample, timestep, encoder_hidden_states, ...)``) and its
-config keys, so the engine serves it on its ordinary Stable Diffusion path; a checkpoint names it in
+Measured (training/README.md, eighth session; 25-step teachers, 512 held-out prompts): positions 0.65 -> 1.00 and
+strict adherence 0.594 -> 0.975 against the same UNet without the table.
+
+The wrapped UNet keeps diffusers' call signature (``unet(sample, timestep, encoder_hidden_states, ...)``) and the
+config keys the engine reads (``in_channels``, ``sample_size``, ``block_out_channels``), so the engine serves it on its ordinary Stable Diffusion path; a checkpoint names it in
 ``model_index.json`` as ``["fewstep", "PositionalUNet2DConditionModel"]``.
 """
 
