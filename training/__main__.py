@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("teacher", help="train the flow-matching teacher from scratch")
     t.add_argument("--out", required=True)
     _train_common(t, 8.0)
-    t.add_argument("--preset", default=None, help="model preset (unet [default] | deep8 | p2n | base | deep | p2 | tiny | tiny_unet)")
+    from training.model import DEFAULT_PRESET, PRESETS
+    t.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help=f"model preset (default {DEFAULT_PRESET}; training/model.py says what each is)")
     t.add_argument("--ema-decay", type=float, default=0.9995)
     t.add_argument("--sigma-loc", type=float, default=0.8, help="logit-normal location of the training sigmas")
     t.add_argument("--edge-weight", type=float, default=4.0, help="shape-aware loss weight on outlines (0: MSE)")
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "video distill -> video eval (default budgets: 8 + 3.5 + 5 + 3 = 19.5 min)")
     a.add_argument("--out", required=True)
     _common(a)
-    a.add_argument("--preset", default=None, help="image model preset (default: the teacher stage's)")
+    a.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help=f"image model preset (default {DEFAULT_PRESET})")
     a.add_argument("--teacher-minutes", type=float, default=8.0)
     a.add_argument("--distill-minutes", type=float, default=3.5)
     a.add_argument("--video-teacher-minutes", type=float, default=5.0)

@@ -42,7 +42,7 @@ from training.common import (GuardedCompiled, JsonlLog, Stage, count_params, fmt
                              maybe_compile, step_seed)
 from training.export import export_model, load_export
 from training.loop import Trainer
-from training.model import sample, scheduler_sigmas, to_uint8_list, tokenize, uniform_sigmas
+from training.model import guided_velocity, sample, scheduler_sigmas, to_uint8_list, tokenize, uniform_sigmas
 
 # sigmas of the few-step grids the student must handle: diffusers' set_timesteps(4) with shift=1
 # (1, .667, .334, .001 -> 0) and the quarter points of linspace(1, 1/N, N) conventions.
@@ -281,8 +281,11 @@ class DistributionMatching:
         # DMD2: Adam without momentum for the fake network, which chases a moving target
         self.opt = make_adamw(fake_den, lr, 0.0, device, betas=(0.0, 0.99))
         self.params = [p for p in fake_den.parameters()]
-        self.guidance, self.uncond = guidance, uncond
+        self.guidance = guidance
         self.autocast, self.t_min, self.t_max = autocast, t_min, t_max
+        with torch.no_grad(), self._ctx():  # the empty prompt's embedding: the same every step
+            self.u_mask = uncond[1]
+            self.u_emb = teacher.encode(*uncond)
 
     def _ctx(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
@@ -306,12 +309,9 @@ class DistributionMatching:
         with torch.no_grad(), self._ctx():
             emb = self.teacher.encode(ids, mask)
             if self.guidance > 1.0:
-                u_ids, u_mask = (u.expand(B, -1) for u in self.uncond)
-                u_emb = self.teacher.encode(u_ids, u_mask)
-                vr = self.teacher.denoise(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([emb, u_emb]),
-                                          torch.cat([mask, u_mask])).float()
-                vc, vu = vr[:B], vr[B:]
-                v_real = vu + self.guidance * (vc - vu)
+                emb2 = torch.cat([emb, self.u_emb.expand(B, -1, -1).to(emb.dtype)])
+                v_real = guided_velocity(self.teacher.denoise, xt, t, emb2,
+                                         torch.cat([mask, self.u_mask.expand(B, -1)]), self.guidance)
             else:
                 v_real = self.teacher.denoise(xt, t, emb, mask).float()
             v_fake = self.fake.denoise(xt, t, emb, mask).float()

@@ -51,13 +51,14 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         # JSON (checkpoint state, logs) stores tuples as lists
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+                      if k in cls.__dataclass_fields__})
 
 
 #: named presets; "tiny"/"tiny_unet"/"tiny_unetp" are for CPU tests (seconds). "unet4p" is the default teacher/student
 #: since the eighth session (25-step teacher 0.975 held-out strict adherence; unet4 without positions 0.59); "unet"
-#: was the seventh's (0.55, shapes 0.96; deep8, the DiT default before it: 0.16, shapes 0.20). The DiTs stay for comparison: deep8 trained the sixth
-#: session's model, p2n the third's, "base" the first.
+#: was the seventh's (0.55, shapes 0.96; deep8, the DiT default before it: 0.16, shapes 0.20). The DiTs stay for
+#: comparison: deep8 trained the sixth session's model, p2n the third's, "base" the first.
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(text_hidden=32, text_layers=1, text_heads=2, text_ff=64,
                         dim=32, heads=2, layers=1, patch=8),
@@ -319,6 +320,16 @@ def scheduler_sigmas(steps: int) -> list[float]:
     return [float(v) for v in s.sigmas]
 
 
+def guided_velocity(denoise, x: torch.Tensor, sigma: torch.Tensor, emb2: torch.Tensor, mask2: torch.Tensor,
+                    guidance: float) -> torch.Tensor:
+    """Classifier-free guidance in one batched call: ``emb2``/``mask2`` hold the prompts' embeddings, then the
+    unconditional ones; returns ``v_uncond + guidance * (v_cond - v_uncond)`` in float32."""
+    B = x.shape[0]
+    v = denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), emb2, mask2).float()
+    vc, vu = v[:B], v[B:]
+    return vu + guidance * (vc - vu)
+
+
 @torch.no_grad()
 def sample(model: FewstepModel, ids: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor,
            sigmas: list[float], guidance: float = 0.0, uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -345,13 +356,10 @@ def sample(model: FewstepModel, ids: torch.Tensor, mask: torch.Tensor, noise: to
             s, s_next = sigmas[i], sigmas[i + 1]
             wdtype = next(model.transformer.parameters()).dtype
             xin = x.to(wdtype) if autocast_dtype is None else x
+            sig = torch.full((B,), s, device=dev)
             if use_cfg:
-                sig = torch.full((2 * B,), s, device=dev)
-                v = denoise(torch.cat([xin, xin]), sig, emb2, mask2).float()
-                vc, vu = v[:B], v[B:]
-                v = vu + guidance * (vc - vu)
+                v = guided_velocity(denoise, xin, sig, emb2, mask2, guidance)
             else:
-                sig = torch.full((B,), s, device=dev)
                 v = denoise(xin, sig, emb, mask).float()
             x = x + (s_next - s) * v
     return x

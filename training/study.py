@@ -1,4 +1,5 @@
-"""CPU-side evidence for the image recipe (``python -m training.study {flops,bayes,probe,shapeword,grad,relations,cpu}``).
+"""CPU-side evidence for the image recipe
+(``python -m training.study {flops,bayes,probe,shapeword,grad,relations,cpu}``).
 
 * ``flops``: parameters, fp16 size and forward FLOPs per 64x64 image (``torch.utils.flop_counter``)
   of every preset, with an H200 throughput estimate scaled from the measured img/s of the preset

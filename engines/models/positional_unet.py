@@ -16,7 +16,8 @@ Measured (training/README.md, eighth session; 25-step teachers, 512 held-out pro
 strict adherence 0.594 -> 0.975 against the same UNet without the table.
 
 The wrapped UNet keeps diffusers' call signature (``unet(sample, timestep, encoder_hidden_states, ...)``) and the
-config keys the engine reads (``in_channels``, ``sample_size``, ``block_out_channels``), so the engine serves it on its ordinary Stable Diffusion path; a checkpoint names it in
+config keys the engine reads (``in_channels``, ``sample_size``, ``block_out_channels``), so the engine serves it
+on its ordinary Stable Diffusion path; a checkpoint names it in
 ``model_index.json`` as ``["fewstep", "PositionalUNet2DConditionModel"]``.
 """
 

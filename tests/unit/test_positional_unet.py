@@ -37,7 +37,8 @@ def test_zero_init_is_the_plain_unet_and_a_nonzero_map_changes_it(tmp_path):
     x, t, e = torch.randn(2, 3, 16, 16), torch.tensor([500.0, 500.0]), torch.randn(2, 5, 8)
     plain = type(m.unet)(**{k: v for k, v in m.unet.config.items() if not k.startswith("_")}).eval()
     # the wrapped blocks hold the same modules: copy the UNet's weights into a plain one
-    sd = {k.replace(".block.", "."): v for k, v in m.unet.state_dict().items() if ".proj.weight" not in k or ".block." in k}
+    sd = {k.replace(".block.", "."): v for k, v in m.unet.state_dict().items()
+          if ".proj.weight" not in k or ".block." in k}
     plain.load_state_dict(sd)
     with torch.no_grad():
         torch.testing.assert_close(m(x, t, e, return_dict=False)[0], plain(x, t, e, return_dict=False)[0])
