@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dmd-lr", type=float, default=None, help="the fake score network's LR (default: --lr's)")
     d.add_argument("--drop-background", type=float, default=0.0,
                    help="share of pair prompts without their ' on a BG background' phrase (0: off)")
+    d.add_argument("--gan", type=float, default=0.0,
+                   help="adversarial term on one-step samples, as a share of the regression's gradient (0: off)")
+    d.add_argument("--gan-batch", type=int, default=None, help="one-step samples judged per step for --gan (256)")
+    d.add_argument("--gan-lr", type=float, default=None, help="the discriminator's LR for --gan (5e-4)")
+    d.add_argument("--gan-warmup", type=int, default=150,
+                   help="--gan: steps with the discriminator alone, then as many ramping the generator's weight")
+    d.add_argument("--huber", type=float, default=0.0,
+                   help="pseudo-Huber constant on the per-sample velocity error (0: mean squares; try 1e-3)")
 
     e = sub.add_parser("eval", help="held-out adherence / diversity / grid of an exported model")
     e.add_argument("--model", required=True)
@@ -179,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                             guidance=args.guidance, guidance_grid=tuple(args.guidance_grid or DEFAULT_GRID),
                             gen_frac=args.gen_frac, p_one=args.p_one, max_pairs=args.max_pairs,
                             freeze_text=args.freeze_text, dmd=args.dmd, dmd_batch=args.dmd_batch,
-                            dmd_lr=args.dmd_lr, drop_background=args.drop_background, seed=args.seed,
+                            dmd_lr=args.dmd_lr, drop_background=args.drop_background, gan=args.gan,
+                            gan_batch=args.gan_batch, gan_lr=args.gan_lr, gan_warmup=args.gan_warmup,
+                            huber=args.huber, seed=args.seed,
                             compile=args.compile, max_steps=args.max_steps, ckpt_every=args.ckpt_every,
                             device=args.device, budget_start=started))
     elif args.cmd == "eval":

@@ -85,6 +85,11 @@ class DistillArgs:
     dmd_warmup: int = 50        # the weight ramps up over this many steps while the fake network catches up
     dmd_guidance: float | None = None  # the real score's CFG (default: the pairs' scale)
     drop_background: float = 0.0  # share of pair prompts without " on a BG background" (data.without_background)
+    gan: float = 0.0            # adversarial term on the one-step samples, as a share of the regression's pull (0: off)
+    gan_batch: int | None = None  # one-step samples per step it judges (default 256; taken from the sigma = 1 draws)
+    gan_lr: float | None = None   # the discriminator's learning rate (default 2e-4)
+    gan_warmup: int = 150       # the generator's adversarial weight is 0 for this many steps, then ramps over as many
+    huber: float = 0.0          # pseudo-Huber constant on the per-sample velocity error (0: plain mean squares)
     seed: int = 0
     # eager by default since the UNet (seventh session): compiling its sampler and its train step cost ~100 s each
     # of a 210 s stage (one run trained a single step); eager it trains ~630 steps at 3.2k img/s
@@ -230,7 +235,7 @@ def draw_sigma(B: int, g: torch.Generator, device, p_one: float, p_grid: float) 
 
 
 def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, autocast: bool,
-                w_edge: float = 0.0, low_sigma: float = 0.0):
+                w_edge: float = 0.0, low_sigma: float = 0.0, huber: float = 0.0, return_pred: bool = False):
     s = sigma.view(-1, 1, 1, 1)
     xs = (1.0 - s) * x0 + s * z
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -244,6 +249,8 @@ def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, aut
         mse = ((v - target) ** 2 * pw).mean(dim=(1, 2, 3)) / pw.mean(dim=(1, 2, 3))
     else:
         mse = ((v - target) ** 2).mean(dim=(1, 2, 3))
+    if huber > 0:  # "Improving the Training of Rectified Flows": sqrt(|e|^2 + c^2) - c, per sample (as a mean)
+        mse = torch.sqrt(mse + huber * huber) - huber
     x0_pred = xs - s * v
     d = F.avg_pool2d(x0_pred, 2) - F.avg_pool2d(x0, 2)
     perc = d.abs().mean(dim=(1, 2, 3)) + (d ** 2).mean(dim=(1, 2, 3))
@@ -251,7 +258,8 @@ def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, aut
     if low_sigma > 0:  # the velocity error of a nearly clean sample is a noise-prediction error: see the teacher
         from training.teacher import low_sigma_weight
         mse = mse * low_sigma_weight(sigma.float(), low_sigma)
-    return ((mse + w_perc * perc) * w).sum() / w.sum()
+    loss = ((mse + w_perc * perc) * w).sum() / w.sum()
+    return (loss, x0_pred) if return_pred else loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +380,9 @@ def distill(args: DistillArgs) -> Path:
     if args.freeze_text:
         student.text_encoder.requires_grad_(False)
 
-    reserve = 6.0 if tiny or device.type != "cuda" else 35.0
+    # after the last step: checkpoint (0.3 s), the quick check (1.5 s on the H200, eager) and the export (0.5 s).
+    # It was 35 s until the ninth session, a fifth of a 3-minute stage left idle.
+    reserve = 6.0 if tiny or device.type != "cuda" else 12.0
     trainer = Trainer(name="distill", out=out, model=student, device=device, budget=budget, lr=lr,
                       warmup=(3 if tiny else args.warmup), weight_decay=args.weight_decay,
                       ema_decay=args.ema_decay, batch=batch, reserve_s=reserve, max_steps=max_steps,
@@ -413,7 +423,7 @@ def distill(args: DistillArgs) -> Path:
 
     step_fn = guarded_train_step(
         reflow_loss, lambda f, z, x0, ids, mask, sigma: f(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc,
-                                                          use_ac, args.w_edge, args.low_sigma),
+                                                          use_ac, args.w_edge, args.low_sigma, args.huber),
         args.compile and not tiny, device, "distill step", on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
     dm = None
     if args.dmd > 0:
@@ -426,7 +436,19 @@ def distill(args: DistillArgs) -> Path:
         log(f"[distill] distribution matching: weight {args.dmd:g} (ramp {args.dmd_warmup} steps), "
             f"{dmd_batch} one-step samples per step, real score CFG {dmd_guidance:g}")
         jsonl.write(event="dmd", weight=args.dmd, batch=dmd_batch, guidance=dmd_guidance, lr=args.dmd_lr or lr)
-    dm_acc = []
+    adv = None
+    if args.gan > 0:
+        from training.adversarial import AdversarialLoss, adaptive_weight, last_layer_weight
+        gan_batch = args.gan_batch or (4 if tiny else 256)
+        gan_lr = args.gan_lr or 5e-4
+        with torch.no_grad():
+            text_dim = teacher.encode(*tokenize(tokenizer, [""], device)).shape[-1]
+        adv = AdversarialLoss(text_dim, lr=gan_lr, device=device, autocast=use_ac)
+        last_w = last_layer_weight(student)
+        log(f"[distill] adversarial term: weight {args.gan:g} of the regression's pull (ramp {args.gan_warmup} "
+            f"steps after as many without), {gan_batch} one-step samples per step, discriminator lr {gan_lr:g}")
+        jsonl.write(event="gan", weight=args.gan, batch=gan_batch, lr=gan_lr, warmup=args.gan_warmup)
+    dm_acc, gan_acc = [], []
     g = torch.Generator(device=device)
     log(f"[distill] training the student on {pool.n} pairs; {fmt_secs(budget.left())} left")
     while not trainer.should_stop():
@@ -435,7 +457,26 @@ def distill(args: DistillArgs) -> Path:
         z, x0, ids, mask = pool.get(idx)
         sigma = draw_sigma(batch, g, device, args.p_one, args.p_grid)
         trainer.begin_step()
-        loss = step_fn(z, x0, ids, mask, sigma)
+        judged = torch.nonzero(sigma >= 0.9999).squeeze(1)[:gan_batch] if adv is not None else None
+        if judged is None or judged.numel() == 0:
+            loss = step_fn(z, x0, ids, mask, sigma)
+        else:
+            rec, x0_pred = reflow_loss(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac,
+                                       args.w_edge, args.low_sigma, args.huber, return_pred=True)
+            # the judged samples: the batch's one-step draws (x_1 = z, so x0_pred is exactly the 1-step output)
+            one = judged
+            with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if use_ac
+                                   else contextlib.nullcontext()):
+                emb_g = teacher.encode(ids[one], mask[one])
+            fake, real, mask_g = x0_pred[one], x0[one], mask[one]
+            g_loss = adv.generator_loss(fake, emb_g, mask_g)
+            # the generator feels the term only once the discriminator has learned something: off for gan_warmup
+            # steps, then a linear ramp over as many (the CPU probe: ~100 steps to tell 3x3-blurred shapes)
+            k = trainer.step - trainer.start_step
+            ramp = min(1.0, max(0.0, (k - args.gan_warmup) / max(1, args.gan_warmup)))
+            w_gan = adaptive_weight(rec, g_loss, last_w) * (args.gan * ramp)
+            (rec + w_gan * g_loss).backward()
+            loss = rec.detach()
         if dm is not None:
             # prompts from the pair pool (training split), fresh noise: the term needs no teacher pairs
             ids_d, mask_d = ids[:dmd_batch], mask[:dmd_batch]
@@ -445,6 +486,14 @@ def distill(args: DistillArgs) -> Path:
             (args.dmd * ramp * dm_loss).backward()
             loss = loss.detach() + args.dmd * ramp * dm_loss.detach()
         trainer.end_step(loss, state)
+        if judged is not None and judged.numel():
+            d = adv.disc_step(real, fake, emb_g, mask_g)   # constant LR: it must be sharp from the first steps
+            gan_acc.append(torch.stack([g_loss.detach(), w_gan, d["d_loss"], d["d_real"], d["d_fake"]]))
+            if len(gan_acc) >= trainer.log_every:
+                vals = torch.stack(gan_acc).mean(0).tolist()
+                jsonl.write(event="gan_loss", step=trainer.step,
+                            **{k: round(v, 5) for k, v in zip(("g", "w", "d", "d_real", "d_fake"), vals)})
+                gan_acc.clear()
         if dm is not None:
             fake_loss = dm.fake_step(x_d, emb_d, mask_d, g, trainer.cur_lr * (args.dmd_lr or lr) / lr)
             dm_acc.append(torch.stack([dm_loss.detach().float(), fake_loss.float()]))
@@ -472,7 +521,8 @@ def distill(args: DistillArgs) -> Path:
     fewstep = {"default_steps": 1, "default_guidance_scale": 0.0, "default_size": cfg_size, "sizes": [cfg_size],
                "distillation": "reflow + one-step distillation (InstaFlow-style) of a CFG flow-matching teacher; "
                                "guidance-distilled" + (f"; distribution matching (DMD, weight {args.dmd:g})"
-                                                       if args.dmd > 0 else ""),
+                                                       if args.dmd > 0 else "")
+                               + (f"; adversarial (patch discriminator, weight {args.gan:g})" if args.gan > 0 else ""),
                "teacher_steps": steps, "teacher_guidance_scale": float(guidance),
                "train_steps": trainer.step, "pairs": int(extra["pairs_total"]), "seed": args.seed}
     return stage.exported("distill", "EMA student", export_model(trainer.ema, tokenizer, out / "student", fewstep),

@@ -6,9 +6,12 @@
 # Each run i (a, b) trains into out/<i>, packs its export into $OUT/<i> at once (it survives a later timeout), runs
 # the held-out eval (a teacher at 25 steps, or a student at 1/2/4 steps with its teacher) and repacks the logs.
 # $OUT gets 3 files per run (export tar, meta tar, run.log), plus setup.log.
+# Env: NAMES="a b" (the two runs' folder names: a second invocation in one call uses others), MINUTES (distill, 4),
+# EVAL_TEACHER=0 skips the teacher's 25-step rows in a distill run's eval.
 set -u
 export PYTHONUNBUFFERED=1
 stage=$1; flags_a=$2; flags_b=$3
+read -r name_a name_b <<< "${NAMES:-a b}"
 python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/setup.log 2>&1
 python -c "import fewstep.engines" 2>>$OUT/setup.log || {
   # seventh session: `pip install -e .` reported success, yet fewstep did not import; a namespace shim does
@@ -26,15 +29,18 @@ one() {  # GPU NAME FLAGS
     CUDA_VISIBLE_DEVICES=$g timeout 120 python -m training eval --model out/$d/teacher --steps 25 --n 512 \
       --out out/$d >> $OUT/$d/run.log 2>&1
   else
-    CUDA_VISIBLE_DEVICES=$g python -m training distill --teacher $TEACHER/teacher --out out/$d --minutes 3.5 $flags \
-      > $OUT/$d/run.log 2>&1
+    CUDA_VISIBLE_DEVICES=$g python -m training distill --teacher $TEACHER/teacher --out out/$d \
+      --minutes ${MINUTES:-4} $flags > $OUT/$d/run.log 2>&1
     python -m training pack out/$d $OUT/$d --exports student >> $OUT/$d/run.log 2>&1
-    CUDA_VISIBLE_DEVICES=$g timeout 150 python -m training eval --model out/$d/student --teacher $TEACHER/teacher \
+    local tflag="--teacher $TEACHER/teacher"
+    [ "${EVAL_TEACHER:-1}" = 0 ] && tflag=""
+    CUDA_VISIBLE_DEVICES=$g timeout 150 python -m training eval --model out/$d/student $tflag \
       --steps 1 2 4 --n 512 --out out/$d >> $OUT/$d/run.log 2>&1
   fi
   python -m training pack out/$d $OUT/$d --exports >> $OUT/$d/run.log 2>&1
 }
-one 0 a "$flags_a" &
-one 1 b "$flags_b" &
+one 0 $name_a "$flags_a" &
+one 1 $name_b "$flags_b" &
 wait
-grep -h "first step\|throughput\|chosen CFG\|finished\|\[eval\]\|student (EMA)" $OUT/a/run.log $OUT/b/run.log | grep -v "it/s"
+grep -h "first step\|throughput\|chosen CFG\|finished\|\[eval\]\|student (EMA)" $OUT/$name_a/run.log $OUT/$name_b/run.log \
+  | grep -v "it/s"

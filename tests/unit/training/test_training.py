@@ -405,3 +405,48 @@ def test_background_phrase_dropout_is_seeded_and_keeps_the_rest(tmp_path):
                  "--no-background"]) == 0
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["prompts"] == "heldout_prompts without their background phrase"
+
+
+def test_adversarial_term_tells_blur_from_sharp_and_weights_itself(tmp_path):
+    """distill --gan: the patch discriminator learns to score the procedural images above their blurred copies (the
+    failure it is there for), its generator loss sends gradients to the images only, and the adaptive weight is
+    the ratio of the two losses' gradient norms at the given layer. Then a tiny distill run with it exports."""
+    import torch.nn.functional as F
+
+    from training.adversarial import AdversarialLoss, adaptive_weight
+
+    torch.manual_seed(0)
+    real, caps = data.sample_batch(np.random.default_rng(0), 32)[:2]
+    blurred = F.avg_pool2d(F.pad(real, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+    emb = torch.randn(32, 6, 32)
+    mask = torch.ones(32, 6, dtype=torch.long)
+    adv = AdversarialLoss(32, lr=5e-4, device=torch.device("cpu"), autocast=False, width=16)
+    with torch.no_grad():
+        before = float((adv.logits(real, emb, mask).mean() - adv.logits(blurred, emb, mask).mean()))
+    for _ in range(100):
+        d = adv.disc_step(real, blurred, emb, mask)
+    with torch.no_grad():
+        after = float((adv.logits(real, emb, mask).mean() - adv.logits(blurred, emb, mask).mean()))
+    assert after > before + 0.5 and float(d["d_loss"]) < 2.0
+
+    adv.opt.zero_grad(set_to_none=True)
+    w = torch.nn.Parameter(torch.ones(3, 1, 1))
+    fake = blurred * w
+    g = adv.generator_loss(fake, emb, mask)
+    assert all(p.grad is None for p in adv.disc.parameters())
+    rec = 3.0 * ((fake - real) ** 2).mean()
+    gr = torch.autograd.grad(rec, w, retain_graph=True)[0].norm()
+    ga = torch.autograd.grad(g, w, retain_graph=True)[0].norm()
+    assert torch.allclose(adaptive_weight(rec, g, w), gr / (ga + 1e-4))
+    g.backward()
+    assert w.grad is not None and all(p.grad is None for p in adv.disc.parameters())
+
+    assert main(["teacher", "--tiny", "--preset", "tiny_unet", "--device", "cpu", "--out", str(tmp_path),
+                 "--max-steps", "2"]) == 0
+    assert main(["distill", "--tiny", "--teacher", str(tmp_path / "teacher"), "--device", "cpu",
+                 "--out", str(tmp_path), "--max-steps", "3", "--gan", "0.5", "--huber", "1e-3", "--gan-warmup", "1"]) == 0
+    log = [json.loads(x) for x in (tmp_path / "distill_log.jsonl").read_text().splitlines()]
+    rows = [r for r in log if r.get("event") == "gan_loss"]
+    assert rows and all(np.isfinite([r["g"], r["w"], r["d"]]).all() for r in rows)
+    idx = json.loads((tmp_path / "student" / "model_index.json").read_text())
+    assert "adversarial" in idx["fewstep"]["distillation"]
