@@ -5,20 +5,21 @@
 #   TEACHER=out/carry/u bash training/device/two_gpus.sh distill "" "--lr 2e-4"
 # Each run i (a, b) trains into out/<i>, packs its export into $OUT/<i> at once (it survives a later timeout), runs
 # the held-out eval (a teacher at 25 steps, or a student at 1/2/4 steps with its teacher) and repacks the logs.
-# $OUT gets 3 files per run (export tar, meta tar, run.log), plus setup.log.
+# $OUT gets 2 files per run (export tar; meta tar with logs, eval and run.txt), so two invocations in one call
+# return all 8 files the device tool brings back (the ninth session's first call had 13 and lost five).
 # Env: NAMES="a b" (the two runs' folder names: a second invocation in one call uses others), MINUTES (distill, 4),
 # EVAL_TEACHER=0 skips the teacher's 25-step rows in a distill run's eval.
 set -u
 export PYTHONUNBUFFERED=1
 stage=$1; flags_a=$2; flags_b=$3
 read -r name_a name_b <<< "${NAMES:-a b}"
-python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/setup.log 2>&1
-python -c "import fewstep.engines" 2>>$OUT/setup.log || {
+python -m pip install -q --no-deps --no-build-isolation -e . > /tmp/setup.log 2>&1
+python -c "import fewstep.engines" 2>>/tmp/setup.log || {
   # seventh session: `pip install -e .` reported success, yet fewstep did not import; a namespace shim does
   mkdir -p /tmp/shim/fewstep
   for p in server engines kernels clients; do ln -sfn "$PWD/$p" /tmp/shim/fewstep/$p; done
   export PYTHONPATH=/tmp/shim:$PYTHONPATH
-  echo "fewstep: namespace shim" >> $OUT/setup.log
+  echo "fewstep: namespace shim" >> /tmp/setup.log
 }
 one() {  # GPU NAME FLAGS
   local g=$1 d=$2 flags=$3
@@ -37,10 +38,11 @@ one() {  # GPU NAME FLAGS
     CUDA_VISIBLE_DEVICES=$g timeout 150 python -m training eval --model out/$d/student $tflag \
       --steps 1 2 4 --n 512 --out out/$d >> $OUT/$d/run.log 2>&1
   fi
-  python -m training pack out/$d $OUT/$d --exports >> $OUT/$d/run.log 2>&1
+  cp $OUT/$d/run.log out/$d/run.txt && python -m training pack out/$d $OUT/$d --exports >> out/$d/run.txt 2>&1 &&
+    rm $OUT/$d/run.log
 }
 one 0 $name_a "$flags_a" &
 one 1 $name_b "$flags_b" &
 wait
-grep -h "first step\|throughput\|chosen CFG\|finished\|\[eval\]\|student (EMA)" $OUT/$name_a/run.log $OUT/$name_b/run.log \
+grep -h "first step\|throughput\|chosen CFG\|finished\|\[eval\]\|student (EMA)" out/$name_a/run.txt out/$name_b/run.txt \
   | grep -v "it/s"
