@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gan-lr", type=float, default=None, help="the discriminator's LR for --gan (5e-4)")
     d.add_argument("--gan-warmup", type=int, default=150,
                    help="--gan: steps with the discriminator alone, then as many ramping the generator's weight")
-    d.add_argument("--huber", type=float, default=0.0,
-                   help="pseudo-Huber constant on the per-sample velocity error (0: mean squares; try 1e-3)")
+    d.add_argument("--huber", type=float, default=1e-3,
+                   help="pseudo-Huber constant on the per-sample velocity error (0: mean squares)")
 
     e = sub.add_parser("eval", help="held-out adherence / diversity / grid of an exported model")
     e.add_argument("--model", required=True)
@@ -91,13 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
 
     a = sub.add_parser("all", help="both models in one process: teacher -> distill -> eval, then video teacher -> "
-                                   "video distill -> video eval (default budgets: 8 + 3.5 + 5 + 3 = 19.5 min)")
+                                   "video distill -> video eval (default budgets: 8 + 3.8 + 5 + 3 = 19.8 min)")
     a.add_argument("--out", required=True)
     _common(a)
     a.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help=f"image model preset (default {DEFAULT_PRESET})")
     a.add_argument("--teacher-minutes", type=float, default=8.0)
-    a.add_argument("--distill-minutes", type=float, default=3.5)
+    a.add_argument("--distill-minutes", type=float, default=3.8)
     a.add_argument("--video-teacher-minutes", type=float, default=5.0)
     a.add_argument("--video-distill-minutes", type=float, default=3.0)
     a.add_argument("--no-video", dest="video", action="store_false", help="the image model only")

@@ -228,8 +228,18 @@ def test_recipe_defaults_sizes_and_edge_loss():
 
     a = TeacherArgs(out="x")
     assert a.preset == DEFAULT_PRESET == "unet4p" and a.sigma_loc == 0.8 and a.edge_weight == 4.0
-    d = DistillArgs(teacher="t", out="x")   # the eighth session's shipped run (training/README.md)
-    assert (d.gen_frac, d.p_one, d.compile) == (0.25, 0.85, False)
+    from training.__main__ import build_parser
+    from training.distill import pick_guidance
+
+    d = DistillArgs(teacher="t", out="x")   # the ninth session's shipped run (training/README.md)
+    assert (d.gen_frac, d.p_one, d.compile, d.huber, d.gan, d.dmd) == (0.25, 0.85, False, 1e-3, 0.0, 0.0)
+    cli = build_parser().parse_args(["distill", "--teacher", "t", "--out", "x"])
+    assert (cli.huber, cli.gan, cli.p_one, cli.gen_frac) == (1e-3, 0.0, 0.85, 0.25)
+    # the shipped run's CFG search on its teacher (12 steps, 256 train-split prompts): the best scale, 3
+    rows = [{"guidance": g, "accuracy": a} for g, a in ((2.0, 0.941), (3.0, 0.945), (4.0, 0.9375), (5.0, 0.914))]
+    assert pick_guidance(rows) == 3.0 and pick_guidance(rows + [{"guidance": 6.0, "accuracy": 0.945}]) == 3.0
+    a_ = build_parser().parse_args(["all", "--out", "x"])   # the one command's stages fit 20 minutes
+    assert a_.teacher_minutes + a_.distill_minutes + a_.video_teacher_minutes + a_.video_distill_minutes <= 20.0
     tok = build_tokenizer(data.vocabulary(), 32)
     n_img = sum(p.numel() for p in build_model(PRESETS[DEFAULT_PRESET], len(tok)).parameters())
     n_vid = sum(p.numel() for p in build_video_model(VIDEO_PRESETS["small"], len(tok)).parameters())
