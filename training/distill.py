@@ -15,7 +15,9 @@ Method (InstaFlow; "Improving the Training of Rectified Flows"):
    extra loss weight: one Euler step from pure noise must land on the teacher sample), the
    few-step grid (the scheduler's 4-step sigmas and quarter points), and uniform. The velocity
    error is weighted on object outlines like the teacher's (``w_edge``, see ``teacher.edge_map``),
-   and a low-frequency "perceptual-ish" term (L1 + L2 on 2x average-pooled ``x0`` predictions) is added.
+   and a low-frequency "perceptual-ish" term (L1 + L2 on 2x average-pooled ``x0`` predictions) is added. Each
+   sample's velocity error goes through the pseudo-Huber function ``sqrt(e + c^2) - c`` ("Improving the Training
+   of Rectified Flows"; ``--huber``, c = 1e-3), so a few badly fitted samples do not dominate the gradient.
    The student never sees CFG: it is guidance-distilled and ships ``default_guidance_scale: 0``.
 4. **Distribution matching** (optional, ``--dmd W``; DMD / DMD2). The regression above leaves one-step samples
    blurred (the seventh session: shapes 0.96 in the teacher, 0.62 in the 1-step student). A "fake" score network
@@ -24,6 +26,9 @@ Method (InstaFlow; "Improving the Training of Rectified Flows"):
    at a random noise level: away from what only the student makes, towards what the CFG teacher makes. The
    regression stays on (as in DMD, which kept a regression loss; DMD2 replaced it with a GAN term we do not have):
    it holds the student to the teacher's noise-to-image coupling while the fake network warms up.
+
+5. **Adversarial term** (optional, ``--gan W``; ``training/adversarial.py``): a patch discriminator judges the
+   one-step outputs against the teacher's samples. It made the student worse in the ninth session (README).
 
 Exports the EMA student (fp16) to ``DIR/student/`` with ``default_steps: 1``.
 """
