@@ -27,6 +27,14 @@ def _train_common(p: argparse.ArgumentParser, minutes: float) -> None:
     p.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints")
 
 
+def _stage_args(cls, args: argparse.Namespace, **overrides):
+    """``cls`` (a stage's args dataclass) from the parsed options named like its fields, then ``overrides``: a new
+    option needs its field and its flag, not a third list here."""
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **overrides})
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -172,26 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "teacher":
         from training.model import DEFAULT_PRESET
         from training.teacher import TeacherArgs, train_teacher
-        train_teacher(TeacherArgs(out=args.out, minutes=args.minutes, resume=args.resume, tiny=args.tiny,
-                                  preset=args.preset or DEFAULT_PRESET, batch=args.batch, lr=args.lr,
-                                  ema_decay=args.ema_decay, sigma_loc=args.sigma_loc, edge_weight=args.edge_weight,
-                                  low_sigma=args.low_sigma, sigma_min=args.sigma_min,
-                                  seed=args.seed, compile=args.compile, max_steps=args.max_steps,
-                                  ckpt_every=args.ckpt_every, workers=args.workers, device=args.device,
-                                  reuse=args.reuse, flip=args.flip, drop_background=args.drop_background,
-                                  budget_start=started))
+        train_teacher(_stage_args(TeacherArgs, args, preset=args.preset or DEFAULT_PRESET, budget_start=started))
     elif args.cmd == "distill":
         from training.distill import DEFAULT_GRID, DistillArgs, distill
-        distill(DistillArgs(teacher=args.teacher, out=args.out, minutes=args.minutes, resume=args.resume,
-                            tiny=args.tiny, batch=args.batch, lr=args.lr, teacher_steps=args.teacher_steps,
-                            guidance=args.guidance, guidance_grid=tuple(args.guidance_grid or DEFAULT_GRID),
-                            gen_frac=args.gen_frac, p_one=args.p_one, max_pairs=args.max_pairs,
-                            freeze_text=args.freeze_text, dmd=args.dmd, dmd_batch=args.dmd_batch,
-                            dmd_lr=args.dmd_lr, drop_background=args.drop_background, gan=args.gan,
-                            gan_batch=args.gan_batch, gan_lr=args.gan_lr, gan_warmup=args.gan_warmup,
-                            huber=args.huber, seed=args.seed,
-                            compile=args.compile, max_steps=args.max_steps, ckpt_every=args.ckpt_every,
-                            device=args.device, budget_start=started))
+        distill(_stage_args(DistillArgs, args, guidance_grid=tuple(args.guidance_grid or DEFAULT_GRID),
+                            budget_start=started))
     elif args.cmd == "eval":
         from training.evaluate import EvalArgs, evaluate
         kw = dict(n=args.n, batch=args.batch)

@@ -20,12 +20,13 @@ generator's term; a discriminator on the teacher's features is the untried next 
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from training.common import bf16_autocast
 
 
 class PatchDiscriminator(nn.Module):
@@ -82,7 +83,7 @@ class AdversarialLoss:
         self.autocast = autocast
 
     def _ctx(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        return bf16_autocast(self.autocast)
 
     def logits(self, x, emb, mask) -> torch.Tensor:
         with self._ctx():

@@ -269,6 +269,12 @@ def unpack_training_state(tensors: dict[str, torch.Tensor], model: torch.nn.Modu
 # Optimisation helpers
 # ----------------------------------------------------------------------------------------------
 
+def bf16_autocast(enabled: bool):
+    """The training stages' mixed precision: bf16 autocast on CUDA when ``enabled``, else a no-op context."""
+    import contextlib
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
 def make_adamw(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
                betas=(0.9, 0.99)) -> torch.optim.Optimizer:
     decay, no_decay = [], []

@@ -35,7 +35,6 @@ Exports the EMA student (fp16) to ``DIR/student/`` with ``default_steps: 1``.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.common import (GuardedCompiled, JsonlLog, Stage, count_params, fmt_secs, guarded_train_step, log,
+from training.common import (GuardedCompiled, bf16_autocast, JsonlLog, Stage, count_params, fmt_secs, guarded_train_step, log,
                              maybe_compile, step_seed)
 from training.export import export_model, load_export
 from training.loop import Trainer
@@ -250,7 +249,7 @@ def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, aut
                 w_edge: float = 0.0, low_sigma: float = 0.0, huber: float = 0.0, return_pred: bool = False):
     s = sigma.view(-1, 1, 1, 1)
     xs = (1.0 - s) * x0 + s * z
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    ctx = bf16_autocast(autocast)
     with ctx:
         v = model(xs, sigma, ids, mask)
     v = v.float()
@@ -308,7 +307,7 @@ class DistributionMatching:
             self.u_emb = teacher.encode(*uncond)
 
     def _ctx(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        return bf16_autocast(self.autocast)
 
     def _noised(self, x, g):
         B = x.shape[0]
@@ -455,9 +454,7 @@ def distill(args: DistillArgs) -> Path:
         from training.adversarial import AdversarialLoss, adaptive_weight, last_layer_weight
         gan_batch = args.gan_batch or (4 if tiny else 256)
         gan_lr = args.gan_lr or 5e-4
-        with torch.no_grad():
-            text_dim = teacher.encode(*tokenize(tokenizer, [""], device)).shape[-1]
-        adv = AdversarialLoss(text_dim, lr=gan_lr, device=device, autocast=use_ac)
+        adv = AdversarialLoss(teacher.text_encoder.config.hidden_size, lr=gan_lr, device=device, autocast=use_ac)
         last_w = last_layer_weight(student)
         log(f"[distill] adversarial term: weight {args.gan:g} of the regression's pull (ramp {args.gan_warmup} "
             f"steps after as many without), {gan_batch} one-step samples per step, discriminator lr {gan_lr:g}")
@@ -478,11 +475,9 @@ def distill(args: DistillArgs) -> Path:
             rec, x0_pred = reflow_loss(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac,
                                        args.w_edge, args.low_sigma, args.huber, return_pred=True)
             # the judged samples: the batch's one-step draws (x_1 = z, so x0_pred is exactly the 1-step output)
-            one = judged
-            with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if use_ac
-                                   else contextlib.nullcontext()):
-                emb_g = teacher.encode(ids[one], mask[one])
-            fake, real, mask_g = x0_pred[one], x0[one], mask[one]
+            with torch.no_grad(), bf16_autocast(use_ac):
+                emb_g = teacher.encode(ids[judged], mask[judged])
+            fake, real, mask_g = x0_pred[judged], x0[judged], mask[judged]
             g_loss = adv.generator_loss(fake, emb_g, mask_g)
             # the generator feels the term only once the discriminator has learned something: off for gan_warmup
             # steps, then a linear ramp over as many (the CPU probe: ~100 steps to tell 3x3-blurred shapes)

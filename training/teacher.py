@@ -21,14 +21,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from training.common import Stage, count_params, guarded_train_step, log, step_seed
+from training.common import Stage, bf16_autocast, count_params, guarded_train_step, log, step_seed
 from training.export import export_model
 from training.loop import Trainer
 from training.model import (DEFAULT_PRESET, PRESETS, ModelConfig, build_model, build_tokenizer,
@@ -138,7 +137,7 @@ def flow_loss(model, x0, ids, mask, noise, sigma, autocast: bool, edge_weight: f
               low_sigma: float = 0.0):
     s = sigma.view(-1, 1, 1, 1)
     xt = (1.0 - s) * x0 + s * noise
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    ctx = bf16_autocast(autocast)
     with ctx:
         v = model(xt, sigma, ids, mask)
     return weighted_mse(v, noise - x0, x0, edge_weight, sigma, low_sigma)

@@ -50,6 +50,7 @@ import torch
 
 from training.common import (
     Stage,
+    bf16_autocast,
     guarded_train_step,
     count_params,
     log,
@@ -164,7 +165,7 @@ def warm_position_cache(model: VideoModel, cfg: VideoConfig, autocast: bool) -> 
     call leaves one compilation."""
     dev = next(model.transformer.parameters()).device
     T, S = cfg.frames, cfg.size
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    ctx = bf16_autocast(autocast)
     with ctx:
         model.denoise(torch.zeros(1, 3, T, S, S, device=dev), torch.zeros(1, T, device=dev),
                       torch.zeros(1, 1, model.transformer.config.caption_channels, device=dev),
@@ -381,7 +382,7 @@ def video_flow_loss(model, x0, ids, mask, noise, sigma, autocast: bool, edge_wei
     from training.teacher import weighted_mse
     s = sigma[:, :, None, None, None]
     xt = (1.0 - s) * x0 + s * noise
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    ctx = bf16_autocast(autocast)
     with ctx:
         v = model(xt.transpose(1, 2), sigma, ids, mask)
     return weighted_mse(v.float().transpose(1, 2), noise - x0, x0, edge_weight, sigma, low_sigma)
@@ -786,7 +787,7 @@ def search_video_guidance(teacher, tokenizer, cfg: VideoConfig, grid, n: int, fr
 
 
 def distill_loss(student, x, sig, nxt, emb, mask, v_target, frame_w, autocast: bool):
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    ctx = bf16_autocast(autocast)
     with ctx:
         v = student.denoise(x, sig, emb, mask)
     err = ((v.float() - v_target) ** 2).mean(dim=(1, 3, 4))          # [B, T]
@@ -952,7 +953,7 @@ def _distill_video(args: VideoDistillArgs, stage: Stage, pool: list) -> Path:
         u_emb = teacher.encode(u_ids.expand(R, -1), u_mask.expand(R, -1))
     replay = ReplayBuffer(capacity)
     g_mix = torch.Generator(device="cpu")
-    ac = torch.autocast("cuda", dtype=torch.bfloat16) if use_ac else contextlib.nullcontext()
+    ac = bf16_autocast(use_ac)
     roll_s = [0.0]
 
     @torch.no_grad()
