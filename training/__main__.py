@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--p-one", type=float, default=0.85, help="fraction of student samples drawn at sigma 1 (one step)")
     d.add_argument("--compile", dest="compile", action="store_true", help="torch.compile the sampler and the step")
     d.set_defaults(compile=False)  # see DistillArgs.compile
+    d.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run the student step and the pair sampler eagerly (default: recorded as CUDA graphs)")
     d.add_argument("--max-pairs", type=int, default=None)
     d.add_argument("--freeze-text", action="store_true")
     d.add_argument("--dmd", type=float, default=0.0,

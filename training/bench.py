@@ -103,15 +103,137 @@ def bench_scorer(n: int = 256) -> dict:
                 "render_accuracy": r["accuracy"]}
 
 
+def _time(fn, n: int, dev) -> float:
+    _sync(dev)
+    t0 = time.time()
+    for _ in range(n):
+        fn()
+    _sync(dev)
+    return (time.time() - t0) / n
+
+
+def bench_variants(preset: str, batch: int, chunk: int, dev, compile_: bool, steps: int = 20) -> list[dict]:
+    """The distill stage's two hot loops, eager against channels-last against a CUDA graph (and torch.compile):
+    the student's optimizer step (``reflow_loss`` with the stage's defaults, batch ``batch``) and the teacher's pair
+    sampler (12 Euler steps with CFG at ``chunk`` prompts, i.e. 2 x chunk rows per forward). Also checks that a
+    replayed step computes what the eager step computes (same weights, same batches)."""
+    import copy
+
+    from training import data
+    from training.common import make_adamw
+    from training.distill import DistillArgs, draw_sigma, reflow_loss
+    from training.graphs import CapturedCall, CapturedTrainStep
+    from training.model import sample, scheduler_sigmas
+    d = DistillArgs(teacher="", out="")
+    cfg = PRESETS[preset]
+    tok = build_tokenizer(data.vocabulary(), cfg.max_length)
+    torch.manual_seed(0)
+    base = build_model(cfg, len(tok)).to(dev)
+    caps = data.train_prompts(max(batch, chunk), seed=0)
+    ids_all, mask_all = tokenize(tok, caps, dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def batch_of(k):
+        g.manual_seed(k)
+        z = torch.randn(batch, 3, cfg.size, cfg.size, device=dev, generator=g)
+        x0 = (torch.rand(batch, 3, cfg.size, cfg.size, device=dev, generator=g) * 2 - 1)
+        return z, x0, ids_all[:batch], mask_all[:batch], draw_sigma(batch, g, dev, d.p_one, d.p_grid)
+
+    batches = [batch_of(k) for k in range(steps + 4)]
+    rows = []
+
+    def loss_fn(model):
+        return lambda z, x0, ids, mask, sigma: reflow_loss(model, z, x0, ids, mask, sigma, d.w_one, d.w_perc, True,
+                                                           d.w_edge, d.low_sigma, d.huber)
+
+    cuda = dev.type == "cuda"
+    for mode in (["eager", "eager_cl", "graph", "graph_cl"] + (["compile"] if compile_ else [])) if cuda else ["eager"]:
+        model = copy.deepcopy(base).train()
+        if mode.endswith("_cl"):
+            model.to(memory_format=torch.channels_last)
+        params = [p for p in model.parameters() if p.requires_grad]
+        t0 = time.time()
+        losses = []
+        if mode.startswith("graph"):
+            opt = make_adamw(model, 1e-4, 0.0, dev, capturable=True)
+            step = CapturedTrainStep(loss_fn(model), params, opt, 1.0, batches[:2])
+            losses += [float(o[0]) for o in step.warmup_out]
+            first = time.time() - t0
+            for b in batches[2:4]:
+                losses.append(float(step(*b)[0]))
+            i = iter(batches * 2)
+            dt = _time(lambda: step(*next(i)), steps, dev)
+        else:
+            opt = make_adamw(model, 1e-4, 0.0, dev) if mode != "compile" else \
+                torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), fused=True)
+            f = loss_fn(model)
+            if mode == "compile":
+                f = torch.compile(f, dynamic=False)
+
+            def eager_step(b):
+                opt.zero_grad(set_to_none=True)
+                loss = f(*b)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                opt.step()
+                return loss.detach()
+            for k, b in enumerate(batches[:4]):
+                losses.append(float(eager_step(b)))
+                if k == 0:
+                    first = time.time() - t0
+            i = iter(batches * 2)
+            dt = _time(lambda: eager_step(next(i)), steps, dev)
+        rows.append({"loop": "train_step", "mode": mode, "batch": batch, "first_s": round(first, 1),
+                     "ms": round(dt * 1e3, 2), "img_s": round(batch / dt, 1),
+                     "first_losses": [round(x, 5) for x in losses]})
+        print(json.dumps(rows[-1]), flush=True)
+        del model, opt
+        torch.cuda.empty_cache() if cuda else None
+
+    teacher = copy.deepcopy(base).eval().requires_grad_(False)
+    sig = scheduler_sigmas(12)
+    uncond = tokenize(tok, [""], dev)
+    ids, mask = ids_all[:chunk], mask_all[:chunk]
+    z = torch.randn(chunk, 3, cfg.size, cfg.size, device=dev, generator=g)
+    ref = None
+    for mode in ["eager", "eager_cl", "graph", "graph_cl"] if cuda else ["eager"]:
+        m = copy.deepcopy(teacher)
+        if mode.endswith("_cl"):
+            m.to(memory_format=torch.channels_last)
+
+        def fn(ids, mask, z):
+            return sample(m, ids, mask, z, sig, 3.0, uncond, autocast_dtype=torch.bfloat16)
+        t0 = time.time()
+        call = CapturedCall(fn, (ids, mask, z), warmup=2) if mode.startswith("graph") else torch.no_grad()(fn)
+        out = call(ids, mask, z).float()
+        first = time.time() - t0
+        ref = out if ref is None else ref
+        dt = _time(lambda: call(ids, mask, z), 5, dev)
+        rows.append({"loop": "pair_sampler", "mode": mode, "chunk": chunk, "teacher_steps": 12,
+                     "first_s": round(first, 1), "s_per_chunk": round(dt, 4), "pairs_s": round(chunk / dt, 1),
+                     "max_abs_diff_vs_eager": round(float((out - ref).abs().max()), 4)})
+        print(json.dumps(rows[-1]), flush=True)
+        del m, call
+        torch.cuda.empty_cache() if cuda else None
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", nargs="+", default=["p2n", "deep8", "base"])
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-aux", action="store_true")
+    ap.add_argument("--variants", action="store_true",
+                    help="the distill stage's step and pair sampler: eager / channels-last / CUDA graph / compile")
+    ap.add_argument("--chunk", type=int, default=1024)
     a = ap.parse_args()
     dev = pick_device()
     setup_torch(dev)
+    if a.variants:
+        for p in a.presets:
+            bench_variants(p, a.batch, a.chunk, dev, not a.no_compile)
+        return
     out = []
     if not a.skip_aux:
         out.append(bench_stream(a.batch, dev))

@@ -276,7 +276,7 @@ def bf16_autocast(enabled: bool):
 
 
 def make_adamw(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
-               betas=(0.9, 0.99)) -> torch.optim.Optimizer:
+               betas=(0.9, 0.99), capturable: bool = False) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if not p.requires_grad:
@@ -284,6 +284,9 @@ def make_adamw(model: torch.nn.Module, lr: float, weight_decay: float, device: t
         (decay if p.ndim >= 2 and "embed" not in n else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = {"fused": True} if device.type == "cuda" else {}
+    if capturable and device.type == "cuda":   # see training.graphs: the LR and step count live on the GPU
+        kw.update(capturable=True)
+        lr = torch.tensor(lr, device=device)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, **kw)
 
 

@@ -35,6 +35,7 @@ Exports the EMA student (fp16) to ``DIR/student/`` with ``default_steps: 1``.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,9 @@ class DistillArgs:
     # eager by default since the UNet (seventh session): compiling its sampler and its train step cost ~100 s each
     # of a 210 s stage (one run trained a single step); eager it trains ~630 steps at 3.2k img/s
     compile: bool = False
+    # the student's step recorded as a CUDA graph (training.graphs): 108 against 130 ms per batch-512 step on the
+    # H200 (compiled: 83 ms, after 122 s of compilation); losses equal to the eager step's
+    cuda_graphs: bool = True
     max_steps: int | None = None
     ckpt_every: float = 60.0
     device: str = "auto"
@@ -192,7 +196,10 @@ class PairPool:
 def fill_pool(pool: PairPool, teacher, tokenizer, *, seconds: float, chunk: int, steps: int, guidance: float,
               seed: int, first_chunk: int, device, jsonl: JsonlLog, max_chunks: int | None = None,
               denoise=None, bg_prob: float = 0.0) -> int:
-    """Generate teacher pairs for ``seconds`` (or until full / max_chunks); returns chunks made."""
+    """Generate teacher pairs for ``seconds`` (or until full / max_chunks); returns chunks made.
+
+    Eager: recorded as one CUDA graph per chunk the sampler ran at the same speed (1.82 against 1.84 s per 1024
+    pairs, H200, ``python -m training.bench --variants``): its kernels, not their launches, are the cost."""
     from tqdm import tqdm
 
     from training import data
@@ -393,6 +400,9 @@ def distill(args: DistillArgs) -> Path:
     if args.freeze_text:
         student.text_encoder.requires_grad_(False)
 
+    # the plain regression step is recorded as a CUDA graph; the DMD and adversarial terms run eagerly (their
+    # boolean-mask selections and second networks are not capturable as written)
+    graphs = args.cuda_graphs and device.type == "cuda" and not args.compile and args.dmd == 0 and args.gan == 0
     # after the last step: checkpoint (0.3 s), the quick check (1.5 s on the H200, eager) and the export (0.5 s).
     # It was 35 s until the ninth session, a fifth of a 3-minute stage left idle.
     reserve = 6.0 if tiny or device.type != "cuda" else 12.0
@@ -400,7 +410,7 @@ def distill(args: DistillArgs) -> Path:
                       warmup=(3 if tiny else args.warmup), weight_decay=args.weight_decay,
                       ema_decay=args.ema_decay, batch=batch, reserve_s=reserve, max_steps=max_steps,
                       ckpt_every_s=args.ckpt_every, jsonl=jsonl, log_every=(1 if tiny else 25),
-                      estimate_after=(10**9 if tiny else 60), cooldown_frac=0.2)
+                      estimate_after=(10**9 if tiny else 60), cooldown_frac=0.2, capturable=graphs)
     resumed = trainer.resume() if args.resume else None
     extra = trainer.extra_state
     guidance = args.guidance
@@ -434,10 +444,14 @@ def distill(args: DistillArgs) -> Path:
 
     use_ac = device.type == "cuda"
 
-    step_fn = guarded_train_step(
-        reflow_loss, lambda f, z, x0, ids, mask, sigma: f(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc,
-                                                          use_ac, args.w_edge, args.low_sigma, args.huber),
-        args.compile and not tiny, device, "distill step", on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
+    def student_loss(f, z, x0, ids, mask, sigma):
+        return f(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac, args.w_edge, args.low_sigma,
+                 args.huber)
+    step_fn = guarded_train_step(reflow_loss, student_loss, args.compile and not tiny, device, "distill step",
+                                 on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
+    graph_loss = functools.partial(student_loss, reflow_loss)
+    if graphs:
+        log("[distill] student step: recorded as a CUDA graph after its first step")
     dm = None
     if args.dmd > 0:
         dmd_guidance = guidance if args.dmd_guidance is None else args.dmd_guidance
@@ -469,6 +483,22 @@ def distill(args: DistillArgs) -> Path:
         sigma = draw_sigma(batch, g, device, args.p_one, args.p_grid)
         trainer.begin_step()
         judged = torch.nonzero(sigma >= 0.9999).squeeze(1)[:gan_batch] if adv is not None else None
+        if graphs:
+            # the first step is the recording's warm-up (a real step); every later one replays the recording
+            inputs = (z, x0, ids, mask, sigma)
+            if trainer.captured is None:
+                try:
+                    loss, gn = trainer.capture_step(graph_loss, inputs)
+                except Exception as e:   # a failed recording must not cost the stage: train eagerly from here
+                    log(f"[distill] CUDA graph recording failed ({type(e).__name__}: {str(e)[:300]}); eager steps")
+                    jsonl.write(event="cuda_graph_failed", error=f"{type(e).__name__}: {str(e)[:300]}")
+                    graphs, trainer.captured = False, None
+                    torch.cuda.synchronize(device)
+                    continue
+            else:
+                loss, gn = trainer.graph_step(*inputs)
+            trainer.end_step(loss, state, grad_norm=gn)
+            continue
         if judged is None or judged.numel() == 0:
             loss = step_fn(z, x0, ids, mask, sigma)
         else:

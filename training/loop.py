@@ -24,6 +24,7 @@ import torch
 from training.common import (Budget, JsonlLog, ema_decay_at, ema_update, fmt_secs, load_checkpoint,
                              log, make_adamw, pack_training_state, save_checkpoint,
                              unpack_training_state, wsd_lr)
+from training.graphs import set_lr
 
 
 class Trainer:
@@ -32,7 +33,7 @@ class Trainer:
                  batch: int, reserve_s: float, max_steps: int | None, ckpt_every_s: float,
                  cooldown_frac: float = 0.2, grad_clip: float = 1.0, log_every: int = 25,
                  estimate_after: int = 60, jsonl: JsonlLog | None = None, show_bar: bool = True,
-                 rate_skip: int = 0, refine_every_s: float = 5.0):
+                 rate_skip: int = 0, refine_every_s: float = 5.0, capturable: bool = False):
         self.name, self.out, self.model, self.device, self.budget = name, Path(out), model, device, budget
         self.lr, self.warmup, self.ema_decay, self.batch = lr, warmup, ema_decay, batch
         self.reserve_s, self.max_steps, self.ckpt_every_s = reserve_s, max_steps, ckpt_every_s
@@ -41,7 +42,10 @@ class Trainer:
         self.rate_skip, self.refine_every_s = max(0, int(rate_skip)), refine_every_s
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = make_adamw(model, lr, weight_decay, device)
+        # capturable: the optimizer keeps its LR and step count on the GPU, so that a CUDA graph can record its step
+        # (capture_step); the LR is then written in place
+        self.opt = make_adamw(model, lr, weight_decay, device, capturable=capturable)
+        self.captured = None
         self.step = 0
         self.start_step = 0
         self.total_steps: int | None = max_steps
@@ -101,17 +105,37 @@ class Trainer:
         run_total = None if self.total_steps is None else max(1, self.total_steps - self.start_step)
         lr = wsd_lr(self.step - self.start_step, self.lr, self.warmup, run_total, self.cooldown_frac)
         self.cur_lr = lr
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.opt.zero_grad(set_to_none=True)
+        set_lr(self.opt, lr)
+        if self.captured is None:   # a recorded step owns its gradient buffers and clears them itself
+            self.opt.zero_grad(set_to_none=True)
 
-    def end_step(self, loss: torch.Tensor, state_fn) -> None:
-        """Clip, optimiser step, EMA, counters, logging, periodic checkpoint."""
-        if self.grad_clip:
-            # the pre-clip norm is logged: a norm far above the clip means a few samples steer every step
-            gn = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True).detach().float()
+    def capture_step(self, loss_fn, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Records ``loss_fn(*inputs)``, its backward, the clip and the optimizer step as one CUDA graph
+        (``training.graphs.CapturedTrainStep``); later calls of ``graph_step`` replay it. The recording needs one
+        warm-up step, which is a real training step on ``inputs``: call between ``begin_step`` and ``end_step``
+        like a loss function; returns (loss, pre-clip gradient norm) for ``end_step(loss, state, grad_norm=...)``."""
+        from training.graphs import CapturedTrainStep
+        assert self.captured is None
+        self.captured = CapturedTrainStep(loss_fn, self.params, self.opt, self.grad_clip, [inputs])
+        return tuple(self.captured.warmup_out[0])
+
+    def graph_step(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """One replay of the recorded step (see ``capture_step``)."""
+        loss, gn = self.captured(*inputs)
+        return loss.clone(), gn.clone()
+
+    def end_step(self, loss: torch.Tensor, state_fn, grad_norm: torch.Tensor | None = None) -> None:
+        """Clip, optimiser step, EMA, counters, logging, periodic checkpoint. ``grad_norm``: the clip and the
+        optimiser step already ran (inside a recorded step); this is their pre-clip gradient norm."""
+        if grad_norm is not None:
+            gn = grad_norm.detach().float()
             self._gn_acc = gn if self._gn_acc is None else self._gn_acc + gn
-        self.opt.step()
+        else:
+            if self.grad_clip:
+                # the pre-clip norm is logged: a norm far above the clip means a few samples steer every step
+                gn = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True).detach().float()
+                self._gn_acc = gn if self._gn_acc is None else self._gn_acc + gn
+            self.opt.step()
         ema_update(self.ema, self.model, ema_decay_at(self.step, self.ema_decay))
         self.step += 1
         ld = loss.detach().float()

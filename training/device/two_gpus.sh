@@ -1,5 +1,6 @@
 #!/bin/bash
-# Two image-training runs side by side on nvidia-h200-x2, one per GPU (the seventh session's calls, generalised).
+# Two image-training runs side by side on nvidia-h200-x2, one per GPU (the seventh session's calls, generalised); on a
+# one-GPU machine, one after the other.
 # Run from the repo root on the device, after `source .whl/preamble.sh`:
 #   bash training/device/two_gpus.sh teacher "--preset unet4" "--preset unet --batch 512"
 #   TEACHER=out/carry/u bash training/device/two_gpus.sh distill "" "--lr 2e-4"
@@ -41,8 +42,13 @@ one() {  # GPU NAME FLAGS
   cp $OUT/$d/run.log out/$d/run.txt && python -m training pack out/$d $OUT/$d --exports >> out/$d/run.txt 2>&1 &&
     rm $OUT/$d/run.log
 }
-one 0 $name_a "$flags_a" &
-one 1 $name_b "$flags_b" &
-wait
-grep -h "first step\|throughput\|chosen CFG\|finished\|\[eval\]\|student (EMA)" out/$name_a/run.txt out/$name_b/run.txt \
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  one 0 $name_a "$flags_a" &
+  one 1 $name_b "$flags_b" &
+  wait
+else  # one GPU (nvidia-h200): the two runs one after the other; FLAGS_B = SKIP runs only the first
+  one 0 $name_a "$flags_a"
+  [ "$flags_b" != SKIP ] && one 0 $name_b "$flags_b"
+fi
+grep -h "first step\|throughput\|chosen CFG\|finished\|\[eval\]\|student (EMA)" out/$name_a/run.txt out/$name_b/run.txt 2>/dev/null \
   | grep -v "it/s"

@@ -1,0 +1,97 @@
+"""CUDA graphs for the training stages: a whole optimizer step, or a whole no-grad sampler call, recorded once and
+replayed, with none of ``torch.compile``'s start-up cost.
+
+Why: the UNet student's eager step at batch 512 runs ~2k small kernels (64x64 images, 32-128 channels) and the H200
+sits near 5% of its bf16 peak (benchmarks/NOTES.md, ninth session: batch 1024 gave 1.15x img/s, so launches are part
+of the cost); ``torch.compile`` removes them too but its compilation took ~100 s of a 3.8-minute distill stage.
+A capture costs the warm-up steps plus one recorded step (seconds).
+
+What a capture requires, and what the callers guarantee: fixed input shapes and a fixed Python path (same batch,
+same sigma grid, same branch every call), no host synchronisation inside (no ``.item()``, no boolean-mask
+indexing), and an optimizer that keeps its step count and learning rate on the device (``capturable=True`` with a
+tensor LR: ``set_lr`` writes it in place)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Sets the LR of every group: in place for a tensor LR (what a recorded step reads), else by assignment."""
+    for g in opt.param_groups:
+        if torch.is_tensor(g["lr"]):
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = lr
+
+
+class CapturedTrainStep:
+    """``loss = loss_fn(*inputs)``, backward, global gradient clipping and ``opt.step()``, as one CUDA graph.
+
+    ``warmup_inputs`` are real batches: each warm-up call is a full training step (run eagerly on a side stream, as
+    the capture needs: cuDNN picks its algorithms, the optimizer creates its state), then the graph is recorded with
+    the last of them as its first replay's inputs *without* being applied: recording runs no kernel. Call it like
+    the eager step; it returns device tensors (the loss and the pre-clip gradient norm) that the next replay
+    overwrites, so callers copy what they keep."""
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], params: Sequence[torch.Tensor],
+                 opt: torch.optim.Optimizer, grad_clip: float, warmup_inputs: Sequence[Sequence[torch.Tensor]]):
+        assert warmup_inputs, "at least one warm-up batch (a real training step)"
+        self.loss_fn, self.params, self.opt, self.grad_clip = loss_fn, list(params), opt, grad_clip
+        self.static = [x.clone() for x in warmup_inputs[0]]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        self.warmup_out = []
+        with torch.cuda.stream(side):
+            for inputs in warmup_inputs:
+                self.warmup_out.append([t.detach().clone() for t in self._step(inputs)])
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=True)   # the graph's own gradient buffers come from its private pool
+        with torch.cuda.graph(self.graph):
+            self.out = self._step(self.static)
+
+    def _step(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        # inside the recording the gradients are None (cleared just before it), so backward allocates them in the
+        # graph's pool and every replay writes, not accumulates, into the same buffers
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(*inputs)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True) if self.grad_clip \
+            else torch.zeros((), device=loss.device)
+        self.opt.step()
+        return loss.detach(), gn.detach()
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for s, x in zip(self.static, inputs):
+            s.copy_(x)
+        self.graph.replay()
+        return self.out
+
+
+class CapturedCall:
+    """A no-grad function of fixed-shape tensors (a whole sampler call: text encoding, every Euler step and CFG),
+    recorded once after ``warmup`` eager calls on a side stream and replayed. The warm-up calls are real work:
+    ``warmup_out`` is the last one's result for ``example``. The output tensor is overwritten by the next call:
+    callers copy it (``PairPool.add`` does)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], example: Sequence[torch.Tensor], warmup: int = 1):
+        self.fn = fn
+        self.static = [x.clone() for x in example]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):
+                self.warmup_out = fn(*self.static).clone()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.out = fn(*self.static)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for s, x in zip(self.static, inputs):
+            s.copy_(x)
+        self.graph.replay()
+        return self.out
