@@ -1,15 +1,17 @@
-"""CUDA graphs for the training stages: a whole optimizer step, or a whole no-grad sampler call, recorded once and
-replayed, with none of ``torch.compile``'s start-up cost.
+"""CUDA graphs for the training stages: a whole optimizer step recorded once and replayed, with none of
+``torch.compile``'s start-up cost (``CapturedTrainStep``, the distill stage's student step); and a whole no-grad
+call (``CapturedCall``: ``python -m training.bench --variants`` times the pair sampler with it; the stage keeps the
+sampler eager, where the graph saved 1%).
 
-Why: the UNet student's eager step at batch 512 runs ~2k small kernels (64x64 images, 32-128 channels) and the H200
-sits near 5% of its bf16 peak (benchmarks/NOTES.md, ninth session: batch 1024 gave 1.15x img/s, so launches are part
-of the cost); ``torch.compile`` removes them too but its compilation took ~100 s of a 3.8-minute distill stage.
-A capture costs the warm-up steps plus one recorded step (seconds).
+Why: the UNet student's eager step at batch 512 (64x64 images, 32-128 channels) launches many small kernels and keeps
+the H200 at 5-8% of its bf16 peak. Recorded, it ran 108 against 130 ms (benchmarks/NOTES.md, tenth session);
+``torch.compile`` ran 83 ms, after 122 s of compilation that a 3.8-minute stage cannot pay. A recording costs one
+warm-up step (a real one) and the recording itself (~2 s).
 
-What a capture requires, and what the callers guarantee: fixed input shapes and a fixed Python path (same batch,
-same sigma grid, same branch every call), no host synchronisation inside (no ``.item()``, no boolean-mask
-indexing), and an optimizer that keeps its step count and learning rate on the device (``capturable=True`` with a
-tensor LR: ``set_lr`` writes it in place)."""
+What a recording requires, and what the callers guarantee: fixed input shapes and a fixed Python path (same batch,
+same branch every call), no host synchronisation inside (no ``.item()``, no boolean-mask indexing), and an optimizer
+that keeps its step count and learning rate on the device (``make_adamw(..., capturable=True)``: a tensor LR that
+``set_lr`` writes in place)."""
 
 from __future__ import annotations
 
@@ -30,11 +32,11 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 class CapturedTrainStep:
     """``loss = loss_fn(*inputs)``, backward, global gradient clipping and ``opt.step()``, as one CUDA graph.
 
-    ``warmup_inputs`` are real batches: each warm-up call is a full training step (run eagerly on a side stream, as
-    the capture needs: cuDNN picks its algorithms, the optimizer creates its state), then the graph is recorded with
-    the last of them as its first replay's inputs *without* being applied: recording runs no kernel. Call it like
-    the eager step; it returns device tensors (the loss and the pre-clip gradient norm) that the next replay
-    overwrites, so callers copy what they keep."""
+    ``warmup_inputs`` are real batches: each is one full training step, run eagerly on a side stream as the
+    recording needs (cuDNN picks its algorithms, the optimizer creates its state); ``warmup_out`` holds their
+    (loss, gradient norm). Then the step is recorded; recording launches no kernel, so nothing is applied twice.
+    Call it like the eager step: it returns device tensors (the loss and the pre-clip gradient norm) that the next
+    replay overwrites, so callers copy what they keep."""
 
     def __init__(self, loss_fn: Callable[..., torch.Tensor], params: Sequence[torch.Tensor],
                  opt: torch.optim.Optimizer, grad_clip: float, warmup_inputs: Sequence[Sequence[torch.Tensor]]):

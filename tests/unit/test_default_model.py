@@ -16,12 +16,13 @@ from fewstep.engines.stream import StreamPipeline, StreamStart
 from fewstep.server.config import DEFAULT_MODEL_DIR, DEFAULT_VIDEO_MODEL_DIR
 from training.data import heldout_prompts, sample_video_scene
 
-# The student (see training/README.md) is the ninth session's distillation of the eighth session's positional UNet
-# teacher (preset unet4p). Measured (48 held-out prompts, 1 step, CPU): shipped student strict 0.75, colours 1.00,
-# shapes 0.85, positions 1.00, background 1.00 (the eighth session's: 0.62, 1.00, 0.73, 0.98, 1.00; the seventh
-# session's UNet: 0.44, 0.79, 0.67, 0.56, 1.00); random weights 0.00, 0.00, 0.08, 0.21, 0.21. The floors sit between
-# the two with margin on both sides (about 2.5 standard errors below the shipped rates on 48 prompts).
-MIN_RATES = {"colors": 0.9, "shapes": 0.65, "positions": 0.85, "background": 0.8, "accuracy": 0.6}
+# The student (see training/README.md) is the tenth session's distillation of the eighth session's positional UNet
+# teacher (preset unet4p). Measured (48 held-out prompts, 1 step, CPU): shipped student strict 0.67, colours 1.00,
+# shapes 0.83, positions 1.00, background 1.00 (the ninth session's: 0.75, 1.00, 0.85, 1.00, 1.00, and 0.793 against
+# 0.801 on 512 prompts on the H200: 4 prompts of 48 are within this set's noise; the eighth session's: 0.62, 1.00,
+# 0.73, 0.98, 1.00); random weights 0.00, 0.00, 0.08, 0.21, 0.21. The floors sit between the two with margin on both
+# sides (about 2.5 standard errors below the shipped rates on 48 prompts).
+MIN_RATES = {"colors": 0.9, "shapes": 0.65, "positions": 0.85, "background": 0.8, "accuracy": 0.5}
 # The video student is weak (training/README.md): of the per-frame checks only the background is far from what random
 # weights score. Measured (3 held-out video prompts x 12 frames through the engine): background 1.00, random weights
 # 0.00 (positions 1.00 against 0.67 and colours 0.67 against 0.42: too close on 36 correlated frames to gate on).

@@ -231,10 +231,12 @@ def test_recipe_defaults_sizes_and_edge_loss():
     from training.__main__ import build_parser
     from training.distill import pick_guidance
 
-    d = DistillArgs(teacher="t", out="x")   # the ninth session's shipped run (training/README.md)
+    d = DistillArgs(teacher="t", out="x")   # the tenth session's shipped run (training/README.md)
     assert (d.gen_frac, d.p_one, d.compile, d.huber, d.gan, d.dmd) == (0.25, 0.85, False, 1e-3, 0.0, 0.0)
+    assert d.cuda_graphs
     cli = build_parser().parse_args(["distill", "--teacher", "t", "--out", "x"])
-    assert (cli.huber, cli.gan, cli.p_one, cli.gen_frac) == (1e-3, 0.0, 0.85, 0.25)
+    assert (cli.huber, cli.gan, cli.p_one, cli.gen_frac, cli.cuda_graphs) == (1e-3, 0.0, 0.85, 0.25, True)
+    assert not build_parser().parse_args(["distill", "--teacher", "t", "--out", "x", "--no-cuda-graphs"]).cuda_graphs
     # the shipped run's CFG search on its teacher (12 steps, 256 train-split prompts): the best scale, 3
     rows = [{"guidance": g, "accuracy": a} for g, a in ((2.0, 0.941), (3.0, 0.945), (4.0, 0.9375), (5.0, 0.914))]
     assert pick_guidance(rows) == 3.0 and pick_guidance(rows + [{"guidance": 6.0, "accuracy": 0.945}]) == 3.0
