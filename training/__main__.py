@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gan", type=float, default=0.0,
                    help="adversarial term on one-step samples, as a share of the regression's gradient (0: off)")
     d.add_argument("--gan-batch", type=int, default=None, help="one-step samples judged per step for --gan (256)")
+    d.add_argument("--gan-features", action="store_true",
+                   help="--gan judges through the frozen teacher UNet's encoder at a random noise level (LADD)")
     d.add_argument("--gan-lr", type=float, default=None, help="the discriminator's LR for --gan (5e-4)")
     d.add_argument("--gan-warmup", type=int, default=150,
                    help="--gan: steps with the discriminator alone, then as many ramping the generator's weight")

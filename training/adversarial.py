@@ -15,7 +15,14 @@ al. 2021): the ratio of the regression's and the GAN term's gradient norms at th
 
 Measured (ninth session, training/README.md): at W = 0.2 and 0.5 the 1-step student lost 2-3 points of held-out
 adherence and 15% of its steps. The discriminator, trained from scratch, was fooled within ~150 steps of the
-generator's term; a discriminator on the teacher's features is the untried next step. Off by default.
+generator's term. Off by default.
+
+``distill --gan W --gan-features`` swaps in a discriminator on the teacher's features (LADD, Sauer et al. 2024):
+the frozen teacher UNet's encoder (input convolution, down blocks, mid block) reads a noised copy of the image at a
+random noise level, and a small conditional head per level scores its features. What a pixel discriminator has to
+learn from scratch in two minutes (what a star's points or a cross's arms look like, at which noise level a blob
+is an object) the teacher's features already hold; the noise level chooses between coarse layout (high) and edges
+(low). Not yet run on the device.
 """
 
 from __future__ import annotations
@@ -53,6 +60,75 @@ class PatchDiscriminator(nn.Module):
         return self.out(h) + proj
 
 
+class _Head(nn.Module):
+    """Features of one level + pooled text embedding -> a 4x4 map of logits (projection discriminator)."""
+
+    def __init__(self, channels: int, text_dim: int):
+        super().__init__()
+        groups = math.gcd(channels, 16)
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels),
+                                  nn.LeakyReLU(0.2))
+        self.out = nn.Conv2d(channels, 1, 1)
+        self.embed = nn.Linear(text_dim, channels)
+        self.scale = 1.0 / math.sqrt(channels)
+
+    def forward(self, h: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        h = self.body(h)
+        proj = (h * self.embed(pooled.to(h.dtype))[:, :, None, None]).sum(1, keepdim=True) * self.scale
+        return F.adaptive_avg_pool2d(self.out(h) + proj, 4)
+
+
+class TeacherFeatureDiscriminator(nn.Module):
+    """LADD-style discriminator: 64x64 image + text embedding -> ``[B, levels, 4, 4]`` logits, one map per level of
+    the frozen teacher UNet's encoder (each down block's output and the mid block's), read at a noised copy
+    ``(1 - s) x + s n`` with ``s`` drawn per image from ``sigma_range`` (uniform). Only the heads train: the UNet
+    is held outside ``parameters()`` (not optimised, not saved) and its weights do not require gradients, but the
+    image does, so the generator's term reaches the student through it."""
+
+    def __init__(self, unet: nn.Module, text_dim: int, sigma_range: tuple[float, float] = (0.1, 0.7), seed: int = 0):
+        super().__init__()
+        self._unet = (unet,)    # a tuple keeps it out of the module tree
+        chans = list(unet.config.block_out_channels)
+        self.heads = nn.ModuleList(_Head(c, text_dim) for c in chans + [chans[-1]])
+        self.sigma_range = sigma_range
+        self.seed = seed
+        self._gen: torch.Generator | None = None
+
+    def _noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._gen is None or self._gen.device != x.device:
+            self._gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        lo, hi = self.sigma_range
+        s = lo + (hi - lo) * torch.rand(x.shape[0], generator=self._gen, device=x.device)
+        n = torch.randn(x.shape, generator=self._gen, device=x.device, dtype=x.dtype)
+        sv = s.view(-1, 1, 1, 1).to(x.dtype)
+        return (1.0 - sv) * x + sv * n, s
+
+    def features(self, x: torch.Tensor, sigma: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder half of ``UNet2DConditionModel.forward`` (timestep = 1000 sigma, as ``FewstepModel.denoise``;
+        no encoder mask, as the engine's "sd" path)."""
+        unet = self._unet[0]
+        unet = getattr(unet, "unet", unet)   # PositionalUNet2DConditionModel wraps a UNet2DConditionModel
+        t = (sigma.to(torch.float32) * 1000.0).expand(x.shape[0])
+        temb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t))
+        h = unet.conv_in(x)
+        feats = []
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(hidden_states=h, temb=temb, encoder_hidden_states=emb)
+            else:
+                h, _ = block(hidden_states=h, temb=temb)
+            feats.append(h)
+        feats.append(unet.mid_block(h, temb, encoder_hidden_states=emb))
+        return feats
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        xt, s = self._noise(x)
+        m = mask.to(emb.dtype).unsqueeze(-1)
+        pooled = (emb * m).sum(1) / m.sum(1).clamp_min(1.0)
+        feats = self.features(xt, s, emb)
+        return torch.cat([head(f, pooled) for head, f in zip(self.heads, feats)], dim=1)
+
+
 def last_layer_weight(model: nn.Module) -> torch.Tensor:
     """The weight of the denoiser's output layer (where the adaptive weight compares gradient norms)."""
     den = getattr(model, "transformer", model)
@@ -73,9 +149,12 @@ def adaptive_weight(rec: torch.Tensor, adv: torch.Tensor, weight: torch.Tensor, 
 class AdversarialLoss:
     """The discriminator, its optimiser, and the two hinge losses."""
 
-    def __init__(self, text_dim: int, *, lr: float, device, autocast: bool, width: int = 64):
+    def __init__(self, text_dim: int, *, lr: float, device, autocast: bool, width: int = 64,
+                 teacher_unet: nn.Module | None = None):
         from training.common import make_adamw
-        self.disc = PatchDiscriminator(text_dim, width).to(device).train()
+        # teacher_unet: judge through the frozen teacher's encoder (LADD) instead of a pixel discriminator
+        self.disc = (TeacherFeatureDiscriminator(teacher_unet, text_dim) if teacher_unet is not None
+                     else PatchDiscriminator(text_dim, width)).to(device).train()
         # low momentum, as GANs use: the discriminator chases a moving generator. On blurred against sharp dataset
         # images (CPU probe, 32 images) beta1 0.5 at 5e-4 separated them within ~80 steps; 0.0 took ~120
         self.opt = make_adamw(self.disc, lr, 0.0, device, betas=(0.5, 0.99))

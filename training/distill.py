@@ -93,6 +93,7 @@ class DistillArgs:
     gan: float = 0.0            # adversarial term on the one-step samples, as a share of the regression's pull (0: off)
     gan_batch: int | None = None  # one-step samples per step it judges (default 256; taken from the sigma = 1 draws)
     gan_lr: float | None = None   # the discriminator's learning rate (default 5e-4, constant)
+    gan_features: bool = False    # judge through the frozen teacher UNet's encoder (LADD) instead of a pixel network
     gan_warmup: int = 150       # the generator's adversarial weight is 0 for this many steps, then ramps over as many
     # pseudo-Huber constant on the per-sample velocity error (0: plain mean squares). 1e-3 since the ninth session:
     # 0.789 held-out at 1 step against 0.768 without (same teacher and pairs, one run each; train split 0.793 / 0.730)
@@ -468,11 +469,18 @@ def distill(args: DistillArgs) -> Path:
         from training.adversarial import AdversarialLoss, adaptive_weight, last_layer_weight
         gan_batch = args.gan_batch or (4 if tiny else 256)
         gan_lr = args.gan_lr or 5e-4
-        adv = AdversarialLoss(teacher.text_encoder.config.hidden_size, lr=gan_lr, device=device, autocast=use_ac)
+        if args.gan_features and not teacher.is_unet:
+            raise ValueError("--gan-features reads the teacher UNet's encoder; this teacher is a "
+                             f"{type(teacher.transformer).__name__}: drop --gan-features (pixel discriminator)")
+        adv = AdversarialLoss(teacher.text_encoder.config.hidden_size, lr=gan_lr, device=device, autocast=use_ac,
+                              teacher_unet=teacher.transformer if args.gan_features else None)
         last_w = last_layer_weight(student)
-        log(f"[distill] adversarial term: weight {args.gan:g} of the regression's pull (ramp {args.gan_warmup} "
+        log(f"[distill] adversarial term ({'teacher-feature' if args.gan_features else 'patch'} discriminator, "
+            f"{sum(p.numel() for p in adv.params) / 1e6:.2f}M trained params): weight {args.gan:g} of the "
+            f"regression's pull (ramp {args.gan_warmup} "
             f"steps after as many without), {gan_batch} one-step samples per step, discriminator lr {gan_lr:g}")
-        jsonl.write(event="gan", weight=args.gan, batch=gan_batch, lr=gan_lr, warmup=args.gan_warmup)
+        jsonl.write(event="gan", weight=args.gan, batch=gan_batch, lr=gan_lr, warmup=args.gan_warmup,
+                    features=args.gan_features)
     dm_acc, gan_acc = [], []
     g = torch.Generator(device=device)
     log(f"[distill] training the student on {pool.n} pairs; {fmt_secs(budget.left())} left")
@@ -561,7 +569,8 @@ def distill(args: DistillArgs) -> Path:
                "distillation": "reflow + one-step distillation (InstaFlow-style) of a CFG flow-matching teacher; "
                                "guidance-distilled" + (f"; distribution matching (DMD, weight {args.dmd:g})"
                                                        if args.dmd > 0 else "")
-                               + (f"; adversarial (patch discriminator, weight {args.gan:g})" if args.gan > 0 else "")
+                               + (f"; adversarial ({'teacher-feature' if args.gan_features else 'patch'} "
+                                  f"discriminator, weight {args.gan:g})" if args.gan > 0 else "")
                                + (f"; pseudo-Huber velocity loss (c = {args.huber:g})" if args.huber > 0 else ""),
                "teacher_steps": steps, "teacher_guidance_scale": float(guidance),
                "train_steps": trainer.step, "pairs": int(extra["pairs_total"]), "seed": args.seed}
