@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--compile", dest="compile", action="store_true", help="torch.compile the sampler and the step")
     d.set_defaults(compile=False)  # see DistillArgs.compile
     d.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="run the student step and the pair sampler eagerly (default: recorded as CUDA graphs)")
+                   help="run the student step eagerly (default: recorded as a CUDA graph after its first step)")
     d.add_argument("--max-pairs", type=int, default=None)
     d.add_argument("--freeze-text", action="store_true")
     d.add_argument("--dmd", type=float, default=0.0,

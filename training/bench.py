@@ -122,7 +122,8 @@ def bench_variants(preset: str, batch: int, chunk: int, dev, compile_: bool, ste
     from training import data
     from training.common import make_adamw
     from training.distill import DistillArgs, draw_sigma, reflow_loss
-    from training.graphs import CapturedCall, CapturedTrainStep
+    from fewstep.engines.backends.compiled import StaticGraph
+    from training.graphs import CapturedTrainStep
     from training.model import sample, scheduler_sigmas
     d = DistillArgs(teacher="", out="")
     cfg = PRESETS[preset]
@@ -187,8 +188,6 @@ def bench_variants(preset: str, batch: int, chunk: int, dev, compile_: bool, ste
                      "ms": round(dt * 1e3, 2), "img_s": round(batch / dt, 1),
                      "first_losses": [round(x, 5) for x in losses]})
         print(json.dumps(rows[-1]), flush=True)
-        del model, opt
-        torch.cuda.empty_cache() if cuda else None
 
     teacher = copy.deepcopy(base).eval().requires_grad_(False)
     sig = scheduler_sigmas(12)
@@ -204,7 +203,14 @@ def bench_variants(preset: str, batch: int, chunk: int, dev, compile_: bool, ste
         def fn(ids, mask, z):
             return sample(m, ids, mask, z, sig, 3.0, uncond, autocast_dtype=torch.bfloat16)
         t0 = time.time()
-        call = CapturedCall(fn, (ids, mask, z), warmup=2) if mode.startswith("graph") else torch.no_grad()(fn)
+        if mode.startswith("graph"):
+            rec = StaticGraph(lambda d: fn(d["ids"], d["mask"], d["z"]), {"ids": ids, "mask": mask, "z": z},
+                              cuda_graph=True)
+
+            def call(ids, mask, z):
+                return rec({"ids": ids, "mask": mask, "z": z})
+        else:
+            call = torch.no_grad()(fn)
         out = call(ids, mask, z).float()
         first = time.time() - t0
         ref = out if ref is None else ref
@@ -213,8 +219,6 @@ def bench_variants(preset: str, batch: int, chunk: int, dev, compile_: bool, ste
                      "first_s": round(first, 1), "s_per_chunk": round(dt, 4), "pairs_s": round(chunk / dt, 1),
                      "max_abs_diff_vs_eager": round(float((out - ref).abs().max()), 4)})
         print(json.dumps(rows[-1]), flush=True)
-        del m, call
-        torch.cuda.empty_cache() if cuda else None
     return rows
 
 

@@ -5,10 +5,11 @@
 Method (InstaFlow; "Improving the Training of Rectified Flows"):
 
 1. **Guidance scale.** Measure the teacher's prompt adherence (``benchmarks.quality.adherence``) on
-   training-split prompts at a few CFG scales (25 Euler steps) and keep the best (logged).
+   training-split prompts at a few CFG scales (the pairs' 12 Euler steps) and keep the best (logged).
 2. **Coupling.** Draw noise ``z`` and integrate the teacher ODE from ``z`` with CFG at that scale
-   (>= 25 Euler steps) on training-split prompts: a deterministic pair ``(z, x0 = T(z, c))``. Pairs
-   live on the GPU (fp16) for the whole stage.
+   (12 Euler steps: twice the pairs of 25 in the same seconds) on training-split prompts: a deterministic pair
+   ``(z, x0 = T(z, c))``. Pairs are made first (a quarter of the budget) and live on the GPU (fp16) for the
+   whole stage.
 3. **Reflow + distillation.** The student starts as a copy of the teacher (text encoder
    fine-tuned too) and regresses the straight-line velocity ``z - x0`` at
    ``x_s = (1-s) x0 + s z``. Sigma is drawn from a mixture: ``s = 1`` exactly (the one-step case,
@@ -24,11 +25,16 @@ Method (InstaFlow; "Improving the Training of Rectified Flows"):
    (a copy of the teacher's denoiser) learns the student's one-step distribution by flow matching, one update per
    student step, and the student's one-step samples get DMD's gradient ``(x0_fake - x0_real) / |x - x0_real|``
    at a random noise level: away from what only the student makes, towards what the CFG teacher makes. The
-   regression stays on (as in DMD, which kept a regression loss; DMD2 replaced it with a GAN term we do not have):
-   it holds the student to the teacher's noise-to-image coupling while the fake network warms up.
+   regression stays on (as in DMD, which kept a regression loss; DMD2 replaced it with a GAN term, item 5): it
+   holds the student to the teacher's noise-to-image coupling while the fake network warms up.
 
 5. **Adversarial term** (optional, ``--gan W``; ``training/adversarial.py``): a patch discriminator judges the
    one-step outputs against the teacher's samples. It made the student worse in the ninth session (README).
+   ``--gan-features`` judges through the frozen teacher UNet's encoder instead (LADD; not yet run on the device).
+
+Speed: the plain regression step is recorded as a CUDA graph after its first step (``training.graphs``; 1.2x the
+eager step on the H200, tenth session); ``--no-cuda-graphs`` runs it eagerly, and DMD or the adversarial term
+always do.
 
 Exports the EMA student (fp16) to ``DIR/student/`` with ``default_steps: 1``.
 """
@@ -199,8 +205,8 @@ def fill_pool(pool: PairPool, teacher, tokenizer, *, seconds: float, chunk: int,
               denoise=None, bg_prob: float = 0.0) -> int:
     """Generate teacher pairs for ``seconds`` (or until full / max_chunks); returns chunks made.
 
-    Eager: recorded as one CUDA graph per chunk the sampler ran at the same speed (1.82 against 1.84 s per 1024
-    pairs, H200, ``python -m training.bench --variants``): its kernels, not their launches, are the cost."""
+    The sampler runs eagerly: recorded as one CUDA graph per chunk it ran at the same speed (1.82 against 1.84 s per
+    1024 pairs, H200, ``python -m training.bench --variants``); its kernels, not their launches, are the cost."""
     from tqdm import tqdm
 
     from training import data

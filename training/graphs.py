@@ -1,7 +1,7 @@
 """CUDA graphs for the training stages: a whole optimizer step recorded once and replayed, with none of
-``torch.compile``'s start-up cost (``CapturedTrainStep``, the distill stage's student step); and a whole no-grad
-call (``CapturedCall``: ``python -m training.bench --variants`` times the pair sampler with it; the stage keeps the
-sampler eager, where the graph saved 1%).
+``torch.compile``'s start-up cost (``CapturedTrainStep``, the distill stage's student step). No-grad calls have the
+engine's recorder (``fewstep.engines.backends.compiled.StaticGraph``): ``python -m training.bench --variants`` times
+the pair sampler with it, and the stage keeps the sampler eager, where the graph saved 1%.
 
 Why: the UNet student's eager step at batch 512 (64x64 images, 32-128 channels) launches many small kernels and keeps
 the H200 at 5-8% of its bf16 peak. Recorded, it ran 108 against 130 ms (benchmarks/NOTES.md, tenth session);
@@ -67,32 +67,6 @@ class CapturedTrainStep:
         return loss.detach(), gn.detach()
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for s, x in zip(self.static, inputs):
-            s.copy_(x)
-        self.graph.replay()
-        return self.out
-
-
-class CapturedCall:
-    """A no-grad function of fixed-shape tensors (a whole sampler call: text encoding, every Euler step and CFG),
-    recorded once after ``warmup`` eager calls on a side stream and replayed. The warm-up calls are real work:
-    ``warmup_out`` is the last one's result for ``example``. The output tensor is overwritten by the next call:
-    callers copy it (``PairPool.add`` does)."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor], example: Sequence[torch.Tensor], warmup: int = 1):
-        self.fn = fn
-        self.static = [x.clone() for x in example]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(warmup):
-                self.warmup_out = fn(*self.static).clone()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.out = fn(*self.static)
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for s, x in zip(self.static, inputs):
             s.copy_(x)
         self.graph.replay()
