@@ -415,6 +415,50 @@ def relation_breakdown(model_dir: str, steps: int, n: int, guidance: float = 0.0
                      for k, v in sorted(rows.items())}}
 
 
+def discriminator_probe(teacher_dir: str, student_dir: str, n: int = 128, steps: int = 100, batch: int = 32,
+                        guidance: float = 3.0, teacher_steps: int = 12, every: int = 20, seed: int = 0) -> list[dict]:
+    """Can a discriminator tell the one-step student's samples from its teacher's, for the same prompts and noise
+    (what ``distill --gan`` asks of it)? Each kind (the pixel ``PatchDiscriminator``; the teacher-feature one of
+    ``--gan-features``) trains on the pairs of 3/4 of ``n`` train-split prompts, at the stage's discriminator LR,
+    and every ``every`` steps reports on the held-back quarter: the share of pairs in which the teacher's sample
+    scores higher than the student's (0.5 = blind), and the mean logit gap. CPU, fp32."""
+    from training import data as D
+    from training.adversarial import AdversarialLoss
+    from training.distill import generate
+    from training.export import load_export
+    from training.model import scheduler_sigmas, tokenize, uniform_sigmas
+
+    teacher, tok, _ = load_export(teacher_dir, "cpu", torch.float32)
+    student, _, _ = load_export(student_dir, "cpu", torch.float32)
+    prompts = D.train_prompts(n, seed=seed + 303)
+    z = torch.randn((n, 3, 64, 64), generator=torch.Generator().manual_seed(seed + 304))
+    real = generate(teacher, tok, prompts, z, scheduler_sigmas(teacher_steps), guidance, batch=64)
+    fake = generate(student, tok, prompts, z, uniform_sigmas(1), 0.0, batch=64)
+    ids, mask = tokenize(tok, prompts)
+    with torch.no_grad():
+        emb = teacher.encode(ids, mask)
+    k = n * 3 // 4
+    rows = []
+    for kind in ("patch", "teacher-feature"):
+        torch.manual_seed(seed)
+        adv = AdversarialLoss(emb.shape[-1], lr=5e-4, device=torch.device("cpu"), autocast=False,
+                              teacher_unet=teacher.transformer if kind != "patch" else None)
+        g = torch.Generator().manual_seed(seed + 305)
+        t0 = time.time()
+        for step in range(steps + 1):
+            if step % every == 0:
+                with torch.no_grad():
+                    lr = adv.logits(real[k:], emb[k:], mask[k:]).flatten(1).mean(1)
+                    lf = adv.logits(fake[k:], emb[k:], mask[k:]).flatten(1).mean(1)
+                rows.append({"kind": kind, "step": step, "held_out_real_above_fake": round(float((lr > lf).float().mean()), 3),
+                             "held_out_gap": round(float((lr - lf).mean()), 3), "seconds": round(time.time() - t0, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+            if step < steps:
+                idx = torch.randint(0, k, (batch,), generator=g)
+                adv.disc_step(real[idx], fake[idx], emb[idx], mask[idx])
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.study")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -442,6 +486,11 @@ def main(argv=None) -> int:
     rl.add_argument("--steps", type=int, default=1)
     rl.add_argument("--n", type=int, default=512)
     rl.add_argument("--cfg", type=float, default=0.0)
+    dp = sub.add_parser("disc", help="can each discriminator of distill --gan tell the student from its teacher?")
+    dp.add_argument("teacher", help="an exported teacher folder")
+    dp.add_argument("student", help="an exported student folder")
+    dp.add_argument("--n", type=int, default=128)
+    dp.add_argument("--steps", type=int, default=100)
     c = sub.add_parser("cpu")
     c.add_argument("--seconds", type=float, default=150.0)
     c.add_argument("--recipes", nargs="+", default=list(RECIPES))
@@ -460,6 +509,8 @@ def main(argv=None) -> int:
         print(json.dumps(shape_word_probe(a.model, a.n)), flush=True)
     elif a.cmd == "relations":
         print(json.dumps(relation_breakdown(a.model, a.steps, a.n, a.cfg)), flush=True)
+    elif a.cmd == "disc":
+        discriminator_probe(a.teacher, a.student, a.n, a.steps)
     elif a.cmd == "grad":
         gradient_split(a.model, a.shards, a.lows)
     elif a.cmd == "bayes":
