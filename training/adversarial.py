@@ -21,8 +21,10 @@ generator's term. Off by default.
 the frozen teacher UNet's encoder (input convolution, down blocks, mid block) reads a noised copy of the image at a
 random noise level, and a small conditional head per level scores its features. What a pixel discriminator has to
 learn from scratch in two minutes (what a star's points or a cross's arms look like, at which noise level a blob
-is an object) the teacher's features already hold; the noise level chooses between coarse layout (high) and edges
-(low). Not yet run on the device.
+is an object) the teacher's features should already hold; the noise level chooses between coarse layout (high) and
+edges (low). That is the hypothesis: a CPU probe (``python -m training.study disc``, tenth session) did not confirm
+that it tells the student's samples from the teacher's better than the pixel discriminator does. Not yet run on the
+device.
 """
 
 from __future__ import annotations
