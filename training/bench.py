@@ -158,6 +158,7 @@ def bench_variants(preset: str, batch: int, chunk: int, dev, compile_: bool, ste
         if mode.startswith("graph"):
             opt = make_adamw(model, 1e-4, 0.0, dev, capturable=True)
             step = CapturedTrainStep(loss_fn(model), params, opt, 1.0, batches[:2])
+            step.record()
             losses += [float(o[0]) for o in step.warmup_out]
             first = time.time() - t0
             for b in batches[2:4]:

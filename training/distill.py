@@ -479,7 +479,8 @@ def distill(args: DistillArgs) -> Path:
             raise ValueError("--gan-features reads the teacher UNet's encoder; this teacher is a "
                              f"{type(teacher.transformer).__name__}: drop --gan-features (pixel discriminator)")
         adv = AdversarialLoss(teacher.text_encoder.config.hidden_size, lr=gan_lr, device=device, autocast=use_ac,
-                              teacher_unet=teacher.transformer if args.gan_features else None)
+                              teacher_unet=teacher.transformer if args.gan_features else None,
+                              seed=step_seed(args.seed, trainer.step, 13))
         last_w = last_layer_weight(student)
         log(f"[distill] adversarial term ({'teacher-feature' if args.gan_features else 'patch'} discriminator, "
             f"{sum(p.numel() for p in adv.params) / 1e6:.2f}M trained params): weight {args.gan:g} of the "
@@ -501,14 +502,8 @@ def distill(args: DistillArgs) -> Path:
             # the first step is the recording's warm-up (a real step); every later one replays the recording
             inputs = (z, x0, ids, mask, sigma)
             if trainer.captured is None:
-                try:
-                    loss, gn = trainer.capture_step(graph_loss, inputs)
-                except Exception as e:   # a failed recording must not cost the stage: train eagerly from here
-                    log(f"[distill] CUDA graph recording failed ({type(e).__name__}: {str(e)[:300]}); eager steps")
-                    jsonl.write(event="cuda_graph_failed", error=f"{type(e).__name__}: {str(e)[:300]}")
-                    graphs, trainer.captured = False, None
-                    torch.cuda.synchronize(device)
-                    continue
+                loss, gn = trainer.capture_step(graph_loss, inputs)
+                graphs = trainer.captured is not None   # a failed recording: eager steps from the next one on
             else:
                 loss, gn = trainer.graph_step(*inputs)
             trainer.end_step(loss, state, grad_norm=gn)

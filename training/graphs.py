@@ -34,7 +34,8 @@ class CapturedTrainStep:
 
     ``warmup_inputs`` are real batches: each is one full training step, run eagerly on a side stream as the
     recording needs (cuDNN picks its algorithms, the optimizer creates its state); ``warmup_out`` holds their
-    (loss, gradient norm). Then the step is recorded; recording launches no kernel, so nothing is applied twice.
+    (loss, gradient norm). Then ``record()`` records the step; recording launches no kernel, so nothing is applied
+    twice.
     Call it like the eager step: it returns device tensors (the loss and the pre-clip gradient norm) that the next
     replay overwrites, so callers copy what they keep."""
 
@@ -43,6 +44,7 @@ class CapturedTrainStep:
         assert warmup_inputs, "at least one warm-up batch (a real training step)"
         self.loss_fn, self.params, self.opt, self.grad_clip = loss_fn, list(params), opt, grad_clip
         self.static = [x.clone() for x in warmup_inputs[0]]
+        self.graph: torch.cuda.CUDAGraph | None = None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         self.warmup_out = []
@@ -50,10 +52,15 @@ class CapturedTrainStep:
             for inputs in warmup_inputs:
                 self.warmup_out.append([t.detach().clone() for t in self._step(inputs)])
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
+
+    def record(self) -> None:
+        """Records the step. Separate from the warm-up, so that a caller whose recording fails knows the warm-up
+        steps were applied (and counts them) before it goes on eagerly."""
+        graph = torch.cuda.CUDAGraph()
         self.opt.zero_grad(set_to_none=True)   # the graph's own gradient buffers come from its private pool
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(graph):
             self.out = self._step(self.static)
+        self.graph = graph
 
     def _step(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         # inside the recording the gradients are None (cleared just before it), so backward allocates them in the

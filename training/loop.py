@@ -46,6 +46,7 @@ class Trainer:
         # (capture_step); the LR is then written in place
         self.opt = make_adamw(model, lr, weight_decay, device, capturable=capturable)
         self.captured = None
+        self.capture_error: str | None = None
         self.step = 0
         self.start_step = 0
         self.total_steps: int | None = max_steps
@@ -113,11 +114,23 @@ class Trainer:
         """Records ``loss_fn(*inputs)``, its backward, the clip and the optimizer step as one CUDA graph
         (``training.graphs.CapturedTrainStep``); later calls of ``graph_step`` replay it. The recording needs one
         warm-up step, which is a real training step on ``inputs``: call between ``begin_step`` and ``end_step``
-        like a loss function; returns (loss, pre-clip gradient norm) for ``end_step(loss, state, grad_norm=...)``."""
+        like a loss function; returns (loss, pre-clip gradient norm) for ``end_step(loss, state, grad_norm=...)``.
+        If the recording fails, the warm-up step still counts, ``captured`` stays None and the caller goes on
+        eagerly (``capture_error`` says why)."""
         from training.graphs import CapturedTrainStep
         assert self.captured is None
-        self.captured = CapturedTrainStep(loss_fn, self.params, self.opt, self.grad_clip, [inputs])
-        return tuple(self.captured.warmup_out[0])
+        step = CapturedTrainStep(loss_fn, self.params, self.opt, self.grad_clip, [inputs])
+        try:
+            step.record()
+        except Exception as e:   # a failed recording must not cost the stage
+            self.capture_error = f"{type(e).__name__}: {str(e)[:300]}"
+            log(f"[{self.name}] CUDA graph recording failed ({self.capture_error}); eager steps from here")
+            self.jsonl.write(event="cuda_graph_failed", step=self.step, error=self.capture_error)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        else:
+            self.captured = step
+        return tuple(step.warmup_out[0])
 
     def graph_step(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """One replay of the recorded step (see ``capture_step``)."""

@@ -415,13 +415,15 @@ def relation_breakdown(model_dir: str, steps: int, n: int, guidance: float = 0.0
                      for k, v in sorted(rows.items())}}
 
 
-def discriminator_probe(teacher_dir: str, student_dir: str, n: int = 128, steps: int = 100, batch: int = 32,
-                        guidance: float = 3.0, teacher_steps: int = 12, every: int = 20, seed: int = 0) -> list[dict]:
+def discriminator_probe(teacher_dir: str, student_dir: str, n: int = 192, steps: int = 100, batch: int = 32,
+                        guidance: float = 3.0, teacher_steps: int = 12, every: int = 20, draws: int = 4,
+                        seed: int = 0) -> list[dict]:
     """Can a discriminator tell the one-step student's samples from its teacher's, for the same prompts and noise
     (what ``distill --gan`` asks of it)? Each kind (the pixel ``PatchDiscriminator``; the teacher-feature one of
     ``--gan-features``) trains on the pairs of 3/4 of ``n`` train-split prompts, at the stage's discriminator LR,
     and every ``every`` steps reports on the held-back quarter: the share of pairs in which the teacher's sample
-    scores higher than the student's (0.5 = blind), and the mean logit gap. CPU, fp32."""
+    scores higher than the student's (0.5 = blind), and the mean logit gap (the teacher-feature discriminator: both
+    images of a pair under the same noise draws, averaged over ``draws``). CPU, fp32."""
     from training import data as D
     from training.adversarial import AdversarialLoss
     from training.distill import generate
@@ -445,11 +447,24 @@ def discriminator_probe(teacher_dir: str, student_dir: str, n: int = 128, steps:
                               teacher_unet=teacher.transformer if kind != "patch" else None)
         g = torch.Generator().manual_seed(seed + 305)
         t0 = time.time()
+        def held_out(x):
+            # the teacher-feature discriminator draws a noise level and noise per call: judge the teacher's and the
+            # student's image of a pair under the same draws (a generator of their own, not the training one), and
+            # average over `draws` of them
+            d, out = adv.disc, []
+            saved = getattr(d, "_gen", None)
+            for r in range(draws):
+                if hasattr(d, "_gen"):
+                    d._gen = torch.Generator().manual_seed(seed + 1000 + r)
+                with torch.no_grad():
+                    out.append(adv.logits(x, emb[k:], mask[k:]).flatten(1).mean(1))
+            if hasattr(d, "_gen"):
+                d._gen = saved
+            return torch.stack(out).mean(0)
+
         for step in range(steps + 1):
             if step % every == 0:
-                with torch.no_grad():
-                    lr = adv.logits(real[k:], emb[k:], mask[k:]).flatten(1).mean(1)
-                    lf = adv.logits(fake[k:], emb[k:], mask[k:]).flatten(1).mean(1)
+                lr, lf = held_out(real[k:]), held_out(fake[k:])
                 rows.append({"kind": kind, "step": step, "held_out_real_above_fake": round(float((lr > lf).float().mean()), 3),
                              "held_out_gap": round(float((lr - lf).mean()), 3), "seconds": round(time.time() - t0, 1)})
                 print(json.dumps(rows[-1]), flush=True)
@@ -489,7 +504,7 @@ def main(argv=None) -> int:
     dp = sub.add_parser("disc", help="can each discriminator of distill --gan tell the student from its teacher?")
     dp.add_argument("teacher", help="an exported teacher folder")
     dp.add_argument("student", help="an exported student folder")
-    dp.add_argument("--n", type=int, default=128)
+    dp.add_argument("--n", type=int, default=192)
     dp.add_argument("--steps", type=int, default=100)
     c = sub.add_parser("cpu")
     c.add_argument("--seconds", type=float, default=150.0)
