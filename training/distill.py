@@ -506,7 +506,7 @@ def distill(args: DistillArgs) -> Path:
                 graphs = trainer.captured is not None   # a failed recording: eager steps from the next one on
             else:
                 loss, gn = trainer.graph_step(*inputs)
-            trainer.end_step(loss, state, grad_norm=gn)
+            trainer.end_step(loss, state, grad_norm=gn, stepped=True)
             continue
         if judged is None or judged.numel() == 0:
             loss = step_fn(z, x0, ids, mask, sigma)

@@ -114,7 +114,8 @@ class Trainer:
         """Records ``loss_fn(*inputs)``, its backward, the clip and the optimizer step as one CUDA graph
         (``training.graphs.CapturedTrainStep``); later calls of ``graph_step`` replay it. The recording needs one
         warm-up step, which is a real training step on ``inputs``: call between ``begin_step`` and ``end_step``
-        like a loss function; returns (loss, pre-clip gradient norm) for ``end_step(loss, state, grad_norm=...)``.
+        like a loss function; returns (loss, pre-clip gradient norm) for ``end_step(loss, state, grad_norm=...,
+        stepped=True)``.
         If the recording fails, the warm-up step still counts, ``captured`` stays None and the caller goes on
         eagerly (``capture_error`` says why)."""
         from training.graphs import CapturedTrainStep
@@ -130,19 +131,23 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
         else:
             self.captured = step
-        return tuple(step.warmup_out[0])
+        loss, gn = step.warmup_out[0]
+        return loss, (gn if self.grad_clip else None)   # no clip: no norm to log, as in the eager step
 
     def graph_step(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """One replay of the recorded step (see ``capture_step``)."""
         loss, gn = self.captured(*inputs)
-        return loss.clone(), gn.clone()
+        return loss.clone(), (gn.clone() if self.grad_clip else None)
 
-    def end_step(self, loss: torch.Tensor, state_fn, grad_norm: torch.Tensor | None = None) -> None:
-        """Clip, optimiser step, EMA, counters, logging, periodic checkpoint. ``grad_norm``: the clip and the
-        optimiser step already ran (inside a recorded step); this is their pre-clip gradient norm."""
-        if grad_norm is not None:
-            gn = grad_norm.detach().float()
-            self._gn_acc = gn if self._gn_acc is None else self._gn_acc + gn
+    def end_step(self, loss: torch.Tensor, state_fn, grad_norm: torch.Tensor | None = None,
+                 stepped: bool = False) -> None:
+        """Clip, optimiser step, EMA, counters, logging, periodic checkpoint. ``stepped``: the clip and the optimiser
+        step already ran (a recorded step, or its warm-up; see ``capture_step``), and ``grad_norm`` is their pre-clip
+        norm (None without clipping)."""
+        if stepped:
+            if grad_norm is not None:
+                gn = grad_norm.detach().float()
+                self._gn_acc = gn if self._gn_acc is None else self._gn_acc + gn
         else:
             if self.grad_clip:
                 # the pre-clip norm is logged: a norm far above the clip means a few samples steer every step

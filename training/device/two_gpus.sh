@@ -42,11 +42,12 @@ one() {  # GPU NAME FLAGS
   cp $OUT/$d/run.log out/$d/run.txt && python -m training pack out/$d $OUT/$d --exports >> out/$d/run.txt 2>&1 &&
     rm $OUT/$d/run.log
 }
-if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+# FLAGS_B = SKIP runs only the first run
+if [ "$(nvidia-smi -L | grep -c '^GPU')" -ge 2 ]; then
   one 0 $name_a "$flags_a" &
-  one 1 $name_b "$flags_b" &
+  [ "$flags_b" != SKIP ] && one 1 $name_b "$flags_b" &
   wait
-else  # one GPU (nvidia-h200): the two runs one after the other; FLAGS_B = SKIP runs only the first
+else  # one GPU (nvidia-h200): the two runs one after the other
   one 0 $name_a "$flags_a"
   [ "$flags_b" != SKIP ] && one 0 $name_b "$flags_b"
 fi

@@ -6,6 +6,7 @@ The CPU part checks the optimizer's LR handling that the recording relies on."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -24,6 +25,35 @@ def test_set_lr_writes_tensor_lr_in_place_and_float_lr_by_assignment():
     opt.param_groups[0]["lr"] = t = torch.tensor(1e-3)
     set_lr(opt, 2e-4)
     assert opt.param_groups[0]["lr"] is t and float(t) == pytest.approx(2e-4)
+
+
+def test_trainer_end_step_after_a_recorded_step_does_not_step_again(tmp_path):
+    """``end_step(..., stepped=True)`` (what distill passes after a recorded step or its warm-up): no second clip or
+    optimiser step, the given gradient norm logged; without ``stepped`` the eager path steps as before."""
+    import time
+
+    from training.common import Budget
+    from training.loop import Trainer
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 4)
+    tr = Trainer(name="t", out=tmp_path, model=m, device=torch.device("cpu"), budget=Budget(1.0, time.time()),
+                 lr=1e-2, warmup=0, weight_decay=0.0, ema_decay=0.9, batch=2, reserve_s=0.0, max_steps=10,
+                 ckpt_every_s=1e9, show_bar=False, log_every=1)
+    x = torch.randn(2, 4)
+    tr.begin_step()
+    loss = m(x).square().mean()
+    loss.backward()
+    before = [p.detach().clone() for p in m.parameters()]
+    tr.end_step(loss, lambda: {}, grad_norm=torch.tensor(3.0), stepped=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters())) and tr.step == 1
+    tr.begin_step()
+    loss = m(x).square().mean()
+    loss.backward()
+    tr.end_step(loss, lambda: {})
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters())) and tr.step == 2
+    rows = [json.loads(x) for x in (tmp_path / "t_log.jsonl").read_text().splitlines()]
+    gn = [r["grad_norm"] for r in rows if "grad_norm" in r]
+    assert gn[0] == 3.0 and gn[1] > 0   # the given norm, then the eager step's own
 
 
 def _tiny(dev):
@@ -98,8 +128,6 @@ def test_distill_records_its_step_and_survives_a_failed_recording(tmp_path, monk
     """The distill stage on CUDA: its step is recorded (``distill_log.jsonl`` has no failure event and the stage
     takes every step), or, when the recording raises, the warm-up step counts once and the stage goes on eagerly.
     Written in the tenth session after its device time was spent: not yet run on a GPU."""
-    import json
-
     from training.__main__ import main
     from training.graphs import CapturedTrainStep
     if fail:
