@@ -94,14 +94,14 @@ class TeacherFeatureDiscriminator(nn.Module):
         self.heads = nn.ModuleList(_Head(c, text_dim) for c in chans + [chans[-1]])
         self.sigma_range = sigma_range
         self.seed = seed
-        self._gen: torch.Generator | None = None
+        self.noise_gen: torch.Generator | None = None   # its noise draws; a probe may swap in its own
 
     def _noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._gen is None or self._gen.device != x.device:
-            self._gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        if self.noise_gen is None or self.noise_gen.device != x.device:
+            self.noise_gen = torch.Generator(device=x.device).manual_seed(self.seed)
         lo, hi = self.sigma_range
-        s = lo + (hi - lo) * torch.rand(x.shape[0], generator=self._gen, device=x.device)
-        n = torch.randn(x.shape, generator=self._gen, device=x.device, dtype=x.dtype)
+        s = lo + (hi - lo) * torch.rand(x.shape[0], generator=self.noise_gen, device=x.device)
+        n = torch.randn(x.shape, generator=self.noise_gen, device=x.device, dtype=x.dtype)
         sv = s.view(-1, 1, 1, 1).to(x.dtype)
         return (1.0 - sv) * x + sv * n, s
 

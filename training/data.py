@@ -631,6 +631,13 @@ def without_background(caption: str) -> str:
     return head if sep and name in BACKGROUNDS else caption
 
 
+def drop_backgrounds(captions: list[str], rng: np.random.Generator, prob: float) -> list[str]:
+    """Each caption, with probability ``prob`` (one uniform draw from ``rng`` per caption), ``without_background``:
+    the ``--drop-background`` of the teacher's data stream and of the distill stage's pair prompts."""
+    u = rng.random(len(captions))
+    return [without_background(c) if x < prob else c for x, c in zip(u, captions)]
+
+
 def heldout_prompts(n: int, seed: int = 0) -> list[str]:
     return _prompts(n, seed, "heldout")
 

@@ -46,11 +46,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.common import (GuardedCompiled, bf16_autocast, JsonlLog, Stage, count_params, fmt_secs, guarded_train_step, log,
-                             maybe_compile, step_seed)
+from training.common import (GuardedCompiled, JsonlLog, Stage, bf16_autocast, count_params, fmt_secs,
+                             guarded_train_step, log, maybe_compile, step_seed)
 from training.export import export_model, load_export
 from training.loop import Trainer
 from training.model import guided_velocity, sample, scheduler_sigmas, to_uint8_list, tokenize, uniform_sigmas
@@ -223,9 +224,7 @@ def fill_pool(pool: PairPool, teacher, tokenizer, *, seconds: float, chunk: int,
             break
         prompts = data.train_prompts(chunk, seed=step_seed(seed, c, 5) % (2**32))
         if bg_prob > 0:  # the teacher draws a background of its choosing for these
-            import numpy as np
-            rb = np.random.default_rng(step_seed(seed, c, 7) % (2**32)).random(chunk)
-            prompts = [data.without_background(p) if u < bg_prob else p for u, p in zip(rb, prompts)]
+            prompts = data.drop_backgrounds(prompts, np.random.default_rng(step_seed(seed, c, 7) % (2**32)), bg_prob)
         ids, mask = tokenize(tokenizer, prompts, device)
         g = torch.Generator(device=device).manual_seed(step_seed(seed, c, 6))
         z = torch.randn((chunk, 3, 64, 64), generator=g, device=device)
@@ -407,6 +406,7 @@ def distill(args: DistillArgs) -> Path:
     if args.freeze_text:
         student.text_encoder.requires_grad_(False)
 
+    disc_kind = "teacher-feature" if args.gan_features else "patch"   # --gan's discriminator, for the logs and export
     # the plain regression step is recorded as a CUDA graph; the DMD and adversarial terms run eagerly (their
     # boolean-mask selections and second networks are not capturable as written)
     graphs = args.cuda_graphs and device.type == "cuda" and not args.compile and args.dmd == 0 and args.gan == 0
@@ -482,7 +482,7 @@ def distill(args: DistillArgs) -> Path:
                               teacher_unet=teacher.transformer if args.gan_features else None,
                               seed=step_seed(args.seed, trainer.step, 13))
         last_w = last_layer_weight(student)
-        log(f"[distill] adversarial term ({'teacher-feature' if args.gan_features else 'patch'} discriminator, "
+        log(f"[distill] adversarial term ({disc_kind} discriminator, "
             f"{sum(p.numel() for p in adv.params) / 1e6:.2f}M trained params): weight {args.gan:g} of the "
             f"regression's pull (ramp {args.gan_warmup} "
             f"steps after as many without), {gan_batch} one-step samples per step, discriminator lr {gan_lr:g}")
@@ -511,8 +511,7 @@ def distill(args: DistillArgs) -> Path:
         if judged is None or judged.numel() == 0:
             loss = step_fn(z, x0, ids, mask, sigma)
         else:
-            rec, x0_pred = reflow_loss(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac,
-                                       args.w_edge, args.low_sigma, args.huber, return_pred=True)
+            rec, x0_pred = student_loss(functools.partial(reflow_loss, return_pred=True), z, x0, ids, mask, sigma)
             # the judged samples: the batch's one-step draws (x_1 = z, so x0_pred is exactly the 1-step output)
             with torch.no_grad(), bf16_autocast(use_ac):
                 emb_g = teacher.encode(ids[judged], mask[judged])
@@ -570,8 +569,8 @@ def distill(args: DistillArgs) -> Path:
                "distillation": "reflow + one-step distillation (InstaFlow-style) of a CFG flow-matching teacher; "
                                "guidance-distilled" + (f"; distribution matching (DMD, weight {args.dmd:g})"
                                                        if args.dmd > 0 else "")
-                               + (f"; adversarial ({'teacher-feature' if args.gan_features else 'patch'} "
-                                  f"discriminator, weight {args.gan:g})" if args.gan > 0 else "")
+                               + (f"; adversarial ({disc_kind} discriminator, weight {args.gan:g})"
+                                  if args.gan > 0 else "")
                                + (f"; pseudo-Huber velocity loss (c = {args.huber:g})" if args.huber > 0 else ""),
                "teacher_steps": steps, "teacher_guidance_scale": float(guidance),
                "train_steps": trainer.step, "pairs": int(extra["pairs_total"]), "seed": args.seed}

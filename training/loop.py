@@ -46,7 +46,6 @@ class Trainer:
         # (capture_step); the LR is then written in place
         self.opt = make_adamw(model, lr, weight_decay, device, capturable=capturable)
         self.captured = None
-        self.capture_error: str | None = None
         self.step = 0
         self.start_step = 0
         self.total_steps: int | None = max_steps
@@ -116,17 +115,17 @@ class Trainer:
         warm-up step, which is a real training step on ``inputs``: call between ``begin_step`` and ``end_step``
         like a loss function; returns (loss, pre-clip gradient norm) for ``end_step(loss, state, grad_norm=...,
         stepped=True)``.
-        If the recording fails, the warm-up step still counts, ``captured`` stays None and the caller goes on
-        eagerly (``capture_error`` says why)."""
+        If the recording fails, the warm-up step still counts, ``captured`` stays None (the log and the jsonl say
+        why) and the caller goes on eagerly."""
         from training.graphs import CapturedTrainStep
         assert self.captured is None
         step = CapturedTrainStep(loss_fn, self.params, self.opt, self.grad_clip, [inputs])
         try:
             step.record()
         except Exception as e:   # a failed recording must not cost the stage
-            self.capture_error = f"{type(e).__name__}: {str(e)[:300]}"
-            log(f"[{self.name}] CUDA graph recording failed ({self.capture_error}); eager steps from here")
-            self.jsonl.write(event="cuda_graph_failed", step=self.step, error=self.capture_error)
+            error = f"{type(e).__name__}: {str(e)[:300]}"
+            log(f"[{self.name}] CUDA graph recording failed ({error}); eager steps from here")
+            self.jsonl.write(event="cuda_graph_failed", step=self.step, error=error)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         else:

@@ -342,6 +342,7 @@ def sample(model: FewstepModel, ids: torch.Tensor, mask: torch.Tensor, noise: to
     B = x.shape[0]
     dev = x.device
     use_cfg = guidance > 1.0
+    wdtype = next(model.transformer.parameters()).dtype
     ac = (torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None
           else torch.autocast(dev.type, enabled=False))
     with ac:
@@ -354,7 +355,6 @@ def sample(model: FewstepModel, ids: torch.Tensor, mask: torch.Tensor, noise: to
             mask2 = torch.cat([mask, u_mask])
         for i in range(len(sigmas) - 1):
             s, s_next = sigmas[i], sigmas[i + 1]
-            wdtype = next(model.transformer.parameters()).dtype
             xin = x.to(wdtype) if autocast_dtype is None else x
             sig = torch.full((B,), s, device=dev)
             if use_cfg:

@@ -36,9 +36,8 @@ def drop_captions(captions: list[str], seed: int, step: int, prob: float, bg_pro
     turning one on leaves the other's draws as they were."""
     captions = list(captions)
     if bg_prob > 0:
-        from training.data import without_background
-        rb = np.random.default_rng([seed, step, 2]).random(len(captions))
-        captions = [without_background(c) if u < bg_prob else c for u, c in zip(rb, captions)]
+        from training.data import drop_backgrounds
+        captions = drop_backgrounds(captions, np.random.default_rng([seed, step, 2]), bg_prob)
     if prob <= 0:
         return captions
     r = np.random.default_rng([seed, step, 1]).random(len(captions))

@@ -452,20 +452,21 @@ def discriminator_probe(teacher_dir: str, student_dir: str, n: int = 192, steps:
             # student's image of a pair under the same draws (a generator of their own, not the training one), and
             # average over `draws` of them
             d, out = adv.disc, []
-            saved = getattr(d, "_gen", None)
+            saved = getattr(d, "noise_gen", None)
             for r in range(draws):
-                if hasattr(d, "_gen"):
-                    d._gen = torch.Generator().manual_seed(seed + 1000 + r)
+                if hasattr(d, "noise_gen"):
+                    d.noise_gen = torch.Generator().manual_seed(seed + 1000 + r)
                 with torch.no_grad():
                     out.append(adv.logits(x, emb[k:], mask[k:]).flatten(1).mean(1))
-            if hasattr(d, "_gen"):
-                d._gen = saved
+            if hasattr(d, "noise_gen"):
+                d.noise_gen = saved
             return torch.stack(out).mean(0)
 
         for step in range(steps + 1):
             if step % every == 0:
                 lr, lf = held_out(real[k:]), held_out(fake[k:])
-                rows.append({"kind": kind, "step": step, "held_out_real_above_fake": round(float((lr > lf).float().mean()), 3),
+                rows.append({"kind": kind, "step": step,
+                             "held_out_real_above_fake": round(float((lr > lf).float().mean()), 3),
                              "held_out_gap": round(float((lr - lf).mean()), 3), "seconds": round(time.time() - t0, 1)})
                 print(json.dumps(rows[-1]), flush=True)
             if step < steps:
