@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gan-lr", type=float, default=None, help="the discriminator's LR for --gan (5e-4)")
     d.add_argument("--gan-warmup", type=int, default=150,
                    help="--gan: steps with the discriminator alone, then as many ramping the generator's weight")
+    d.add_argument("--feat", type=float, default=0.0,
+                   help="weight of a perceptual distance on the frozen teacher UNet's encoder features (0: off; try 1)")
+    d.add_argument("--feat-batch", type=int, default=None, help="predictions per step compared by --feat (128)")
+    d.add_argument("--feat-sigma", type=float, nargs=2, default=(0.1, 0.7), metavar=("LO", "HI"),
+                   help="--feat reads both images noised at a level drawn from U[LO, HI]")
     d.add_argument("--huber", type=float, default=1e-3,
                    help="pseudo-Huber constant on the per-sample velocity error (0: mean squares)")
 

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training.common import bf16_autocast
+from training.features import encoder_features, noised
 
 
 class PatchDiscriminator(nn.Module):
@@ -102,26 +103,10 @@ class TeacherFeatureDiscriminator(nn.Module):
         lo, hi = self.sigma_range
         s = lo + (hi - lo) * torch.rand(x.shape[0], generator=self.noise_gen, device=x.device)
         n = torch.randn(x.shape, generator=self.noise_gen, device=x.device, dtype=x.dtype)
-        sv = s.view(-1, 1, 1, 1).to(x.dtype)
-        return (1.0 - sv) * x + sv * n, s
+        return noised(x, s, n), s
 
     def features(self, x: torch.Tensor, sigma: torch.Tensor, emb: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder half of ``UNet2DConditionModel.forward`` (timestep = 1000 sigma, as ``FewstepModel.denoise``;
-        no encoder mask, as the engine's "sd" path)."""
-        unet = self._unet[0]
-        unet = getattr(unet, "unet", unet)   # PositionalUNet2DConditionModel wraps a UNet2DConditionModel
-        t = (sigma.to(torch.float32) * 1000.0).expand(x.shape[0])
-        temb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t))
-        h = unet.conv_in(x)
-        feats = []
-        for block in unet.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                h, _ = block(hidden_states=h, temb=temb, encoder_hidden_states=emb)
-            else:
-                h, _ = block(hidden_states=h, temb=temb)
-            feats.append(h)
-        feats.append(unet.mid_block(h, temb, encoder_hidden_states=emb))
-        return feats
+        return encoder_features(self._unet[0], x, sigma, emb)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         xt, s = self._noise(x)

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from training.common import (GuardedCompiled, JsonlLog, Stage, bf16_autocast, count_params, fmt_secs,
                              guarded_train_step, log, maybe_compile, step_seed)
 from training.export import export_model, load_export
+from training.features import feature_distance
 from training.loop import Trainer
 from training.model import guided_velocity, sample, scheduler_sigmas, to_uint8_list, tokenize, uniform_sigmas
 
@@ -102,6 +103,9 @@ class DistillArgs:
     gan_lr: float | None = None   # the discriminator's learning rate (default 5e-4, constant)
     gan_features: bool = False    # judge through the frozen teacher UNet's encoder (LADD) instead of a pixel network
     gan_warmup: int = 150       # the generator's adversarial weight is 0 for this many steps, then ramps over as many
+    feat: float = 0.0           # weight of the teacher-feature perceptual distance (training.features; 0: off)
+    feat_batch: int | None = None  # the batch's first N predictions it compares (default 128)
+    feat_sigma: tuple = (0.1, 0.7)  # the noise levels (uniform) at which the teacher's encoder reads both images
     # pseudo-Huber constant on the per-sample velocity error (0: plain mean squares). 1e-3 since the ninth session:
     # 0.789 held-out at 1 step against 0.768 without (same teacher and pairs, one run each; train split 0.793 / 0.730)
     huber: float = 1e-3
@@ -451,9 +455,37 @@ def distill(args: DistillArgs) -> Path:
 
     use_ac = device.type == "cuda"
 
-    def student_loss(f, z, x0, ids, mask, sigma):
-        return f(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac, args.w_edge, args.low_sigma,
-                 args.huber)
+    feat_batch = min(batch, args.feat_batch or (4 if tiny else 128)) if args.feat > 0 else 0
+    if feat_batch:
+        if not teacher.is_unet:
+            raise ValueError("--feat reads the teacher UNet's encoder; this teacher is a "
+                             f"{type(teacher.transformer).__name__}: drop --feat")
+        log(f"[distill] teacher-feature distance: weight {args.feat:g} on the batch's first {feat_batch} "
+            f"predictions, read at noise levels U{tuple(args.feat_sigma)}")
+        jsonl.write(event="feat", weight=args.feat, batch=feat_batch, sigma=list(args.feat_sigma))
+
+    def student_loss(f, z, x0, ids, mask, sigma, fs=None, fn=None, return_pred=False):
+        """The regression (``f`` is ``reflow_loss`` or its compiled form), plus with ``--feat`` the teacher-feature
+        distance of the first ``feat_batch`` clean-image predictions at noise levels ``fs`` with noise ``fn``
+        (drawn by the caller, so that a recorded step replays new draws)."""
+        loss, x0_pred = f(student, z, x0, ids, mask, sigma, args.w_one, args.w_perc, use_ac, args.w_edge,
+                          args.low_sigma, args.huber, return_pred=True)
+        if fs is not None:
+            k = fs.shape[0]
+            with torch.no_grad(), bf16_autocast(use_ac):
+                emb = teacher.encode(ids[:k], mask[:k])
+            with bf16_autocast(use_ac):
+                fd = feature_distance(teacher.transformer, x0_pred[:k], x0[:k], fs, fn, emb)
+            loss = loss + args.feat * fd.mean()
+        return (loss, x0_pred) if return_pred else loss
+
+    def feat_inputs():
+        """This step's noise levels and noise for ``--feat`` (from the step's generator ``g``): () when off."""
+        if not feat_batch:
+            return ()
+        lo, hi = args.feat_sigma
+        fs = lo + (hi - lo) * torch.rand(feat_batch, generator=g, device=device)
+        return fs, torch.randn((feat_batch, 3, cfg_size, cfg_size), generator=g, device=device)
     step_fn = guarded_train_step(reflow_loss, student_loss, args.compile and not tiny, device, "distill step",
                                  on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
     graph_loss = functools.partial(student_loss, reflow_loss)
@@ -500,7 +532,7 @@ def distill(args: DistillArgs) -> Path:
         judged = torch.nonzero(sigma >= 0.9999).squeeze(1)[:gan_batch] if adv is not None else None
         if graphs:
             # the first step is the recording's warm-up (a real step); every later one replays the recording
-            inputs = (z, x0, ids, mask, sigma)
+            inputs = (z, x0, ids, mask, sigma, *feat_inputs())
             if trainer.captured is None:
                 loss, gn = trainer.capture_step(graph_loss, inputs)
                 graphs = trainer.captured is not None   # a failed recording: eager steps from the next one on
@@ -509,9 +541,9 @@ def distill(args: DistillArgs) -> Path:
             trainer.end_step(loss, state, grad_norm=gn, stepped=True)
             continue
         if judged is None or judged.numel() == 0:
-            loss = step_fn(z, x0, ids, mask, sigma)
+            loss = step_fn(z, x0, ids, mask, sigma, *feat_inputs())
         else:
-            rec, x0_pred = student_loss(functools.partial(reflow_loss, return_pred=True), z, x0, ids, mask, sigma)
+            rec, x0_pred = student_loss(reflow_loss, z, x0, ids, mask, sigma, *feat_inputs(), return_pred=True)
             # the judged samples: the batch's one-step draws (x_1 = z, so x0_pred is exactly the 1-step output)
             with torch.no_grad(), bf16_autocast(use_ac):
                 emb_g = teacher.encode(ids[judged], mask[judged])
@@ -571,6 +603,8 @@ def distill(args: DistillArgs) -> Path:
                                                        if args.dmd > 0 else "")
                                + (f"; adversarial ({disc_kind} discriminator, weight {args.gan:g})"
                                   if args.gan > 0 else "")
+                               + (f"; teacher-feature perceptual distance (weight {args.feat:g})"
+                                  if args.feat > 0 else "")
                                + (f"; pseudo-Huber velocity loss (c = {args.huber:g})" if args.huber > 0 else ""),
                "teacher_steps": steps, "teacher_guidance_scale": float(guidance),
                "train_steps": trainer.step, "pairs": int(extra["pairs_total"]), "seed": args.seed}

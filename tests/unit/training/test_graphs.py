@@ -123,11 +123,12 @@ def test_recorded_step_matches_eager_steps_with_changing_lr():
 
 
 @cuda
-@pytest.mark.parametrize("fail", [False, True])
-def test_distill_records_its_step_and_survives_a_failed_recording(tmp_path, monkeypatch, fail):
+@pytest.mark.parametrize("fail,extra", [(False, []), (True, []), (False, ["--feat", "1"])])
+def test_distill_records_its_step_and_survives_a_failed_recording(tmp_path, monkeypatch, fail, extra):
     """The distill stage on CUDA: its step is recorded (``distill_log.jsonl`` has no failure event and the stage
-    takes every step), or, when the recording raises, the warm-up step counts once and the stage goes on eagerly.
-    Written in the tenth session after its device time was spent: not yet run on a GPU."""
+    takes every step), also with the teacher-feature distance (``--feat``: the frozen teacher's text encoder and
+    UNet encoder inside the recording), or, when the recording raises, the warm-up step counts once and the stage
+    goes on eagerly."""
     from training.__main__ import main
     from training.graphs import CapturedTrainStep
     if fail:
@@ -136,7 +137,7 @@ def test_distill_records_its_step_and_survives_a_failed_recording(tmp_path, monk
         monkeypatch.setattr(CapturedTrainStep, "record", broken)
     assert main(["teacher", "--tiny", "--preset", "tiny_unetp", "--out", str(tmp_path), "--max-steps", "2"]) == 0
     assert main(["distill", "--tiny", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path),
-                 "--max-steps", "4"]) == 0
+                 "--max-steps", "4", *extra]) == 0
     log = [json.loads(x) for x in (tmp_path / "distill_log.jsonl").read_text().splitlines()]
     failed = [r for r in log if r.get("event") == "cuda_graph_failed"]
     assert len(failed) == (1 if fail else 0)

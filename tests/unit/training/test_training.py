@@ -511,3 +511,47 @@ def test_teacher_feature_discriminator_reads_the_frozen_teacher(tmp_path):
                  str(tmp_path), "--max-steps", "3", "--gan", "0.5", "--gan-features", "--gan-warmup", "1"]) == 0
     idx = json.loads((tmp_path / "student" / "model_index.json").read_text())
     assert "teacher-feature discriminator" in idx["fewstep"]["distillation"]
+
+
+def test_teacher_feature_distance_is_a_distance_on_the_frozen_teacher(tmp_path):
+    """distill --feat: the LPIPS-form distance on the teacher UNet's encoder features is 0 between equal images,
+    larger for a shifted copy than for a slightly blurred one, reaches the student's image but not the teacher's
+    weights; a tiny distill run with it exports and says so."""
+    import torch.nn.functional as F
+
+    from training.features import feature_distance
+    from training.model import PRESETS, build_model, build_tokenizer
+
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny_unetp"]
+    tok = build_tokenizer(data.vocabulary(), cfg.max_length)
+    teacher = build_model(cfg, len(tok)).eval().requires_grad_(False)
+    real, caps = data.sample_batch(np.random.default_rng(0), 8)[:2]
+    ids, mask = tokenize(tok, caps)
+    with torch.no_grad():
+        emb = teacher.encode(ids, mask)
+    g = torch.Generator().manual_seed(1)
+    s = 0.1 + 0.6 * torch.rand(8, generator=g)
+    n = torch.randn(real.shape, generator=g)
+    unet = teacher.transformer
+    same = feature_distance(unet, real.clone(), real, s, n, emb)
+    assert same.shape == (8,) and float(same.abs().max()) < 1e-6
+    blurred = F.avg_pool2d(F.pad(real, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    shifted = torch.roll(real, 8, dims=3)
+    d_blur = feature_distance(unet, blurred, real, s, n, emb)
+    d_shift = feature_distance(unet, shifted, real, s, n, emb)
+    assert float(d_shift.mean()) > float(d_blur.mean()) > 0
+
+    fake = blurred.clone().requires_grad_(True)
+    feature_distance(unet, fake, real, s, n, emb).mean().backward()
+    assert fake.grad is not None and float(fake.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+    assert main(["teacher", "--tiny", "--preset", "tiny_unetp", "--device", "cpu", "--out", str(tmp_path),
+                 "--max-steps", "2"]) == 0
+    assert main(["distill", "--tiny", "--teacher", str(tmp_path / "teacher"), "--device", "cpu", "--out",
+                 str(tmp_path), "--max-steps", "3", "--feat", "1"]) == 0
+    idx = json.loads((tmp_path / "student" / "model_index.json").read_text())
+    assert "teacher-feature perceptual distance (weight 1)" in idx["fewstep"]["distillation"]
+    log = [json.loads(x) for x in (tmp_path / "distill_log.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "feat" and r["batch"] == 4 for r in log)
