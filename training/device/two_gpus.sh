@@ -8,13 +8,17 @@
 # the held-out eval (a teacher at 25 steps, or a student at 1/2/4 steps with its teacher) and repacks the logs.
 # $OUT gets 2 files per run (export tar; meta tar with logs, eval and run.txt), so two invocations in one call
 # return all 8 files the device tool brings back (the ninth session's first call had 13 and lost five).
-# Env: NAMES="a b" (the two runs' folder names: a second invocation in one call uses others), MINUTES (distill, 4),
+# Env: NAMES="a b" (the two runs' folder names: a second invocation in one call uses others), GPUS="0 1" (theirs, on
+# two GPUs: a teacher and a distillation at once are two invocations, the second with GPUS="1 0"), MINUTES (distill, 4),
 # EVAL_TEACHER=0 skips the teacher's 25-step rows in a distill run's eval.
 set -u
 export PYTHONUNBUFFERED=1
 stage=$1; flags_a=$2; flags_b=$3
 read -r name_a name_b <<< "${NAMES:-a b}"
-python -m pip install -q --no-deps --no-build-isolation -e . > /tmp/setup.log 2>&1
+read -r gpu_a gpu_b <<< "${GPUS:-0 1}"
+# installed once: two invocations may run at once (GPUS="1 0" puts a second one's first run on the other GPU)
+python -c "import fewstep.engines" 2>/dev/null ||
+  python -m pip install -q --no-deps --no-build-isolation -e . > /tmp/setup.log 2>&1
 python -c "import fewstep.engines" 2>>/tmp/setup.log || {
   # seventh session: `pip install -e .` reported success, yet fewstep did not import; a namespace shim does
   mkdir -p /tmp/shim/fewstep
@@ -44,8 +48,8 @@ one() {  # GPU NAME FLAGS
 }
 # FLAGS_B = SKIP runs only the first run
 if [ "$(nvidia-smi -L | grep -c '^GPU')" -ge 2 ]; then
-  one 0 $name_a "$flags_a" &
-  [ "$flags_b" != SKIP ] && one 1 $name_b "$flags_b" &
+  one $gpu_a $name_a "$flags_a" &
+  [ "$flags_b" != SKIP ] && one $gpu_b $name_b "$flags_b" &
   wait
 else  # one GPU (nvidia-h200): the two runs one after the other
   one 0 $name_a "$flags_a"
