@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--feat-batch", type=int, default=None, help="predictions per step compared by --feat (128)")
     d.add_argument("--feat-sigma", type=float, nargs=2, default=(0.1, 0.7), metavar=("LO", "HI"),
                    help="--feat reads both images noised at a level drawn from U[LO, HI]")
+    d.add_argument("--ema-decay", type=float, default=0.999, help="decay of the exported EMA of the student")
+    d.add_argument("--export-raw", action="store_true", help="also export the raw weights to DIR/student_raw")
+    d.add_argument("--extra-emas", type=float, nargs="+", default=(),
+                   help="also keep EMAs at these decays and export each to DIR/student_ema<D>")
     d.add_argument("--huber", type=float, default=1e-3,
                    help="pseudo-Huber constant on the per-sample velocity error (0: mean squares)")
 

@@ -50,8 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.common import (GuardedCompiled, JsonlLog, Stage, bf16_autocast, count_params, fmt_secs,
-                             guarded_train_step, log, maybe_compile, step_seed)
+from training.common import (GuardedCompiled, JsonlLog, Stage, bf16_autocast, count_params, ema_decay_at, ema_update,
+                             fmt_secs, guarded_train_step, log, maybe_compile, step_seed)
 from training.export import export_model, load_export
 from training.features import feature_distance
 from training.loop import Trainer
@@ -120,6 +120,11 @@ class DistillArgs:
     ckpt_every: float = 60.0
     device: str = "auto"
     budget_start: float | None = None    # default: Budget's (the import of training.common)
+    # besides DIR/student (the EMA at ema_decay): the raw weights (DIR/student_raw) and EMAs at other decays
+    # (DIR/student_ema<D>), for a paired comparison of what to export from one training trajectory. An EMA does not
+    # feed back into training, so student_ema<D> is what a run with ema_decay = D would export
+    export_raw: bool = False
+    extra_emas: tuple = ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,6 +526,13 @@ def distill(args: DistillArgs) -> Path:
         jsonl.write(event="gan", weight=args.gan, batch=gan_batch, lr=gan_lr, warmup=args.gan_warmup,
                     features=args.gan_features)
     dm_acc, gan_acc = [], []
+    extra_emas = {float(d): copy.deepcopy(trainer.ema) for d in args.extra_emas}
+
+    def end_step(loss, **kw):
+        trainer.end_step(loss, state, **kw)
+        for d, e in extra_emas.items():
+            ema_update(e, student, ema_decay_at(trainer.step - 1, d))   # the step trainer.ema was updated at
+
     g = torch.Generator(device=device)
     log(f"[distill] training the student on {pool.n} pairs; {fmt_secs(budget.left())} left")
     while not trainer.should_stop():
@@ -538,7 +550,7 @@ def distill(args: DistillArgs) -> Path:
                 graphs = trainer.captured is not None   # a failed recording: eager steps from the next one on
             else:
                 loss, gn = trainer.graph_step(*inputs)
-            trainer.end_step(loss, state, grad_norm=gn, stepped=True)
+            end_step(loss, grad_norm=gn, stepped=True)
             continue
         if judged is None or judged.numel() == 0:
             loss = step_fn(z, x0, ids, mask, sigma, *feat_inputs())
@@ -564,7 +576,7 @@ def distill(args: DistillArgs) -> Path:
             dm_loss, x_d, emb_d = dm.generator_loss(student, z_d, ids_d, mask_d, g)
             (args.dmd * ramp * dm_loss).backward()
             loss = loss.detach() + args.dmd * ramp * dm_loss.detach()
-        trainer.end_step(loss, state)
+        end_step(loss)
         if judged is not None and judged.numel():
             d = adv.disc_step(real, fake, emb_g, mask_g)   # constant LR: it must be sharp from the first steps
             gan_acc.append(torch.stack([g_loss.detach(), w_gan, d["d_loss"], d["d_real"], d["d_fake"]]))
@@ -608,5 +620,9 @@ def distill(args: DistillArgs) -> Path:
                                + (f"; pseudo-Huber velocity loss (c = {args.huber:g})" if args.huber > 0 else ""),
                "teacher_steps": steps, "teacher_guidance_scale": float(guidance),
                "train_steps": trainer.step, "pairs": int(extra["pairs_total"]), "seed": args.seed}
+    for name, model, what in ([("student_raw", student, "raw weights")] if args.export_raw else []) + [
+            (f"student_ema{d:g}", e, f"EMA {d:g}") for d, e in extra_emas.items()]:
+        log(f"[distill] exported the student's {what}: "
+            f"{export_model(model, tokenizer, out / name, {**fewstep, 'weights': what})}")
     return stage.exported("distill", "EMA student", export_model(trainer.ema, tokenizer, out / "student", fewstep),
                           trainer.step)

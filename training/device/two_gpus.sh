@@ -10,7 +10,8 @@
 # return all 8 files the device tool brings back (the ninth session's first call had 13 and lost five).
 # Env: NAMES="a b" (the two runs' folder names: a second invocation in one call uses others), GPUS="0 1" (theirs, on
 # two GPUs: a teacher and a distillation at once are two invocations, the second with GPUS="1 0"), MINUTES (distill, 4),
-# EVAL_TEACHER=0 skips the teacher's 25-step rows in a distill run's eval.
+# EVAL_TEACHER=0 skips the teacher's 25-step rows in a distill run's eval; PACK_EXTRA="a" returns run a's extra
+# students (distill --export-raw / --extra-emas), which every run evaluates.
 set -u
 export PYTHONUNBUFFERED=1
 stage=$1; flags_a=$2; flags_b=$3
@@ -37,11 +38,21 @@ one() {  # GPU NAME FLAGS
   else
     CUDA_VISIBLE_DEVICES=$g python -m training distill --teacher $TEACHER/teacher --out out/$d \
       --minutes ${MINUTES:-4} $flags > $OUT/$d/run.log 2>&1
-    python -m training pack out/$d $OUT/$d --exports student >> $OUT/$d/run.log 2>&1
+    # --export-raw / --extra-emas write more students (student_raw, student_ema<D>): each is evaluated, and packed
+    # only for the runs named in PACK_EXTRA (11.6 MB each: the device tool returns 64 MB a call)
+    local extra=$(cd out/$d && ls -d student_* 2>/dev/null | grep -v '\.tmp' | tr '\n' ' ')
+    local packed=student
+    [[ " ${PACK_EXTRA:-} " == *" $d "* ]] && packed="student $extra"
+    python -m training pack out/$d $OUT/$d --exports $packed >> $OUT/$d/run.log 2>&1
     local tflag="--teacher $TEACHER/teacher"
     [ "${EVAL_TEACHER:-1}" = 0 ] && tflag=""
     CUDA_VISIBLE_DEVICES=$g timeout 150 python -m training eval --model out/$d/student $tflag \
       --steps 1 2 4 --n 512 --out out/$d >> $OUT/$d/run.log 2>&1
+    for x in $extra; do
+      CUDA_VISIBLE_DEVICES=$g timeout 150 python -m training eval --model out/$d/$x --steps 1 2 4 --n 512 \
+        --out out/$d/eval_$x >> $OUT/$d/run.log 2>&1
+      cp out/$d/eval_$x/eval.json out/$d/eval_$x.json
+    done
   fi
   cp $OUT/$d/run.log out/$d/run.txt && python -m training pack out/$d $OUT/$d --exports >> out/$d/run.txt 2>&1 &&
     rm $OUT/$d/run.log

@@ -116,6 +116,21 @@ def test_distill_tiny_exports_student(run_dir):
     assert any(r.get("event") == "exported" for r in log)
 
 
+def test_distill_exports_raw_weights_and_extra_emas(tmp_path, run_dir):
+    """--export-raw / --extra-emas: one trajectory, three exports; a decay-0 EMA is the raw weights, the default
+    EMA (0.999, warmed up as (1 + k) / (10 + k): above 0.3 from step 3) is neither."""
+    from safetensors.torch import load_file
+    assert main(["distill", "--tiny", "--device", "cpu", "--teacher", str(run_dir / "teacher"), "--guidance", "1",
+                 "--out", str(tmp_path), "--max-steps", "6", "--export-raw", "--extra-emas", "0", "0.3"]) == 0
+
+    def weights(name):
+        return load_file(str(tmp_path / name / "transformer" / "diffusion_pytorch_model.safetensors"))
+    raw, ema0, ema5, ema = (weights(n) for n in ("student_raw", "student_ema0", "student_ema0.3", "student"))
+    assert all(torch.equal(raw[k], ema0[k]) for k in raw)
+    assert any(not torch.equal(raw[k], ema5[k]) for k in raw) and any(not torch.equal(ema5[k], ema[k]) for k in raw)
+    assert json.loads((tmp_path / "student_raw" / "model_index.json").read_text())["fewstep"]["weights"] == "raw weights"
+
+
 def test_pack_unpack_roundtrip(run_dir, tmp_path):
     from training.pack import pack, unpack
     files = pack(run_dir, tmp_path / "out", ckpt=["teacher"])
