@@ -668,6 +668,25 @@ def video_self_check(n: int = 40, frames: int = 48, chunk: int = 8, seed: int = 
     return {k: (float(np.mean(v)) if v else None) for k, v in acc.items()} | {"n": n}
 
 
+def served_adherence(model_dir: str, n: int = 256, steps: int | None = None, no_background: bool = False,
+                     batch: int = 32, seed: int = 1) -> dict:
+    """Prompt adherence of what the engine serves (``FewStepPipeline``: the checkpoint's own steps, sigmas and
+    ``prompt_completion``) on ``n`` held-out prompts, seeds 0..n-1; ``no_background`` strips each prompt's
+    background phrase first, as a newcomer types them. (``python -m training eval`` scores the raw model instead.)"""
+    from fewstep.engines.loading import load_checkpoint
+    from fewstep.engines.pipeline import FewStepPipeline
+
+    prompts = D.heldout_prompts(n, seed=seed)
+    if no_background:
+        prompts = [D.without_background(p) for p in prompts]
+    pipe = FewStepPipeline(load_checkpoint(model_dir))
+    images = []
+    for i in range(0, n, batch):
+        images += list(pipe(prompts[i:i + batch], list(range(i, min(n, i + batch))), steps=steps).numpy())
+    return {"model": str(model_dir), "steps": steps or pipe.default_steps, "no_background": no_background,
+            **adherence(images, prompts)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -680,7 +699,17 @@ def main(argv: list[str] | None = None) -> int:
     vc.add_argument("--n", type=int, default=40)
     vc.add_argument("--frames", type=int, default=48)
     vc.add_argument("--seed", type=int, default=0)
+    sv = sub.add_parser("served", help="adherence of what the engine serves on held-out prompts")
+    sv.add_argument("--model", default=None, help="a checkpoint folder (default: the embedded image model)")
+    sv.add_argument("--n", type=int, default=256)
+    sv.add_argument("--steps", type=int, default=None, help="default: the checkpoint's")
+    sv.add_argument("--no-background", action="store_true", help="strip the prompts' background phrase")
     args = ap.parse_args(argv)
+    if args.cmd == "served":
+        from fewstep.server.config import DEFAULT_MODEL_DIR
+        r = served_adherence(args.model or str(DEFAULT_MODEL_DIR), args.n, args.steps, args.no_background)
+        print(json.dumps(r), flush=True)
+        return 0
     if args.cmd == "self-check":
         r = self_check(args.n, args.seed, args.size, verbose=args.verbose)
         print(f"clean accuracy: {r['clean_accuracy']:.4f}  noisy accuracy: {r['noisy_accuracy']:.4f}  (n={r['n']})")

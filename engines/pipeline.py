@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,24 @@ def _vae_scale_factor(vae) -> int:
     return 2 ** (len(levels) - 1) * int(cfg.get("patch_size") or 1)
 
 
+def _prompt_completion(ckpt: Checkpoint, spec) -> tuple[re.Pattern, str] | None:
+    """``fewstep.prompt_completion`` = ``{"unless": REGEX, "append": TEXT}``: a model trained only on captions that
+    end in one kind of phrase reads prompts without it badly (our default image student: 12% strict adherence on
+    "a red circle above a blue square" over 16 seeds, 75% with " on a white background"), so its checkpoint says
+    how to complete them. A property of the checkpoint, not of the server: nothing is appended for others."""
+    if spec is None:
+        return None
+    where = ckpt.path / "model_index.json"
+    if not isinstance(spec, dict) or set(spec) != {"unless", "append"} or not all(
+            isinstance(spec[k], str) for k in spec):
+        raise CheckpointError(f'{where}: fewstep.prompt_completion must be {{"unless": REGEX, "append": TEXT}}, '
+                              f"got {spec!r}")
+    try:
+        return re.compile(spec["unless"], re.IGNORECASE), spec["append"]
+    except re.error as e:
+        raise CheckpointError(f"{where}: fewstep.prompt_completion.unless is not a regular expression: {e}") from None
+
+
 class FewStepPipeline:
     kind = "image"  # StreamPipeline (engines/stream/) says "video"
 
@@ -122,6 +141,7 @@ class FewStepPipeline:
             raise CheckpointError(f"{ckpt.path / 'model_index.json'}: the {type(self.denoiser).__name__} config has no "
                                   "sample_size; set fewstep.default_size")
         self.default_size = int(meta.get("default_size") or sample * self.vae_scale_factor)
+        self.prompt_completion = _prompt_completion(ckpt, meta.get("prompt_completion"))
         patch = cfg.get("patch_size", 1)
         patch = max(patch[1:]) if isinstance(patch, (list, tuple)) else patch  # Wan: (t, h, w)
         self.size_multiple = self.vae_scale_factor * (2 ** max(0, len(cfg.get("block_out_channels", [0])) - 1)
@@ -183,9 +203,18 @@ class FewStepPipeline:
             return PromptEmbeds((emb * tok["mask"][..., None].to(emb.dtype)).to(self.dtype))
         return PromptEmbeds(emb.to(self.dtype), mask=tok["mask"])
 
+    def complete_prompt(self, prompt: str) -> str:
+        """``prompt`` as the model reads it: with the checkpoint's ``fewstep.prompt_completion`` appended when the
+        prompt lacks what every training caption had (our default models: a background phrase). Empty prompts (the
+        unconditional branch) and negative prompts are never completed."""
+        if self.prompt_completion is None or not prompt.strip():
+            return prompt
+        unless, append = self.prompt_completion
+        return prompt if unless.search(prompt) else prompt.rstrip() + append
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> PromptEmbeds:
-        return self.encode_tokens(self.tokenize(prompts))
+        return self.encode_tokens(self.tokenize([self.complete_prompt(p) for p in prompts]))
 
     def negative_embeds(self, negative_prompts: list[str]) -> PromptEmbeds:
         """Unconditional branch for CFG. SDXL zeroes an empty negative prompt, as its pipeline does by default."""
@@ -193,7 +222,8 @@ class FewStepPipeline:
             pos = self.encode_prompt([""])
             z = PromptEmbeds(torch.zeros_like(pos.embeds), pooled=torch.zeros_like(pos.pooled))
             return PromptEmbeds.cat([z] * len(negative_prompts))
-        return self.encode_prompt(negative_prompts)
+        with torch.no_grad():
+            return self.encode_tokens(self.tokenize(negative_prompts))
 
     # -- stage 2 ---------------------------------------------------------------------------------------------
     def schedule(self, steps: int) -> Schedule:

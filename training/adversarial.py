@@ -24,7 +24,9 @@ learn from scratch in two minutes (what a star's points or a cross's arms look l
 is an object) the teacher's features should already hold; the noise level chooses between coarse layout (high) and
 edges (low). A CPU probe (``python -m training.study disc``, tenth session) found it telling the shipped student's
 samples from the teacher's earlier and more steadily than the pixel discriminator, and about as well after 100
-steps. Not yet run on the device.
+steps. On the device (eleventh session) it did not help: its hinge loss started at 1.82 and the generator fooled it
+from step ~325 on; at W = 0.2 the 1-step student scored 0.771 (half the regression's steps: the adversarial path is
+eager) and at W = 0.5 0.619, against 0.789 without.
 """
 
 from __future__ import annotations

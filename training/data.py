@@ -621,6 +621,11 @@ def _prompts(n: int, seed: int, split: str) -> list[str]:
     return [sample_scene(rng, split).caption for _ in range(n)]
 
 
+# what the engine appends to a prompt that names no background (model_index.json "fewstep.prompt_completion", read by
+# FewStepPipeline.complete_prompt): white, the first of BACKGROUNDS
+PROMPT_COMPLETION = {"unless": r"\bbackground\b", "append": " on a white background"}
+
+
 def without_background(caption: str) -> str:
     """``caption`` without its closing " on a BG background" (unchanged if it has none). A newcomer types "a red
     circle above a blue square"; the eighth session's model, trained only on captions that name the background,

@@ -30,7 +30,11 @@ Method (InstaFlow; "Improving the Training of Rectified Flows"):
 
 5. **Adversarial term** (optional, ``--gan W``; ``training/adversarial.py``): a patch discriminator judges the
    one-step outputs against the teacher's samples. It made the student worse in the ninth session (README).
-   ``--gan-features`` judges through the frozen teacher UNet's encoder instead (LADD; not yet run on the device).
+   ``--gan-features`` judges through the frozen teacher UNet's encoder instead (LADD); it hurt too (eleventh
+   session).
+6. **Teacher-feature perceptual distance** (optional, ``--feat W``; ``training/features.py``): LPIPS's form on the
+   frozen teacher encoder's features, added to the regression inside the recorded step. It lowered the 1-step score
+   (0.770 at W = 1, 0.705 at 3, against 0.789; eleventh session).
 
 Speed: the plain regression step is recorded as a CUDA graph after its first step (``training.graphs``; 1.2x the
 eager step on the H200, tenth session); ``--no-cuda-graphs`` runs it eagerly, and DMD or the adversarial term

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from training import data
 from training.common import dir_bytes, read_json, write_json
 from training.model import FewstepModel
 
@@ -99,7 +100,9 @@ def export_model(model: FewstepModel, tokenizer, out_dir: str | Path, fewstep: d
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         # uniform flow sigmas: the student is trained on the 1/N grid (diffusers' default spacing is not it)
-        "fewstep": {"flow_sigmas": "uniform", **fewstep},
+        # every caption of our grammar names its background, unless a stage trained with --drop-background; the
+        # engine appends one to prompts without (FewStepPipeline.complete_prompt)
+        "fewstep": {"flow_sigmas": "uniform", "prompt_completion": dict(data.PROMPT_COMPLETION), **fewstep},
     }
     write_json(tmp / "model_index.json", index)
     check_export(tmp)

@@ -475,6 +475,58 @@ def discriminator_probe(teacher_dir: str, student_dir: str, n: int = 192, steps:
     return rows
 
 
+def feature_distance_probe(teacher_dir: str, student_dir: str, n: int = 32, guidance: float = 3.0,
+                           teacher_steps: int = 12, seed: int = 0) -> dict:
+    """What ``distill --feat`` sees on a trained student: the teacher-feature distance between the one-step
+    student's samples and the teacher's (the pairs' 12 CFG-3 steps, same prompts and noise), against two references
+    (the teacher's samples under a 3x3 blur; another prompt's sample), and how its gradient on the student compares
+    with the regression's (norms at W = 1 and cosine, over all trained parameters, at sigma = 1). CPU, fp32."""
+    import torch.nn.functional as F
+
+    from training import data as D
+    from training.distill import generate, reflow_loss
+    from training.export import load_export
+    from training.features import feature_distance
+    from training.model import scheduler_sigmas, tokenize
+
+    teacher, tok, _ = load_export(teacher_dir, "cpu", torch.float32)
+    teacher.requires_grad_(False).eval()
+    student, _, _ = load_export(student_dir, "cpu", torch.float32)
+    student.train().requires_grad_(True)
+    prompts = D.train_prompts(n, seed=seed + 5)
+    z = torch.randn((n, 3, 64, 64), generator=torch.Generator().manual_seed(seed + 1))
+    x0 = generate(teacher, tok, prompts, z, scheduler_sigmas(teacher_steps), guidance, batch=64)
+    ids, mask = tokenize(tok, prompts)
+    # the distill stage's regression terms (DistillArgs' defaults), at sigma = 1: the one-step case
+    rec, pred = reflow_loss(student, z, x0, ids, mask, torch.ones(n), 2.0, 0.5, False, 4.0, 0.2, 1e-3,
+                            return_pred=True)
+    with torch.no_grad():
+        emb = teacher.encode(ids, mask)
+    g = torch.Generator().manual_seed(seed + 3)
+    s = 0.1 + 0.6 * torch.rand(n, generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    dist = feature_distance(teacher.transformer, pred, x0, s, noise, emb)
+    params = [p for p in student.parameters() if p.requires_grad]
+    g_rec = torch.autograd.grad(rec, params, retain_graph=True, allow_unused=True)
+    g_feat = torch.autograd.grad(dist.mean(), params, allow_unused=True)
+    pairs = [(a, b) for a, b in zip(g_rec, g_feat) if a is not None and b is not None]
+    n_rec = torch.sqrt(sum((a ** 2).sum() for a, _ in pairs))
+    n_feat = torch.sqrt(sum((b ** 2).sum() for _, b in pairs))
+    cos = sum((a * b).sum() for a, b in pairs) / (n_rec * n_feat)
+    with torch.no_grad():
+        blur = F.avg_pool2d(F.pad(x0, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        d_blur = feature_distance(teacher.transformer, blur, x0, s, noise, emb)
+        d_other = feature_distance(teacher.transformer, x0.roll(1, 0), x0, s, noise, emb)
+    dist, rec = dist.detach(), rec.detach()
+    q = torch.quantile(dist, torch.tensor([0.0, 0.5, 0.9, 1.0]))
+    return {"n": n, "student_distance_mean": round(float(dist.mean()), 4),
+            "student_distance_min_median_p90_max": [round(float(v), 4) for v in q],
+            "teacher_blur3_distance_mean": round(float(d_blur.mean()), 4),
+            "other_prompt_distance_mean": round(float(d_other.mean()), 4),
+            "regression_loss": round(float(rec), 4), "grad_norm_regression": round(float(n_rec), 3),
+            "grad_norm_feature_w1": round(float(n_feat), 3), "grad_cosine": round(float(cos), 3)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.study")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -507,6 +559,10 @@ def main(argv=None) -> int:
     dp.add_argument("student", help="an exported student folder")
     dp.add_argument("--n", type=int, default=192)
     dp.add_argument("--steps", type=int, default=100)
+    fd = sub.add_parser("featdist", help="distill --feat's distance on a student's samples, and its gradient")
+    fd.add_argument("teacher", help="an exported teacher folder")
+    fd.add_argument("student", help="an exported student folder")
+    fd.add_argument("--n", type=int, default=32)
     c = sub.add_parser("cpu")
     c.add_argument("--seconds", type=float, default=150.0)
     c.add_argument("--recipes", nargs="+", default=list(RECIPES))
@@ -527,6 +583,8 @@ def main(argv=None) -> int:
         print(json.dumps(relation_breakdown(a.model, a.steps, a.n, a.cfg)), flush=True)
     elif a.cmd == "disc":
         discriminator_probe(a.teacher, a.student, a.n, a.steps)
+    elif a.cmd == "featdist":
+        print(json.dumps(feature_distance_probe(a.teacher, a.student, a.n)), flush=True)
     elif a.cmd == "grad":
         gradient_split(a.model, a.shards, a.lows)
     elif a.cmd == "bayes":

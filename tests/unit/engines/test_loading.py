@@ -91,3 +91,29 @@ def test_vae_upcast_follows_diffusers_pipelines(tiny_dir, name, upcast):
     assert pipe.upcasts_vae(torch.float32) is False
     if upcast:
         assert next(pipe.vae.parameters()).dtype == torch.float32
+
+
+def test_prompt_completion_appends_only_where_the_checkpoint_says(tiny_dir, tmp_path):
+    """fewstep.prompt_completion: a prompt without the phrase is encoded as the completed prompt; a prompt with it,
+    the empty (unconditional) prompt and negative prompts are not touched; other checkpoints complete nothing; a
+    malformed entry is a CheckpointError that says what to write."""
+    from fewstep.engines.pipeline import FewStepPipeline
+
+    d = _copy(tiny_dir, tmp_path, "pixel_dit")
+    idx = json.loads((d / "model_index.json").read_text())
+    idx["fewstep"]["prompt_completion"] = {"unless": r"\bbackground\b", "append": " on a white background"}
+    (d / "model_index.json").write_text(json.dumps(idx))
+    pipe = FewStepPipeline(load_checkpoint(d))
+    assert pipe.complete_prompt("a red circle ") == "a red circle on a white background"
+    assert pipe.complete_prompt("a red circle on a navy Background") == "a red circle on a navy Background"
+    assert pipe.complete_prompt("") == ""
+    short, full = pipe.encode_prompt(["a red circle", "a red circle on a white background"]).embeds
+    assert torch.equal(short, full)
+    neg = pipe.negative_embeds(["a red circle"]).embeds[0]
+    assert not torch.equal(neg, full)
+    assert FewStepPipeline(load_checkpoint(tiny_dir / "pixel_dit")).complete_prompt("a red circle") == "a red circle"
+
+    idx["fewstep"]["prompt_completion"] = {"unless": "background"}
+    (d / "model_index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match='prompt_completion must be {"unless": REGEX, "append": TEXT}'):
+        FewStepPipeline(load_checkpoint(d))

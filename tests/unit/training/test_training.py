@@ -327,8 +327,11 @@ def test_unet_teacher_exports_and_the_engine_serves_it_as_trained(tmp_path, pres
     pipe = FewStepPipeline(load_checkpoint(d))
     assert pipe.denoiser_name == "unet" and pipe.default_size == 64
     prompts, seeds = ["a red circle left of a blue square on a white background", "a green star"], [3, 4]
-    # the call contract in float: the same text embeddings (all positions, pads included) and the same velocity
-    ids, mask = tokenize(tok, prompts)
+    # the call contract in float: the same text embeddings (all positions, pads included) and the same velocity,
+    # for the prompts as the engine completes them ("a green star" names no background: the export's
+    # prompt_completion appends one)
+    assert pipe.complete_prompt(prompts[1]) == "a green star on a white background"
+    ids, mask = tokenize(tok, [pipe.complete_prompt(p) for p in prompts])
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         emb = model.encode(ids, mask)
