@@ -687,6 +687,39 @@ def served_adherence(model_dir: str, n: int = 256, steps: int | None = None, no_
             **adherence(images, prompts)}
 
 
+def served_video_adherence(model_dir: str, n: int = 24, frames: int = 16, no_background: bool = False,
+                           seed: int = 7) -> dict:
+    """Per-frame prompt adherence of what the engine streams (``EngineCore`` + ``StreamPipeline``, the checkpoint's
+    policy and ``prompt_completion``): the first ``frames`` frames of ``n`` held-out video prompts, one session each
+    (seed = its index), stepped together; ``no_background`` strips each prompt's background phrase first."""
+    from fewstep.engines.config import EngineConfig, StreamConfig
+    from fewstep.engines.core import EngineCore
+    from fewstep.engines.loading import load_checkpoint
+    from fewstep.engines.stream import StreamPipeline, StreamStart
+
+    rng = np.random.default_rng(seed)
+    prompts = [D.sample_video_scene(rng, "heldout").caption for _ in range(n)]
+    if no_background:
+        prompts = [D.without_background(p) for p in prompts]
+    pipe = StreamPipeline(load_checkpoint(model_dir))
+    core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig(max_sessions=n, max_batch_sessions=n)))
+    try:
+        sessions = [core.open_stream(StreamStart(prompt=p, seed=i, fps=0, format="raw"))
+                    for i, p in enumerate(prompts)]
+        got: list[list[np.ndarray]] = [[] for _ in prompts]
+        while any(sum(len(c) for c in g) < frames for g in got):
+            core.stream_step()
+            for s, g in zip(sessions, got):   # read every step: an unread outbox drops its oldest chunks
+                while (c := s.owner.take()) is not None:
+                    g.append(c.frames)
+    finally:
+        core.shutdown()
+    images = [f for g in got for f in np.concatenate(g)[:frames]]
+    captions = [p for p in prompts for _ in range(frames)]
+    return {"model": str(model_dir), "prompts": n, "frames": frames, "no_background": no_background,
+            **adherence(images, captions)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -701,13 +734,20 @@ def main(argv: list[str] | None = None) -> int:
     vc.add_argument("--seed", type=int, default=0)
     sv = sub.add_parser("served", help="adherence of what the engine serves on held-out prompts")
     sv.add_argument("--model", default=None, help="a checkpoint folder (default: the embedded image model)")
-    sv.add_argument("--n", type=int, default=256)
+    sv.add_argument("--n", type=int, default=None, help="prompts (256 images; 24 video streams)")
     sv.add_argument("--steps", type=int, default=None, help="default: the checkpoint's")
     sv.add_argument("--no-background", action="store_true", help="strip the prompts' background phrase")
+    sv.add_argument("--video", action="store_true",
+                    help="stream a video model instead (default: the embedded one): --n prompts x --frames frames")
+    sv.add_argument("--frames", type=int, default=16)
     args = ap.parse_args(argv)
     if args.cmd == "served":
-        from fewstep.server.config import DEFAULT_MODEL_DIR
-        r = served_adherence(args.model or str(DEFAULT_MODEL_DIR), args.n, args.steps, args.no_background)
+        from fewstep.server.config import DEFAULT_MODEL_DIR, DEFAULT_VIDEO_MODEL_DIR
+        if args.video:
+            r = served_video_adherence(args.model or str(DEFAULT_VIDEO_MODEL_DIR), args.n or 24, args.frames,
+                                       args.no_background)
+        else:
+            r = served_adherence(args.model or str(DEFAULT_MODEL_DIR), args.n or 256, args.steps, args.no_background)
         print(json.dumps(r), flush=True)
         return 0
     if args.cmd == "self-check":

@@ -159,3 +159,15 @@ def test_video_self_check_and_color_change():
 def test_cli(capsys):
     assert Q.main(["self-check", "--n", "20"]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_served_adherence_scores_what_the_engine_makes(capsys):
+    """``served``: the embedded models through the engine, on prompts stripped of their background (completed by
+    the checkpoints); the frame counts are what was asked, and the scores are real adherence reports."""
+    import json
+    assert Q.main(["served", "--n", "4", "--no-background"]) == 0
+    img = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert img["n"] == 4 and img["steps"] == 1 and img["no_background"] and 0.0 <= img["accuracy"] <= 1.0
+    assert Q.main(["served", "--video", "--n", "2", "--frames", "6"]) == 0
+    vid = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert vid["n"] == 12 and vid["frames"] == 6 and "shapes" in vid
