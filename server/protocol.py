@@ -89,6 +89,9 @@ class ModelCard(BaseModel):
     kind: Literal["image", "video"] = "image"
     chunk_frames: int | None = None  # video models: frames per emitted chunk
     fps: float | None = None  # video models: default fps target
+    # what the engine appends to prompts that do not match "unless" (the checkpoint's fewstep.prompt_completion;
+    # the embedded models: " on a white background" to prompts that name no background)
+    prompt_completion: dict[str, str] | None = None
 
 
 class ModelList(BaseModel):

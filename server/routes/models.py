@@ -18,5 +18,11 @@ async def list_models(request: Request) -> ModelList:
                                    default_steps=pipe.default_steps, sampler=pipe.sampler,
                                    kind="video" if video else "image",
                                    chunk_frames=pipe.frames_per_chunk if video else None,
-                                   fps=pipe.fps if video else None))
+                                   fps=pipe.fps if video else None,
+                                   prompt_completion=_completion(pipe)))
     return ModelList(data=cards)
+
+
+def _completion(pipe) -> dict[str, str] | None:
+    spec = getattr(pipe, "prompt_completion", None)
+    return None if spec is None else {"unless": spec[0].pattern, "append": spec[1]}

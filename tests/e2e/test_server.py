@@ -141,18 +141,22 @@ def test_bench_images_smoke(tiny_server, tmp_path):
 
 
 def test_serve_with_no_arguments_serves_the_default_model():
-    """README's main command: `fewstep serve` with no --model serves the embedded default model."""
+    """README's main command: `fewstep serve` with no --model serves the embedded default model; the issue's
+    example prompt names no background, and the model's prompt completion (listed in /v1/models) gives it the white
+    one every training caption would have named."""
     from tests.conftest import ServerProcess
 
     srv = ServerProcess(["--device", "cpu"])
     try:
         models = httpx.get(srv.url + "/v1/models").json()["data"]
         assert models[0]["id"] == "fewstep-default" and models[0]["default_size"] == 64
-        r = httpx.post(srv.url + "/v1/images/generations", json={"prompt": "a red circle above a blue square on a "
-                                                                 "white background", "seed": 0}, timeout=60)
+        assert models[0]["prompt_completion"] == {"unless": r"\bbackground\b", "append": " on a white background"}
+        r = httpx.post(srv.url + "/v1/images/generations", json={"prompt": "a red circle above a blue square",
+                                                                 "seed": 0}, timeout=60)
         assert r.status_code == 200, r.text
         img = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
         assert img.size == (64, 64)
+        assert np.asarray(img.convert("RGB")).reshape(-1, 3).mean(0).min() > 150   # a white background
     finally:
         srv.stop()
 
