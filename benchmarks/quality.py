@@ -687,21 +687,14 @@ def served_adherence(model_dir: str, n: int = 256, steps: int | None = None, no_
             **adherence(images, prompts)}
 
 
-def served_video_adherence(model_dir: str, n: int = 24, frames: int = 16, no_background: bool = False,
-                           seed: int = 7) -> dict:
-    """Per-frame prompt adherence of what the engine streams (``EngineCore`` + ``StreamPipeline``, the checkpoint's
-    policy and ``prompt_completion``): the first ``frames`` frames of ``n`` held-out video prompts, one session each
-    (seed = its index), stepped together; ``no_background`` strips each prompt's background phrase first."""
+def stream_adherence(pipe, prompts: list[str], frames: int) -> dict:
+    """Per-frame prompt adherence of the first ``frames`` frames the engine streams for each prompt (``EngineCore``
+    with ``pipe``, a ``StreamPipeline``; one session per prompt, seed = its index, all stepped together)."""
     from fewstep.engines.config import EngineConfig, StreamConfig
     from fewstep.engines.core import EngineCore
-    from fewstep.engines.loading import load_checkpoint
-    from fewstep.engines.stream import StreamPipeline, StreamStart
+    from fewstep.engines.stream import StreamStart
 
-    rng = np.random.default_rng(seed)
-    prompts = [D.sample_video_scene(rng, "heldout").caption for _ in range(n)]
-    if no_background:
-        prompts = [D.without_background(p) for p in prompts]
-    pipe = StreamPipeline(load_checkpoint(model_dir))
+    n = len(prompts)
     core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig(max_sessions=n, max_batch_sessions=n)))
     try:
         sessions = [core.open_stream(StreamStart(prompt=p, seed=i, fps=0, format="raw"))
@@ -715,9 +708,22 @@ def served_video_adherence(model_dir: str, n: int = 24, frames: int = 16, no_bac
     finally:
         core.shutdown()
     images = [f for g in got for f in np.concatenate(g)[:frames]]
-    captions = [p for p in prompts for _ in range(frames)]
+    return adherence(images, [p for p in prompts for _ in range(frames)])
+
+
+def served_video_adherence(model_dir: str, n: int = 24, frames: int = 16, no_background: bool = False,
+                           seed: int = 7) -> dict:
+    """``stream_adherence`` of a video checkpoint (its policy and ``prompt_completion``) on ``n`` held-out video
+    prompts; ``no_background`` strips each prompt's background phrase first."""
+    from fewstep.engines.loading import load_checkpoint
+    from fewstep.engines.stream import StreamPipeline
+
+    rng = np.random.default_rng(seed)
+    prompts = [D.sample_video_scene(rng, "heldout").caption for _ in range(n)]
+    if no_background:
+        prompts = [D.without_background(p) for p in prompts]
     return {"model": str(model_dir), "prompts": n, "frames": frames, "no_background": no_background,
-            **adherence(images, captions)}
+            **stream_adherence(StreamPipeline(load_checkpoint(model_dir)), prompts, frames)}
 
 
 def main(argv: list[str] | None = None) -> int:

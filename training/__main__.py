@@ -185,6 +185,15 @@ def _tiny_eval_kw(tiny: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training.common import UsageError
+    try:
+        return _main(argv)
+    except UsageError as e:
+        print(f"python -m training: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     # A stage's --minutes count from here, not from the import of training.common: called in-process (the tests,
     # after minutes of other work) the import time would eat the budget. In a fresh `python -m training` the two
     # differ by the import of torch (seconds), well inside the margin each stage keeps for its export.

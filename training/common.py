@@ -56,6 +56,10 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
     return x & (2**63 - 1)
 
 
+class UsageError(ValueError):
+    """A stage's options do not fit its inputs: ``python -m training`` prints the message, not a traceback."""
+
+
 class Budget:
     """Wall-clock budget of one stage, from ``start`` (default: the import of this module)."""
 

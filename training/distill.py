@@ -54,8 +54,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.common import (GuardedCompiled, JsonlLog, Stage, bf16_autocast, count_params, ema_decay_at, ema_update,
-                             fmt_secs, guarded_train_step, log, maybe_compile, step_seed)
+from training.common import (GuardedCompiled, JsonlLog, Stage, UsageError, bf16_autocast, count_params, ema_decay_at,
+                             ema_update, fmt_secs, guarded_train_step, log, maybe_compile, step_seed)
 from training.export import export_model, load_export
 from training.features import feature_distance
 from training.loop import Trainer
@@ -407,6 +407,13 @@ def distill(args: DistillArgs) -> Path:
     scorer = Scorer(0 if tiny else None)   # detector worker processes start while we load
     teacher, tokenizer, index = load_export(args.teacher, device, torch.float32)
     teacher.requires_grad_(False).eval()
+    # checked before the CFG search and the pairs, which take a minute on the H200
+    encoder_flags = [f for f, on in (("--feat", args.feat > 0), ("--gan-features", args.gan > 0 and args.gan_features))
+                     if on]
+    if encoder_flags and not teacher.is_unet:
+        raise UsageError(f"{' and '.join(encoder_flags)} need{'s' if len(encoder_flags) == 1 else ''} the teacher "
+                         f"UNet's encoder; this teacher is a "
+                         f"{type(teacher.transformer).__name__}: drop {' '.join(encoder_flags)}")
     cfg_size = int(index.get("fewstep", {}).get("default_size", 64))
     n_tr, n_te = count_params(teacher.transformer), count_params(teacher.text_encoder)
     log(f"[distill] teacher {args.teacher}: {(n_tr + n_te) / 1e6:.3f}M params; device {device}; "
@@ -466,9 +473,6 @@ def distill(args: DistillArgs) -> Path:
 
     feat_batch = min(batch, args.feat_batch or (4 if tiny else 128)) if args.feat > 0 else 0
     if feat_batch:
-        if not teacher.is_unet:
-            raise ValueError("--feat reads the teacher UNet's encoder; this teacher is a "
-                             f"{type(teacher.transformer).__name__}: drop --feat")
         log(f"[distill] teacher-feature distance: weight {args.feat:g} on the batch's first {feat_batch} "
             f"predictions, read at noise levels U{tuple(args.feat_sigma)}")
         jsonl.write(event="feat", weight=args.feat, batch=feat_batch, sigma=list(args.feat_sigma))
@@ -516,9 +520,6 @@ def distill(args: DistillArgs) -> Path:
         from training.adversarial import AdversarialLoss, adaptive_weight, last_layer_weight
         gan_batch = args.gan_batch or (4 if tiny else 256)
         gan_lr = args.gan_lr or 5e-4
-        if args.gan_features and not teacher.is_unet:
-            raise ValueError("--gan-features reads the teacher UNet's encoder; this teacher is a "
-                             f"{type(teacher.transformer).__name__}: drop --gan-features (pixel discriminator)")
         adv = AdversarialLoss(teacher.text_encoder.config.hidden_size, lr=gan_lr, device=device, autocast=use_ac,
                               teacher_unet=teacher.transformer if args.gan_features else None,
                               seed=step_seed(args.seed, trainer.step, 13))

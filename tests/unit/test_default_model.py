@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.quality import adherence
+from benchmarks.quality import adherence, stream_adherence
 from fewstep.engines.loading import load_checkpoint
 from fewstep.engines.pipeline import FewStepPipeline
-from fewstep.engines.config import EngineConfig, StreamConfig
-from fewstep.engines.core import EngineCore
-from fewstep.engines.stream import StreamPipeline, StreamStart
+from fewstep.engines.stream import StreamPipeline
 from fewstep.server.config import DEFAULT_MODEL_DIR, DEFAULT_VIDEO_MODEL_DIR
 from training.data import heldout_prompts, sample_video_scene, without_background
 
@@ -84,21 +82,7 @@ def test_random_weights_fail_the_same_gate(pipe):
 
 def _video_rates(pipe, n=3, frames=12):
     rng = np.random.default_rng(5)
-    prompts = [sample_video_scene(rng, "heldout").caption for _ in range(n)]
-    core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig(max_sessions=n, max_batch_sessions=n)))
-    sessions = [core.open_stream(StreamStart(prompt=p, seed=i, fps=0, format="raw")) for i, p in enumerate(prompts)]
-    for _ in range(100):
-        if all(s.frames_generated >= frames for s in sessions):
-            break
-        core.stream_step()
-    frames_by_prompt = []
-    for s, p in zip(sessions, prompts):
-        chunks = []
-        while (c := s.owner.take()) is not None:
-            chunks.append(c.frames)
-        frames_by_prompt += [(f, p) for f in np.concatenate(chunks)[:frames]]
-    core.shutdown()
-    return adherence([f for f, _ in frames_by_prompt], [p for _, p in frames_by_prompt])
+    return stream_adherence(pipe, [sample_video_scene(rng, "heldout").caption for _ in range(n)], frames)
 
 
 def test_default_video_model_streams_and_passes_minimum_adherence():

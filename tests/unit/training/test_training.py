@@ -131,6 +131,18 @@ def test_distill_exports_raw_weights_and_extra_emas(tmp_path, run_dir):
     assert json.loads((tmp_path / "student_raw" / "model_index.json").read_text())["fewstep"]["weights"] == "raw weights"
 
 
+def test_teacher_encoder_options_refuse_a_dit_teacher_before_any_work(run_dir, tmp_path, capsys):
+    """--feat / --gan-features need a UNet teacher: a DiT teacher is refused with a message, exit code 2, before the
+    CFG search and the pairs (no log written)."""
+    assert main(["distill", "--tiny", "--device", "cpu", "--teacher", str(run_dir / "teacher"), "--out", str(tmp_path),
+                 "--feat", "1", "--gan", "0.5", "--gan-features"]) == 2
+    err = capsys.readouterr().err
+    assert "--feat and --gan-features need the teacher UNet's encoder" in err and "drop --feat --gan-features" in err
+    log = [json.loads(x) for x in (tmp_path / "distill_log.jsonl").read_text().splitlines()] \
+        if (tmp_path / "distill_log.jsonl").exists() else []
+    assert not any(r.get("event") == "guidance_search" for r in log)
+
+
 def test_pack_unpack_roundtrip(run_dir, tmp_path):
     from training.pack import pack, unpack
     files = pack(run_dir, tmp_path / "out", ckpt=["teacher"])
