@@ -145,7 +145,7 @@ class FewStepPipeline:
         patch = cfg.get("patch_size", 1)
         patch = max(patch[1:]) if isinstance(patch, (list, tuple)) else patch  # Wan: (t, h, w)
         self.size_multiple = self.vae_scale_factor * (2 ** max(0, len(cfg.get("block_out_channels", [0])) - 1)
-                                                      if self.denoiser_name == "unet" else patch)
+                                                      if "block_out_channels" in cfg else patch)
         self._schedules: dict[int, Schedule] = {}
         self.attention = attention
         if attention != "dense":

@@ -126,10 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--video-n", type=int, default=28)
     a.add_argument("--no-compile", dest="compile", action="store_false")
 
-    vt = sub.add_parser("video-teacher", help="train the streaming video teacher (StreamDiT, per-frame noise)")
+    from training.video import DEFAULT_VIDEO_PRESET, VIDEO_PRESETS
+    vt = sub.add_parser("video-teacher", help="train the streaming video teacher (per-frame noise levels)")
     vt.add_argument("--out", required=True)
     _train_common(vt, 5.0)
-    vt.add_argument("--preset", default="small", help="video preset (small | tiny)")
+    vt.add_argument("--preset", default=DEFAULT_VIDEO_PRESET, choices=sorted(VIDEO_PRESETS),
+                    help=f"video preset (default {DEFAULT_VIDEO_PRESET}: StreamUNetModel; small: the StreamDiT of the "
+                         "sixth session; training/video.py says what each is)")
+    vt.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                    help="compile the step (--no-compile: eager) instead of recording it as a CUDA graph")
     vt.add_argument("--ema-decay", type=float, default=0.999)
     vt.add_argument("--edge-weight", type=float, default=4.0)
     vt.add_argument("--guidance", type=float, default=3.0, help="CFG scale recorded for the teacher")
@@ -253,8 +258,9 @@ def _main(argv: list[str] | None) -> int:
         train_video_teacher(VideoTeacherArgs(
             out=args.out, minutes=args.minutes, resume=args.resume, tiny=args.tiny, preset=args.preset,
             batch=args.batch, lr=args.lr, ema_decay=args.ema_decay, edge_weight=args.edge_weight,
-            guidance=args.guidance, seed=args.seed, compile=args.compile, max_steps=args.max_steps,
-            ckpt_every=args.ckpt_every, workers=args.workers, device=args.device, budget_start=started))
+            guidance=args.guidance, seed=args.seed, compile=args.compile, cuda_graphs=args.cuda_graphs,
+            max_steps=args.max_steps, ckpt_every=args.ckpt_every, workers=args.workers, device=args.device,
+            budget_start=started))
     elif args.cmd == "video-distill":
         from training.video import VideoDistillArgs, distill_video
         distill_video(VideoDistillArgs(

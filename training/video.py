@@ -1,4 +1,5 @@
-"""Streaming text-to-video in the spirit of StreamDiT: a ``StreamDiTModel`` trained on
+"""Streaming text-to-video in the spirit of StreamDiT: a video denoiser with per-frame noise levels
+(``StreamUNetModel`` by default since the twelfth session, ``StreamDiTModel`` with ``--preset small``) trained on
 ``training.data`` videos with per-frame noise levels and mixed partitioning, distilled to the
 serving engine's moving buffer (K levels, one model call per engine step), a reference sampler that
 mirrors the engine, and an evaluation over long (300-frame) streams.
@@ -57,6 +58,7 @@ from training.common import (
     pick_device,
     read_json,
     setup_torch,
+    UsageError,
     step_seed,
     write_json,
 )
@@ -71,7 +73,6 @@ from training.model import (
 )
 
 STREAM_PIPELINE_CLASS = "FewstepStreamPipeline"
-STREAM_TRANSFORMER = ("fewstep", "StreamDiTModel")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,10 +82,16 @@ STREAM_TRANSFORMER = ("fewstep", "StreamDiTModel")
 @dataclass
 class VideoConfig:
     size: int = 32
+    # denoiser: "dit" = StreamDiTModel (patch/dim/heads/layers), "unet" = StreamUNetModel (channels/level_heads/
+    # joint_tokens): the image UNet per frame, with attention across the buffer's frames
+    arch: str = "dit"
     patch: int = 2
     dim: int = 192
     heads: int = 3
     layers: int = 5
+    channels: tuple = (32, 64, 96)
+    level_heads: tuple = (1, 2, 3)
+    joint_tokens: int = 64     # UNet levels with <= this many cells per frame attend over the whole buffer
     chunk_frames: int = 2      # F
     buffer_chunks: int = 4     # K (= the engine's number of noise levels)
     max_frames: int = 16       # positional capacity of the model (>= K*F)
@@ -108,20 +115,40 @@ class VideoConfig:
                            text_ff=self.text_ff, max_length=self.max_length)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # JSON-native (lists, not tuples): checkpoints compare it with the config they stored
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> VideoConfig:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+                      if k in cls.__dataclass_fields__})
 
 
 VIDEO_PRESETS: dict[str, VideoConfig] = {
     # CPU tests: 4x4 tokens per frame, 3 chunks of 2 frames
     "tiny": VideoConfig(patch=8, dim=32, heads=2, layers=1, chunk_frames=2, buffer_chunks=3, max_frames=12,
                         text_hidden=32, text_layers=1, text_heads=2, text_ff=64),
-    # the shipped stream model: 16x16 tokens per 32x32 frame, 8-frame buffer (2048 tokens), ~7 MB fp16
+    # the sixth session's stream model: 16x16 tokens per 32x32 frame, 8-frame buffer (2048 tokens), 7.5 MB fp16;
+    # its teacher drew ragged blobs (5% of held-out frames right)
     "small": VideoConfig(),
+    # StreamUNetModel (twelfth session): 32/16/8 px levels at 32/64/96 channels, spatial attention at 16 and 8 px, frame
+    # attention per cell at 16 px and over the whole buffer (8 x 64 cells) at 8 px; 3.07M + 0.41M params (7.0 MB
+    # fp16). Why: the image models' DiT -> positional UNet switch. 5 + 3 min on the H200: frame strict adherence
+    # 0.575 (256 held-out streams), motion 0.604
+    "unet": VideoConfig(arch="unet"),
+    # the default since the twelfth session: the same with whole-buffer attention at 16 px too (8 x 256 = 2048 cells,
+    # StreamDiT's token count), same parameters: frame strict adherence 0.853 (256 streams; 0.862 on 512), motion 0.408
+    "unetj": VideoConfig(arch="unet", joint_tokens=256),
+    # CPU tests: unetj's layout at 16/32 channels (whole-buffer attention at 16 px)
+    "tiny_unet": VideoConfig(arch="unet", channels=(16, 32), level_heads=(1, 2), joint_tokens=256, chunk_frames=2,
+                             buffer_chunks=3, max_frames=12, text_hidden=32, text_layers=1, text_heads=2, text_ff=64),
 }
+DEFAULT_VIDEO_PRESET = "unetj"
+
+
+def tiny_preset_for(preset: str) -> str:
+    """The CPU-test preset of ``preset``'s architecture."""
+    return "tiny_unet" if VIDEO_PRESETS[preset].arch == "unet" else "tiny"
 
 
 class VideoModel(FewstepModel):
@@ -134,23 +161,40 @@ class VideoModel(FewstepModel):
                                 encoder_attention_mask=mask, return_dict=False)[0]
 
 
-def stream_dit_class():
-    """``StreamDiTModel`` from the installed package, or from the repo root when fewstep is not installed
+def video_model_class(name: str = "StreamDiTModel"):
+    """A video denoiser class from the installed package, or from the repo root when fewstep is not installed
     (a device run with ``PYTHONPATH=$PWD``): the same file either way."""
     try:
-        from fewstep.engines.models import StreamDiTModel
+        from fewstep.engines import models
     except ImportError:
-        from engines.models.stream_dit import StreamDiTModel
-    return StreamDiTModel
+        from engines import models
+    return getattr(models, name)
+
+
+def stream_dit_class():
+    return video_model_class("StreamDiTModel")
 
 
 def build_video_model(cfg: VideoConfig, vocab_size: int) -> VideoModel:
-    StreamDiTModel = stream_dit_class()
     if cfg.frames > cfg.max_frames:
         raise ValueError(f"buffer of {cfg.frames} frames > max_frames {cfg.max_frames}")
-    tr = StreamDiTModel(sample_size=cfg.size, patch_size=cfg.patch, in_channels=3, num_layers=cfg.layers,
-                        num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim,
-                        caption_channels=cfg.text_hidden, max_frames=cfg.max_frames)
+    if cfg.arch == "unet":
+        n, k = len(cfg.channels), min(2, len(cfg.channels))
+        tr = video_model_class("StreamUNetModel")(
+            sample_size=cfg.size, in_channels=3, out_channels=3, block_out_channels=tuple(cfg.channels),
+            down_block_types=("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k,
+            up_block_types=("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k),
+            attention_head_dim=tuple(cfg.level_heads), cross_attention_dim=cfg.text_hidden,
+            norm_num_groups=min(16, min(cfg.channels)), max_frames=cfg.max_frames, joint_tokens=cfg.joint_tokens)
+        with torch.no_grad():  # start as v = 0, as the DiT does (zero output projection)
+            tr.conv_out.weight.zero_()
+            tr.conv_out.bias.zero_()
+    elif cfg.arch == "dit":
+        tr = stream_dit_class()(sample_size=cfg.size, patch_size=cfg.patch, in_channels=3, num_layers=cfg.layers,
+                                num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim,
+                                caption_channels=cfg.text_hidden, max_frames=cfg.max_frames)
+    else:
+        raise ValueError(f"video arch {cfg.arch!r}: expected 'dit' or 'unet'")
     return VideoModel(build_text_encoder(cfg.text_cfg(), vocab_size), tr)
 
 
@@ -168,7 +212,7 @@ def warm_position_cache(model: VideoModel, cfg: VideoConfig, autocast: bool) -> 
     ctx = bf16_autocast(autocast)
     with ctx:
         model.denoise(torch.zeros(1, 3, T, S, S, device=dev), torch.zeros(1, T, device=dev),
-                      torch.zeros(1, 1, model.transformer.config.caption_channels, device=dev),
+                      torch.zeros(1, 1, model.text_encoder.config.hidden_size, device=dev),
                       torch.ones(1, 1, dtype=torch.long, device=dev))
 
 
@@ -402,26 +446,34 @@ def export_video(model: VideoModel, tokenizer, out_dir, cfg: VideoConfig, fewste
             "sigma_ladder": [round(s, 6) for s in engine_ladder(K)],
             "calls_per_chunk": 1, "denoising_steps_per_chunk": K, **fewstep}
     return export_model(model, tokenizer, out_dir, meta, pipeline_class=STREAM_PIPELINE_CLASS,
-                        transformer_entry=STREAM_TRANSFORMER)
+                        transformer_entry=("fewstep", type(model.transformer).__name__))
 
 
 def load_video_export(d, device="cpu", dtype: torch.dtype | None = None):
     """-> (VideoModel, tokenizer, model_index)."""
     from training.export import load_export
 
-    return load_export(d, device, dtype, transformer_cls=stream_dit_class(), wrapper=VideoModel)
+    lib, name = read_json(Path(d) / "model_index.json")["transformer"]
+    if lib != "fewstep":
+        raise ValueError(f"{d}: the video denoiser is {lib}.{name}; training loads fewstep's own video models only")
+    return load_export(d, device, dtype, transformer_cls=video_model_class(name), wrapper=VideoModel)
 
 
 def config_of_export(index: dict, model: VideoModel) -> VideoConfig:
     fs = index.get("fewstep", {})
     c = model.transformer.config
     tc = model.text_encoder.config
-    return VideoConfig(size=int(fs.get("default_size", c.sample_size)), patch=c.patch_size,
-                       dim=c.num_attention_heads * c.attention_head_dim, heads=c.num_attention_heads,
-                       layers=c.num_layers, chunk_frames=int(fs["chunk_frames"]), buffer_chunks=int(fs["buffer_chunks"]),
-                       max_frames=c.max_frames, fps=float(fs.get("fps", 8.0)), text_hidden=tc.hidden_size,
-                       text_layers=tc.num_hidden_layers, text_heads=tc.num_attention_heads,
-                       text_ff=tc.intermediate_size, max_length=tc.max_position_embeddings)
+    common = dict(size=int(fs.get("default_size", c.sample_size)), chunk_frames=int(fs["chunk_frames"]),
+                  buffer_chunks=int(fs["buffer_chunks"]), max_frames=c.max_frames, fps=float(fs.get("fps", 8.0)),
+                  text_hidden=tc.hidden_size, text_layers=tc.num_hidden_layers, text_heads=tc.num_attention_heads,
+                  text_ff=tc.intermediate_size, max_length=tc.max_position_embeddings)
+    if "block_out_channels" in c:
+        heads = c.attention_head_dim
+        return VideoConfig(arch="unet", channels=tuple(c.block_out_channels),
+                           level_heads=tuple(heads) if isinstance(heads, (list, tuple)) else
+                           (heads,) * len(c.block_out_channels), joint_tokens=c.joint_tokens, **common)
+    return VideoConfig(arch="dit", patch=c.patch_size, dim=c.num_attention_heads * c.attention_head_dim,
+                       heads=c.num_attention_heads, layers=c.num_layers, **common)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,7 +642,7 @@ class VideoTeacherArgs:
     minutes: float = 5.0
     resume: bool = False
     tiny: bool = False
-    preset: str = "small"
+    preset: str = DEFAULT_VIDEO_PRESET
     batch: int | None = None       # windows per step (each K*F frames); default 128
     lr: float | None = None
     warmup: int = 200
@@ -601,6 +653,9 @@ class VideoTeacherArgs:
     guidance: float = 3.0          # written into the export as the teacher's CFG scale
     seed: int = 0
     compile: bool = True
+    # on CUDA the step is recorded as one CUDA graph after its first (eager) step, instead of compiled: a compile
+    # cost 127 s of the sixth session's 5-minute stage (training.graphs; off: --no-cuda-graphs)
+    cuda_graphs: bool = True
     max_steps: int | None = None
     ckpt_every: float = 60.0
     workers: int | None = None
@@ -625,15 +680,18 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
 
     stage = Stage(args, "video_teacher_log.jsonl")
     budget, device, out, jsonl = stage.budget, stage.device, stage.out, stage.jsonl
-    preset = "tiny" if args.tiny else args.preset
+    if args.preset not in VIDEO_PRESETS:
+        raise UsageError(f"video preset {args.preset!r}: expected one of {', '.join(sorted(VIDEO_PRESETS))}")
+    preset = tiny_preset_for(args.preset) if args.tiny else args.preset
     cfg = VideoConfig.from_dict(VIDEO_PRESETS[preset].to_dict())
     tokenizer = _video_tokenizer(cfg, args.seed, args.tiny)
     model = build_video_model(cfg, len(tokenizer)).to(device).train()
     batch = args.batch or (4 if args.tiny else 128)
+    graphs = args.cuda_graphs and device.type == "cuda"
     lr = args.lr or (1e-3 if args.tiny else 5e-4)
     T = cfg.frames
     n_tr, n_te = count_params(model.transformer), count_params(model.text_encoder)
-    log(f"[video-teacher] device {device}, preset {preset}: StreamDiT {n_tr / 1e6:.3f}M + text {n_te / 1e6:.3f}M "
+    log(f"[video-teacher] device {device}, preset {preset}: {type(model.transformer).__name__} {n_tr / 1e6:.3f}M + text {n_te / 1e6:.3f}M "
         f"params (~{2 * (n_tr + n_te) / 1e6:.1f} MB fp16); {cfg.size}x{cfg.size} frames, patch {cfg.patch}, "
         f"buffer K={cfg.buffer_chunks} x F={cfg.chunk_frames}; batch {batch} windows ({batch * T} frames), lr {lr}")
     jsonl.write(event="start", stage="video_teacher", config=cfg.to_dict(), batch=batch, lr=lr,
@@ -645,7 +703,8 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
                       ema_decay=args.ema_decay, batch=batch * T, reserve_s=reserve,
                       max_steps=(args.max_steps if args.max_steps is not None else (4 if args.tiny else None)),
                       ckpt_every_s=args.ckpt_every, jsonl=jsonl, log_every=(1 if args.tiny else 25),
-                      estimate_after=(10**9 if args.tiny else 40), rate_skip=(0 if args.tiny else 5))
+                      estimate_after=(10**9 if args.tiny else 40), rate_skip=(0 if args.tiny else 5),
+                      capturable=graphs)
     if args.resume:
         trainer.resume(model_config=cfg.to_dict())
 
@@ -655,14 +714,16 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
                 "data_rng": "batch j = video_work(seed, j) at step j; noise from (seed, step)"}
 
     use_ac = device.type == "cuda"
-    if args.compile and not args.tiny:
+    compile_ = args.compile and not args.tiny and not graphs
+    if compile_:
         warm_position_cache(model, cfg, use_ac)   # else the compiled step compiles twice
-    step_fn = guarded_train_step(
-        video_flow_loss,
-        lambda f, x0, ids, mask, noise, sigma: f(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight,
-                                                  args.low_sigma),
-        args.compile and not args.tiny, device, "video teacher step",
-        on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
+
+    def loss_fn(x0, ids, mask, noise, sigma):
+        return video_flow_loss(model, x0, ids, mask, noise, sigma, use_ac, args.edge_weight, args.low_sigma)
+
+    step_fn = guarded_train_step(video_flow_loss, lambda f, *a: f(model, *a, use_ac, args.edge_weight, args.low_sigma),
+                                 compile_, device, "video teacher step",
+                                 on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
     stream = VideoStream(seed=args.seed, batch=batch, cfg=cfg, split="train", device=device, start=trainer.step,
                          vocab=tokenizer.get_vocab(), max_length=cfg.max_length, spec=args.sigma, dspec=args.data,
                          workers=args.workers)
@@ -675,6 +736,14 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
             g.manual_seed(step_seed(args.seed, trainer.step, 41))
             noise = torch.randn(x0.shape, generator=g, device=device)
             trainer.begin_step()
+            if graphs:   # the first step is the recording's warm-up (a real step); later ones replay it
+                if trainer.captured is None:
+                    loss, gn = trainer.capture_step(loss_fn, (x0, ids, mask, noise, sigma))
+                    graphs = trainer.captured is not None   # a failed recording: eager steps from here
+                else:
+                    loss, gn = trainer.graph_step(x0, ids, mask, noise, sigma)
+                trainer.end_step(loss, state, grad_norm=gn, stepped=True)
+                continue
             loss = step_fn(x0, ids, mask, noise, sigma)
             trainer.end_step(loss, state)
     finally:

@@ -240,8 +240,11 @@ def video_study(model_dir: str | Path, settings: list[str], *, n: int, frames: i
     K, F = int(fs["buffer_chunks"]), int(fs["chunk_frames"])
     size = int(fs.get("default_size", 32))
     guidance = float(fs.get("default_guidance_scale", 0.0))  # video_evaluate's student row: 1 call, no CFG
-    p = model.transformer.config.patch_size
-    grid = (K * F, size // p, size // p)
+    # a DiT's buffer is one token grid; a StreamUNetModel attends over frames at two levels (8 x 16 x 16 and
+    # 8 x 8 x 8 cells at 32 px), and its spatial attention within each frame: no single grid (tile_3d is ignored)
+    p = model.transformer.config.get("patch_size")
+    grid = (K * F, size // p, size // p) if p else None
+    tokens = int(np.prod(grid)) if grid else None
     # the scenes and seeds video_evaluate draws for (seed, split, n)
     rng = np.random.default_rng([seed, 1234])
     prompts = [D.sample_video_scene(rng, split).caption for _ in range(n)]
@@ -272,7 +275,7 @@ def video_study(model_dir: str | Path, settings: list[str], *, n: int, frames: i
                    "mad_u8": round(_mad(u8, dense), 4),
                    "mad_u8_first_half": round(_mad(u8[:, :half], dense[:, :half]), 4) if half else None,
                    "mad_u8_second_half": round(_mad(u8[:, half:], dense[:, half:]), 4),
-                   "streams": n, "frames": frames, "K": K, "F": F, "tokens": int(np.prod(grid)),
+                   "streams": n, "frames": frames, "K": K, "F": F, "tokens": tokens,
                    "token_grid": grid, "buffer_steps": timing["buffer_steps"], "generate_seconds": round(gen_s, 1),
                    "per_stream": [{"caption": c, **{k: r.get(k) for k in VIDEO_KEYS}}
                                   for c, r in zip(prompts, per_stream)]}
@@ -285,7 +288,7 @@ def video_study(model_dir: str | Path, settings: list[str], *, n: int, frames: i
             pool.join()
     apply_setting(model.transformer, "dense", backend)
     return {"model": str(model_dir), "n": n, "frames": frames, "split": split, "seed": seed, "K": K, "F": F,
-            "tokens": int(np.prod(grid)), "token_grid": grid, "rows": rows}
+            "tokens": tokens, "token_grid": grid, "rows": rows}
 
 
 def _with_dense_first(settings: list[str]) -> list[str]:
@@ -334,8 +337,10 @@ def markdown(result: dict) -> str:
     if vid:
         lines += [f"## Video student ({vid['model']})", "",
                   (f"{vid['n']} {vid['split']} streams x {vid['frames']} frames (moving buffer K={vid['K']} x "
-                   f"F={vid['F']}, engine policy, 1 call per chunk), buffer = {vid['tokens']} tokens "
-                   f"(grid {'x'.join(map(str, vid['token_grid']))}). Per-stream metrics are averaged over "
+                   f"F={vid['F']}, engine policy, 1 call per chunk), "
+                   + (f"buffer = {vid['tokens']} tokens (grid {'x'.join(map(str, vid['token_grid']))})"
+                      if vid.get("token_grid") else "a UNet: attention within frames and across the buffer's frames")
+                   + f". Per-stream metrics are averaged over "
                    f"{vid['n']} streams; `mad` halves: frames before / after the middle of each stream."), ""]
         head = (["setting", "sparsity"] + [f"{k} (Δ)" for k in VIDEO_KEYS]
                 + ["mad", "mad 1st half", "mad 2nd half"])

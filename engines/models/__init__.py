@@ -7,5 +7,6 @@ importing it below and listing it in __all__.
 
 from .positional_unet import PositionalUNet2DConditionModel
 from .stream_dit import StreamDiTModel
+from .stream_unet import StreamUNetModel
 
-__all__: list[str] = ["PositionalUNet2DConditionModel", "StreamDiTModel"]
+__all__: list[str] = ["PositionalUNet2DConditionModel", "StreamDiTModel", "StreamUNetModel"]

@@ -21,10 +21,11 @@ from training.data import heldout_prompts, sample_video_scene, without_backgroun
 # 0.73, 0.98, 1.00); random weights 0.00, 0.00, 0.08, 0.21, 0.21. The floors sit between the two with margin on both
 # sides (about 2.5 standard errors below the shipped rates on 48 prompts).
 MIN_RATES = {"colors": 0.9, "shapes": 0.65, "positions": 0.85, "background": 0.8, "accuracy": 0.5}
-# The video student is weak (training/README.md): of the per-frame checks only the background is far from what random
-# weights score. Measured (3 held-out video prompts x 12 frames through the engine): background 1.00, random weights
-# 0.00 (positions 1.00 against 0.67 and colours 0.67 against 0.42: too close on 36 correlated frames to gate on).
-MIN_VIDEO_RATES = {"background": 0.7}
+# The video student (twelfth session, StreamUNetModel; training/README.md). Measured (8 held-out video prompts x 12
+# frames through the engine, each frame scored as an image of its caption, so an object "turning" another colour fails
+# its colour after the turn): strict 0.75, count 1.00, colours 0.90, shapes 0.90, background 1.00; random weights
+# 0.00, 0.38, 0.22, 0.04, 0.25. Frames of one stream are correlated (8 streams), so the floors leave wide margins.
+MIN_VIDEO_RATES = {"accuracy": 0.4, "count": 0.8, "colors": 0.6, "shapes": 0.6, "background": 0.8}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_random_weights_fail_the_same_gate(pipe):
     assert all(rep[check] < floor for check, floor in MIN_RATES.items()), rep
 
 
-def _video_rates(pipe, n=3, frames=12):
+def _video_rates(pipe, n=8, frames=12):
     rng = np.random.default_rng(5)
     return stream_adherence(pipe, [sample_video_scene(rng, "heldout").caption for _ in range(n)], frames)
 

@@ -1,6 +1,7 @@
 #!/bin/bash
-# Two image-training runs side by side on nvidia-h200-x2, one per GPU (the seventh session's calls, generalised); on a
-# one-GPU machine, one after the other.
+# Two training runs side by side on nvidia-h200-x2, one per GPU (the seventh session's calls, generalised); on a
+# one-GPU machine, one after the other. Stages: teacher, distill (image), video-teacher, video-distill (MINUTES 5 / 3;
+# the distillation evaluates its student and teacher on VIDEO_N=512 held-out 300-frame streams).
 # Run from the repo root on the device, after `source .whl/preamble.sh`:
 #   bash training/device/two_gpus.sh teacher "--preset unet4" "--preset unet --batch 512"
 #   TEACHER=out/carry/u bash training/device/two_gpus.sh distill "" "--lr 2e-4"
@@ -30,7 +31,20 @@ python -c "import fewstep.engines" 2>>/tmp/setup.log || {
 one() {  # GPU NAME FLAGS
   local g=$1 d=$2 flags=$3
   mkdir -p $OUT/$d out/$d
-  if [ "$stage" = teacher ]; then
+  if [ "$stage" = video-teacher ]; then
+    CUDA_VISIBLE_DEVICES=$g python -m training video-teacher --out out/$d --minutes ${MINUTES:-5} $flags \
+      > $OUT/$d/run.log 2>&1
+    python -m training pack out/$d $OUT/$d --exports video_teacher >> $OUT/$d/run.log 2>&1
+  elif [ "$stage" = video-distill ]; then
+    # a run's flags may name its own teacher (--teacher DIR/video_teacher: argparse keeps the last one)
+    local teacher=$TEACHER/video_teacher
+    [[ " $flags " == *" --teacher "* ]] && teacher=$(sed 's/.*--teacher \([^ ]*\).*/\1/' <<< "$flags")
+    CUDA_VISIBLE_DEVICES=$g python -m training video-distill --teacher $teacher --out out/$d \
+      --minutes ${MINUTES:-3} $flags > $OUT/$d/run.log 2>&1
+    python -m training pack out/$d $OUT/$d --exports video_student >> $OUT/$d/run.log 2>&1
+    CUDA_VISIBLE_DEVICES=$g timeout ${EVAL_TIMEOUT:-300} python -m training video-eval --model out/$d/video_student \
+      --teacher $teacher --n ${VIDEO_N:-512} --frames 300 --out out/$d >> $OUT/$d/run.log 2>&1
+  elif [ "$stage" = teacher ]; then
     CUDA_VISIBLE_DEVICES=$g python -m training teacher --out out/$d --minutes 8 $flags > $OUT/$d/run.log 2>&1
     python -m training pack out/$d $OUT/$d --exports teacher >> $OUT/$d/run.log 2>&1
     CUDA_VISIBLE_DEVICES=$g timeout 120 python -m training eval --model out/$d/teacher --steps 25 --n 512 \
@@ -66,5 +80,5 @@ else  # one GPU (nvidia-h200): the two runs one after the other
   one 0 $name_a "$flags_a"
   [ "$flags_b" != SKIP ] && one 0 $name_b "$flags_b"
 fi
-grep -h "first step\|throughput\|chosen CFG\|finished\|\[eval\]\|student (EMA)" out/$name_a/run.txt out/$name_b/run.txt 2>/dev/null \
+grep -h "first step\|throughput\|chosen CFG\|teacher CFG\|finished\|\[eval\]\|\[video-eval\] [st]\|student (EMA)\|graph" out/$name_a/run.txt out/$name_b/run.txt 2>/dev/null \
   | grep -v "it/s"
