@@ -51,6 +51,7 @@ import torch
 
 from training.common import (
     Stage,
+    UsageError,
     bf16_autocast,
     guarded_train_step,
     count_params,
@@ -58,7 +59,6 @@ from training.common import (
     pick_device,
     read_json,
     setup_torch,
-    UsageError,
     step_seed,
     write_json,
 )
@@ -463,10 +463,10 @@ def config_of_export(index: dict, model: VideoModel) -> VideoConfig:
     fs = index.get("fewstep", {})
     c = model.transformer.config
     tc = model.text_encoder.config
-    common = dict(size=int(fs.get("default_size", c.sample_size)), chunk_frames=int(fs["chunk_frames"]),
-                  buffer_chunks=int(fs["buffer_chunks"]), max_frames=c.max_frames, fps=float(fs.get("fps", 8.0)),
-                  text_hidden=tc.hidden_size, text_layers=tc.num_hidden_layers, text_heads=tc.num_attention_heads,
-                  text_ff=tc.intermediate_size, max_length=tc.max_position_embeddings)
+    common = {"size": int(fs.get("default_size", c.sample_size)), "chunk_frames": int(fs["chunk_frames"]),
+              "buffer_chunks": int(fs["buffer_chunks"]), "max_frames": c.max_frames, "fps": float(fs.get("fps", 8.0)),
+              "text_hidden": tc.hidden_size, "text_layers": tc.num_hidden_layers, "text_heads": tc.num_attention_heads,
+              "text_ff": tc.intermediate_size, "max_length": tc.max_position_embeddings}
     if "block_out_channels" in c:
         heads = c.attention_head_dim
         return VideoConfig(arch="unet", channels=tuple(c.block_out_channels),
@@ -691,8 +691,8 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
     lr = args.lr or (1e-3 if args.tiny else 5e-4)
     T = cfg.frames
     n_tr, n_te = count_params(model.transformer), count_params(model.text_encoder)
-    log(f"[video-teacher] device {device}, preset {preset}: {type(model.transformer).__name__} {n_tr / 1e6:.3f}M + text {n_te / 1e6:.3f}M "
-        f"params (~{2 * (n_tr + n_te) / 1e6:.1f} MB fp16); {cfg.size}x{cfg.size} frames, patch {cfg.patch}, "
+    log(f"[video-teacher] device {device}, preset {preset}: {type(model.transformer).__name__} {n_tr / 1e6:.3f}M "
+        f"+ text {n_te / 1e6:.3f}M params (~{2 * (n_tr + n_te) / 1e6:.1f} MB fp16); {cfg.size}x{cfg.size} frames, "
         f"buffer K={cfg.buffer_chunks} x F={cfg.chunk_frames}; batch {batch} windows ({batch * T} frames), lr {lr}")
     jsonl.write(event="start", stage="video_teacher", config=cfg.to_dict(), batch=batch, lr=lr,
                 params={"transformer": n_tr, "text_encoder": n_te}, sigma=args.sigma.to_dict(),
