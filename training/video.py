@@ -139,7 +139,8 @@ VIDEO_PRESETS: dict[str, VideoConfig] = {
     # the default since the twelfth session: the same with whole-buffer attention at 16 px too (8 x 256 = 2048 cells,
     # StreamDiT's token count), same parameters: frame strict adherence 0.853 (256 streams; 0.862 on 512), motion 0.408
     "unetj": VideoConfig(arch="unet", joint_tokens=256),
-    # CPU tests: unetj's layout at 16/32 channels (whole-buffer attention at 16 px)
+    # CPU tests: two levels (32 and 16 px, 16/32 channels), spatial attention at both, frame attention per cell at 32
+    # px and over the whole buffer at 16 px, so both frame-attention paths train
     "tiny_unet": VideoConfig(arch="unet", channels=(16, 32), level_heads=(1, 2), joint_tokens=256, chunk_frames=2,
                              buffer_chunks=3, max_frames=12, text_hidden=32, text_layers=1, text_heads=2, text_ff=64),
 }
@@ -653,8 +654,9 @@ class VideoTeacherArgs:
     guidance: float = 3.0          # written into the export as the teacher's CFG scale
     seed: int = 0
     compile: bool = True
-    # on CUDA the step is recorded as one CUDA graph after its first (eager) step, instead of compiled: a compile
-    # cost 127 s of the sixth session's 5-minute stage (training.graphs; off: --no-cuda-graphs)
+    # on CUDA the step is recorded as one CUDA graph after its first (eager) step, instead of compiled (training.graphs;
+    # --no-cuda-graphs: compiled, or eager with --no-compile): first step at 29 s of the twelfth session's 5-minute
+    # stage, against 45 s with the sixth session's single compilation. The DiT preset's recording has not run on a GPU
     cuda_graphs: bool = True
     max_steps: int | None = None
     ckpt_every: float = 60.0
@@ -706,7 +708,8 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
                       estimate_after=(10**9 if args.tiny else 40), rate_skip=(0 if args.tiny else 5),
                       capturable=graphs)
     if args.resume:
-        trainer.resume(model_config=cfg.to_dict())
+        # a checkpoint written before a config key existed (the sixth session's lacks arch/channels/...) gets defaults
+        trainer.resume(model_config=cfg.to_dict(), config_defaults=VideoConfig().to_dict())
 
     def state():
         return {"stage": "video_teacher", "seed": args.seed, "model_config": cfg.to_dict(), "batch": batch, "lr": lr,
@@ -740,6 +743,8 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
                 if trainer.captured is None:
                     loss, gn = trainer.capture_step(loss_fn, (x0, ids, mask, noise, sigma))
                     graphs = trainer.captured is not None   # a failed recording: eager steps from here
+                    if graphs:
+                        log("[video-teacher] training step recorded as a CUDA graph; replaying it from step 2")
                 else:
                     loss, gn = trainer.graph_step(x0, ids, mask, noise, sigma)
                 trainer.end_step(loss, state, grad_norm=gn, stepped=True)

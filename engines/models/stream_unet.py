@@ -53,6 +53,8 @@ class FrameAttention(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         t = self.frames
         bt, c, hh, ww = h.shape
+        if bt % t:   # called outside StreamUNetModel.forward with another buffer length
+            raise ValueError(f"frame attention set for {t} frames got {bt} frames, not a multiple")
         b, n = bt // t, hh * ww
         x = h.view(b, t, c, n).permute(0, 1, 3, 2)                        # [B, T, n, C]
         x = self.norm(x) + self.slot(self.table[:t].to(x.dtype))[None, :, None, :]

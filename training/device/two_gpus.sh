@@ -1,7 +1,8 @@
 #!/bin/bash
 # Two training runs side by side on nvidia-h200-x2, one per GPU (the seventh session's calls, generalised); on a
 # one-GPU machine, one after the other. Stages: teacher, distill (image), video-teacher, video-distill (MINUTES 5 / 3;
-# the distillation evaluates its student and teacher on VIDEO_N=512 held-out 300-frame streams).
+# the distillation evaluates its student and teacher on VIDEO_N=256 held-out 300-frame streams; 512 took 5.5 min
+# alone, so evaluate 512 in a call of its own).
 # Run from the repo root on the device, after `source .whl/preamble.sh`:
 #   bash training/device/two_gpus.sh teacher "--preset unet4" "--preset unet --batch 512"
 #   TEACHER=out/carry/u bash training/device/two_gpus.sh distill "" "--lr 2e-4"
@@ -37,13 +38,13 @@ one() {  # GPU NAME FLAGS
     python -m training pack out/$d $OUT/$d --exports video_teacher >> $OUT/$d/run.log 2>&1
   elif [ "$stage" = video-distill ]; then
     # a run's flags may name its own teacher (--teacher DIR/video_teacher: argparse keeps the last one)
-    local teacher=$TEACHER/video_teacher
+    local teacher=${TEACHER:-}/video_teacher
     [[ " $flags " == *" --teacher "* ]] && teacher=$(sed 's/.*--teacher \([^ ]*\).*/\1/' <<< "$flags")
     CUDA_VISIBLE_DEVICES=$g python -m training video-distill --teacher $teacher --out out/$d \
       --minutes ${MINUTES:-3} $flags > $OUT/$d/run.log 2>&1
     python -m training pack out/$d $OUT/$d --exports video_student >> $OUT/$d/run.log 2>&1
-    CUDA_VISIBLE_DEVICES=$g timeout ${EVAL_TIMEOUT:-300} python -m training video-eval --model out/$d/video_student \
-      --teacher $teacher --n ${VIDEO_N:-512} --frames 300 --out out/$d >> $OUT/$d/run.log 2>&1
+    CUDA_VISIBLE_DEVICES=$g timeout ${EVAL_TIMEOUT:-420} python -m training video-eval --model out/$d/video_student \
+      --teacher $teacher --n ${VIDEO_N:-256} --frames 300 --out out/$d >> $OUT/$d/run.log 2>&1
   elif [ "$stage" = teacher ]; then
     CUDA_VISIBLE_DEVICES=$g python -m training teacher --out out/$d --minutes 8 $flags > $OUT/$d/run.log 2>&1
     python -m training pack out/$d $OUT/$d --exports teacher >> $OUT/$d/run.log 2>&1

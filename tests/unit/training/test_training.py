@@ -249,7 +249,7 @@ def test_recipe_defaults_sizes_and_edge_loss():
     """The default image recipe (training/README.md, "Image recipe") and the size budgets."""
     from training.model import DEFAULT_PRESET, PRESETS, build_model
     from training.teacher import TeacherArgs, edge_map, weighted_mse
-    from training.video import VIDEO_PRESETS, build_video_model
+    from training.video import DEFAULT_VIDEO_PRESET, VIDEO_PRESETS, build_video_model
 
     from training.distill import DistillArgs
 
@@ -271,7 +271,7 @@ def test_recipe_defaults_sizes_and_edge_loss():
     assert a_.teacher_minutes + a_.distill_minutes + a_.video_teacher_minutes + a_.video_distill_minutes <= 20.0
     tok = build_tokenizer(data.vocabulary(), 32)
     n_img = sum(p.numel() for p in build_model(PRESETS[DEFAULT_PRESET], len(tok)).parameters())
-    n_vid = sum(p.numel() for p in build_video_model(VIDEO_PRESETS["small"], len(tok)).parameters())
+    n_vid = sum(p.numel() for p in build_video_model(VIDEO_PRESETS[DEFAULT_VIDEO_PRESET], len(tok)).parameters())
     assert 2 * n_img < 12e6 and 2 * n_vid < 8e6 and 2 * (n_img + n_vid) < 20e6   # fp16 bytes
     x, _ = data.sample_batch(np.random.default_rng(0), 8, 64)
     e = edge_map(x)

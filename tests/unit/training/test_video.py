@@ -367,3 +367,38 @@ def test_trainer_rate_skips_slow_first_steps(tmp_path):
 
     fast, slow = run(3), run(0)
     assert fast > 1500 > slow, (fast, slow)          # ~55 s at ~90 step/s vs a rate diluted by 0.6 s of sleeps
+
+
+def test_dit_preset_still_trains_exports_and_streams(tmp_path):
+    """The sixth session's StreamDiT (preset small; --tiny gives its tiny twin) keeps working end to end: teacher,
+    distillation onto the moving buffer, export, a resumed teacher, and the engine streaming the student."""
+    from fewstep.engines.config import EngineConfig, StreamConfig
+    from fewstep.engines.core import EngineCore
+    from fewstep.engines.loading import load_checkpoint
+    from fewstep.engines.stream import StreamPipeline, StreamStart
+
+    t = train_video_teacher(VideoTeacherArgs(out=str(tmp_path), tiny=True, preset="small", device="cpu", max_steps=2,
+                                             budget_start=time.time()))
+    assert json.loads((t / "model_index.json").read_text())["transformer"] == ["fewstep", "StreamDiTModel"]
+    # a checkpoint written before the UNet keys existed (the sixth session's) still resumes
+    st = tmp_path / "video_teacher_ckpt" / "state.json"
+    state = json.loads(st.read_text())
+    for k in ("arch", "channels", "level_heads", "joint_tokens"):
+        del state["model_config"][k]
+    st.write_text(json.dumps(state))
+    train_video_teacher(VideoTeacherArgs(out=str(tmp_path), tiny=True, preset="small", device="cpu", max_steps=3,
+                                         resume=True, budget_start=time.time()))
+    s = distill_video(VideoDistillArgs(teacher=str(t), out=str(tmp_path), tiny=True, device="cpu", max_steps=2,
+                                       guidance=1.0, budget_start=time.time()))
+    pipe = StreamPipeline(load_checkpoint(s))
+    assert type(pipe.denoiser).__name__ == "StreamDiTModel"
+    core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig()))
+    sess = core.open_stream(StreamStart(prompt="a red circle moving left on a white background", seed=1, fps=0,
+                                        format="raw"))
+    chunk = None
+    for _ in range(10):
+        core.stream_step()
+        if (chunk := sess.owner.take()) is not None:
+            break
+    core.shutdown()
+    assert chunk is not None and chunk.frames.shape == (2, 32, 32, 3)
