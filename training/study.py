@@ -1,5 +1,5 @@
 """CPU-side evidence for the image recipe
-(``python -m training.study {flops,bayes,probe,shapeword,grad,relations,cpu}``).
+(``python -m training.study {flops,bayes,probe,shapeword,grad,relations,disc,featdist,motion,cpu}``).
 
 * ``flops``: parameters, fp16 size and forward FLOPs per 64x64 image (``torch.utils.flop_counter``)
   of every preset, with an H200 throughput estimate scaled from the measured img/s of the preset
@@ -527,6 +527,49 @@ def feature_distance_probe(teacher_dir: str, student_dir: str, n: int = 32, guid
             "grad_norm_feature_w1": round(float(n_feat), 3), "grad_cosine": round(float(cos), 3)}
 
 
+def motion_probe(model_dir: str, n: int = 10, frames: int = 64, seed: int = 0) -> dict:
+    """How a video model's moving objects move: per held-out single-object "moving" caption, the median per-frame
+    displacement of the tracked object along the captioned axis and the motion accuracy
+    (``benchmarks.quality._motion_accuracy``: the share of frame steps in the captioned direction, bounces allowed
+    near a wall), for the model's stream (engine policy, 1 call per step) and for the dataset's own video of the same
+    scene. Tells a model that holds objects still from one that moves them but loses the direction."""
+    from benchmarks import quality as Q
+    from training import data as D
+    from training.video import generate_streams, load_video_export
+
+    model, tok, index = load_video_export(model_dir, "cpu")
+    fs = index["fewstep"]
+    K, F, size = int(fs["buffer_chunks"]), int(fs["chunk_frames"]), int(fs.get("default_size", 32))
+    rng = np.random.default_rng([seed, 1234])   # video-eval's held-out scenes, in its order
+    scenes = []
+    while len(scenes) < n:
+        s = D.sample_video_scene(rng, "heldout")
+        if " and " not in s.caption and " moving " in s.caption:
+            scenes.append(s)
+    vids, _ = generate_streams(model, tok, [s.caption for s in scenes], list(range(n)), frames, K, F, size)
+
+    def track(caption, video):
+        o = Q.parse_caption(caption).objects[0]
+        axis = Q._DIR[o.motion][0]
+        tr = Q._track(o, [Q.detect(f) for f in video])
+        xs = np.array([np.nan if d is None else (d.cx if axis == 0 else d.cy) for d in tr])
+        return nanmedian(np.abs(np.diff(xs))), Q._motion_accuracy(tr, o.motion)
+
+    def nanmedian(a) -> float:   # NaN (not a warning) when nothing was tracked
+        a = np.asarray(a, dtype=float)
+        a = a[~np.isnan(a)]
+        return float(np.median(a)) if a.size else float("nan")
+
+    rows = []
+    for s, v in zip(scenes, vids.numpy()):
+        (sm, am), (sd, ad) = track(s.caption, v), track(s.caption, D.render_video_uint8(s, frames, size))
+        rows.append({"caption": s.caption, "model_speed": round(sm, 4), "model_motion_accuracy": round(am, 3),
+                     "data_speed": round(sd, 4), "data_motion_accuracy": round(ad, 3)})
+    keys = ("model_speed", "model_motion_accuracy", "data_speed", "data_motion_accuracy")
+    return {"model": model_dir, "streams": n, "frames": frames, "rows": rows,
+            **{f"median_{k}": round(nanmedian([r[k] for r in rows]), 4) for k in keys}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.study")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -563,6 +606,10 @@ def main(argv=None) -> int:
     fd.add_argument("teacher", help="an exported teacher folder")
     fd.add_argument("student", help="an exported student folder")
     fd.add_argument("--n", type=int, default=32)
+    mo = sub.add_parser("motion", help="a video model's object speed and direction against the dataset's (CPU)")
+    mo.add_argument("model", help="an exported video model folder")
+    mo.add_argument("--n", type=int, default=10)
+    mo.add_argument("--frames", type=int, default=64)
     c = sub.add_parser("cpu")
     c.add_argument("--seconds", type=float, default=150.0)
     c.add_argument("--recipes", nargs="+", default=list(RECIPES))
@@ -583,6 +630,8 @@ def main(argv=None) -> int:
         print(json.dumps(relation_breakdown(a.model, a.steps, a.n, a.cfg)), flush=True)
     elif a.cmd == "disc":
         discriminator_probe(a.teacher, a.student, a.n, a.steps)
+    elif a.cmd == "motion":
+        print(json.dumps(motion_probe(a.model, a.n, a.frames)), flush=True)
     elif a.cmd == "featdist":
         print(json.dumps(feature_distance_probe(a.teacher, a.student, a.n)), flush=True)
     elif a.cmd == "grad":
