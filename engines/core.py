@@ -139,7 +139,12 @@ class EngineCore:
         if not pipelines:
             raise ValueError("EngineCore needs at least one pipeline")
         self.pipelines = pipelines
-        self.default_model = next(iter(pipelines))
+        # requests that name no model: images go to the first image model, streams to the first video model (a
+        # server of both embedded models serves each kind without the client naming one)
+        image = [n for n, p in pipelines.items() if getattr(p, "kind", "image") != "video"]
+        video = [n for n, p in pipelines.items() if getattr(p, "kind", "image") == "video"]
+        self.default_model = (image or video)[0]
+        self.default_stream_model = (video or image)[0]
         self.config = config or EngineConfig()
         self.observer = observer
         self.cache = PromptCache(self.config.prompt_cache_size)
@@ -213,7 +218,7 @@ class EngineCore:
             self._cv.notify()
 
     def _stream_model(self, model: str | None) -> tuple[str, StreamScheduler]:
-        model = model or self.default_model
+        model = model or self.default_stream_model
         if model not in self.pipelines:
             raise EngineError(f"model {model!r} is not served here; available: {sorted(self.pipelines)}", 404,
                               "model", "model_not_found")

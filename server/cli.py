@@ -8,8 +8,10 @@ import sys
 import time
 
 
-def _common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="diffusers-format model directory, or an embedded model: default (image, the default) or default-video")
+def _common_model_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
+    p.add_argument("--model", help="diffusers-format model directory, or an embedded model: default (image) or "
+                   "default-video" + ("; without it, both embedded models (images and streams)" if serve else
+                                      "; without it, default"))
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None)
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
 
@@ -58,10 +60,11 @@ def _serve(args) -> int:
                        "engine.compiled.sizes": args.compile_sizes, "engine.compiled.mode": args.compile_mode,
                        "engine.compiled.dynamic_batch": args.compile_dynamic_batch,
                        "engine.compiled.channels_last": args.compile_channels_last})
-    cfg.model_dir()  # fail fast, with a one-line message, before the server starts
+    models = cfg.served_models()  # fail fast, with a one-line message, before the server starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(cfg)
-    print(f"fewstep: serving {cfg.served_name()} on http://{cfg.http.host}:{cfg.http.port}", flush=True)
+    print(f"fewstep: serving {', '.join(name for name, _ in models)} on http://{cfg.http.host}:{cfg.http.port}",
+          flush=True)
     uvicorn.run(app, host=cfg.http.host, port=cfg.http.port, log_level=cfg.http.log_level)
     return 0
 
@@ -182,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="serve the HTTP API")
-    _common_model_args(s)
+    _common_model_args(s, serve=True)
     s.add_argument("--model-name", help="model id in the API (default: directory name)")
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -239,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.set_defaults(func=_bench_stream, _parser=bs)
 
     e = sub.add_parser("build", help="build inference engines ahead of serving (TensorRT; cached on disk)")
-    e.add_argument("--model", help="diffusers-format model directory, or an embedded model: default (image, the default) or default-video")
+    e.add_argument("--model", help="diffusers-format model directory, or an embedded model: default (image, the "
+                   "default) or default-video")
     e.add_argument("--engine", choices=["tensorrt"], default="tensorrt", help="engine kind (tensorrt)")
     e.add_argument("--profile", default=None, help="optimization profile, e.g. batch=1:4:16,size=512:512:1024 "
                    "(MIN:OPT:MAX; size in pixels, or height=/width= apart); default: batch 1..max batch size at "

@@ -33,26 +33,39 @@ class HTTPConfig(BaseModel):
 
 class ServerConfig(BaseModel):
     model: str | None = Field(None, description="diffusers-format directory, or 'default' / 'default-video' for the "
-                              "embedded image / streaming-video model; None = 'default'")
-    model_name: str | None = Field(None, description="id served in /v1/models; default: the directory name")
+                              "embedded image / streaming-video model; None = both embedded models")
+    model_name: str | None = Field(None, description="id served in /v1/models; default: the directory name (with "
+                                   "no model, it names the embedded image model, served alone)")
     engine: EngineConfig = EngineConfig()
     limits: LimitsConfig = LimitsConfig()
     http: HTTPConfig = HTTPConfig()
 
     def model_dir(self) -> Path:
-        name = self.model or "default"
-        if name not in EMBEDDED:
-            return Path(name)
-        if not (EMBEDDED[name] / "model_index.json").is_file():
-            raise SystemExit(f"fewstep: the embedded model {name!r} is missing from this install; pass --model DIR "
-                             "(a diffusers-format directory)")
-        return EMBEDDED[name]
+        """The directory of ``model`` (the embedded image model when unset)."""
+        return _model_dir(self.model or "default")
+
+    def served_models(self) -> list[tuple[str, Path]]:
+        """(id, directory) of every model this server loads. With no ``model`` (``fewstep serve`` alone) both
+        embedded models: the image one first, so image requests without a ``model`` go to it, and streams to the
+        video one. ``model`` (or ``model_name`` alone) serves that one model."""
+        if self.model is None and self.model_name is None:
+            return [(f"fewstep-{name}", _model_dir(name)) for name in EMBEDDED]
+        return [(self.served_name(), self.model_dir())]
 
     def served_name(self) -> str:
         if self.model_name:
             return self.model_name
         name = self.model or "default"
         return f"fewstep-{name}" if name in EMBEDDED else Path(name).resolve().name
+
+
+def _model_dir(name: str) -> Path:
+    if name not in EMBEDDED:
+        return Path(name)
+    if not (EMBEDDED[name] / "model_index.json").is_file():
+        raise SystemExit(f"fewstep: the embedded model {name!r} is missing from this install; pass --model DIR "
+                         "(a diffusers-format directory)")
+    return EMBEDDED[name]
 
 
 _ENV = {  # variable -> (path in the tree, type)

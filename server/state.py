@@ -23,18 +23,14 @@ class AppState:
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.started = int(time.time())
-        self.model_name = config.served_name()
-        self.kind = "image"  # "video" once a video (stream) model is loaded
+        self.models = config.served_models()
+        self.model_name = self.models[0][0]   # the default model: /health, /ready and request metrics name it
         self.compile_seconds: float | None = None
 
     def load(self) -> None:
-        """Load the model, warm it up, start the engine thread. Runs in a background thread at start-up so that
+        """Load the models, warm them up, start the engine thread. Runs in a background thread at start-up so that
         /health answers at once and /ready turns true only when requests will be fast."""
         import torch
-
-        from fewstep.engines.loading import load_checkpoint, read_index
-        from fewstep.engines.pipeline import FewStepPipeline
-        from fewstep.engines.stream import StreamPipeline
 
         try:
             ecfg = self.config.engine
@@ -42,50 +38,63 @@ class AppState:
                 torch.set_num_threads(ecfg.threads)
             device = ecfg.resolve_device()
             dtype = ecfg.resolve_dtype(device)
-            path = self.config.model_dir()
-            # model_index.json's fewstep.kind picks the runner: "image" (default) or "video" (stream sessions)
-            kind = (read_index(path).get("fewstep") or {}).get("kind", "image")
-            if kind not in ("image", "video"):
-                raise ValueError(f"{path / 'model_index.json'}: fewstep.kind must be 'image' or 'video', got {kind!r}")
-            self.kind = kind
             t0 = time.perf_counter()
-            runner = StreamPipeline if kind == "video" else FewStepPipeline
-            pipe = runner(load_checkpoint(path, device, dtype), device, dtype, ecfg.attention)
-            backend = ecfg.resolve_backend(device)
-            if kind == "video" and backend == "compiled":
-                log.warning("the compiled backend covers image models only so far; the video model runs eager")
-                backend = "eager"
-            if ecfg.backend == "auto":
-                log.info("backend auto -> %s (device %s)", backend, device)
+            pipes = {}
+            for name, path in self.models:
+                pipes[name] = self._load_one(name, path, device, dtype)
             t1 = time.perf_counter()
-            if backend == "compiled":
-                from fewstep.engines.backends.compiled import CompiledPipeline
-
-                pipe = CompiledPipeline(pipe, ecfg.compiled)
-                rep = pipe.warmup(progress=True)
-                self.compile_seconds = rep.total
-                log.info("compiled backend: compile + capture %.1f s over %d graphs", rep.total, len(rep.seconds))
-            elif backend == "tensorrt":
-                # Builds (or loads from the engine cache) every component, then swaps in engine stand-ins.
-                # NOT run on our H200: TensorRT-RTX refuses compute capability 9.0 and full TensorRT is not
-                # installable on our machines; the runtime follows the TensorRT API documentation.
-                from fewstep.engines.backends.tensorrt import enable
-
-                for r in enable(pipe, ecfg):
-                    log.info("tensorrt: %s", r.line())
-            core = EngineCore({self.model_name: pipe}, ecfg)
+            core = EngineCore(pipes, ecfg)
             if ecfg.warmup:
                 core.warmup()
             t2 = time.perf_counter()
             core.observer = self.metrics  # attach after warm-up: warm-up requests are not traffic
             core.start()
             self.core, self.engine = core, AsyncEngine(core)
-            log.info("%s model %s loaded from %s on %s/%s in %.1f s, warm-up %.1f s", kind, self.model_name, path,
-                     device, str(dtype).removeprefix("torch."), t1 - t0, t2 - t1)
+            log.info("%s loaded on %s/%s in %.1f s (compilation included), warm-up %.1f s", ", ".join(
+                f"{getattr(p, 'kind', 'image')} model {n}" for n, p in pipes.items()), device,
+                str(dtype).removeprefix("torch."), t1 - t0, t2 - t1)
             self.ready.set()
         except BaseException as e:  # noqa: BLE001 - reported on /ready and in the log, the process keeps serving
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("model load failed: %s", self.load_error)
+
+    def _load_one(self, name: str, path, device, dtype):
+        """One model's runner, on its backend (compiled / TensorRT stand-ins swapped in for image models)."""
+        from fewstep.engines.loading import load_checkpoint, read_index
+        from fewstep.engines.pipeline import FewStepPipeline
+        from fewstep.engines.stream import StreamPipeline
+
+        ecfg = self.config.engine
+        # model_index.json's fewstep.kind picks the runner: "image" (default) or "video" (stream sessions)
+        kind = (read_index(path).get("fewstep") or {}).get("kind", "image")
+        if kind not in ("image", "video"):
+            raise ValueError(f"{path / 'model_index.json'}: fewstep.kind must be 'image' or 'video', got {kind!r}")
+        runner = StreamPipeline if kind == "video" else FewStepPipeline
+        pipe = runner(load_checkpoint(path, device, dtype), device, dtype, ecfg.attention)
+        backend = ecfg.resolve_backend(device)
+        if kind == "video" and backend == "compiled":
+            log.warning("the compiled backend covers image models only so far; the video model %s runs eager", name)
+            backend = "eager"
+        if ecfg.backend == "auto":
+            log.info("backend auto -> %s (device %s) for %s", backend, device, name)
+        if backend == "compiled":
+            from fewstep.engines.backends.compiled import CompiledPipeline
+
+            pipe = CompiledPipeline(pipe, ecfg.compiled)
+            rep = pipe.warmup(progress=True)
+            self.compile_seconds = (self.compile_seconds or 0.0) + rep.total
+            log.info("compiled backend (%s): compile + capture %.1f s over %d graphs", name, rep.total,
+                     len(rep.seconds))
+        elif backend == "tensorrt":
+            # Builds (or loads from the engine cache) every component, then swaps in engine stand-ins.
+            # NOT run on our H200: TensorRT-RTX refuses compute capability 9.0 and full TensorRT is not
+            # installable on our machines; the runtime follows the TensorRT API documentation.
+            from fewstep.engines.backends.tensorrt import enable
+
+            for r in enable(pipe, ecfg):
+                log.info("tensorrt (%s): %s", name, r.line())
+        log.info("%s model %s from %s", kind, name, path)
+        return pipe
 
     def shutdown(self) -> None:
         if self.core:

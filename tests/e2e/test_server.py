@@ -140,16 +140,19 @@ def test_bench_images_smoke(tiny_server, tmp_path):
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
 
 
-def test_serve_with_no_arguments_serves_the_default_model():
-    """README's main command: `fewstep serve` with no --model serves the embedded default model; the issue's
-    example prompt names no background, and the model's prompt completion (listed in /v1/models) gives it the white
-    one every training caption would have named."""
+def test_serve_with_no_arguments_serves_both_default_models():
+    """README's main command: `fewstep serve` with no --model serves both embedded models, images and streams, with
+    no model named in the requests. The issue's example prompt names no background, and the image model's prompt
+    completion (listed in /v1/models) gives it the white one every training caption would have named."""
+    from fewstep.clients.python import FewstepClient
     from tests.conftest import ServerProcess
 
     srv = ServerProcess(["--device", "cpu"])
     try:
         models = httpx.get(srv.url + "/v1/models").json()["data"]
-        assert models[0]["id"] == "fewstep-default" and models[0]["default_size"] == 64
+        assert [(m["id"], m["kind"]) for m in models] == [("fewstep-default", "image"),
+                                                          ("fewstep-default-video", "video")]
+        assert models[0]["default_size"] == 64
         assert models[0]["prompt_completion"] == {"unless": r"\bbackground\b", "append": " on a white background"}
         r = httpx.post(srv.url + "/v1/images/generations", json={"prompt": "a red circle above a blue square",
                                                                  "seed": 0}, timeout=60)
@@ -157,6 +160,18 @@ def test_serve_with_no_arguments_serves_the_default_model():
         img = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
         assert img.size == (64, 64)
         assert np.asarray(img.convert("RGB")).reshape(-1, 3).mean(0).min() > 150   # a white background
+        frames = []
+        with FewstepClient(srv.url) as client:   # a stream, naming no model, goes to the video model
+            with client.stream("a red circle moving right", seed=3, fps=0) as s:
+                for f in s:
+                    frames.append(f)
+                    if len(frames) == 4:
+                        s.stop()
+        img = np.asarray(Image.open(io.BytesIO(frames[-1].data)).convert("RGB"))
+        assert img.shape == (32, 32, 3) and img.reshape(-1, 3).mean(0).min() > 150   # completed: white background
+        r = httpx.post(srv.url + "/v1/images/generations", json={"prompt": "a red circle", "model":
+                                                                 "fewstep-default-video"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "video_model"
     finally:
         srv.stop()
 
