@@ -656,7 +656,8 @@ class VideoTeacherArgs:
     compile: bool = True
     # on CUDA the step is recorded as one CUDA graph after its first (eager) step, instead of compiled (training.graphs;
     # --no-cuda-graphs: compiled, or eager with --no-compile): first step at 29 s of the twelfth session's 5-minute
-    # stage, against 45 s with the sixth session's single compilation. The DiT preset's recording has not run on a GPU
+    # stage, against 45 s with the sixth session's single compilation (the DiT preset's recording: a smoke run on the
+    # H200, training/results/2026-11-30_h200_video_unet/run_dit_graph_smoke.log)
     cuda_graphs: bool = True
     max_steps: int | None = None
     ckpt_every: float = 60.0
