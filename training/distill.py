@@ -549,12 +549,8 @@ def distill(args: DistillArgs) -> Path:
         judged = torch.nonzero(sigma >= 0.9999).squeeze(1)[:gan_batch] if adv is not None else None
         if graphs:
             # the first step is the recording's warm-up (a real step); every later one replays the recording
-            inputs = (z, x0, ids, mask, sigma, *feat_inputs())
-            if trainer.captured is None:
-                loss, gn = trainer.capture_step(graph_loss, inputs)
-                graphs = trainer.captured is not None   # a failed recording: eager steps from the next one on
-            else:
-                loss, gn = trainer.graph_step(*inputs)
+            loss, gn = trainer.recorded_step(graph_loss, (z, x0, ids, mask, sigma, *feat_inputs()))
+            graphs = trainer.captured is not None   # a failed recording: eager steps from the next one on
             end_step(loss, grad_norm=gn, stepped=True)
             continue
         if judged is None or judged.numel() == 0:

@@ -130,6 +130,7 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
         else:
             self.captured = step
+            log(f"[{self.name}] training step recorded as a CUDA graph at step {self.step + 1}; replaying it from here")
         loss, gn = step.warmup_out[0]
         return loss, (gn if self.grad_clip else None)   # no clip: no norm to log, as in the eager step
 
@@ -137,6 +138,14 @@ class Trainer:
         """One replay of the recorded step (see ``capture_step``)."""
         loss, gn = self.captured(*inputs)
         return loss.clone(), (gn.clone() if self.grad_clip else None)
+
+    def recorded_step(self, loss_fn, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stages' recorded step: the first call records (``capture_step``, a real warm-up step), later calls
+        replay (``graph_step``). If the recording failed, ``captured`` is None afterwards and the caller steps
+        eagerly from then on."""
+        if self.captured is None:
+            return self.capture_step(loss_fn, inputs)
+        return self.graph_step(*inputs)
 
     def end_step(self, loss: torch.Tensor, state_fn, grad_norm: torch.Tensor | None = None,
                  stepped: bool = False) -> None:

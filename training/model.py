@@ -179,6 +179,13 @@ def build_denoiser(cfg: ModelConfig):
     return build_unet(cfg) if cfg.arch == "unet" else build_transformer(cfg)
 
 
+def unet_block_types(levels: int, attn_levels: int) -> dict[str, tuple[str, ...]]:
+    """diffusers block types of a UNet whose ``attn_levels`` lowest-resolution levels have self+cross attention."""
+    n, k = levels, attn_levels
+    return {"down_block_types": ("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k,
+            "up_block_types": ("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k)}
+
+
 def build_unet(cfg: ModelConfig):
     """A small pixel-space UNet2DConditionModel (no VAE): the engine serves it on its "sd" path, i.e. the text
     encoder runs without a padding mask and the cross-attention sees all ``max_length`` positions."""
@@ -190,8 +197,7 @@ def build_unet(cfg: ModelConfig):
     cls = PositionalUNet2DConditionModel if cfg.pos_embed else UNet2DConditionModel
     m = cls(
         sample_size=cfg.size, in_channels=3, out_channels=3, block_out_channels=tuple(cfg.channels),
-        down_block_types=("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k,
-        up_block_types=("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k),
+        **unet_block_types(n, k),
         layers_per_block=cfg.unet_layers, attention_head_dim=tuple(cfg.level_heads),
         cross_attention_dim=cfg.text_hidden, norm_num_groups=min(16, min(cfg.channels)))
     with torch.no_grad():  # start as v = 0, as the DiT does (zero output projection)

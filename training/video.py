@@ -70,6 +70,7 @@ from training.model import (
     fast_tokenize,
     required_max_length,
     tokenize,
+    unet_block_types,
 )
 
 STREAM_PIPELINE_CLASS = "FewstepStreamPipeline"
@@ -162,7 +163,7 @@ class VideoModel(FewstepModel):
                                 encoder_attention_mask=mask, return_dict=False)[0]
 
 
-def video_model_class(name: str = "StreamDiTModel"):
+def video_model_class(name: str):
     """A video denoiser class from the installed package, or from the repo root when fewstep is not installed
     (a device run with ``PYTHONPATH=$PWD``): the same file either way."""
     try:
@@ -172,26 +173,20 @@ def video_model_class(name: str = "StreamDiTModel"):
     return getattr(models, name)
 
 
-def stream_dit_class():
-    return video_model_class("StreamDiTModel")
-
-
 def build_video_model(cfg: VideoConfig, vocab_size: int) -> VideoModel:
     if cfg.frames > cfg.max_frames:
         raise ValueError(f"buffer of {cfg.frames} frames > max_frames {cfg.max_frames}")
     if cfg.arch == "unet":
-        n, k = len(cfg.channels), min(2, len(cfg.channels))
         tr = video_model_class("StreamUNetModel")(
             sample_size=cfg.size, in_channels=3, out_channels=3, block_out_channels=tuple(cfg.channels),
-            down_block_types=("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k,
-            up_block_types=("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k),
+            **unet_block_types(len(cfg.channels), min(2, len(cfg.channels))),
             attention_head_dim=tuple(cfg.level_heads), cross_attention_dim=cfg.text_hidden,
             norm_num_groups=min(16, min(cfg.channels)), max_frames=cfg.max_frames, joint_tokens=cfg.joint_tokens)
         with torch.no_grad():  # start as v = 0, as the DiT does (zero output projection)
             tr.conv_out.weight.zero_()
             tr.conv_out.bias.zero_()
     elif cfg.arch == "dit":
-        tr = stream_dit_class()(sample_size=cfg.size, patch_size=cfg.patch, in_channels=3, num_layers=cfg.layers,
+        tr = video_model_class("StreamDiTModel")(sample_size=cfg.size, patch_size=cfg.patch, in_channels=3, num_layers=cfg.layers,
                                 num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim,
                                 caption_channels=cfg.text_hidden, max_frames=cfg.max_frames)
     else:
@@ -446,18 +441,15 @@ def export_video(model: VideoModel, tokenizer, out_dir, cfg: VideoConfig, fewste
             # here so that a mismatch is visible: the model was trained/distilled on exactly this ladder
             "sigma_ladder": [round(s, 6) for s in engine_ladder(K)],
             "calls_per_chunk": 1, "denoising_steps_per_chunk": K, **fewstep}
-    return export_model(model, tokenizer, out_dir, meta, pipeline_class=STREAM_PIPELINE_CLASS,
-                        transformer_entry=("fewstep", type(model.transformer).__name__))
+    # the denoiser's model_index entry (["fewstep", class name]) comes from export_model
+    return export_model(model, tokenizer, out_dir, meta, pipeline_class=STREAM_PIPELINE_CLASS)
 
 
 def load_video_export(d, device="cpu", dtype: torch.dtype | None = None):
     """-> (VideoModel, tokenizer, model_index)."""
     from training.export import load_export
 
-    lib, name = read_json(Path(d) / "model_index.json")["transformer"]
-    if lib != "fewstep":
-        raise ValueError(f"{d}: the video denoiser is {lib}.{name}; training loads fewstep's own video models only")
-    return load_export(d, device, dtype, transformer_cls=video_model_class(name), wrapper=VideoModel)
+    return load_export(d, device, dtype, wrapper=VideoModel)   # the class named in its model_index.json
 
 
 def config_of_export(index: dict, model: VideoModel) -> VideoConfig:
@@ -741,13 +733,8 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
             noise = torch.randn(x0.shape, generator=g, device=device)
             trainer.begin_step()
             if graphs:   # the first step is the recording's warm-up (a real step); later ones replay it
-                if trainer.captured is None:
-                    loss, gn = trainer.capture_step(loss_fn, (x0, ids, mask, noise, sigma))
-                    graphs = trainer.captured is not None   # a failed recording: eager steps from here
-                    if graphs:
-                        log("[video-teacher] training step recorded as a CUDA graph; replaying it from step 2")
-                else:
-                    loss, gn = trainer.graph_step(x0, ids, mask, noise, sigma)
+                loss, gn = trainer.recorded_step(loss_fn, (x0, ids, mask, noise, sigma))
+                graphs = trainer.captured is not None   # a failed recording: eager steps from here
                 trainer.end_step(loss, state, grad_norm=gn, stepped=True)
                 continue
             loss = step_fn(x0, ids, mask, noise, sigma)
