@@ -1,6 +1,6 @@
 """Image encoding cost per 512x512 image: PIL on the host CPU (PNG, JPEG, WebP) against nvjpeg on the GPU.
 
-    python -m benchmarks.image_encode_bench --out rows.jsonl
+    fewstep bench encode --out rows.jsonl
 
 Content matters for the codecs, so two kinds of image are timed: "smooth" (gradients and flat shapes, like a
 clean generated picture) and "noisy" (the same plus Gaussian noise of sigma 20, like random-weight model output,
@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.pipeline_bench import device_name, git_commit
+from fewstep.benchmarks.pipeline_bench import device_name, git_commit
 from fewstep.engines.encode import encode_image, encode_jpeg_gpu, gpu_jpeg_available
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     p.add_argument("--out")
     a = p.parse_args()
     meta = {"gpu": device_name(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
-            "command": "python -m benchmarks.image_encode_bench", "size": a.size, "bench": "image_encode"}
+            "command": " ".join(["fewstep", "bench", "encode", *sys.argv[1:]]), "size": a.size, "bench": "image_encode"}
     rows = []
     for kind in ("smooth", "noisy"):
         imgs = images(kind, max(a.batch), a.size)

@@ -1,6 +1,6 @@
 """In-process latency of fewstep's engine, per stage, against the plain diffusers pipeline on the same weights.
 
-    python -m benchmarks.pipeline_bench --config benchmarks/configs/sd-turbo --size 512 --steps 1 \
+    fewstep bench pipeline --config benchmarks/configs/sd-turbo --size 512 --steps 1 \
         --batch 1 4 16 --iters 20 --baseline diffusers-eager --out benchmarks/results/pipeline.jsonl
 
 Every figure is a median over ``--iters`` timed runs after ``--warmup`` untimed ones; GPU stages are bracketed by
@@ -120,7 +120,7 @@ def main() -> None:
         # generic one that its text encoder cannot embed (an IndexError deep in the flop counter)
         p.error(f"--config {a.config} holds weights: it is a checkpoint, pass it as --model {a.config}")
 
-    from benchmarks.random_weights import build_random_checkpoint
+    from fewstep.benchmarks.random_weights import build_random_checkpoint
     from fewstep.engines.loading import load_checkpoint
     from fewstep.engines.pipeline import FewStepPipeline
 
@@ -146,7 +146,7 @@ def main() -> None:
 
     meta = {"gpu": device_name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(), "torch": torch.__version__, "arch": arch, "steps": a.steps,
-            "dtype": str(dtype).removeprefix("torch."), "command": "python -m benchmarks.pipeline_bench " +
+            "dtype": str(dtype).removeprefix("torch."), "command": "fewstep bench pipeline " +
             " ".join(os.sys.argv[1:])}
     rows = []
 
@@ -200,7 +200,7 @@ def main() -> None:
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    from benchmarks.baselines import bench_diffusers
+    from fewstep.benchmarks.baselines import bench_diffusers
 
     for size in a.size:  # batch outermost: if a time limit cuts the run, both baselines at batch 1 are in
         for batch in a.batch:

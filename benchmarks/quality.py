@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from training import data as D
+from fewstep.training import data as D
 
 __all__ = [
     "ObjSpec", "Spec", "Detection", "parse_caption", "detect", "estimate_background", "score",
@@ -672,7 +672,7 @@ def served_adherence(model_dir: str, n: int = 256, steps: int | None = None, no_
                      batch: int = 32, seed: int = 1) -> dict:
     """Prompt adherence of what the engine serves (``FewStepPipeline``: the checkpoint's own steps, sigmas and
     ``prompt_completion``) on ``n`` held-out prompts, seeds 0..n-1; ``no_background`` strips each prompt's
-    background phrase first, as a newcomer types them. (``python -m training eval`` scores the raw model instead.)"""
+    background phrase first, as a newcomer types them. (``fewstep train eval`` scores the raw model instead.)"""
     from fewstep.engines.loading import load_checkpoint
     from fewstep.engines.pipeline import FewStepPipeline
 
@@ -727,7 +727,7 @@ def served_video_adherence(model_dir: str, n: int = 24, frames: int = 16, no_bac
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality")
+    ap = argparse.ArgumentParser(prog="fewstep bench quality")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sc = sub.add_parser("self-check", help="detector accuracy on the dataset's own renders")
     sc.add_argument("--n", type=int, default=600)

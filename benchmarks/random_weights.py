@@ -7,7 +7,7 @@ tokenizer built here (a few hundred tokens, same special-token layout, padded to
 published 49,408-entry embedding table; tokenization only picks which rows are read, so text-encoder cost is
 unchanged.
 
-    python -m benchmarks.random_weights benchmarks/configs/sd-turbo /tmp/sd-turbo-random [--dtype float16]
+    fewstep bench random-weights benchmarks/configs/sd-turbo /tmp/sd-turbo-random [--dtype float16]
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def build_random_stream_default(out: str | Path, preset: str = "small", seed: in
     out = Path(out)
     if (out / "model_index.json").is_file():
         return out
-    from training.video import VIDEO_PRESETS, _video_tokenizer, build_video_model, export_video
+    from fewstep.training.video import VIDEO_PRESETS, _video_tokenizer, build_video_model, export_video
 
     torch.manual_seed(seed)
     cfg = VIDEO_PRESETS[preset]

@@ -1,6 +1,6 @@
 """Regenerate the results tables in benchmarks/README.md (and plots) from benchmarks/results/*.jsonl.
 
-    python -m benchmarks.report            # rewrites the block between the markers in benchmarks/README.md
+    fewstep bench report            # rewrites the block between the markers in benchmarks/README.md
 
 Rows are appended by the benchmark scripts (pipeline_bench --out, or by hand from a device run's $OUT). Each row
 carries its GPU, date, commit and command, so a number in the README always points back to how it was made. The
@@ -213,7 +213,7 @@ def kernel_tables(results: Path = HERE / "results" / "kernels") -> str:
                         if v not in ("None", "False"))
 
     files = sorted({(r["_file"], flags(r["_args"])) for r in rows})
-    out.append("Runs (`python benchmarks/kernels/bench_block_sparse_attention.py` with):\n" +
+    out.append("Runs (`fewstep bench kernels` with):\n" +
                "".join(f"- `{f}`: `{a}`\n" for f, a in files))
     out += [f"![{p.stem}](plots/{p.name})\n" for p in sorted((HERE / "plots").glob("bsa_speedup_vs_sparsity*.png"))]
     return "\n".join(out)
@@ -440,7 +440,12 @@ def render(rows: list[dict], plots: list[Path], http: list[dict] = (), streams: 
     return body
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="fewstep bench report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.parse_args(argv)
     rows = load_rows()
     plots_dir = HERE / "plots"
     plots_dir.mkdir(exist_ok=True)

@@ -1,4 +1,8 @@
-"""fewstep command line: serve | generate | bench (images | stream) | build."""
+"""fewstep command line: serve | generate | bench | build | train.
+
+``bench`` and ``train`` also run the tools of ``fewstep.benchmarks`` and ``fewstep.training``, each with its own
+arguments (``fewstep bench pipeline --help``). They run from the installed package: never as ``python -m
+benchmarks...`` from the repository root, whose ``kernels/`` folder would shadow PyPI's ``kernels`` package."""
 
 from __future__ import annotations
 
@@ -177,6 +181,51 @@ def _build(args) -> int:
     return 0
 
 
+# `fewstep bench NAME ARGS` / `fewstep train study ARGS`: modules with their own argument parsers, run as if by
+# `python -m MODULE ARGS` but with site-packages (not the working directory) at the front of sys.path.
+BENCH_TOOLS = {
+    "pipeline": ("fewstep.benchmarks.pipeline_bench",
+                 "in-process latency of one checkpoint, per stage, against diffusers (eager and compiled)"),
+    "encode": ("fewstep.benchmarks.image_encode_bench", "image encoding on the CPU (PIL) and GPU (nvjpeg)"),
+    "quality": ("fewstep.benchmarks.quality", "prompt adherence of the embedded models as served"),
+    "report": ("fewstep.benchmarks.report", "tables and plots regenerated from benchmarks/results"),
+    "kernels": ("fewstep.benchmarks.kernels.bench_block_sparse_attention",
+                "block-sparse attention kernel against cuDNN SDPA and FlexAttention"),
+    "kernels-quality": ("fewstep.benchmarks.kernels.quality_block_sparse",
+                        "adherence of the embedded models with block-sparse attention"),
+    "random-weights": ("fewstep.benchmarks.random_weights",
+                       "write a full-size architecture with random weights (speed and parity runs only)"),
+}
+TRAIN_TOOLS = {
+    "study": ("fewstep.training.study", "CPU-side studies of the training recipe"),
+    "bench": ("fewstep.training.bench", "training-step throughput on the GPU"),
+}
+
+
+def run_tool(module: str, prog: str, argv: list[str]) -> int:
+    import runpy
+
+    sys.argv = [prog, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+def _tool_dispatch(argv: list[str]) -> int | None:
+    """Runs a passthrough tool if argv names one, else returns None (argparse handles the rest)."""
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCH_TOOLS:
+        return run_tool(BENCH_TOOLS[argv[1]][0], f"fewstep bench {argv[1]}", argv[2:])
+    if len(argv) >= 1 and argv[0] == "train":
+        if len(argv) >= 2 and argv[1] in TRAIN_TOOLS:
+            return run_tool(TRAIN_TOOLS[argv[1]][0], f"fewstep train {argv[1]}", argv[2:])
+        from fewstep.training.__main__ import main as train_main
+
+        return train_main(argv[1:])
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -240,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_stream_args(bs)
     bs.set_defaults(func=_bench_stream, _parser=bs)
+    for name, (_, text) in BENCH_TOOLS.items():  # listed for --help; main() runs them with their own parsers
+        bsub.add_parser(name, help=f"{text} (fewstep bench {name} --help)", add_help=False)
 
     e = sub.add_parser("build", help="build inference engines ahead of serving (TensorRT; cached on disk)")
     e.add_argument("--model", help="diffusers-format model directory, or an embedded model: default (image, the "
@@ -255,10 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default=None, help="TensorRT-RTX compute capabilities, e.g. sm86,sm89 (default: "
                    "the visible GPU, or RTX's default set on a CPU)")
     e.set_defaults(func=_build, _parser=e)
+
+    sub.add_parser("train", add_help=False, help="train the embedded default models (fewstep train --help; stages: "
+                   "teacher, distill, eval, all, video-teacher, video-distill, video-eval, study, ...)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    code = _tool_dispatch(argv)
+    if code is not None:
+        return code
     args = build_parser().parse_args(argv)
     return args.func(args) or 0
 

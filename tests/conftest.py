@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# How tests run fewstep in a subprocess: the installed console script, as a user would. Never `python -m ...` from the
+# repository root, which puts the root on sys.path, where our kernels/ folder shadows PyPI's `kernels`.
+_SCRIPT = Path(sys.executable).with_name("fewstep")
+FEWSTEP = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-P", "-m", "fewstep.server.cli"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 try:  # Triton kernels decorate at import: without CUDA they must see the interpreter flag before anything (diffusers
     import torch  # included) imports triton, whatever order pytest collects the modules in
@@ -46,7 +50,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"fewstep-serve-{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fewstep.server.cli", "serve", "--port", str(self.port),
+        self.proc = subprocess.Popen([*FEWSTEP, "serve", "--port", str(self.port),
                                       *args], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 def clip_tokenizer(folder: Path, max_length: int = 77):
-    from benchmarks.random_weights import byte_level_clip_tokenizer
+    from fewstep.benchmarks.random_weights import byte_level_clip_tokenizer
 
     return byte_level_clip_tokenizer(folder, max_length)
 

@@ -1,4 +1,4 @@
-"""``python -m training {teacher,distill,eval,all,video-teacher,video-distill,video-eval,pack,unpack,check} ...``
+"""``fewstep train {teacher,distill,eval,all,video-teacher,video-distill,video-eval,pack,unpack,check} ...``
 -- see training/README.md."""
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ def _stage_args(cls, args: argparse.Namespace, **overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    ap = argparse.ArgumentParser(prog="fewstep train", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("teacher", help="train the flow-matching teacher from scratch")
     t.add_argument("--out", required=True)
     _train_common(t, 8.0)
-    from training.model import DEFAULT_PRESET, PRESETS
+    from fewstep.training.model import DEFAULT_PRESET, PRESETS
     t.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help=f"model preset (default {DEFAULT_PRESET}; training/model.py says what each is)")
     t.add_argument("--ema-decay", type=float, default=0.9995)
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--video-n", type=int, default=28)
     a.add_argument("--no-compile", dest="compile", action="store_false")
 
-    from training.video import DEFAULT_VIDEO_PRESET, VIDEO_PRESETS
+    from fewstep.training.video import DEFAULT_VIDEO_PRESET, VIDEO_PRESETS
     vt = sub.add_parser("video-teacher", help="train the streaming video teacher (per-frame noise levels)")
     vt.add_argument("--out", required=True)
     _train_common(vt, 5.0)
@@ -190,30 +190,30 @@ def _tiny_eval_kw(tiny: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.common import UsageError
+    from fewstep.training.common import UsageError
     try:
         return _main(argv)
     except UsageError as e:
-        print(f"python -m training: error: {e}", file=sys.stderr)
+        print(f"fewstep train: error: {e}", file=sys.stderr)
         return 2
 
 
 def _main(argv: list[str] | None) -> int:
     # A stage's --minutes count from here, not from the import of training.common: called in-process (the tests,
-    # after minutes of other work) the import time would eat the budget. In a fresh `python -m training` the two
+    # after minutes of other work) the import time would eat the budget. In a fresh `fewstep train` the two
     # differ by the import of torch (seconds), well inside the margin each stage keeps for its export.
     started = time.time()
     args = build_parser().parse_args(argv)
     if args.cmd == "teacher":
-        from training.model import DEFAULT_PRESET
-        from training.teacher import TeacherArgs, train_teacher
+        from fewstep.training.model import DEFAULT_PRESET
+        from fewstep.training.teacher import TeacherArgs, train_teacher
         train_teacher(_stage_args(TeacherArgs, args, preset=args.preset or DEFAULT_PRESET, budget_start=started))
     elif args.cmd == "distill":
-        from training.distill import DEFAULT_GRID, DistillArgs, distill
+        from fewstep.training.distill import DEFAULT_GRID, DistillArgs, distill
         distill(_stage_args(DistillArgs, args, guidance_grid=tuple(args.guidance_grid or DEFAULT_GRID),
                             budget_start=started))
     elif args.cmd == "eval":
-        from training.evaluate import EvalArgs, evaluate
+        from fewstep.training.evaluate import EvalArgs, evaluate
         kw = dict(n=args.n, batch=args.batch)
         kw.update(_tiny_eval_kw(args.tiny))
         evaluate(EvalArgs(model=args.model, steps=args.steps, teacher=args.teacher,
@@ -221,9 +221,9 @@ def _main(argv: list[str] | None) -> int:
                           teacher_guidance=args.teacher_guidance, out=args.out, seed=args.seed,
                           tiny=args.tiny, device=args.device, no_background=args.no_background, **kw))
     elif args.cmd == "all":
-        from training.distill import DistillArgs, distill
-        from training.evaluate import EvalArgs, evaluate
-        from training.teacher import TeacherArgs, train_teacher
+        from fewstep.training.distill import DistillArgs, distill
+        from fewstep.training.evaluate import EvalArgs, evaluate
+        from fewstep.training.teacher import TeacherArgs, train_teacher
         t_all = time.time()
         out = Path(args.out)
         preset = {"preset": args.preset} if args.preset else {}
@@ -239,7 +239,7 @@ def _main(argv: list[str] | None) -> int:
                           teacher_steps=(4 if args.tiny else 25), out=str(out), seed=args.seed,
                           tiny=args.tiny, device=args.device, **kw))
         if args.video:
-            from training.video import (VideoDistillArgs, VideoEvalArgs, VideoTeacherArgs, distill_video,
+            from fewstep.training.video import (VideoDistillArgs, VideoEvalArgs, VideoTeacherArgs, distill_video,
                                         train_video_teacher, video_evaluate)
             # each stage's budget counts from its own start (a single-stage command: from the command's start)
             vt = train_video_teacher(VideoTeacherArgs(
@@ -254,7 +254,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"[all] done in {(time.time() - t_all) / 60:.1f} min; students: {sdir}"
               + (f", {vs}" if args.video else ""), flush=True)
     elif args.cmd == "video-teacher":
-        from training.video import VideoTeacherArgs, train_video_teacher
+        from fewstep.training.video import VideoTeacherArgs, train_video_teacher
         train_video_teacher(VideoTeacherArgs(
             out=args.out, minutes=args.minutes, resume=args.resume, tiny=args.tiny, preset=args.preset,
             batch=args.batch, lr=args.lr, ema_decay=args.ema_decay, edge_weight=args.edge_weight,
@@ -262,7 +262,7 @@ def _main(argv: list[str] | None) -> int:
             max_steps=args.max_steps, ckpt_every=args.ckpt_every, workers=args.workers, device=args.device,
             budget_start=started))
     elif args.cmd == "video-distill":
-        from training.video import VideoDistillArgs, distill_video
+        from fewstep.training.video import VideoDistillArgs, distill_video
         distill_video(VideoDistillArgs(
             teacher=args.teacher, out=args.out, minutes=args.minutes, resume=args.resume, tiny=args.tiny,
             batch=args.batch, lr=args.lr, substeps=args.substeps, guidance=args.guidance,
@@ -271,20 +271,20 @@ def _main(argv: list[str] | None) -> int:
             compile=args.compile, max_steps=args.max_steps, ckpt_every=args.ckpt_every, device=args.device,
             budget_start=started))
     elif args.cmd == "video-eval":
-        from training.video import VideoEvalArgs, video_evaluate
+        from fewstep.training.video import VideoEvalArgs, video_evaluate
         video_evaluate(VideoEvalArgs(
             model=args.model, teacher=args.teacher, teacher_substeps=args.teacher_substeps,
             teacher_guidance=args.teacher_guidance, n=args.n, frames=args.frames, split=args.split, out=args.out,
             seed=args.seed, tiny=args.tiny, device=args.device, workers=args.workers,
             div_prompts=args.div_prompts, div_seeds=args.div_seeds))
     elif args.cmd == "pack":
-        from training.pack import pack
+        from fewstep.training.pack import pack
         pack(args.dir, args.dest, exports=args.exports, ckpt=args.ckpt)
     elif args.cmd == "unpack":
-        from training.pack import unpack
+        from fewstep.training.pack import unpack
         unpack(args.src, args.dir)
     elif args.cmd == "check":
-        from training.export import summarize
+        from fewstep.training.export import summarize
         print(summarize(args.dir))
     return 0
 

@@ -22,7 +22,7 @@ the frozen teacher UNet's encoder (input convolution, down blocks, mid block) re
 random noise level, and a small conditional head per level scores its features. What a pixel discriminator has to
 learn from scratch in two minutes (what a star's points or a cross's arms look like, at which noise level a blob
 is an object) the teacher's features should already hold; the noise level chooses between coarse layout (high) and
-edges (low). A CPU probe (``python -m training.study disc``, tenth session) found it telling the shipped student's
+edges (low). A CPU probe (``fewstep train study disc``, tenth session) found it telling the shipped student's
 samples from the teacher's earlier and more steadily than the pixel discriminator, and about as well after 100
 steps. On the device (eleventh session) it did not help: its hinge loss started at 1.82 and the generator fooled it
 from step ~325 on; at W = 0.2 the 1-step student scored 0.771 (half the regression's steps: the adversarial path is
@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.common import bf16_autocast
-from training.features import encoder_features, noised
+from fewstep.training.common import bf16_autocast
+from fewstep.training.features import encoder_features, noised
 
 
 class PatchDiscriminator(nn.Module):
@@ -140,7 +140,7 @@ class AdversarialLoss:
 
     def __init__(self, text_dim: int, *, lr: float, device, autocast: bool, width: int = 64,
                  teacher_unet: nn.Module | None = None, seed: int = 0):
-        from training.common import make_adamw
+        from fewstep.training.common import make_adamw
         # teacher_unet: judge through the frozen teacher's encoder (LADD) instead of a pixel discriminator; seed: its
         # noise draws (not checkpointed: a resumed run draws anew, as it does new pairs)
         self.disc = (TeacherFeatureDiscriminator(teacher_unet, text_dim, seed=seed) if teacher_unet is not None

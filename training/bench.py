@@ -1,4 +1,4 @@
-"""Throughput probes for choosing the model size / batch on the GPU (``python -m training.bench``).
+"""Throughput probes for choosing the model size / batch on the GPU (``fewstep train bench``).
 
 Measures, per model preset: train-step img/s (eager and torch.compile, compile time), inference
 img/s (teacher sampling forward), and the data stream's img/s and the detector's img/s.
@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from training.common import count_params, pick_device, setup_torch
-from training.model import PRESETS, build_model, build_tokenizer, tokenize
-from training.teacher import flow_loss
+from fewstep.training.common import count_params, pick_device, setup_torch
+from fewstep.training.model import PRESETS, build_model, build_tokenizer, tokenize
+from fewstep.training.teacher import flow_loss
 
 
 def _sync(dev):
@@ -23,7 +23,7 @@ def _sync(dev):
 
 
 def bench_train(preset: str, batch: int, dev, compile_: bool, steps: int = 20) -> dict:
-    from training import data
+    from fewstep.training import data
     cfg = PRESETS[preset]
     tok = build_tokenizer(data.vocabulary(), cfg.max_length)
     model = build_model(cfg, len(tok)).to(dev).train()
@@ -68,8 +68,8 @@ def bench_train(preset: str, batch: int, dev, compile_: bool, steps: int = 20) -
 
 
 def bench_stream(batch: int, dev, seconds: float = 15.0) -> dict:
-    from training import data
-    from training.stream import BatchStream
+    from fewstep.training import data
+    from fewstep.training.stream import BatchStream
     tok = build_tokenizer(data.vocabulary(), 32)
     s = BatchStream(seed=0, batch=batch, size=64, split="train", device=dev, start_step=0, tokenizer=tok,
                     drop_prob=0.1)
@@ -90,8 +90,8 @@ def bench_stream(batch: int, dev, seconds: float = 15.0) -> dict:
 def bench_scorer(n: int = 256) -> dict:
     import numpy as np
 
-    from training import data
-    from training.metrics import Scorer
+    from fewstep.training import data
+    from fewstep.training.metrics import Scorer
     rng = np.random.default_rng(0)
     sc = [data.sample_scene(rng, "heldout") for _ in range(n)]
     ims = list(data.to_uint8(data.render(sc, 64)))
@@ -119,12 +119,12 @@ def bench_variants(preset: str, batch: int, chunk: int, dev, compile_: bool, ste
     replayed step computes what the eager step computes (same weights, same batches)."""
     import copy
 
-    from training import data
-    from training.common import make_adamw
-    from training.distill import DistillArgs, draw_sigma, reflow_loss
+    from fewstep.training import data
+    from fewstep.training.common import make_adamw
+    from fewstep.training.distill import DistillArgs, draw_sigma, reflow_loss
     from fewstep.engines.backends.compiled import StaticGraph
-    from training.graphs import CapturedTrainStep
-    from training.model import sample, scheduler_sigmas
+    from fewstep.training.graphs import CapturedTrainStep
+    from fewstep.training.model import sample, scheduler_sigmas
     d = DistillArgs(teacher="", out="")
     cfg = PRESETS[preset]
     tok = build_tokenizer(data.vocabulary(), cfg.max_length)

@@ -57,7 +57,7 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 
 class UsageError(ValueError):
-    """A stage's options do not fit its inputs: ``python -m training`` prints the message, not a traceback."""
+    """A stage's options do not fit its inputs: ``fewstep train`` prints the message, not a traceback."""
 
 
 class Budget:
@@ -114,7 +114,7 @@ class Stage:
         torch.manual_seed(args.seed)
 
     def exported(self, tag: str, what: str, exp: Path, step: int) -> Path:
-        from training.export import summarize
+        from fewstep.training.export import summarize
 
         log(f"[{tag}] exported {what}: {summarize(exp)}")
         self.jsonl.write(event="exported", path=str(exp), step=step)

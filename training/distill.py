@@ -1,6 +1,6 @@
 """Stage 2: reflow + one-step distillation of the teacher into a 1-4 step, guidance-free student.
 
-``python -m training distill --teacher DIR/teacher --out DIR [--minutes 8] [--resume]``
+``fewstep train distill --teacher DIR/teacher --out DIR [--minutes 8] [--resume]``
 
 Method (InstaFlow; "Improving the Training of Rectified Flows"):
 
@@ -54,12 +54,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.common import (GuardedCompiled, JsonlLog, Stage, UsageError, bf16_autocast, count_params, ema_decay_at,
+from fewstep.training.common import (GuardedCompiled, JsonlLog, Stage, UsageError, bf16_autocast, count_params, ema_decay_at,
                              ema_update, fmt_secs, guarded_train_step, log, maybe_compile, step_seed)
-from training.export import export_model, load_export
-from training.features import feature_distance
-from training.loop import Trainer
-from training.model import guided_velocity, sample, scheduler_sigmas, to_uint8_list, tokenize, uniform_sigmas
+from fewstep.training.export import export_model, load_export
+from fewstep.training.features import feature_distance
+from fewstep.training.loop import Trainer
+from fewstep.training.model import guided_velocity, sample, scheduler_sigmas, to_uint8_list, tokenize, uniform_sigmas
 
 # sigmas of the few-step grids the student must handle: diffusers' set_timesteps(4) with shift=1
 # (1, .667, .334, .001 -> 0) and the quarter points of linspace(1, 1/N, N) conventions.
@@ -158,7 +158,7 @@ def adherence_of(images: torch.Tensor, prompts: list[str], scorer) -> dict:
 
 def search_guidance(model, tokenizer, grid, n: int, steps: int, seed: int, device, batch: int,
                     jsonl: JsonlLog, scorer) -> tuple[float, list[dict]]:
-    from training import data
+    from fewstep.training import data
     prompts = data.train_prompts(n, seed=seed + 101)
     g = torch.Generator(device=device).manual_seed(step_seed(seed, 0, 11))
     noise = torch.randn((n, 3, 64, 64), generator=g, device=device)
@@ -220,10 +220,10 @@ def fill_pool(pool: PairPool, teacher, tokenizer, *, seconds: float, chunk: int,
     """Generate teacher pairs for ``seconds`` (or until full / max_chunks); returns chunks made.
 
     The sampler runs eagerly: recorded as one CUDA graph per chunk it ran at the same speed (1.82 against 1.84 s per
-    1024 pairs, H200, ``python -m training.bench --variants``); its kernels, not their launches, are the cost."""
+    1024 pairs, H200, ``fewstep train bench --variants``); its kernels, not their launches, are the cost."""
     from tqdm import tqdm
 
-    from training import data
+    from fewstep.training import data
     t0 = time.time()
     c = first_chunk
     sig = scheduler_sigmas(steps)
@@ -281,7 +281,7 @@ def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, aut
     v = v.float()
     target = z - x0
     if w_edge > 0:
-        from training.teacher import edge_map
+        from fewstep.training.teacher import edge_map
         pw = 1.0 + w_edge * edge_map(x0)
         mse = ((v - target) ** 2 * pw).mean(dim=(1, 2, 3)) / pw.mean(dim=(1, 2, 3))
     else:
@@ -293,7 +293,7 @@ def reflow_loss(model, z, x0, ids, mask, sigma, w_one: float, w_perc: float, aut
     perc = d.abs().mean(dim=(1, 2, 3)) + (d ** 2).mean(dim=(1, 2, 3))
     w = 1.0 + (w_one - 1.0) * (sigma >= 0.9999).float()
     if low_sigma > 0:  # the velocity error of a nearly clean sample is a noise-prediction error: see the teacher
-        from training.teacher import low_sigma_weight
+        from fewstep.training.teacher import low_sigma_weight
         mse = mse * low_sigma_weight(sigma.float(), low_sigma)
     loss = ((mse + w_perc * perc) * w).sum() / w.sum()
     return (loss, x0_pred) if return_pred else loss
@@ -318,8 +318,8 @@ class DistributionMatching:
                  t_min: float = 0.02, t_max: float = 0.98):
         import copy
 
-        from training.common import make_adamw
-        from training.model import FewstepModel
+        from fewstep.training.common import make_adamw
+        from fewstep.training.model import FewstepModel
         self.teacher = teacher
         fake_den = copy.deepcopy(teacher.transformer).float().train().requires_grad_(True)
         self.fake = FewstepModel(teacher.text_encoder, fake_den)   # shares the frozen text encoder
@@ -403,7 +403,7 @@ def distill(args: DistillArgs) -> Path:
     grid = tuple(args.guidance_grid) if not tiny or args.guidance_grid != DEFAULT_GRID else (1.0, 3.0)
     max_steps = args.max_steps if args.max_steps is not None else (4 if tiny else None)
 
-    from training.metrics import Scorer
+    from fewstep.training.metrics import Scorer
     scorer = Scorer(0 if tiny else None)   # detector worker processes start while we load
     teacher, tokenizer, index = load_export(args.teacher, device, torch.float32)
     teacher.requires_grad_(False).eval()
@@ -517,7 +517,7 @@ def distill(args: DistillArgs) -> Path:
         jsonl.write(event="dmd", weight=args.dmd, batch=dmd_batch, guidance=dmd_guidance, lr=args.dmd_lr or lr)
     adv = None
     if args.gan > 0:
-        from training.adversarial import AdversarialLoss, adaptive_weight, last_layer_weight
+        from fewstep.training.adversarial import AdversarialLoss, adaptive_weight, last_layer_weight
         gan_batch = args.gan_batch or (4 if tiny else 256)
         gan_lr = args.gan_lr or 5e-4
         adv = AdversarialLoss(teacher.text_encoder.config.hidden_size, lr=gan_lr, device=device, autocast=use_ac,
@@ -596,7 +596,7 @@ def distill(args: DistillArgs) -> Path:
     trainer.finish(state())
 
     # ---- quick check on train-split prompts (held-out evaluation is the `eval` stage) ----
-    from training import data
+    from fewstep.training import data
     prompts = data.train_prompts(search_n, seed=args.seed + 202)
     gq = torch.Generator(device=device).manual_seed(step_seed(args.seed, 0, 12))
     noise = torch.randn((search_n, 3, 64, 64), generator=gq, device=device)

@@ -1,6 +1,6 @@
 """Stage 3: held-out evaluation of an exported model (and optionally the teacher).
 
-``python -m training eval --model DIR/student --steps 1 2 4 [--teacher DIR/teacher --teacher-steps 25] [--n 512]``
+``fewstep train eval --model DIR/student --steps 1 2 4 [--teacher DIR/teacher --teacher-steps 25] [--n 512]``
 
 * prompts: ``training.data.heldout_prompts(n)`` (compositional pairs never rendered in training);
 * adherence: ``benchmarks.quality.adherence`` (strict: every stated property must be detected);
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from training.common import log, pick_device, read_json, setup_torch, step_seed, write_json
-from training.export import load_export
-from training.model import sample, served_sigmas, to_uint8_list, tokenize
+from fewstep.training.common import log, pick_device, read_json, setup_torch, step_seed, write_json
+from fewstep.training.export import load_export
+from fewstep.training.model import sample, served_sigmas, to_uint8_list, tokenize
 
 
 @dataclass
@@ -71,8 +71,8 @@ def _noise(n: int, seed: int, salt: int, device) -> torch.Tensor:
 
 
 def evaluate(args: EvalArgs) -> dict:
-    from training import data
-    from training.metrics import Scorer
+    from fewstep.training import data
+    from fewstep.training.metrics import Scorer
 
     device = pick_device(args.device)
     setup_torch(device)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from training import data
-from training.common import dir_bytes, read_json, write_json
-from training.model import FewstepModel
+from fewstep.training import data
+from fewstep.training.common import dir_bytes, read_json, write_json
+from fewstep.training.model import FewstepModel
 
 PIPELINE_CLASS = "FewstepPixelPipeline"
 DENOISER_FILES = ("config.json", "diffusion_pytorch_model.safetensors")

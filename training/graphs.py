@@ -1,6 +1,6 @@
 """CUDA graphs for the training stages: a whole optimizer step recorded once and replayed, with none of
 ``torch.compile``'s start-up cost (``CapturedTrainStep``, the distill stage's student step). No-grad calls have the
-engine's recorder (``fewstep.engines.backends.compiled.StaticGraph``): ``python -m training.bench --variants`` times
+engine's recorder (``fewstep.engines.backends.compiled.StaticGraph``): ``fewstep train bench --variants`` times
 the pair sampler with it, and the stage keeps the sampler eager, where the graph saved 1%.
 
 Why: the UNet student's eager step at batch 512 (64x64 images, 32-128 channels) launches many small kernels and keeps

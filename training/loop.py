@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from training.common import (Budget, JsonlLog, ema_decay_at, ema_update, fmt_secs, load_checkpoint,
+from fewstep.training.common import (Budget, JsonlLog, ema_decay_at, ema_update, fmt_secs, load_checkpoint,
                              log, make_adamw, pack_training_state, save_checkpoint,
                              unpack_training_state, wsd_lr)
-from training.graphs import set_lr
+from fewstep.training.graphs import set_lr
 
 
 class Trainer:
@@ -117,7 +117,7 @@ class Trainer:
         stepped=True)``.
         If the recording fails, the warm-up step still counts, ``captured`` stays None (the log and the jsonl say
         why) and the caller goes on eagerly."""
-        from training.graphs import CapturedTrainStep
+        from fewstep.training.graphs import CapturedTrainStep
         assert self.captured is None
         step = CapturedTrainStep(loss_fn, self.params, self.opt, self.grad_clip, [inputs])
         try:

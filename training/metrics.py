@@ -15,7 +15,7 @@ import numpy as np
 
 def _adherence_chunk(args):
     images, captions = args
-    from benchmarks import quality
+    from fewstep.benchmarks import quality
     return quality.adherence(images, captions)
 
 
@@ -45,7 +45,7 @@ class Scorer:
         images = [np.asarray(im) for im in images]
         captions = list(captions)
         if self.pool is None or len(images) < 8:
-            from benchmarks import quality
+            from fewstep.benchmarks import quality
             return combine([quality.adherence(images, captions)])
         n = len(images)
         nchunks = min(n, self.workers * 3)
@@ -55,7 +55,7 @@ class Scorer:
 
     @staticmethod
     def diversity(images) -> float:
-        from benchmarks import quality
+        from fewstep.benchmarks import quality
         return float(quality.diversity([np.asarray(im) for im in images]))
 
     def close(self) -> None:

@@ -106,7 +106,7 @@ def build_tokenizer(words: list[str] | None = None, max_length: int = 32):
     from transformers import PreTrainedTokenizerFast
 
     if words is None:
-        from training import data
+        from fewstep.training import data
         words = data.vocabulary()
     words = sorted({w.lower() for w in words} - set(SPECIAL_TOKENS))
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}

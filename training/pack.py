@@ -1,6 +1,6 @@
 """Move a run directory through the GPU machine's output folder (<= 8 files, each < 16 MB).
 
-``python -m training pack DIR DEST [--ckpt teacher distill]`` writes into DEST:
+``fewstep train pack DIR DEST [--ckpt teacher distill]`` writes into DEST:
 
 * ``fewstep_<name>.tar`` for each exported model folder in DIR (``teacher/``, ``student/``, or with
   ``--exports`` any others such as ``video_teacher/`` ``video_student/``; <= 12 MB each, fp16) -- an export has 9 files, so it travels as one tar;
@@ -9,7 +9,7 @@
 * with ``--ckpt STAGE``: that stage's checkpoint shards ``STAGE_ckpt-g*-*.safetensors`` as they are
   (each < 15 MB).
 
-``python -m training unpack SRC DIR`` restores such a folder into DIR (tars extracted, shards put
+``fewstep train unpack SRC DIR`` restores such a folder into DIR (tars extracted, shards put
 back into ``DIR/STAGE_ckpt/``), so a later call can ``--resume`` or ``distill --teacher DIR/teacher``.
 """
 
@@ -20,7 +20,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from training.common import log
+from fewstep.training.common import log
 
 MAX_FILE = 16_000_000
 MAX_FILES = 8
@@ -54,7 +54,7 @@ def pack(run_dir: str | Path, dest: str | Path, exports: list[str] | None = None
         d = run_dir / f"{stage}_ckpt"
         if not (d / "state.json").exists():
             raise FileNotFoundError(f"no checkpoint {d}")
-        from training.common import read_json
+        from fewstep.training.common import read_json
         for fname in read_json(d / "state.json")["shards"]:
             shutil.copy2(d / fname, dest / fname)
             written.append(dest / fname)

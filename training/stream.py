@@ -23,7 +23,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from training.model import tokenize
+from fewstep.training.model import tokenize
 
 
 def batch_rng(seed: int, step: int) -> np.random.Generator:
@@ -36,7 +36,7 @@ def drop_captions(captions: list[str], seed: int, step: int, prob: float, bg_pro
     turning one on leaves the other's draws as they were."""
     captions = list(captions)
     if bg_prob > 0:
-        from training.data import drop_backgrounds
+        from fewstep.training.data import drop_backgrounds
         captions = drop_backgrounds(captions, np.random.default_rng([seed, step, 2]), bg_prob)
     if prob <= 0:
         return captions
@@ -55,8 +55,8 @@ def _scenes_for_step(args):
     """Worker: the scenes sample_batch would draw for this step, as ``data.scene_arrays`` (no rendering), plus
     the tokenised captions after caption dropout (word-level lookup, see model.fast_tokenize)."""
     seed, step, batch, split = args
-    from training import data
-    from training.model import fast_tokenize
+    from fewstep.training import data
+    from fewstep.training.model import fast_tokenize
     rng = batch_rng(seed, step)
     scenes = [data.sample_scene(rng, split) for _ in range(batch)]
     caps_in = drop_captions([s.caption for s in scenes], seed, step, _WORKER["drop_prob"], _WORKER["bg_prob"])
@@ -75,7 +75,7 @@ class BatchStream:
     def __init__(self, *, seed: int, batch: int, size: int, split: str, device: torch.device,
                  start_step: int, tokenizer, drop_prob: float = 0.0, workers: int | None = None,
                  prefetch: int = 3, bg_prob: float = 0.0):
-        from training import data
+        from fewstep.training import data
         self.data = data
         self.seed, self.batch, self.size, self.split = seed, batch, size, split
         self.device = torch.device(device)

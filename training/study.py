@@ -1,5 +1,5 @@
 """CPU-side evidence for the image recipe
-(``python -m training.study {flops,bayes,probe,shapeword,grad,relations,disc,featdist,motion,cpu}``).
+(``fewstep train study {flops,bayes,probe,shapeword,grad,relations,disc,featdist,motion,cpu}``).
 
 * ``flops``: parameters, fp16 size and forward FLOPs per 64x64 image (``torch.utils.flop_counter``)
   of every preset, with an H200 throughput estimate scaled from the measured img/s of the preset
@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from training.model import (
+from fewstep.training.model import (
     PRESETS,
     ModelConfig,
     build_model,
@@ -89,7 +89,7 @@ def flops_table(presets: list[str]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 def bayes_window(size: int, n: int, prop: str, sigmas: list[float], reps: int = 4, seed: int = 0) -> dict:
-    from training import data as D
+    from fewstep.training import data as D
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     opts = D.SHAPES if prop == "shape" else tuple(D.COLORS)
@@ -115,7 +115,7 @@ def bayes_window(size: int, n: int, prop: str, sigmas: list[float], reps: int = 
 
 def sigma_mass(lo: float, hi: float, loc: float, uniform_frac: float = 0.2, n: int = 200_000) -> float:
     g = torch.Generator().manual_seed(0)
-    from training.teacher import draw_sigma
+    from fewstep.training.teacher import draw_sigma
     s = draw_sigma(n, g, "cpu", uniform_frac, loc)
     return float(((s >= lo) & (s <= hi)).float().mean())
 
@@ -149,7 +149,7 @@ RECIPES = {
 
 def swap_shape(caption: str, shift: int = 1) -> str:
     """The caption with its (first) shape word replaced by another shape; the grammar has no plurals."""
-    from training.data import SHAPES
+    from fewstep.training.data import SHAPES
     words = caption.split()
     for i, w in enumerate(words):
         if w in SHAPES:
@@ -159,7 +159,7 @@ def swap_shape(caption: str, shift: int = 1) -> str:
 
 
 def single_object_pool(n: int, size: int, seed: int, split: str = "train"):
-    from training import data as D
+    from fewstep.training import data as D
     rng = np.random.default_rng(seed)
     scenes = []
     while len(scenes) < n:
@@ -170,7 +170,7 @@ def single_object_pool(n: int, size: int, seed: int, split: str = "train"):
 
 
 def _val_metrics(model, tok, xv, cv, seed: int = 1) -> dict:
-    from training.teacher import edge_map
+    from fewstep.training.teacher import edge_map
     g = torch.Generator().manual_seed(seed)
     n = xv.shape[0]
     noise = torch.randn(xv.shape, generator=g)
@@ -210,7 +210,7 @@ def shape_word_gains(model, tok, xv, cv, noise, sig) -> dict:
 
 def shape_word_probe(model_dir: str, n: int = 256) -> dict:
     """``shape_word_gains`` of an exported image teacher on ``n`` held-out single-object renders at its size."""
-    from training.export import load_export
+    from fewstep.training.export import load_export
     model, tok, _ = load_export(model_dir, "cpu", torch.float32)
     size = model.transformer.config.sample_size
     xv, cv = single_object_pool(n, size, seed=12345, split="heldout")
@@ -223,9 +223,9 @@ def shape_word_probe(model_dir: str, n: int = 256) -> dict:
 
 def run_proxy(name: str, seconds: float, pool, val, n_samples: int, seed: int = 0,
               max_steps: int | None = None) -> dict:
-    from benchmarks import quality
-    from training import data as D
-    from training.teacher import flow_loss, sample_sigma_noise
+    from fewstep.benchmarks import quality
+    from fewstep.training import data as D
+    from fewstep.training.teacher import flow_loss, sample_sigma_noise
 
     proxy, loc, edge, batch, lr, low, sigma_min = RECIPES[name]
     cfg = copy.deepcopy(PROXIES[proxy])
@@ -275,7 +275,7 @@ def run_proxy(name: str, seconds: float, pool, val, n_samples: int, seed: int = 
     prompts = cv[:n_samples]
     ids, mask = tokenize(tok, prompts)
     z = torch.randn((n_samples, 3, cfg.size, cfg.size), generator=torch.Generator().manual_seed(7))
-    from training.model import scheduler_sigmas, to_uint8_list
+    from fewstep.training.model import scheduler_sigmas, to_uint8_list
     imgs = sample(ema, ids, mask, z, scheduler_sigmas(20), 3.0, tokenize(tok, [""]))
     adh = quality.adherence(to_uint8_list(imgs), prompts)
     res.update({f"adh_{k}": round(float(v), 3) for k, v in adh.items() if k != "n"})
@@ -292,10 +292,10 @@ def probe_teacher(path: str, n: int, sigmas: list[float], guidance: float, seed:
     """(1) one-step x0 predictions ``x_s - s v`` from noised held-out renders at fixed sigma, scored
     by the detector: does the model render the captioned shape once the layout is given? (2) full
     sampling at a few (steps, CFG) settings on the same prompts."""
-    from benchmarks import quality
-    from training import data as D
-    from training.export import load_export
-    from training.model import scheduler_sigmas, to_uint8_list
+    from fewstep.benchmarks import quality
+    from fewstep.training import data as D
+    from fewstep.training.export import load_export
+    from fewstep.training.model import scheduler_sigmas, to_uint8_list
 
     model, tok, _ = load_export(path, "cpu", torch.float32)
     rng = np.random.default_rng(seed)
@@ -337,9 +337,9 @@ def gradient_split(model_dir: str, shards: list[str], lows: list[float], batch: 
     import torch.nn.functional as F
     from safetensors import safe_open
 
-    from training import data as D
-    from training.export import load_export
-    from training.teacher import TeacherArgs, draw_sigma, edge_map, low_sigma_weight
+    from fewstep.training import data as D
+    from fewstep.training.export import load_export
+    from fewstep.training.teacher import TeacherArgs, draw_sigma, edge_map, low_sigma_weight
     recipe = TeacherArgs(out="")  # the teacher's default sigma law and outline weight
     model, tok, _ = load_export(model_dir, "cpu", torch.float32)
     if shards:
@@ -381,11 +381,11 @@ def relation_breakdown(model_dir: str, steps: int, n: int, guidance: float = 0.0
     """Where the position check fails: per absolute position phrase and per pairwise relation of ``n`` held-out
     prompts, the rate at which it holds, and (relations) how often the opposite relation holds instead. Only images
     whose objects were all matched by the detector count. Samples walk the served sigmas from the CPU noise."""
-    from benchmarks import quality as Q
-    from training import data as D
-    from training.export import load_export
-    from training.distill import generate
-    from training.model import served_sigmas, to_uint8_list
+    from fewstep.benchmarks import quality as Q
+    from fewstep.training import data as D
+    from fewstep.training.export import load_export
+    from fewstep.training.distill import generate
+    from fewstep.training.model import served_sigmas, to_uint8_list
 
     model, tok, _ = load_export(model_dir, "cpu", torch.float32)
     prompts = D.heldout_prompts(n, seed=seed)
@@ -424,11 +424,11 @@ def discriminator_probe(teacher_dir: str, student_dir: str, n: int = 192, steps:
     and every ``every`` steps reports on the held-back quarter: the share of pairs in which the teacher's sample
     scores higher than the student's (0.5 = blind), and the mean logit gap (the teacher-feature discriminator: both
     images of a pair under the same noise draws, averaged over ``draws``). CPU, fp32."""
-    from training import data as D
-    from training.adversarial import AdversarialLoss
-    from training.distill import generate
-    from training.export import load_export
-    from training.model import scheduler_sigmas, tokenize, uniform_sigmas
+    from fewstep.training import data as D
+    from fewstep.training.adversarial import AdversarialLoss
+    from fewstep.training.distill import generate
+    from fewstep.training.export import load_export
+    from fewstep.training.model import scheduler_sigmas, tokenize, uniform_sigmas
 
     teacher, tok, _ = load_export(teacher_dir, "cpu", torch.float32)
     student, _, _ = load_export(student_dir, "cpu", torch.float32)
@@ -483,11 +483,11 @@ def feature_distance_probe(teacher_dir: str, student_dir: str, n: int = 32, guid
     with the regression's (norms at W = 1 and cosine, over all trained parameters, at sigma = 1). CPU, fp32."""
     import torch.nn.functional as F
 
-    from training import data as D
-    from training.distill import generate, reflow_loss
-    from training.export import load_export
-    from training.features import feature_distance
-    from training.model import scheduler_sigmas, tokenize
+    from fewstep.training import data as D
+    from fewstep.training.distill import generate, reflow_loss
+    from fewstep.training.export import load_export
+    from fewstep.training.features import feature_distance
+    from fewstep.training.model import scheduler_sigmas, tokenize
 
     teacher, tok, _ = load_export(teacher_dir, "cpu", torch.float32)
     teacher.requires_grad_(False).eval()
@@ -533,9 +533,9 @@ def motion_probe(model_dir: str, n: int = 10, frames: int = 64, seed: int = 0) -
     (``benchmarks.quality._motion_accuracy``: the share of frame steps in the captioned direction, bounces allowed
     near a wall), for the model's stream (engine policy, 1 call per step) and for the dataset's own video of the same
     scene. Tells a model that holds objects still from one that moves them but loses the direction."""
-    from benchmarks import quality as Q
-    from training import data as D
-    from training.video import generate_streams, load_video_export
+    from fewstep.benchmarks import quality as Q
+    from fewstep.training import data as D
+    from fewstep.training.video import generate_streams, load_video_export
 
     model, tok, index = load_video_export(model_dir, "cpu")
     fs = index["fewstep"]
@@ -571,7 +571,7 @@ def motion_probe(model_dir: str, n: int = 10, frames: int = 64, seed: int = 0) -
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.study")
+    ap = argparse.ArgumentParser(prog="fewstep train study")
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("flops")
     f.add_argument("--presets", nargs="+", default=["base", "deep", "p2", "deep8", "p2n"])

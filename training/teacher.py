@@ -1,6 +1,6 @@
 """Stage 1: train the flow-matching teacher (text encoder + DiT) from scratch on streamed data.
 
-``python -m training teacher --out DIR [--minutes 8] [--resume]``
+``fewstep train teacher --out DIR [--minutes 8] [--resume]``
 
 * data: ``training.data`` scenes rendered on the training device (see :mod:`training.stream`),
   caption dropout (``""``) for classifier-free guidance;
@@ -8,7 +8,7 @@
   sigma ~ 80% logit-normal(``sigma_loc`` = 0.8, 1) + 20% uniform. The location is shifted towards
   high noise because that is where a shape's identity is decided in pixel space at 64x64 (the
   Bayes-optimal shape classifier on ``x_s`` goes from chance to ~100% between sigma 0.95 and 0.5,
-  ``python -m training.study bayes``) and where the first base teacher fails (its x0 predictions
+  ``fewstep train study bayes``) and where the first base teacher fails (its x0 predictions
   carry the captioned shape 97% of the time at sigma 0.3 but 22% at 0.7, ``study probe``): 71% of
   the draws land in [0.5, 0.95] (49% before); the uniform part keeps the whole range covered;
 * shape-aware loss: the per-pixel squared error is weighted ``1 + edge_weight * edge(x0)`` where
@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.common import Stage, bf16_autocast, count_params, guarded_train_step, log, step_seed
-from training.export import export_model
-from training.loop import Trainer
-from training.model import (DEFAULT_PRESET, PRESETS, ModelConfig, build_model, build_tokenizer,
+from fewstep.training.common import Stage, bf16_autocast, count_params, guarded_train_step, log, step_seed
+from fewstep.training.export import export_model
+from fewstep.training.loop import Trainer
+from fewstep.training.model import (DEFAULT_PRESET, PRESETS, ModelConfig, build_model, build_tokenizer,
                             required_max_length)
 
 TEACHER_STEPS = 25
@@ -156,7 +156,7 @@ def train_teacher(args: TeacherArgs) -> Path:
     stage = Stage(args, "teacher_log.jsonl")
     budget, device, out, jsonl = stage.budget, stage.device, stage.out, stage.jsonl
 
-    from training import data
+    from fewstep.training import data
     preset, cfg, batch, lr = resolve(args, device)
     n_probe = 300 if args.tiny else 3000
     cfg.max_length = required_max_length([data.train_prompts(n_probe, seed=args.seed + 17),
@@ -201,7 +201,7 @@ def train_teacher(args: TeacherArgs) -> Path:
         args.compile and not args.tiny, device, "teacher step",
         on_fail=lambda: trainer.opt.zero_grad(set_to_none=True))
 
-    from training.stream import BatchStream, ReplayBuffer
+    from fewstep.training.stream import BatchStream, ReplayBuffer
     reuse = max(1, args.reuse)
     # stream batch j feeds the buffer at step j * reuse (a resumed run refills the buffer)
     stream = BatchStream(seed=args.seed, batch=batch, size=cfg.size, split="train", device=device,

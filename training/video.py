@@ -4,7 +4,7 @@
 serving engine's moving buffer (K levels, one model call per engine step), a reference sampler that
 mirrors the engine, and an evaluation over long (300-frame) streams.
 
-``python -m training video-teacher --out DIR`` / ``video-distill --teacher DIR/video_teacher --out DIR``
+``fewstep train video-teacher --out DIR`` / ``video-distill --teacher DIR/video_teacher --out DIR``
 / ``video-eval --model DIR/video_student [--teacher DIR/video_teacher]`` (training/README.md).
 
 Shapes and conventions
@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.common import (
+from fewstep.training.common import (
     Stage,
     UsageError,
     bf16_autocast,
@@ -62,7 +62,7 @@ from training.common import (
     step_seed,
     write_json,
 )
-from training.model import (
+from fewstep.training.model import (
     FewstepModel,
     ModelConfig,
     build_text_encoder,
@@ -164,12 +164,9 @@ class VideoModel(FewstepModel):
 
 
 def video_model_class(name: str):
-    """A video denoiser class from the installed package, or from the repo root when fewstep is not installed
-    (a device run with ``PYTHONPATH=$PWD``): the same file either way."""
-    try:
-        from fewstep.engines import models
-    except ImportError:
-        from engines import models
+    """A video denoiser class of the installed package (fewstep.engines.models)."""
+    from fewstep.engines import models
+
     return getattr(models, name)
 
 
@@ -305,7 +302,7 @@ def _swap_lr(caption: str) -> str:
 def video_work(seed: int, j: int, batch: int, K: int, F: int, split: str, spec: SigmaSpec, dspec: DataSpec,
                vocab: dict, max_length: int) -> dict:
     """Batch ``j``: everything but the pixels, a pure function of (seed, j) (numpy only)."""
-    from training import data as D
+    from fewstep.training import data as D
 
     T = K * F
     rng = np.random.default_rng([seed, j, 77])
@@ -347,7 +344,7 @@ def video_work(seed: int, j: int, batch: int, K: int, F: int, split: str, spec: 
 def render_work(w: dict, size: int, device) -> torch.Tensor:
     """Pixels of a :func:`video_work` batch: ``[B, T, 3, size, size]`` in [-1, 1], identical to
     ``training.data.render_video`` of the same scenes and frames."""
-    from training import data as D
+    from fewstep.training import data as D
 
     B, T, kmax = w["cx"].shape
     shape_lists = [w["shapes"][b] for b in range(B) for _ in range(T)]
@@ -419,7 +416,7 @@ class VideoStream:
 def video_flow_loss(model, x0, ids, mask, noise, sigma, autocast: bool, edge_weight: float = 0.0,
                     low_sigma: float = 0.0):
     """x0, noise: [B, T, C, H, W]; sigma: [B, T] per frame."""
-    from training.teacher import weighted_mse
+    from fewstep.training.teacher import weighted_mse
     s = sigma[:, :, None, None, None]
     xt = (1.0 - s) * x0 + s * noise
     ctx = bf16_autocast(autocast)
@@ -433,7 +430,7 @@ def video_flow_loss(model, x0, ids, mask, noise, sigma, autocast: bool, edge_wei
 # ----------------------------------------------------------------------------------------------
 
 def export_video(model: VideoModel, tokenizer, out_dir, cfg: VideoConfig, fewstep: dict) -> Path:
-    from training.export import export_model
+    from fewstep.training.export import export_model
     K, F = cfg.buffer_chunks, cfg.chunk_frames
     meta = {"kind": "video", "policy": "moving_buffer", "chunk_frames": F, "buffer_chunks": K,
             "default_size": cfg.size, "sizes": [cfg.size], "fps": cfg.fps,
@@ -447,7 +444,7 @@ def export_video(model: VideoModel, tokenizer, out_dir, cfg: VideoConfig, fewste
 
 def load_video_export(d, device="cpu", dtype: torch.dtype | None = None):
     """-> (VideoModel, tokenizer, model_index)."""
-    from training.export import load_export
+    from fewstep.training.export import load_export
 
     return load_export(d, device, dtype, wrapper=VideoModel)   # the class named in its model_index.json
 
@@ -661,7 +658,7 @@ class VideoTeacherArgs:
 
 
 def _video_tokenizer(cfg: VideoConfig, seed: int, tiny: bool):
-    from training import data as D
+    from fewstep.training import data as D
     n = 200 if tiny else 900
     rng = np.random.default_rng(seed + 31)
     prompts = [D.sample_video_scene(rng, "train").caption for _ in range(n)]
@@ -671,7 +668,7 @@ def _video_tokenizer(cfg: VideoConfig, seed: int, tiny: bool):
 
 
 def train_video_teacher(args: VideoTeacherArgs) -> Path:
-    from training.loop import Trainer
+    from fewstep.training.loop import Trainer
 
     stage = Stage(args, "video_teacher_log.jsonl")
     budget, device, out, jsonl = stage.budget, stage.device, stage.out, stage.jsonl
@@ -787,7 +784,7 @@ class VideoDistillArgs:
 
 def _warm_job(_):
     """Imports what the scoring workers need (torch, the detector) ahead of the first real job."""
-    from benchmarks import quality  # noqa: F401
+    from fewstep.benchmarks import quality  # noqa: F401
     return 0
 
 
@@ -812,7 +809,7 @@ def search_video_guidance(teacher, tokenizer, cfg: VideoConfig, grid, n: int, fr
     each CFG scale of ``grid``; keeps the smallest scale within 0.01 of the best per-frame strict
     adherence (as the image distill stage does). The streams of all scales are generated first (GPU),
     then scored in one map over the CPU pool (``pool``, or one made here)."""
-    from training import data as D
+    from fewstep.training import data as D
     rng = np.random.default_rng([seed, 4321])
     prompts = [D.sample_video_scene(rng, "train").caption for _ in range(n)]
     seeds = [int(step_seed(seed, i, 71) % (2**31)) for i in range(n)]
@@ -921,8 +918,8 @@ def _close_pool(holder: list) -> None:
 
 
 def _distill_video(args: VideoDistillArgs, stage: Stage, pool: list) -> Path:
-    from training import data as D
-    from training.loop import Trainer
+    from fewstep.training import data as D
+    from fewstep.training.loop import Trainer
 
     budget, device, out, jsonl = stage.budget, stage.device, stage.out, stage.jsonl
     # teacher in the engine's precision (fp16 on CUDA, no autocast: what video-eval and the server run;
@@ -1120,7 +1117,7 @@ class VideoEvalArgs:
 def score_stream(frames_u8: np.ndarray, caption: str, F: int) -> dict:
     """video_metrics over the stream (chunk boundaries every F frames) + per-chunk strict adherence
     (``benchmarks.quality.score`` on every frame; a chunk passes if all its frames pass)."""
-    from benchmarks import quality as Q
+    from fewstep.benchmarks import quality as Q
     T = len(frames_u8)
     m = Q.video_metrics(frames_u8, caption, list(range(F, T, F)))
     ok = np.array([Q.score(f, caption)["correct"] for f in frames_u8], dtype=bool)
@@ -1142,7 +1139,7 @@ def chunk_diversity(vids: np.ndarray, F: int) -> dict:
     """Per-chunk diversity across seeds for one prompt: ``vids`` uint8 ``[S, T, H, W, 3]`` (S seeds of one
     caption). For every chunk position c, ``benchmarks.quality.diversity`` of the S chunks c (their F frames side
     by side), then the mean over chunks, and over each half of the stream (does the spread collapse as it runs?)."""
-    from benchmarks import quality as Q
+    from fewstep.benchmarks import quality as Q
     S, T = vids.shape[:2]
     n_chunks = T // F
     per = []
@@ -1169,7 +1166,7 @@ def aggregate(rows: list[dict]) -> dict:
 def video_evaluate(args: VideoEvalArgs) -> dict:
     import os
 
-    from training import data as D
+    from fewstep.training import data as D
     device = pick_device(args.device)
     setup_torch(device)
     out = Path(args.out) if args.out else Path(args.model).resolve().parent

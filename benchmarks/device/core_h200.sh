@@ -24,7 +24,7 @@ fi
 PARTS=${PARTS:-pipeline http}
 if wants pipeline; then
 stamp "1. pipeline"
-timeout "${T_PIPE:-400}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 --batch 1 4 16 \
+timeout "${T_PIPE:-400}" fewstep bench pipeline --config $CFG --size 512 --steps 1 --batch 1 4 16 \
   --iters 20 --warmup 3 --format jpeg --backend eager compiled --baseline diffusers-eager diffusers-compile \
   --out "$OUT/pipeline.jsonl" 2>&1 | grep -v "^{" | tee "$OUT/pipeline.log"
 fi
@@ -62,7 +62,7 @@ fi
 
 if [ -n "${ENCODE:-}" ]; then  # measured 2026-11-29: results/h200_image_encode.jsonl
   stamp "3. image encoding"
-  timeout 60 python -m benchmarks.image_encode_bench --out "$OUT/encode.jsonl"
+  timeout 60 fewstep bench encode --out "$OUT/encode.jsonl"
 fi
 
 stamp "done"

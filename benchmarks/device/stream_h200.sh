@@ -37,7 +37,7 @@ fi
 
 if wants wan; then
 stamp "2. Wan2.1-1.3B stream, 832x480"
-python -m benchmarks.random_weights benchmarks/configs/wan2.1-t2v-1.3b-stream /tmp/rwan --dtype bfloat16
+fewstep bench random-weights benchmarks/configs/wan2.1-t2v-1.3b-stream /tmp/rwan --dtype bfloat16
 if serve /tmp/rwan 8013 "$OUT/serve_wan.log" --dtype bfloat16; then
   for n in 1 2 4 8; do
     timeout 150 python -m fewstep.server.cli bench stream http://127.0.0.1:8013 --sessions $n --frames 90 --fps 0 \

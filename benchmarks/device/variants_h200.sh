@@ -10,22 +10,22 @@ PARTS=${PARTS:-variants dynamic}  # each variant is a cold ~100 s compile: PARTS
 if wants variants; then
 for v in "" "--fuse-qkv" "--channels-last" "--dtype bfloat16"; do
   stamp "compiled $v"
-  timeout "${T_VAR:-90}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 --batch 1 \
+  timeout "${T_VAR:-90}" fewstep bench pipeline --config $CFG --size 512 --steps 1 --batch 1 \
     --iters 20 --warmup 3 --format jpeg --backend compiled $v --out "$OUT/variants.jsonl" 2>&1 | tail -3
 done
 fi
 
 if wants dynamic; then
 stamp "dynamic batch: one compile for buckets 4 and 16 (compile_s and latency against core_h200's static run)"
-timeout "${T_DYN:-200}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 --batch 1 4 16 \
+timeout "${T_DYN:-200}" fewstep bench pipeline --config $CFG --size 512 --steps 1 --batch 1 4 16 \
   --iters 10 --warmup 2 --format jpeg --backend compiled --dynamic-batch --out "$OUT/variants.jsonl" 2>&1 | tail -7
 fi
 
 if [ "${SCALING:-0}" = 1 ]; then  # measured 2026-11-29 (benchmarks/NOTES.md); SCALING=1 to repeat
 stamp "scaling (eager)"
-timeout "${T_SCALE:-80}" python -m benchmarks.pipeline_bench --config $CFG --size 256 512 768 1024 --steps 1 \
+timeout "${T_SCALE:-80}" fewstep bench pipeline --config $CFG --size 256 512 768 1024 --steps 1 \
   --batch 1 --iters 6 --warmup 2 --format jpeg --backend eager --out "$OUT/scaling.jsonl" 2>&1 | tail -12
-timeout "${T_SCALE:-80}" python -m benchmarks.pipeline_bench --config $CFG --size 512 --steps 1 \
+timeout "${T_SCALE:-80}" fewstep bench pipeline --config $CFG --size 512 --steps 1 \
   --batch 1 2 4 8 16 32 64 --iters 5 --warmup 2 --format jpeg --backend eager --out "$OUT/scaling.jsonl" 2>&1 \
   | tail -18
 fi

@@ -9,9 +9,9 @@ Sections (all on by default, pick with --sections):
   f  Wan2.1-T2V-1.3B-architecture transformer forward (random bf16 weights, 480x832, 81 frames):
      dense vs block-sparse processor (needs diffusers; --skip-wan)
 
-    python benchmarks/kernels/bench_block_sparse_attention.py --out OUT_DIR   # H100/H200
-    python benchmarks/kernels/bench_block_sparse_attention.py --quick          # fewer shapes
-    python benchmarks/kernels/bench_block_sparse_attention.py --cpu-smoke      # interpreter, tiny
+    fewstep bench kernels --out OUT_DIR   # H100/H200
+    fewstep bench kernels --quick          # fewer shapes
+    fewstep bench kernels --cpu-smoke      # interpreter, tiny
 
 Writes OUT_DIR/bench_block_sparse_attention.json (rows) and OUT_DIR/bsa_speedup_vs_sparsity.png.
 Runs from the repo root without fewstep being installed.

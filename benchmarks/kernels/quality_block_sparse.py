@@ -22,9 +22,9 @@ adaptive mask, attention computed densely with the expanded block mask). The bac
 every row. These models have short sequences (image 32x32 = 1024 tokens, video buffer 8 frames x 16x16
 = 2048 tokens), so the *speed* of sparse attention is not measured here, only its effect on quality.
 
-    python benchmarks/kernels/quality_block_sparse.py --out benchmarks/results/kernels/quality_block_sparse_cpu.json
-    python benchmarks/kernels/quality_block_sparse.py --only video --video-n 28 --frames 300 --out OUT_DIR   # CUDA
-    python benchmarks/kernels/quality_block_sparse.py --settings dense "block_sparse(threshold=0.9,block=64)"
+    fewstep bench kernels-quality --out benchmarks/results/kernels/quality_block_sparse_cpu.json
+    fewstep bench kernels-quality --only video --video-n 28 --frames 300 --out OUT_DIR   # CUDA
+    fewstep bench kernels-quality --settings dense "block_sparse(threshold=0.9,block=64)"
 
 ``--out`` is a ``.json`` path (the table goes next to it as ``.md``) or a directory (then
 ``quality_block_sparse_{cpu,cuda}.json/.md`` inside).
@@ -172,17 +172,17 @@ def _mad(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# image student: the `python -m training eval` protocol (heldout_prompts, _noise salt 21, _generate, Scorer)
+# image student: the `fewstep train eval` protocol (heldout_prompts, _noise salt 21, _generate, Scorer)
 # ---------------------------------------------------------------------------------------------------------
 
 def image_study(model_dir: str | Path, settings: list[str], *, n: int, device: torch.device, backend: str,
                 seed: int = 0, batch: int = 32) -> dict:
-    from benchmarks import quality as Q
-    from training import data
-    from training.evaluate import _generate, _noise
-    from training.export import load_export
-    from training.metrics import Scorer
-    from training.model import served_sigmas, to_uint8_list
+    from fewstep.benchmarks import quality as Q
+    from fewstep.training import data
+    from fewstep.training.evaluate import _generate, _noise
+    from fewstep.training.export import load_export
+    from fewstep.training.metrics import Scorer
+    from fewstep.training.model import served_sigmas, to_uint8_list
 
     model, tok, index = load_export(model_dir, device)
     fs = index.get("fewstep", {})
@@ -225,15 +225,15 @@ def image_study(model_dir: str | Path, settings: list[str], *, n: int, device: t
 
 
 # ---------------------------------------------------------------------------------------------------------
-# video student: the `python -m training video-eval` protocol (scenes/seeds as video_evaluate, engine policy)
+# video student: the `fewstep train video-eval` protocol (scenes/seeds as video_evaluate, engine policy)
 # ---------------------------------------------------------------------------------------------------------
 
 def video_study(model_dir: str | Path, settings: list[str], *, n: int, frames: int, device: torch.device,
                 backend: str, seed: int = 0, split: str = "heldout", workers: int = 0) -> dict:
     """``workers`` > 1: score the streams in a spawn pool (as video_evaluate does on GPU hosts)."""
-    from training import data as D
-    from training.common import step_seed
-    from training.video import _score_job, aggregate, generate_streams, load_video_export
+    from fewstep.training import data as D
+    from fewstep.training.common import step_seed
+    from fewstep.training.video import _score_job, aggregate, generate_streams, load_video_export
 
     model, tok, index = load_video_export(model_dir, device)
     fs = index.get("fewstep", {})
@@ -369,7 +369,7 @@ def out_paths(out: str | Path, device: torch.device) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
-    from training.common import pick_device, setup_torch, write_json
+    from fewstep.training.common import pick_device, setup_torch, write_json
 
     t_start = time.time()
     device = pick_device(args.device)
@@ -377,7 +377,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     backend = args.backend or backend_for(device)
     meta = {"device_type": device.type, "backend": backend, "env": env_info(device), "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", "benchmarks/kernels/quality_block_sparse.py",
+            "command": " ".join(["fewstep", "bench", "kernels-quality",
                                  *(sys.argv[1:] if argv is None else argv)])}
     result: dict = {"meta": meta}
     if args.only in ("both", "image"):

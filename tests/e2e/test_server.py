@@ -7,7 +7,10 @@ import re
 import httpx
 import numpy as np
 import pytest
+
 from PIL import Image
+
+from tests.conftest import FEWSTEP
 
 
 def test_openai_sdk_gets_a_png(tiny_server):
@@ -127,7 +130,7 @@ def test_bench_images_smoke(tiny_server, tmp_path):
     import sys
 
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, "-m", "fewstep.server.cli", "bench", "images", tiny_server.url,
+    p = subprocess.run([*FEWSTEP, "bench", "images", tiny_server.url,
                         "--num-requests", "20", "--concurrency", "4", "--size", "64x64", "--steps", "1",
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr

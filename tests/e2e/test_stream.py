@@ -11,10 +11,13 @@ import time
 
 import httpx
 import pytest
+
 from PIL import Image
 from websockets.sync.client import connect
 
 from fewstep.clients.python import FewstepClient, parse_frame, ws_url
+
+from tests.conftest import FEWSTEP
 
 
 def metric(url: str, pattern: str, default: float | None = None) -> float:
@@ -387,7 +390,7 @@ def test_generate_cli_points_video_models_to_the_stream_api(tiny_dir, tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "fewstep.server.cli", "generate", "x", "--model",
+    r = subprocess.run([*FEWSTEP, "generate", "x", "--model",
                         str(tiny_dir / "stream_dit"), "-o", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert r.returncode == 2 and "video model" in r.stderr and "/v1/stream" in r.stderr
 

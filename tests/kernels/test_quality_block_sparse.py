@@ -253,11 +253,11 @@ def tiny_models_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qbs():
-    return importlib.import_module("benchmarks.kernels.quality_block_sparse")
+    return importlib.import_module("fewstep.benchmarks.kernels.quality_block_sparse")
 
 
 def test_image_study_smoke_matches_training_eval(qbs, tiny_models_dir, tmp_path):
-    from training.evaluate import EvalArgs, evaluate
+    from fewstep.training.evaluate import EvalArgs, evaluate
 
     model = str(tiny_models_dir / "pixel_dit")
     out = tmp_path / "q.json"
@@ -287,7 +287,7 @@ def test_image_study_smoke_matches_training_eval(qbs, tiny_models_dir, tmp_path)
 
 
 def test_video_study_smoke_matches_video_eval(qbs, tiny_models_dir, tmp_path):
-    from training.video import VideoEvalArgs, video_evaluate
+    from fewstep.training.video import VideoEvalArgs, video_evaluate
 
     model = str(tiny_models_dir / "stream_dit")
     res = qbs.video_study(model, ["dense", "block_sparse(threshold=0.3,block=16)",

@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
 import torch
+
+from tests.conftest import FEWSTEP
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "benchmarks" / "configs"
@@ -44,7 +47,7 @@ def test_configs_are_the_published_architectures(arch, comp):
 
 def test_pipeline_bench_rows_and_report(tiny_dir, tmp_path):
     out = tmp_path / "rows.jsonl"
-    p = subprocess.run([sys.executable, "-m", "benchmarks.pipeline_bench", "--model", str(tiny_dir / "sd_turbo"),
+    p = subprocess.run([*FEWSTEP, "bench", "pipeline", "--model", str(tiny_dir / "sd_turbo"),
                         "--size", "64", "32", "--batch", "1", "2", "--iters", "2", "--warmup", "1",
                         "--baseline", "diffusers-eager", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -64,21 +67,21 @@ def test_pipeline_bench_rows_and_report(tiny_dir, tmp_path):
     cold = next(r for r in rows if r["system"] == "fewstep-eager" and r["prompt"] == "cold" and r["batch"] == 1)
     assert cached["encode_prompt_ms"] < cold["encode_prompt_ms"]  # the prompt cache skipped the text encoder
 
-    from benchmarks.report import pipeline_table
+    from fewstep.benchmarks.report import pipeline_table
 
     table = pipeline_table(rows)
-    assert table.count("\n| ") >= len(rows) - 1 and "fewstep-eager" in table and "python -m benchmarks" in table
+    assert table.count("\n| ") >= len(rows) - 1 and "fewstep-eager" in table and "fewstep bench pipeline" in table
 
 
 def test_pipeline_bench_refuses_a_checkpoint_as_config(tiny_dir):
     """--config builds random weights from a config-only directory; a checkpoint gets a usage error naming --model."""
-    p = subprocess.run([sys.executable, "-m", "benchmarks.pipeline_bench", "--config", str(tiny_dir / "sd_turbo")],
+    p = subprocess.run([*FEWSTEP, "bench", "pipeline", "--config", str(tiny_dir / "sd_turbo")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "pass it as --model" in p.stderr, p.stderr[-2000:]
 
 
 def test_kernel_tables_render_the_committed_device_rows():
-    from benchmarks.report import kernel_tables
+    from fewstep.benchmarks.report import kernel_tables
 
     text = kernel_tables()
     assert "cases pass" in text and "| Wan2.1-T2V-1.3B forward" in text

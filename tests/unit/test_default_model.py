@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.quality import adherence, stream_adherence
+from fewstep.benchmarks.quality import adherence, stream_adherence
 from fewstep.engines.loading import load_checkpoint
 from fewstep.engines.pipeline import FewStepPipeline
 from fewstep.engines.stream import StreamPipeline
 from fewstep.server.config import DEFAULT_MODEL_DIR, DEFAULT_VIDEO_MODEL_DIR
-from training.data import heldout_prompts, sample_video_scene, without_background
+from fewstep.training.data import heldout_prompts, sample_video_scene, without_background
 
 # The student (see training/README.md) is the tenth session's distillation of the eighth session's positional UNet
 # teacher (preset unet4p). Measured (48 held-out prompts, 1 step, CPU): shipped student strict 0.67, colours 1.00,
@@ -60,7 +60,7 @@ def test_cpu_generation_completes_prompts_without_a_background(pipe):
     """The issue's own example names no background, and the default model never saw such a caption (12% strict on
     "a red circle above a blue square" over 16 seeds): its checkpoint's prompt_completion appends one. The same
     floors as with the phrase (256 held-out prompts stripped of it, 1 step: 0.762 completed, 0.316 as typed;
-    `python -m benchmarks.quality served --no-background`)."""
+    `fewstep bench quality served --no-background`)."""
     prompts = [without_background(p) for p in heldout_prompts(48, seed=1)]
     assert all("background" not in p for p in prompts)
     rep = adherence(list(pipe(prompts, list(range(48)), steps=1).numpy()), prompts)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from benchmarks import quality as Q
-from training import data as D
+from fewstep.benchmarks import quality as Q
+from fewstep.training import data as D
 
 
 @pytest.fixture(scope="module")

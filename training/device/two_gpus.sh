@@ -25,7 +25,7 @@ python -c "import fewstep.engines" 2>/dev/null ||
 python -c "import fewstep.engines" 2>>/tmp/setup.log || {
   # seventh session: `pip install -e .` reported success, yet fewstep did not import; a namespace shim does
   mkdir -p /tmp/shim/fewstep
-  for p in server engines kernels clients; do ln -sfn "$PWD/$p" /tmp/shim/fewstep/$p; done
+  for p in server engines kernels clients benchmarks training; do ln -sfn "$PWD/$p" /tmp/shim/fewstep/$p; done
   export PYTHONPATH=/tmp/shim:$PYTHONPATH
   echo "fewstep: namespace shim" >> /tmp/setup.log
 }
@@ -33,43 +33,43 @@ one() {  # GPU NAME FLAGS
   local g=$1 d=$2 flags=$3
   mkdir -p $OUT/$d out/$d
   if [ "$stage" = video-teacher ]; then
-    CUDA_VISIBLE_DEVICES=$g python -m training video-teacher --out out/$d --minutes ${MINUTES:-5} $flags \
+    CUDA_VISIBLE_DEVICES=$g fewstep train video-teacher --out out/$d --minutes ${MINUTES:-5} $flags \
       > $OUT/$d/run.log 2>&1
-    python -m training pack out/$d $OUT/$d --exports video_teacher >> $OUT/$d/run.log 2>&1
+    fewstep train pack out/$d $OUT/$d --exports video_teacher >> $OUT/$d/run.log 2>&1
   elif [ "$stage" = video-distill ]; then
     # a run's flags may name its own teacher (--teacher DIR/video_teacher: argparse keeps the last one)
     local teacher=${TEACHER:-}/video_teacher
     [[ " $flags " == *" --teacher "* ]] && teacher=$(sed 's/.*--teacher \([^ ]*\).*/\1/' <<< "$flags")
-    CUDA_VISIBLE_DEVICES=$g python -m training video-distill --teacher $teacher --out out/$d \
+    CUDA_VISIBLE_DEVICES=$g fewstep train video-distill --teacher $teacher --out out/$d \
       --minutes ${MINUTES:-3} $flags > $OUT/$d/run.log 2>&1
-    python -m training pack out/$d $OUT/$d --exports video_student >> $OUT/$d/run.log 2>&1
-    CUDA_VISIBLE_DEVICES=$g timeout ${EVAL_TIMEOUT:-420} python -m training video-eval --model out/$d/video_student \
+    fewstep train pack out/$d $OUT/$d --exports video_student >> $OUT/$d/run.log 2>&1
+    CUDA_VISIBLE_DEVICES=$g timeout ${EVAL_TIMEOUT:-420} fewstep train video-eval --model out/$d/video_student \
       --teacher $teacher --n ${VIDEO_N:-256} --frames 300 --out out/$d >> $OUT/$d/run.log 2>&1
   elif [ "$stage" = teacher ]; then
-    CUDA_VISIBLE_DEVICES=$g python -m training teacher --out out/$d --minutes 8 $flags > $OUT/$d/run.log 2>&1
-    python -m training pack out/$d $OUT/$d --exports teacher >> $OUT/$d/run.log 2>&1
-    CUDA_VISIBLE_DEVICES=$g timeout 120 python -m training eval --model out/$d/teacher --steps 25 --n 512 \
+    CUDA_VISIBLE_DEVICES=$g fewstep train teacher --out out/$d --minutes 8 $flags > $OUT/$d/run.log 2>&1
+    fewstep train pack out/$d $OUT/$d --exports teacher >> $OUT/$d/run.log 2>&1
+    CUDA_VISIBLE_DEVICES=$g timeout 120 fewstep train eval --model out/$d/teacher --steps 25 --n 512 \
       --out out/$d >> $OUT/$d/run.log 2>&1
   else
-    CUDA_VISIBLE_DEVICES=$g python -m training distill --teacher $TEACHER/teacher --out out/$d \
+    CUDA_VISIBLE_DEVICES=$g fewstep train distill --teacher $TEACHER/teacher --out out/$d \
       --minutes ${MINUTES:-4} $flags > $OUT/$d/run.log 2>&1
     # --export-raw / --extra-emas write more students (student_raw, student_ema<D>): each is evaluated, and packed
     # only for the runs named in PACK_EXTRA (11.6 MB each: the device tool returns 64 MB a call)
     local extra=$(cd out/$d && ls -d student_* 2>/dev/null | grep -v '\.tmp' | tr '\n' ' ')
     local packed=student
     [[ " ${PACK_EXTRA:-} " == *" $d "* ]] && packed="student $extra"
-    python -m training pack out/$d $OUT/$d --exports $packed >> $OUT/$d/run.log 2>&1
+    fewstep train pack out/$d $OUT/$d --exports $packed >> $OUT/$d/run.log 2>&1
     local tflag="--teacher $TEACHER/teacher"
     [ "${EVAL_TEACHER:-1}" = 0 ] && tflag=""
-    CUDA_VISIBLE_DEVICES=$g timeout 150 python -m training eval --model out/$d/student $tflag \
+    CUDA_VISIBLE_DEVICES=$g timeout 150 fewstep train eval --model out/$d/student $tflag \
       --steps 1 2 4 --n 512 --out out/$d >> $OUT/$d/run.log 2>&1
     for x in $extra; do
-      CUDA_VISIBLE_DEVICES=$g timeout 150 python -m training eval --model out/$d/$x --steps 1 2 4 --n 512 \
+      CUDA_VISIBLE_DEVICES=$g timeout 150 fewstep train eval --model out/$d/$x --steps 1 2 4 --n 512 \
         --out out/$d/eval_$x >> $OUT/$d/run.log 2>&1
       cp out/$d/eval_$x/eval.json out/$d/eval_$x.json
     done
   fi
-  cp $OUT/$d/run.log out/$d/run.txt && python -m training pack out/$d $OUT/$d --exports >> out/$d/run.txt 2>&1 &&
+  cp $OUT/$d/run.log out/$d/run.txt && fewstep train pack out/$d $OUT/$d --exports >> out/$d/run.txt 2>&1 &&
     rm $OUT/$d/run.log
 }
 # FLAGS_B = SKIP runs only the first run

@@ -55,7 +55,7 @@ def test_closed_loop_cli_report(server, tmp_path, capsys):
     assert r["serving_overhead_ms"]["count"] == 15
 
     # the results store renders a report as a table row (benchmarks/report.py reads results/http/<GPU>/*.json)
-    from benchmarks.report import http_table, load_reports
+    from fewstep.benchmarks.report import http_table, load_reports
 
     store = tmp_path / "results" / "http" / "Some GPU"
     store.mkdir(parents=True)

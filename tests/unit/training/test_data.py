@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.quality import parse_caption, position_of, relation_holds
-from training import data as D
+from fewstep.benchmarks.quality import parse_caption, position_of, relation_holds
+from fewstep.training import data as D
 
 
 def _scenes(seed, n, split="train"):

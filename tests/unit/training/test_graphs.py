@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from training.common import make_adamw
-from training.graphs import set_lr
+from fewstep.training.common import make_adamw
+from fewstep.training.graphs import set_lr
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -32,8 +32,8 @@ def test_trainer_end_step_after_a_recorded_step_does_not_step_again(tmp_path):
     optimiser step, the given gradient norm logged; without ``stepped`` the eager path steps as before."""
     import time
 
-    from training.common import Budget
-    from training.loop import Trainer
+    from fewstep.training.common import Budget
+    from fewstep.training.loop import Trainer
     torch.manual_seed(0)
     m = torch.nn.Linear(4, 4)
     tr = Trainer(name="t", out=tmp_path, model=m, device=torch.device("cpu"), budget=Budget(1.0, time.time()),
@@ -57,8 +57,8 @@ def test_trainer_end_step_after_a_recorded_step_does_not_step_again(tmp_path):
 
 
 def _tiny(dev):
-    from training import data
-    from training.model import PRESETS, build_model, build_tokenizer, tokenize
+    from fewstep.training import data
+    from fewstep.training.model import PRESETS, build_model, build_tokenizer, tokenize
     cfg = PRESETS["tiny_unetp"]
     tok = build_tokenizer(data.vocabulary(), cfg.max_length)
     torch.manual_seed(0)
@@ -76,8 +76,8 @@ def _tiny(dev):
 
 @cuda
 def test_recorded_step_matches_eager_steps_with_changing_lr():
-    from training.distill import reflow_loss
-    from training.graphs import CapturedTrainStep
+    from fewstep.training.distill import reflow_loss
+    from fewstep.training.graphs import CapturedTrainStep
     dev = torch.device("cuda")
     model_e, batches = _tiny(dev)
     model_g = copy.deepcopy(model_e)
@@ -129,8 +129,8 @@ def test_distill_records_its_step_and_survives_a_failed_recording(tmp_path, monk
     takes every step), also with the teacher-feature distance (``--feat``: the frozen teacher's text encoder and
     UNet encoder inside the recording), or, when the recording raises, the warm-up step counts once and the stage
     goes on eagerly."""
-    from training.__main__ import main
-    from training.graphs import CapturedTrainStep
+    from fewstep.training.__main__ import main
+    from fewstep.training.graphs import CapturedTrainStep
     if fail:
         def broken(self):
             raise RuntimeError("recording refused (test)")

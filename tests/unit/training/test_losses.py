@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from training.teacher import draw_sigma, low_sigma_weight, weighted_mse
+from fewstep.training.teacher import draw_sigma, low_sigma_weight, weighted_mse
 
 
 def test_low_sigma_weight_scores_nearly_clean_samples_as_clean_image_error():
@@ -36,8 +36,8 @@ def test_training_sigmas_start_at_sigma_min():
 
 
 def test_swap_shape_changes_only_the_shape_word():
-    from training import data as D
-    from training.study import swap_shape
+    from fewstep.training import data as D
+    from fewstep.training.study import swap_shape
     rng = np.random.default_rng(0)
     for _ in range(50):
         cap = D.sample_scene(rng, "heldout").caption

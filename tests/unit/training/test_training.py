@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from training import data
-from training.__main__ import main
-from training.model import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer, fast_tokenize,
+from fewstep.training import data
+from fewstep.training.__main__ import main
+from fewstep.training.model import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer, fast_tokenize,
                             scheduler_sigmas, tokenize)
 
 EXPECTED_FILES = {
@@ -144,7 +144,7 @@ def test_teacher_encoder_options_refuse_a_dit_teacher_before_any_work(run_dir, t
 
 
 def test_pack_unpack_roundtrip(run_dir, tmp_path):
-    from training.pack import pack, unpack
+    from fewstep.training.pack import pack, unpack
     files = pack(run_dir, tmp_path / "out", ckpt=["teacher"])
     assert len(files) <= 8 and all(f.stat().st_size < 16_000_000 for f in files)
     unpack(tmp_path / "out", tmp_path / "restored")
@@ -179,7 +179,7 @@ def test_fast_tokenize_matches_tokenizer():
 
 
 def test_checkpoint_shards_roundtrip(tmp_path, monkeypatch):
-    import training.common as C
+    import fewstep.training.common as C
     monkeypatch.setattr(C, "SHARD_BYTES", 300_000)
     t = {f"w{i}": torch.randn(128, 256).half() for i in range(6)}   # 64 KB each
     C.save_checkpoint(tmp_path, "x", t, {"step": 7})
@@ -194,7 +194,7 @@ def test_sampler_matches_scheduler_convention():
     """Our Euler loop == FlowMatchEulerDiscreteScheduler.step with the same velocity model."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from training.model import ModelConfig, build_model, sample
+    from fewstep.training.model import ModelConfig, build_model, sample
     cfg = ModelConfig(text_hidden=16, text_layers=1, text_heads=2, text_ff=32, dim=32, heads=2, layers=1, patch=8)
     tok = build_tokenizer(data.vocabulary(), 32)
     torch.manual_seed(0)
@@ -221,8 +221,8 @@ def test_flip_augmentation_is_exact():
     """Mirroring an image and swapping left/right in its caption gives a valid sample."""
     import copy
 
-    from benchmarks import quality
-    from training.stream import ReplayBuffer
+    from fewstep.benchmarks import quality
+    from fewstep.training.stream import ReplayBuffer
     rng = np.random.default_rng(5)
     scenes = [data.sample_scene(rng, "train") for _ in range(48)]
     mirrored = copy.deepcopy(scenes)
@@ -247,16 +247,16 @@ def test_flip_augmentation_is_exact():
 
 def test_recipe_defaults_sizes_and_edge_loss():
     """The default image recipe (training/README.md, "Image recipe") and the size budgets."""
-    from training.model import DEFAULT_PRESET, PRESETS, build_model
-    from training.teacher import TeacherArgs, edge_map, weighted_mse
-    from training.video import DEFAULT_VIDEO_PRESET, VIDEO_PRESETS, build_video_model
+    from fewstep.training.model import DEFAULT_PRESET, PRESETS, build_model
+    from fewstep.training.teacher import TeacherArgs, edge_map, weighted_mse
+    from fewstep.training.video import DEFAULT_VIDEO_PRESET, VIDEO_PRESETS, build_video_model
 
-    from training.distill import DistillArgs
+    from fewstep.training.distill import DistillArgs
 
     a = TeacherArgs(out="x")
     assert a.preset == DEFAULT_PRESET == "unet4p" and a.sigma_loc == 0.8 and a.edge_weight == 4.0
-    from training.__main__ import build_parser
-    from training.distill import pick_guidance
+    from fewstep.training.__main__ import build_parser
+    from fewstep.training.distill import pick_guidance
 
     d = DistillArgs(teacher="t", out="x")   # the tenth session's shipped run (training/README.md)
     assert (d.gen_frac, d.p_one, d.compile, d.huber, d.gan, d.dmd) == (0.25, 0.85, False, 1e-3, 0.0, 0.0)
@@ -286,7 +286,7 @@ def test_recipe_defaults_sizes_and_edge_loss():
 
 
 def test_all_runs_both_chains_and_exports_both_students(tmp_path):
-    """`python -m training all` is the one reproducible command: image and video students, both evaluated."""
+    """`fewstep train all` is the one reproducible command: image and video students, both evaluated."""
     out = tmp_path / "all"
     # short budgets: each stage's budget must count from its own start, not from process start (a later stage
     # would otherwise find its minutes spent and export untrained weights)
@@ -307,7 +307,7 @@ def test_eval_walks_the_served_schedule():
     2-step student takes two real steps, not diffusers' default [1, 0.001, 0] (in effect one)."""
     from pathlib import Path
 
-    from training.model import served_sigmas, uniform_sigmas
+    from fewstep.training.model import served_sigmas, uniform_sigmas
 
     image = Path(__file__).resolve().parents[3] / "engines" / "default" / "image"
     assert served_sigmas(image, 2) == [1.0, 0.5, 0.0]
@@ -325,8 +325,8 @@ def test_unet_teacher_exports_and_the_engine_serves_it_as_trained(tmp_path, pres
     cross-attention mask) samples exactly what the training model samples from the same noise."""
     from fewstep.engines.loading import load_checkpoint
     from fewstep.engines.pipeline import FewStepPipeline
-    from training.export import check_export, load_export
-    from training.model import sample, served_sigmas
+    from fewstep.training.export import check_export, load_export
+    from fewstep.training.model import sample, served_sigmas
 
     assert main(["teacher", "--tiny", "--preset", preset, "--device", "cpu", "--out", str(tmp_path),
                  "--max-steps", "2"]) == 0
@@ -370,7 +370,7 @@ def test_unet_teacher_exports_and_the_engine_serves_it_as_trained(tmp_path, pres
 
 def test_stream_workers_send_what_sample_batch_renders():
     """Data workers send scene arrays instead of scenes; rendering them gives sample_batch's images exactly."""
-    from training import stream
+    from fewstep.training import stream
     tok = build_tokenizer(data.vocabulary(), 32)
     stream._worker_init(dict(tok.get_vocab()), 32, 0.0)
     arrays, caps, ids, mask = stream._scenes_for_step((0, 5, 16, "train"))
@@ -385,8 +385,8 @@ def test_distribution_matching_gradient_vanishes_at_the_teacher_and_points_to_it
     up, i.e. its output bias (x = z - v) gets a positive gradient. Then a distill run with the term exports."""
     import copy
 
-    from training.distill import DistributionMatching
-    from training.export import load_export
+    from fewstep.training.distill import DistributionMatching
+    from fewstep.training.export import load_export
 
     assert main(["teacher", "--tiny", "--preset", "tiny_unet", "--device", "cpu", "--out", str(tmp_path),
                  "--max-steps", "2"]) == 0
@@ -418,7 +418,7 @@ def test_distribution_matching_gradient_vanishes_at_the_teacher_and_points_to_it
 def test_background_phrase_dropout_is_seeded_and_keeps_the_rest(tmp_path):
     """--drop-background: the caption without " on a BG background" for a seeded share of captions, drawn from its
     own stream, so caption dropout (CFG) keeps its draws; the evaluation's --no-background scores those forms."""
-    from training.stream import drop_captions
+    from fewstep.training.stream import drop_captions
 
     caps = data.train_prompts(400, seed=3)
     assert data.without_background("a red circle above a blue square on a white background") == \
@@ -434,7 +434,7 @@ def test_background_phrase_dropout_is_seeded_and_keeps_the_rest(tmp_path):
     empty_b = [i for i, c in enumerate(drop_captions(caps, 0, 7, 0.1, bg_prob=0.25)) if c == ""]
     assert empty_a == empty_b and empty_a
     # every stripped caption still parses into the same objects, with no background stated
-    from benchmarks.quality import parse_caption
+    from fewstep.benchmarks.quality import parse_caption
     for s in short[:20]:
         spec = parse_caption(s)
         assert spec.background is None and len(spec.objects) >= 1
@@ -455,7 +455,7 @@ def test_adversarial_term_tells_blur_from_sharp_and_weights_itself(tmp_path):
     the ratio of the two losses' gradient norms at the given layer. Then a tiny distill run with it exports."""
     import torch.nn.functional as F
 
-    from training.adversarial import AdversarialLoss, adaptive_weight
+    from fewstep.training.adversarial import AdversarialLoss, adaptive_weight
 
     torch.manual_seed(0)
     real, caps = data.sample_batch(np.random.default_rng(0), 32)[:2]
@@ -504,8 +504,8 @@ def test_teacher_feature_discriminator_reads_the_frozen_teacher(tmp_path):
 
     import torch.nn.functional as F
 
-    from training.adversarial import AdversarialLoss
-    from training.model import PRESETS, build_model, build_tokenizer
+    from fewstep.training.adversarial import AdversarialLoss
+    from fewstep.training.model import PRESETS, build_model, build_tokenizer
 
     torch.manual_seed(0)
     cfg = PRESETS["tiny_unetp"]
@@ -549,8 +549,8 @@ def test_teacher_feature_distance_is_a_distance_on_the_frozen_teacher(tmp_path):
     weights; a tiny distill run with it exports and says so."""
     import torch.nn.functional as F
 
-    from training.features import feature_distance
-    from training.model import PRESETS, build_model, build_tokenizer
+    from fewstep.training.features import feature_distance
+    from fewstep.training.model import PRESETS, build_model, build_tokenizer
 
     torch.manual_seed(0)
     cfg = PRESETS["tiny_unetp"]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from training import data
-from training.video import (
+from fewstep.training import data
+from fewstep.training.video import (
     KIND_PARTITION,
     KIND_RAMP,
     KIND_STEADY,
@@ -131,8 +131,8 @@ def test_mixed_partitioning_properties():
 
 
 def test_per_frame_timesteps_reach_model():
-    from training.model import build_tokenizer, tokenize
-    from training.video import VIDEO_PRESETS, build_video_model
+    from fewstep.training.model import build_tokenizer, tokenize
+    from fewstep.training.video import VIDEO_PRESETS, build_video_model
 
     cfg = VIDEO_PRESETS["tiny"]
     tok = build_tokenizer(data.vocabulary(), 32)
@@ -153,7 +153,7 @@ def test_per_frame_timesteps_reach_model():
 
 
 def test_render_work_matches_render_video():
-    from training.model import build_tokenizer
+    from fewstep.training.model import build_tokenizer
     tok = build_tokenizer(data.vocabulary(), 32)
     w = video_work(3, 5, 6, 4, 2, "train", SigmaSpec(), DataSpec(flip=False), tok.get_vocab(), 32)
     x = render_work(w, 32, "cpu")
@@ -180,7 +180,7 @@ def test_resume_continues_step(run_dir):
 
 
 def test_video_eval_tiny(run_dir):
-    from training.video import VideoEvalArgs, video_evaluate
+    from fewstep.training.video import VideoEvalArgs, video_evaluate
     res = video_evaluate(VideoEvalArgs(model=str(run_dir / "video_student"), teacher=str(run_dir / "video_teacher"),
                                        tiny=True, device="cpu"))
     row, trow = res["rows"]
@@ -194,7 +194,7 @@ def test_video_eval_tiny(run_dir):
 
 def test_chunk_diversity_compares_seeds_chunk_by_chunk():
     """Identical streams score 0; streams that differ only in the second half score 0 there and > 0 after."""
-    from training.video import chunk_diversity
+    from fewstep.training.video import chunk_diversity
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (1, 8, 4, 4, 3), dtype=np.uint8)
     same = np.repeat(base, 3, axis=0)
@@ -219,7 +219,7 @@ def _losses(out: Path) -> list[tuple[int, float]]:
 
 
 def test_replay_buffer_fifo_and_sampling():
-    from training.video import ReplayBuffer
+    from fewstep.training.video import ReplayBuffer
     rb = ReplayBuffer(5)
     rb.add(a=torch.arange(3), b=torch.arange(3)[:, None].float() * torch.ones(3, 2))
     assert rb.size == 3 and rb.added == 3
@@ -237,7 +237,7 @@ def test_replay_buffer_fifo_and_sampling():
 
 def test_video_distill_reuses_teacher_targets(run_dir, tmp_path, monkeypatch):
     """One teacher rollout (all streams, substeps x CFG forwards) per `steps_per_rollout` optimizer steps."""
-    import training.video as V
+    import fewstep.training.video as V
     calls = []
     real = V.euler_update
 
@@ -297,8 +297,8 @@ def test_video_distill_deterministic_and_resume(run_dir, tmp_path):
 def test_compiled_steps_compile_once():
     """With the position cache filled first (warm_position_cache), the compiled video steps are compiled
     once: no recompilation on the second call (the H200 runs paid a second full compile there)."""
-    from training.model import build_tokenizer, tokenize
-    from training.video import (
+    from fewstep.training.model import build_tokenizer, tokenize
+    from fewstep.training.video import (
         VIDEO_PRESETS,
         build_video_model,
         distill_loss,
@@ -346,8 +346,8 @@ def test_compiled_steps_compile_once():
 def test_trainer_rate_skips_slow_first_steps(tmp_path):
     """The step budget comes from the rate after `rate_skip` steps: a slow start (e.g. a recompilation)
     must not shrink it (the H200 video distill froze 43 steps from such a rate and stopped 40 s early)."""
-    from training.common import Budget
-    from training.loop import Trainer
+    from fewstep.training.common import Budget
+    from fewstep.training.loop import Trainer
 
     def run(rate_skip: int) -> int:
         model = torch.nn.Linear(4, 4)
@@ -408,7 +408,7 @@ def test_motion_probe_reads_the_datasets_own_motion(run_dir):
     """training.study motion: on the dataset's videos of its scenes the tracked object moves at the captioned speed
     (0.015-0.03 of the frame per frame) and always the captioned way; the model side runs (a 2-step tiny student
     draws nothing trackable, so its figures are not checked)."""
-    from training.study import motion_probe
+    from fewstep.training.study import motion_probe
 
     r = motion_probe(str(run_dir / "video_student"), n=2, frames=12)
     assert len(r["rows"]) == 2 and all(" moving " in row["caption"] and " and " not in row["caption"]
