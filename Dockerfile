@@ -11,6 +11,8 @@ COPY server ./server
 COPY engines ./engines
 COPY kernels ./kernels
 COPY clients ./clients
+COPY benchmarks ./benchmarks
+COPY training ./training
 RUN pip install ".[triton]" && python -c "import fewstep.server, fewstep.engines, fewstep.kernels, fewstep.clients"
 
 EXPOSE 8000

@@ -24,6 +24,21 @@ except ImportError:
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The versions resolved, printed with every run's summary (CI runs the suite at the floors and at today's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["torch", "diffusers", "transformers", "accelerate", "fastapi", "starlette", "uvicorn", "pydantic", "numpy",
+             "av", "triton", "onnxscript", "tensorrt-rtx"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} -")
+    terminalreporter.write_line("fewstep deps: " + ", ".join(found))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """All tiny random-weight checkpoints, built once per test session."""
