@@ -1,5 +1,10 @@
 # Sourced by the device scripts: `source "$(dirname "$0")/common.sh"; begin_run "${1:-/tmp/out}"`.
 
+# The device preamble (.whl/preamble.sh) puts the checkout on PYTHONPATH, where our kernels/ folder would shadow PyPI's
+# `kernels` (imported by diffusers): keep only the installed fewstep (pip install . before sourcing this).
+PYTHONPATH=$(printf '%s' "${PYTHONPATH:-}" | tr ':' '\n' | grep -vxF -e "$PWD" -e . -e '' | paste -sd: -)
+export PYTHONPATH
+
 begin_run() {  # begin_run DEST: logs, rows and reports go to $OUT; at exit they come back as DEST/results.tgz
   set -uo pipefail
   FINAL=$(mkdir -p "$1" && cd "$1" && pwd)  # at most 8 files return from a device call: keep DEST to 2-3

@@ -16,7 +16,7 @@ CFG=benchmarks/configs/sd-turbo
 
 if [ -n "${PREFLIGHT:-}" ]; then  # passed on the H200 on 2026-11-29 (10 tests, 41 s)
   stamp "0. pre-flight: CUDA graphs and nvjpeg against eager, on tiny models"
-  timeout 100 python -m pytest -q tests/unit/engines/test_gpu_jpeg.py tests/unit/engines/test_compiled.py \
+  timeout 100 pytest -q tests/unit/engines/test_gpu_jpeg.py tests/unit/engines/test_compiled.py \
     -k "jpeg or (cuda_graphs and not inductor)" 2>&1 | tail -15 | tee "$OUT/preflight.log"
   grep -q "FAILED.*test_compiled" "$OUT/preflight.log" && ENGINE=${ENGINE:-eager}
 fi
@@ -32,8 +32,8 @@ fi
 
 if wants http; then
 stamp "2. HTTP"
-MODEL=$(python -c "from benchmarks.random_weights import build_random_checkpoint as b; import torch; print(b('$CFG', '/tmp/fewstep-bench-models/sd-turbo', torch.float16))" | tail -1)
-python -m fewstep.server.cli serve --model "$MODEL" --model-name sd-turbo-random --device cuda --port 8011 \
+MODEL=$(python -P -c "from fewstep.benchmarks.random_weights import build_random_checkpoint as b; import torch; print(b('$CFG', '/tmp/fewstep-bench-models/sd-turbo', torch.float16))" | tail -1)
+fewstep serve --model "$MODEL" --model-name sd-turbo-random --device cuda --port 8011 \
   --engine "${ENGINE:-compiled}" --compile-buckets "${BUCKETS:-1,4,16}" --compile-sizes 512x512 --max-batch-size 16 \
   --max-wait-ms 2 > "$OUT/serve.log" 2>&1 &
 SERVER=$!
@@ -45,11 +45,11 @@ done
 if curl -sf http://127.0.0.1:8011/ready >/dev/null; then
 stamp "server ready"
 for c in 1 4 16 32; do
-  timeout 60 python -m fewstep.server.cli bench images http://127.0.0.1:8011 --concurrency $c \
+  timeout 60 fewstep bench images http://127.0.0.1:8011 --concurrency $c \
     --num-requests $((c < 4 ? 60 : c * 15)) --warmup $((c + 2)) --size 512x512 --steps 1 --output-format jpeg \
     --out "$OUT/http_jpeg_c$c.json" 2>&1 | tail -22
 done
-timeout 60 python -m fewstep.server.cli bench images http://127.0.0.1:8011 --concurrency 1 --num-requests 40 \
+timeout 60 fewstep bench images http://127.0.0.1:8011 --concurrency 1 --num-requests 40 \
   --warmup 3 --size 512x512 --steps 1 --output-format png --out "$OUT/http_png_c1.json" 2>&1 | tail -22
 curl -s http://127.0.0.1:8011/metrics | grep -E "^fewstep_(stage|request|batch)" | head -40 > "$OUT/metrics.txt"
 else

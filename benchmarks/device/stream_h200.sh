@@ -10,7 +10,7 @@ begin_run "${1:-/tmp/out}"
 
 serve() {  # serve MODEL PORT LOG [args...]: start a server and wait until it is ready (or gone)
   local model=$1 port=$2 log=$3; shift 3
-  python -m fewstep.server.cli serve --model "$model" --device cuda --port "$port" --max-sessions 64 "$@" \
+  fewstep serve --model "$model" --device cuda --port "$port" --max-sessions 64 "$@" \
     > "$log" 2>&1 &
   SERVER=$!
   for i in $(seq 1 "${T_READY:-240}"); do
@@ -25,10 +25,10 @@ PARTS=${PARTS:-default wan}
 if wants default; then
 stamp "1. default video model"
 if serve default-video 8012 "$OUT/serve_default.log"; then
-  timeout 120 python -m fewstep.server.cli bench stream http://127.0.0.1:8012 --sessions 1 --frames 10000 --fps 0 \
+  timeout 120 fewstep bench stream http://127.0.0.1:8012 --sessions 1 --frames 10000 --fps 0 \
     --out "$OUT/stream_default_long.json" 2>&1 | tail -12
   for n in 1 2 4 8; do
-    timeout 60 python -m fewstep.server.cli bench stream http://127.0.0.1:8012 --sessions $n --frames 300 --fps 0 \
+    timeout 60 fewstep bench stream http://127.0.0.1:8012 --sessions $n --frames 300 --fps 0 \
       --out "$OUT/stream_default_s$n.json" 2>&1 | grep -E "Aggregate|first frame|per session|dropped"
   done
 fi
@@ -40,7 +40,7 @@ stamp "2. Wan2.1-1.3B stream, 832x480"
 fewstep bench random-weights benchmarks/configs/wan2.1-t2v-1.3b-stream /tmp/rwan --dtype bfloat16
 if serve /tmp/rwan 8013 "$OUT/serve_wan.log" --dtype bfloat16; then
   for n in 1 2 4 8; do
-    timeout 150 python -m fewstep.server.cli bench stream http://127.0.0.1:8013 --sessions $n --frames 90 --fps 0 \
+    timeout 150 fewstep bench stream http://127.0.0.1:8013 --sessions $n --frames 90 --fps 0 \
       --size 832x480 --out "$OUT/stream_wan_s$n.json" 2>&1 | grep -E "Aggregate|first frame|per session|dropped"
   done
 fi

@@ -20,9 +20,9 @@ stage=$1; flags_a=$2; flags_b=$3
 read -r name_a name_b <<< "${NAMES:-a b}"
 read -r gpu_a gpu_b <<< "${GPUS:-0 1}"
 # installed once: two invocations may run at once (GPUS="1 0" puts a second one's first run on the other GPU)
-python -c "import fewstep.engines" 2>/dev/null ||
+python -P -c "import fewstep.engines" 2>/dev/null ||
   python -m pip install -q --no-deps --no-build-isolation -e . > /tmp/setup.log 2>&1
-python -c "import fewstep.engines" 2>>/tmp/setup.log || {
+python -P -c "import fewstep.engines" 2>>/tmp/setup.log || {
   # seventh session: `pip install -e .` reported success, yet fewstep did not import; a namespace shim does
   mkdir -p /tmp/shim/fewstep
   for p in server engines kernels clients benchmarks training; do ln -sfn "$PWD/$p" /tmp/shim/fewstep/$p; done
