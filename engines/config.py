@@ -95,6 +95,8 @@ class EngineConfig(BaseModel):
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op CPU threads (torch.set_num_threads); "
                                 "None: torch's default. On a small shared CPU box 1 avoids OpenMP contention")
     warmup: bool = True
+    vae: str | None = Field(None, description="a diffusers VAE directory (AutoencoderKL, or AutoencoderTiny: TAESD's "
+                            "format) that replaces the image model's own decoder")
     attention: str = Field("dense", description='self-attention of DiT denoisers: "dense" or '
                            '"block_sparse(threshold=0.9,block=128,...)" (Triton kernel; falls back to dense '
                            'with a logged reason where a shape or device is unsupported)')

@@ -104,9 +104,38 @@ def _check_weights(folder: Path, lib: str) -> str | None:
     raise CheckpointError(f"{folder / WEIGHT_FILES[lib]} is missing (no safetensors weights for this component)")
 
 
+# VAE classes that --vae accepts: a full KL autoencoder, or a tiny one (TAESD's format, the decoder real-time servers
+# use for speed). Both decode `latents / scaling_factor` (TAESD's scaling_factor is 1) to [-1, 1].
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+def load_vae(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A diffusers VAE from its own directory (``config.json`` + safetensors weights), e.g. ``--vae /models/taesd``."""
+    import diffusers
+
+    folder = Path(folder).resolve()
+    cfg_file = folder / "config.json"
+    if not folder.is_dir():
+        raise CheckpointError(f"VAE directory {str(folder)!r} does not exist (fewstep loads local directories only)")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing: --vae takes a diffusers VAE directory (config.json and "
+                              f"{WEIGHT_FILES['diffusers']})")
+    try:
+        cls_name = json.loads(cfg_file.read_text()).get("_class_name")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    if cls_name not in VAE_CLASSES:
+        raise CheckpointError(f"{cfg_file}: _class_name is {cls_name!r}; --vae loads {' or '.join(VAE_CLASSES)}")
+    variant = _check_weights(folder, "diffusers")
+    vae = getattr(diffusers, cls_name).from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                       torch_dtype=dtype, **({"variant": variant} if variant else {}))
+    return vae.to(device).eval().requires_grad_(False)
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load every component named in model_index.json onto ``device`` in ``dtype``."""
+                    dtype: torch.dtype = torch.float32, vae: str | os.PathLike | None = None) -> Checkpoint:
+    """Load every component named in model_index.json onto ``device`` in ``dtype``; ``vae``: a VAE directory that
+    replaces the checkpoint's own (``load_vae``)."""
     import diffusers
     import transformers
 
@@ -154,6 +183,15 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         module = cls.from_pretrained(folder, **kwargs)
         ckpt.components[name] = module.to(device).eval().requires_grad_(False)
 
+    if vae is not None:
+        own = ckpt.components.get("vae")
+        ckpt.components["vae"] = load_vae(vae, device, dtype)
+        new_cfg = ckpt.components["vae"].config
+        if own is not None and own.config.get("latent_channels") != new_cfg.get("latent_channels"):
+            raise CheckpointError(f"{vae}: the VAE has {new_cfg.get('latent_channels')} latent channels, the "
+                                  f"checkpoint's {own.config.get('latent_channels')}: it cannot decode this model")
+        log.info("VAE from %s (%s) replaces the checkpoint's", vae, type(ckpt.components["vae"]).__name__)
+        del own
     if not any(n in ckpt.components for n in DENOISERS):
         raise CheckpointError(f"{path / 'model_index.json'} lists no denoiser: expected a 'unet' or 'transformer' "
                               "component")

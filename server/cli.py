@@ -18,6 +18,8 @@ def _common_model_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
                                       "; without it, default"))
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None)
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--vae", default=None, help="a diffusers VAE directory that replaces the image model's decoder: "
+                   "AutoencoderKL, or AutoencoderTiny (TAESD's format, faster)")
 
 
 def _int_list(text: str) -> list[int]:
@@ -53,7 +55,7 @@ def _serve(args) -> int:
     from .config import load_config
 
     cfg = load_config({"model": args.model, "model_name": args.model_name, "engine.device": args.device,
-                       "engine.dtype": args.dtype, "http.host": args.host, "http.port": args.port,
+                       "engine.dtype": args.dtype, "engine.vae": args.vae, "http.host": args.host, "http.port": args.port,
                        "engine.batching.max_batch_size": args.max_batch_size,
                        "engine.batching.max_wait_ms": args.max_wait_ms, "engine.attention": args.attention,
                        "engine.backend": args.backend, "engine.threads": args.threads,
@@ -89,7 +91,7 @@ def _generate(args) -> int:
             print(f"fewstep: {path} is a video model; serve it (fewstep serve --model ...) and use the WebSocket "
                   "/v1/stream or POST /v1/videos", file=sys.stderr)
             return 2
-        pipe = FewStepPipeline(load_checkpoint(path, device, dtype), device, dtype)
+        pipe = FewStepPipeline(load_checkpoint(path, device, dtype, vae=args.vae), device, dtype)
     except CheckpointError as e:
         print(f"fewstep: {e}", file=sys.stderr)
         return 2

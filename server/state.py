@@ -70,7 +70,10 @@ class AppState:
         if kind not in ("image", "video"):
             raise ValueError(f"{path / 'model_index.json'}: fewstep.kind must be 'image' or 'video', got {kind!r}")
         runner = StreamPipeline if kind == "video" else FewStepPipeline
-        pipe = runner(load_checkpoint(path, device, dtype), device, dtype, ecfg.attention)
+        vae = ecfg.vae if kind == "image" else None  # --vae swaps image decoders; video VAEs are causal (Wan)
+        if ecfg.vae and kind == "video":
+            log.warning("--vae applies to image models; the video model %s keeps its own decoder", name)
+        pipe = runner(load_checkpoint(path, device, dtype, vae=vae), device, dtype, ecfg.attention)
         backend = ecfg.resolve_backend(device)
         if kind == "video" and backend == "compiled":
             log.warning("the compiled backend covers image models only so far; the video model %s runs eager", name)
