@@ -47,12 +47,18 @@ def median_ms(fn, iters: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `fewstep bench encode`, built without side effects (tests parse recorded commands)."""
+    p = argparse.ArgumentParser(prog="fewstep bench encode", description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     a = p.parse_args()
     meta = {"gpu": device_name(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
             "command": " ".join(["fewstep", "bench", "encode", *sys.argv[1:]]), "size": a.size, "bench": "image_encode"}

@@ -89,8 +89,9 @@ def bench_fewstep(pipe, size, steps, batch, iters, warmup, cached: bool, fmt: st
             "wall_p90_ms": p90, "wall_p99_ms": p99}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `fewstep bench pipeline`, built without side effects (tests parse recorded commands)."""
+    p = argparse.ArgumentParser(prog="fewstep bench pipeline", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="benchmarks/configs/<arch> (random weights are built from it)")
     p.add_argument("--model", help="an existing checkpoint directory instead of --config")
     p.add_argument("--work", default="/tmp/fewstep-bench-models", help="where random checkpoints are cached")
@@ -114,6 +115,11 @@ def main() -> None:
                    help="compiled backend: channels-last UNet and VAE convolutions (default: CompileConfig's, on)")
     p.add_argument("--peak-tflops", type=float, default=790.0)
     p.add_argument("--out", help="append result rows (JSON lines) here")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     a = p.parse_args()
     if a.config and any(Path(a.config).rglob("*.safetensors")):
         # random weights are built from configs only; a real checkpoint's own tokenizer would be replaced by a

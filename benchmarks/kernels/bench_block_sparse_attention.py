@@ -36,8 +36,10 @@ REPO = Path(__file__).resolve().parents[2]
 SECTIONS = "abcdef"
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `fewstep bench kernels`, built without side effects (tests parse recorded commands)."""
+    p = argparse.ArgumentParser(prog="fewstep bench kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="directory for the JSON results and PNG plot")
     p.add_argument("--sections", default=SECTIONS, help=f"subset of '{SECTIONS}' to run")
     p.add_argument("--quick", action="store_true", help="fewer shapes and sweep configs")
@@ -51,10 +53,16 @@ def parse_args(argv=None):
                    help="wall-clock budget; optional parts (flex, wan) are skipped when it runs low")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run every code path on CPU under TRITON_INTERPRET=1 with tiny shapes, no timing")
-    return p.parse_args(argv)
+    return p
 
 
-ARGS = parse_args()
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+# Run as a tool (`fewstep bench kernels`), this module is __main__ and reads the command line; imported (a test
+# building the parser), it must not read the importer's sys.argv.
+ARGS = parse_args(None if __name__ == "__main__" else [])
 if ARGS.cpu_smoke:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
