@@ -41,12 +41,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # training/ and benchmarks/ are repo folders, not installed packages
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from fewstep.server.config import DEFAULT_MODEL_DIR, DEFAULT_VIDEO_MODEL_DIR
+
+REPO = Path(__file__).resolve().parents[2]  # git metadata of an editable install's checkout
 
 # image: 1024 tokens -> 16 key blocks of 64 / 32 of 32; topk=7 / 3 of 16 (+ the forced diagonal band)
 # keeps ~50% / ~75% of the blocks skipped
@@ -402,8 +402,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image-model", default=str(REPO / "engines/default/image"), help="the shipped student (as out/r4/student)")
-    p.add_argument("--video-model", default=str(REPO / "engines/default/video"), help="the shipped video student")
+    p.add_argument("--image-model", default=str(DEFAULT_MODEL_DIR), help="the shipped student (as out/r4/student)")
+    p.add_argument("--video-model", default=str(DEFAULT_VIDEO_MODEL_DIR), help="the shipped video student")
     p.add_argument("--only", choices=["both", "image", "video"], default="both")
     p.add_argument("--settings", nargs="+", default=None,
                    help='attention settings for both models ("dense" is always run first)')

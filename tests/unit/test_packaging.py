@@ -79,3 +79,14 @@ def test_entry_points_run_from_the_repository_root(argv):
     out = subprocess.run([*FEWSTEP, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "usage:" in out.stdout.lower()
+
+
+def test_no_shipped_module_edits_sys_path():
+    """Code that puts a folder on sys.path brings the shadowing back (a benchmark once inserted the repo root)."""
+    offenders = []
+    for folder in TOP_LEVEL:
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            for i, line in enumerate(f.read_text().splitlines(), 1):
+                if "sys.path.insert" in line or "sys.path.append" in line or "sys.path[0:0]" in line:
+                    offenders.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not offenders, offenders
