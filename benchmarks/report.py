@@ -307,7 +307,7 @@ def anchor_table(rows: list[dict]) -> str:
     for name, gpu, fps, ttff, how in ANCHORS_STREAM:
         text += f"| {name} | {gpu} | {fps:.1f} | {_fmt(ttff, 2)} | {how} | ANCHORS.md |\n"
     for r in streams:
-        text += (f"| fewstep, Wan2.1-1.3B arch. (random weights), {r['config'].get('size')} | {r['_gpu']} | "
+        text += (f"| fewstep, Wan2.1-1.3B arch. (random weights), {r['config'].get('size')} | {r['_gpu'].replace('_', ' ')} | "
                  f"{r['aggregate_fps']:.1f} | {r['ttff_ms']['p50'] / 1e3:.2f} | moving buffer of 4 chunks × 3 latent "
                  "frames, 1 call per 12 frames, eager, JPEG over WebSocket, 1 session | measured "
                  f"{r['date_utc'][:10]}, {(r.get('git_commit') or '–')[:7]} |\n")
@@ -506,11 +506,11 @@ def short_table(rows: list[dict], http: list[dict], streams: list[dict]) -> str:
         when = f"{newest}, {(commit or '–')[:7]}"
         if c1:
             r = c1[0]
-            out.append(f"| HTTP (`fewstep bench images`), SD-Turbo 512², concurrency 1 | {r['_gpu']} | "
+            out.append(f"| HTTP (`fewstep bench images`), SD-Turbo 512², concurrency 1 | {r['_gpu'].replace('_', ' ')} | "
                        f"**{_fmt((r['latency_ms'] or {}).get('p50'))} ms** p50 | engine "
-                       f"{_fmt(((r.get('server_timings') or {}).get('total_ms') or {}).get('p50'))} ms, HTTP + JSON "
+                       f"{_fmt(((r.get('server_timings') or {}).get('total_ms') or {}).get('p50'))} ms, HTTP, JSON and base64 "
                        f"{_fmt((r.get('serving_overhead_ms') or {}).get('p50'))} ms | {when} |")
-        out.append(f"| HTTP, SD-Turbo 512², concurrency {top['config']['concurrency']} | {top['_gpu']} | "
+        out.append(f"| HTTP, SD-Turbo 512², concurrency {top['config']['concurrency']} | {top['_gpu'].replace('_', ' ')} | "
                    f"**{_fmt(top['image_throughput'])} images/s** | p50 {_fmt((top['latency_ms'] or {}).get('p50'))} "
                    f"ms | {when} |")
     for name, what in (("default-video", "stream, embedded video model (32×32), 1 session"),
@@ -518,7 +518,7 @@ def short_table(rows: list[dict], http: list[dict], streams: list[dict]) -> str:
         one = [r for r in streams if name in served_model(r) and r["config"]["sessions"] == 1]
         if one:
             r = min(one, key=lambda r: r["config"]["frames"])
-            out.append(f"| {what} (`fewstep bench stream`) | {r['_gpu']} | **{r['aggregate_fps']:.1f} frames/s** | "
+            out.append(f"| {what} (`fewstep bench stream`) | {r['_gpu'].replace('_', ' ')} | **{r['aggregate_fps']:.1f} frames/s** | "
                        f"first frame {_fmt((r['ttff_ms'] or {}).get('p50'))} ms | {r['date_utc'][:10]}, "
                        f"{(r.get('git_commit') or '–')[:7]} |")
     return "\n".join(out) + "\n"
