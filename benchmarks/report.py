@@ -1,6 +1,12 @@
 """Regenerate the results tables in benchmarks/README.md (and plots) from benchmarks/results/*.jsonl.
 
-    fewstep bench report            # rewrites the block between the markers in benchmarks/README.md
+    fewstep bench report              # in a checkout: rewrites the blocks between the markers
+    fewstep bench report --repo DIR   # the checkout at DIR
+
+It rewrites two blocks: everything between ``<!-- results:start -->`` and ``<!-- results:end -->`` in
+benchmarks/README.md (every row), and a short table of the headline figures between ``<!-- bench:start -->`` and
+``<!-- bench:end -->`` in the top-level README.md. Plots need matplotlib; without it the committed plots are kept
+and linked as they are.
 
 Rows are appended by the benchmark scripts (pipeline_bench --out, or by hand from a device run's $OUT). Each row
 carries its GPU, date, commit and command, so a number in the README always points back to how it was made. The
@@ -15,9 +21,29 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+SHORT_START, SHORT_END = "<!-- bench:start -->", "<!-- bench:end -->"
+# The benchmarks/ folder of the checkout being reported on; main() sets it from --repo.
+BENCH = HERE
+PLOT_NAMES = ("batch_scaling_*.png", "resolution_scaling.png", "throughput_vs_concurrency.png",
+              "stream_frame_cost_vs_length.png")
 
 
-def load_rows(results: Path = HERE / "results") -> list[dict]:
+def find_repo(arg: str | None) -> Path:
+    """--repo, else the current directory if it holds benchmarks/results, else the checkout holding this module."""
+    if arg:
+        repo = Path(arg).resolve()
+    elif (Path.cwd() / "benchmarks" / "results").is_dir():
+        repo = Path.cwd().resolve()
+    else:
+        repo = HERE.parent
+    if not (repo / "benchmarks" / "results").is_dir():
+        raise SystemExit(f"fewstep bench report: no benchmarks/results under {repo}; run it in a checkout of "
+                         "fewstep or pass --repo DIR")
+    return repo
+
+
+def load_rows(results: Path | None = None) -> list[dict]:
+    results = results or BENCH / "results"
     rows = []
     for f in sorted(results.glob("*.jsonl")):
         for line in f.read_text().splitlines():
@@ -69,9 +95,10 @@ def encode_table(rows: list[dict]) -> str:
     return "\n".join(out) + f"\n\nCommand: `{rows[0]['command']}`\n"
 
 
-def load_reports(kind: str, results: Path = HERE / "results") -> list[dict]:
+def load_reports(kind: str, results: Path | None = None) -> list[dict]:
     """fewstep bench images/stream JSON reports under results/<kind>/<GPU name>/*.json (the client cannot see
     the server's GPU, so the folder names it)."""
+    results = results or BENCH / "results"
     out = []
     for f in sorted((results / kind).glob("*/*.json")):
         rep = json.loads(f.read_text())
@@ -149,9 +176,9 @@ def _kernel_rows(results: Path) -> list[dict]:
     return rows
 
 
-def kernel_tables(results: Path = HERE / "results" / "kernels") -> str:
+def kernel_tables(results: Path | None = None) -> str:
     """Block-sparse attention rows (benchmarks/kernels/bench_block_sparse_attention.py --out) -> markdown."""
-    rows = _kernel_rows(results)
+    rows = _kernel_rows(results or BENCH / "results" / "kernels")
     if not rows:
         return ""
     out = []
@@ -215,7 +242,7 @@ def kernel_tables(results: Path = HERE / "results" / "kernels") -> str:
     files = sorted({(r["_file"], flags(r["_args"])) for r in rows})
     out.append("Runs (`fewstep bench kernels` with):\n" +
                "".join(f"- `{f}`: `{a}`\n" for f, a in files))
-    out += [f"![{p.stem}](plots/{p.name})\n" for p in sorted((HERE / "plots").glob("bsa_speedup_vs_sparsity*.png"))]
+    out += [f"![{p.stem}](plots/{p.name})\n" for p in sorted((BENCH / "plots").glob("bsa_speedup_vs_sparsity*.png"))]
     return "\n".join(out)
 
 
@@ -280,12 +307,12 @@ def anchor_table(rows: list[dict]) -> str:
     for name, gpu, fps, ttff, how in ANCHORS_STREAM:
         text += f"| {name} | {gpu} | {fps:.1f} | {_fmt(ttff, 2)} | {how} | ANCHORS.md |\n"
     for r in streams:
-        text += (f"| fewstep, Wan2.1-1.3B arch. (random weights), {r['config'].get('size')} | {r['_gpu']} | "
+        text += (f"| fewstep, Wan2.1-1.3B arch. (random weights), {r['config'].get('size')} | {r['_gpu'].replace('_', ' ')} | "
                  f"{r['aggregate_fps']:.1f} | {r['ttff_ms']['p50'] / 1e3:.2f} | moving buffer of 4 chunks × 3 latent "
                  "frames, 1 call per 12 frames, eager, JPEG over WebSocket, 1 session | measured "
                  f"{r['date_utc'][:10]}, {(r.get('git_commit') or '–')[:7]} |\n")
     # one run only: the newest file with section d rows at 32K tokens, head dim 128
-    krows = [r for r in _kernel_rows(HERE / "results" / "kernels")
+    krows = [r for r in _kernel_rows(BENCH / "results" / "kernels")
              if r.get("shape", {}).get("D") == 128 and r.get("shape", {}).get("Nq") == 32768]
     runs = sorted({(r["date"], r["_file"]) for r in krows if r["section"] == "d"})
     if runs:
@@ -308,7 +335,7 @@ def anchor_table(rows: list[dict]) -> str:
 def plot_bsa_speedup(out_dir: Path) -> list[Path]:
     """Speed-up over dense SDPA against block sparsity, per run file, against the conservative baseline
     (`sdpa_baseline`); replaces the plot the bench draws on the device, which used section d's own SDPA."""
-    rows = _kernel_rows(HERE / "results" / "kernels")
+    rows = _kernel_rows(BENCH / "results" / "kernels")
     paths = []
     for gpu in sorted({r["gpu"] for r in rows if r["section"] == "d"}):
         series: dict[str, list] = defaultdict(list)
@@ -440,25 +467,102 @@ def render(rows: list[dict], plots: list[Path], http: list[dict] = (), streams: 
     return body
 
 
+def short_table(rows: list[dict], http: list[dict], streams: list[dict]) -> str:
+    """The headline figures for the top-level README: SD-Turbo 512², 1 step, batch 1, cold prompt, each system from
+    the newest run that timed all four in one process (a ratio is only read within one run), the newest
+    channels-last row, then HTTP and stream figures where reports exist."""
+    out = ["| measurement | GPU | result | stages | measured |", "|---|---|---|---|---|"]
+    base = ("diffusers-eager", "diffusers-compile", "fewstep-eager", "fewstep-compiled")
+    label = {"diffusers-eager": "diffusers, eager (to PIL images)",
+             "diffusers-compile": "diffusers, torch.compile (to PIL images)",
+             "fewstep-eager": "fewstep `--engine eager`", "fewstep-compiled": "fewstep `--engine compiled`, NCHW",
+             "fewstep-compiled+cl": "fewstep `--engine compiled` (channels-last, the default)"}
+    pick = [r for r in rows if r.get("arch") == "sd-turbo" and r.get("size") == 512 and r.get("steps") == 1
+            and r.get("batch") == 1 and r.get("prompt") == "cold" and r.get("dtype") in (None, "float16")]
+    runs = defaultdict(dict)
+    for r in pick:
+        runs[(r["gpu"], r.get("commit"))][r["system"]] = r
+    full = [v for v in runs.values() if all(s in v for s in base)]
+
+    def row(r: dict, what: str) -> str:
+        stages = (f"text {_fmt(r.get('encode_prompt_ms'))}, UNet {_fmt(r.get('denoise_ms'))}, "
+                  f"decode {_fmt(r.get('decode_ms'))}" if r.get("decode_ms") is not None else "–")
+        return (f"| {what} | {r['gpu']} | **{r['total_ms']:.1f} ms** | {stages} | {r['date'][:10]}, "
+                f"{r.get('commit') or '–'} |")
+
+    if full:
+        run = max(full, key=lambda v: max(r["date"] for r in v.values()))
+        out += [row(run[s], f"SD-Turbo arch. 512², 1 step, batch 1: {label[s]}") for s in base]
+    cl = [r for r in pick if r["system"] == "fewstep-compiled+cl"]
+    if cl:
+        out.append(row(max(cl, key=lambda r: r["date"]), f"SD-Turbo arch. 512², 1 step, batch 1: {label['fewstep-compiled+cl']}"))
+    jpeg = [r for r in http if r["config"].get("output_format") == "jpeg" and r.get("completed")]
+    if jpeg:
+        newest = max(r["date_utc"] for r in jpeg)[:10]
+        commit = max(jpeg, key=lambda r: r["date_utc"]).get("git_commit")
+        run = [r for r in jpeg if r.get("git_commit") == commit] or jpeg
+        c1 = [r for r in run if r["config"].get("concurrency") == 1]
+        top = max(run, key=lambda r: r["image_throughput"] or 0)
+        when = f"{newest}, {(commit or '–')[:7]}"
+        if c1:
+            r = c1[0]
+            out.append(f"| HTTP (`fewstep bench images`), SD-Turbo 512², concurrency 1 | {r['_gpu'].replace('_', ' ')} | "
+                       f"**{_fmt((r['latency_ms'] or {}).get('p50'))} ms** p50 | engine "
+                       f"{_fmt(((r.get('server_timings') or {}).get('total_ms') or {}).get('p50'))} ms, HTTP, JSON and base64 "
+                       f"{_fmt((r.get('serving_overhead_ms') or {}).get('p50'))} ms | {when} |")
+        out.append(f"| HTTP, SD-Turbo 512², concurrency {top['config']['concurrency']} | {top['_gpu'].replace('_', ' ')} | "
+                   f"**{_fmt(top['image_throughput'])} images/s** | p50 {_fmt((top['latency_ms'] or {}).get('p50'))} "
+                   f"ms | {when} |")
+    for name, what in (("default-video", "stream, embedded video model (32×32), 1 session"),
+                       ("wan", "stream, Wan2.1-1.3B arch. 832×480, 1 session")):
+        one = [r for r in streams if name in served_model(r) and r["config"]["sessions"] == 1]
+        if one:
+            r = min(one, key=lambda r: r["config"]["frames"])
+            out.append(f"| {what} (`fewstep bench stream`) | {r['_gpu'].replace('_', ' ')} | **{r['aggregate_fps']:.1f} frames/s** | "
+                       f"first frame {_fmt((r['ttff_ms'] or {}).get('p50'))} ms | {r['date_utc'][:10]}, "
+                       f"{(r.get('git_commit') or '–')[:7]} |")
+    return "\n".join(out) + "\n"
+
+
+def _replace_block(path: Path, start: str, end: str, body: str) -> bool:
+    text = path.read_text()
+    if start not in text or end not in text:
+        return False
+    pre, rest = text.split(start, 1)
+    _, post = rest.split(end, 1)
+    path.write_text(pre + start + "\n" + body + end + post)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
+    global BENCH
     ap = argparse.ArgumentParser(prog="fewstep bench report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.parse_args(argv)
+    ap.add_argument("--repo", metavar="DIR", help="the fewstep checkout to report on (default: the current "
+                    "directory if it has benchmarks/results, else the checkout holding this module)")
+    args = ap.parse_args(argv)
+    repo = find_repo(args.repo)
+    BENCH = repo / "benchmarks"
     rows = load_rows()
-    plots_dir = HERE / "plots"
+    plots_dir = BENCH / "plots"
     plots_dir.mkdir(exist_ok=True)
     http, streams = load_reports("http"), load_reports("stream")
     plots = (plot_batch_scaling(latest(rows), plots_dir) + plot_resolution_scaling(latest(rows), plots_dir) +
              plot_concurrency(http, plots_dir) + plot_stream_length(streams, plots_dir))
     plot_bsa_speedup(plots_dir)  # linked from the kernel section
-    readme = HERE / "README.md"
-    text = readme.read_text()
-    pre, rest = text.split(START, 1)
-    _, post = rest.split(END, 1)
-    readme.write_text(pre + START + "\n" + render(rows, plots, http, streams) + END + post)
-    print(f"{len(rows)} rows, {len(plots)} plots -> {readme}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # nothing was drawn: link the committed plots as they are
+        plots = [p for pat in PLOT_NAMES for p in sorted(plots_dir.glob(pat))]
+        print("matplotlib is not installed: plots not redrawn, the committed ones are linked")
+    readme = BENCH / "README.md"
+    _replace_block(readme, START, END, render(rows, plots, http, streams))
+    top = repo / "README.md"
+    short = _replace_block(top, SHORT_START, SHORT_END, short_table(rows, http, streams))
+    print(f"{len(rows)} rows, {len(plots)} plots -> {readme}" +
+          (f"; short table -> {top}" if short else f"; no {SHORT_START} block in {top}"))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ sends ``stop``. All times are measured on the client, from frames actually deliv
 * time to first frame: from just before the socket opens to the first frame's arrival (connect + start + buffer
   warm-up + decode + encode + transfer);
 * delivered fps per session: ``(frames - 1) / (last arrival - first arrival)``; aggregate fps: all frames over the
-  span from the first session's first frame to the last session's last frame;
+  span from the earliest first frame of any session to the latest last frame of any;
 * inter-frame time: gaps between consecutive frame arrivals of a session (frames come in chunks of
   ``chunk_frames``, so the distribution is bimodal: ~0 within a chunk; ``chunk_interval_ms`` is the gap between
   chunks);

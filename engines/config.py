@@ -38,7 +38,7 @@ class CompileConfig(BaseModel):
     dynamic_batch: bool = Field(False, description="compile the batch dimension symbolically: one Inductor "
                                 "compile serves every bucket > 1 (batch 1 stays specialised); CUDA graphs are still "
                                 "captured per bucket. Cuts start-up by ~the number of buckets")
-    # Both measured on the H200 (benchmarks/NOTES.md, fifth session; SD-Turbo 512², batch 1, same warm machine):
+    # Both measured on the H200 (docs/benchmarks.md, 2026-11-29, 5573441; SD-Turbo 512², batch 1, same warm machine):
     # channels-last UNet + VAE 15.6 ms against 16.9 ms (UNet 5.0 against 5.9 ms), so it is on; fused QKV 16.4
     # against 16.6 ms (UNet 5.6 against 5.7), inside run-to-run noise, so it stays off (it rewrites the model's
     # attention modules for no measured gain). bf16 measured no faster than fp16 (16.7 ms): dtype stays "auto".

@@ -350,7 +350,7 @@ class FewStepPipeline:
         The SDXL VAE overflows in fp16, and diffusers' SDXL pipeline upcasts when the config sets `force_upcast`.
         Its SD pipeline ignores the flag, which `AutoencoderKL` defaults to True whether or not the checkpoint
         asks for it: honouring it for SD-Turbo made our eager decode 27.9 ms against diffusers' 21.5 ms
-        (H200, 512², benchmarks/NOTES.md), for a VAE that SD pipelines run in fp16 everywhere."""
+        (H200, 512², docs/benchmarks.md), for a VAE that SD pipelines run in fp16 everywhere."""
         return (self.vae is not None and dtype == torch.float16 and self.family == "sdxl"
                 and bool(self.vae.config.get("force_upcast", False)))
 

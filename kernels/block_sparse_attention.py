@@ -241,7 +241,7 @@ if HAS_TRITON:
             if FULL_ROWS_CONTIGUOUS and cnt == n_kb:
                 # a row that keeps every block is dense: walk it as a plain loop (no index loads on the K/V
                 # address path), which the H200 ran at 0.78-0.81 of SDPA against 0.51-0.67 through the indices
-                # at head dim 128 (benchmarks/NOTES.md)
+                # at head dim 128 (docs/benchmarks.md)
                 for start_n in range(0, n_main * MASK_BN, BLOCK_N):
                     acc, l_i, m_i = _attend_tile(
                         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,

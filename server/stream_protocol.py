@@ -185,7 +185,7 @@ class StatsMessage(_Msg):
     ttff_ms: float | None = Field(None, description="stream start to its first frame sent")
     inter_frame_ms: float | None = Field(None, description="mean time per frame sent over the last interval")
     queued_chunks: int
-    batch_size: int = Field(..., description="sessions in this session's last forward pass")
+    batch_size: int = Field(..., description="sessions in the session's last forward pass")
     step_ms: float
     prompt_version: int
 

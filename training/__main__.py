@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_common(vt, 5.0)
     vt.add_argument("--preset", default=DEFAULT_VIDEO_PRESET, choices=sorted(VIDEO_PRESETS),
                     help=f"video preset (default {DEFAULT_VIDEO_PRESET}: StreamUNetModel; small: the StreamDiT of the "
-                         "sixth session; training/video.py says what each is)")
+                         "2026-11-29; training/video.py says what each is)")
     vt.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                     help="compile the step (--no-compile: eager) instead of recording it as a CUDA graph")
     vt.add_argument("--ema-decay", type=float, default=0.999)

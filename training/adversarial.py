@@ -1,7 +1,7 @@
 """An adversarial term for the one-step student (``distill --gan W``).
 
 Why: the regression of ``distill`` fits the teacher's noise-to-image map in the mean, and where the student cannot fit
-it exactly the mean is a blur. In the eighth session the 1-step student kept the teacher's colours and positions
+it exactly the mean is a blur. In the 2026-11-30 runs (ebb3bbb) the 1-step student kept the teacher's colours and positions
 (0.99 / 0.98) but lost shapes (0.80 against 1.00) and counts (0.87 against 0.97): rounded corners, merged objects.
 A discriminator sees blur at once. DMD2 (one of the seed methods) adds a GAN term for the same reason; ADD and LADD
 keep the regression/distillation term beside it, as we do.
@@ -13,7 +13,7 @@ text embedding, mean-pooled), trained with the hinge loss. The generator's weigh
 al. 2021): the ratio of the regression's and the GAN term's gradient norms at the student's last layer, times
 ``W``, so ``W`` means "this fraction of the regression's pull", whatever the two losses' scales.
 
-Measured (ninth session, training/README.md): at W = 0.2 and 0.5 the 1-step student lost 2-3 points of held-out
+Measured (2026-11-30, docs/default-models.md): at W = 0.2 and 0.5 the 1-step student lost 2-3 points of held-out
 adherence and 15% of its steps. The discriminator, trained from scratch, was fooled within ~150 steps of the
 generator's term. Off by default.
 
@@ -22,9 +22,9 @@ the frozen teacher UNet's encoder (input convolution, down blocks, mid block) re
 random noise level, and a small conditional head per level scores its features. What a pixel discriminator has to
 learn from scratch in two minutes (what a star's points or a cross's arms look like, at which noise level a blob
 is an object) the teacher's features should already hold; the noise level chooses between coarse layout (high) and
-edges (low). A CPU probe (``fewstep train study disc``, tenth session) found it telling the shipped student's
+edges (low). A CPU probe (``fewstep train study disc``, 2026-11-30) found it telling the shipped student's
 samples from the teacher's earlier and more steadily than the pixel discriminator, and about as well after 100
-steps. On the device (eleventh session) it did not help: its hinge loss started at 1.82 and the generator fooled it
+steps. On the H200 (2026-11-30, 6210e5d) it did not help: its hinge loss started at 1.82 and the generator fooled it
 from step ~325 on; at W = 0.2 the 1-step student scored 0.771 (half the regression's steps: the adversarial path is
 eager) and at W = 0.5 0.619, against 0.789 without.
 """

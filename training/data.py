@@ -628,7 +628,7 @@ PROMPT_COMPLETION = {"unless": r"\bbackground\b", "append": " on a white backgro
 
 def without_background(caption: str) -> str:
     """``caption`` without its closing " on a BG background" (unchanged if it has none). A newcomer types "a red
-    circle above a blue square"; the eighth session's model, trained only on captions that name the background,
+    circle above a blue square"; the ebb3bbb model (2026-11-30), trained only on captions that name the background,
     scored 0.41 strict on held-out prompts stripped this way against 0.77 with the phrase (1 step, 128 prompts,
     CPU). ``--drop-background`` trains on both forms; the scene keeps its (random) background."""
     head, sep, tail = caption.rpartition(" on a ")

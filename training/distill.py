@@ -21,7 +21,7 @@ Method (InstaFlow; "Improving the Training of Rectified Flows"):
    of Rectified Flows"; ``--huber``, c = 1e-3), so a few badly fitted samples do not dominate the gradient.
    The student never sees CFG: it is guidance-distilled and ships ``default_guidance_scale: 0``.
 4. **Distribution matching** (optional, ``--dmd W``; DMD / DMD2). The regression above leaves one-step samples
-   blurred (the seventh session: shapes 0.96 in the teacher, 0.62 in the 1-step student). A "fake" score network
+   blurred (2026-11-29, c419a67: shapes 0.96 in the teacher, 0.62 in the 1-step student). A "fake" score network
    (a copy of the teacher's denoiser) learns the student's one-step distribution by flow matching, one update per
    student step, and the student's one-step samples get DMD's gradient ``(x0_fake - x0_real) / |x - x0_real|``
    at a random noise level: away from what only the student makes, towards what the CFG teacher makes. The
@@ -29,15 +29,15 @@ Method (InstaFlow; "Improving the Training of Rectified Flows"):
    holds the student to the teacher's noise-to-image coupling while the fake network warms up.
 
 5. **Adversarial term** (optional, ``--gan W``; ``training/adversarial.py``): a patch discriminator judges the
-   one-step outputs against the teacher's samples. It made the student worse in the ninth session (README).
+   one-step outputs against the teacher's samples. It made the student worse on 2026-11-30 (docs/default-models.md).
    ``--gan-features`` judges through the frozen teacher UNet's encoder instead (LADD); it hurt too (eleventh
    session).
 6. **Teacher-feature perceptual distance** (optional, ``--feat W``; ``training/features.py``): LPIPS's form on the
    frozen teacher encoder's features, added to the regression inside the recorded step. It lowered the 1-step score
-   (0.770 at W = 1, 0.705 at 3, against 0.789; eleventh session).
+   (0.770 at W = 1, 0.705 at 3, against 0.789; 2026-11-30, 6210e5d).
 
 Speed: the plain regression step is recorded as a CUDA graph after its first step (``training.graphs``; 1.2x the
-eager step on the H200, tenth session); ``--no-cuda-graphs`` runs it eagerly, and DMD or the adversarial term
+eager step on the H200, 2026-11-30); ``--no-cuda-graphs`` runs it eagerly, and DMD or the adversarial term
 always do.
 
 Exports the EMA student (fp16) to ``DIR/student/`` with ``default_steps: 1``.
@@ -86,7 +86,7 @@ class DistillArgs:
     chunk: int | None = None
     gen_frac: float = 0.25
     max_pairs: int | None = None
-    # share of sigma = 1 (one-step) draws; the rest is the few-step grid. 0.85 since the eighth session: 0.717 held-out
+    # share of sigma = 1 (one-step) draws; the rest is the few-step grid. 0.85 since 2026-11-30 (ebb3bbb): 0.717 held-out
     # at 1 step against 0.701 at 0.7 (same teacher, one run each: within run-to-run noise, but the train-split check
     # agreed, 0.742 against 0.691)
     p_one: float = 0.85
@@ -110,11 +110,11 @@ class DistillArgs:
     feat: float = 0.0           # weight of the teacher-feature perceptual distance (training.features; 0: off)
     feat_batch: int | None = None  # the batch's first N predictions it compares (default 128)
     feat_sigma: tuple = (0.1, 0.7)  # the noise levels (uniform) at which the teacher's encoder reads both images
-    # pseudo-Huber constant on the per-sample velocity error (0: plain mean squares). 1e-3 since the ninth session:
+    # pseudo-Huber constant on the per-sample velocity error (0: plain mean squares). 1e-3 since 2026-11-30 (8630d76):
     # 0.789 held-out at 1 step against 0.768 without (same teacher and pairs, one run each; train split 0.793 / 0.730)
     huber: float = 1e-3
     seed: int = 0
-    # eager by default since the UNet (seventh session): compiling its sampler and its train step cost ~100 s each
+    # eager by default since the UNet (2026-11-29, c419a67): compiling its sampler and its train step cost ~100 s each
     # of a 210 s stage (one run trained a single step); eager it trains ~630 steps at 3.2k img/s
     compile: bool = False
     # the student's step recorded as a CUDA graph (training.graphs): 108 against 130 ms per batch-512 step on the
@@ -176,7 +176,7 @@ def search_guidance(model, tokenizer, grid, n: int, steps: int, seed: int, devic
 
 def pick_guidance(rows: list[dict]) -> float:
     best = max(r.get("accuracy", 0.0) for r in rows)
-    # the best scale (ties: the smaller). Until the ninth session: the smallest within 1 point of the best, for
+    # the best scale (ties: the smaller). Before 8630d76 (2026-11-30): the smallest within 1 point of the best, for
     # diversity; on the unet4p teacher that chose 2 (0.941) over 3 (0.945), yet the student of CFG-3 pairs scored
     # 0.793 held-out at 1 step against 0.777 (one run each; train split 0.809 / 0.770), diversity 0.111 / 0.113
     return float(min(r["guidance"] for r in rows if r.get("accuracy", 0.0) >= best))
@@ -390,7 +390,7 @@ def distill(args: DistillArgs) -> Path:
     budget, device, out, jsonl = stage.budget, stage.device, stage.out, stage.jsonl
     tiny = args.tiny
     batch = args.batch or (8 if tiny else 512)
-    # 8e-4 since the ninth session (0.777 held-out at 1 step against 0.789 at 5e-4 in another call, but 0.770 / 0.793
+    # 8e-4 since 8630d76 (2026-11-30; 0.777 held-out at 1 step against 0.789 at 5e-4 in another run, but 0.770 / 0.793
     # train-split: a tie; the shipped run, CFG 3, used 8e-4); the student trains ~1.1k steps in 3.8 minutes
     lr = args.lr or (1e-3 if tiny else 8e-4)
     # 12 teacher steps per pair: twice the pairs of 25 in the same seconds (the UNet teacher at 12 steps: 0.51-0.52
@@ -431,7 +431,7 @@ def distill(args: DistillArgs) -> Path:
     # boolean-mask selections and second networks are not capturable as written)
     graphs = args.cuda_graphs and device.type == "cuda" and not args.compile and args.dmd == 0 and args.gan == 0
     # after the last step: checkpoint (0.3 s), the quick check (1.5 s on the H200, eager) and the export (0.5 s).
-    # It was 35 s until the ninth session, a fifth of a 3-minute stage left idle.
+    # It was 35 s before 8630d76 (2026-11-30), a fifth of a 3-minute stage left idle.
     reserve = 6.0 if tiny or device.type != "cuda" else 12.0
     trainer = Trainer(name="distill", out=out, model=student, device=device, budget=budget, lr=lr,
                       warmup=(3 if tiny else args.warmup), weight_decay=args.weight_decay,

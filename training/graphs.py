@@ -4,7 +4,7 @@ engine's recorder (``fewstep.engines.backends.compiled.StaticGraph``): ``fewstep
 the pair sampler with it, and the stage keeps the sampler eager, where the graph saved 1%.
 
 Why: the UNet student's eager step at batch 512 (64x64 images, 32-128 channels) launches many small kernels and keeps
-the H200 at 5-8% of its bf16 peak. Recorded, it ran 108 against 130 ms (benchmarks/NOTES.md, tenth session);
+the H200 at 5-8% of its bf16 peak. Recorded, it ran 108 against 130 ms (docs/benchmarks.md, 2026-11-30);
 ``torch.compile`` ran 83 ms, after 122 s of compilation that a 3.8-minute stage cannot pay. A recording costs one
 warm-up step (a real one) and the recording itself (~2 s).
 

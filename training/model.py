@@ -56,9 +56,9 @@ class ModelConfig:
 
 
 #: named presets; "tiny"/"tiny_unet"/"tiny_unetp" are for CPU tests (seconds). "unet4p" is the default teacher/student
-#: since the eighth session (25-step teacher 0.975 held-out strict adherence; unet4 without positions 0.59); "unet"
+#: since 2026-11-30, ebb3bbb (25-step teacher 0.975 held-out strict adherence; unet4 without positions 0.59); "unet"
 #: was the seventh's (0.55, shapes 0.96; deep8, the DiT default before it: 0.16, shapes 0.20). The DiTs stay for
-#: comparison: deep8 trained the sixth session's model, p2n the third's, "base" the first.
+#: comparison: deep8 trained the 2026-11-29 DiT of 359ae9a, p2n the one of 6d95e66, "base" the first H200 run's.
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(text_hidden=32, text_layers=1, text_heads=2, text_ff=64,
                         dim=32, heads=2, layers=1, patch=8),
@@ -75,12 +75,12 @@ PRESETS: dict[str, ModelConfig] = {
     # session): 4.22M + 0.61M params, 4.1 GFLOP forward (1.85x deep8). Why: every DiT so far drew ragged blobs
     # whose outlines follow the 4x4 patch grid; convolutions draw local outlines by construction.
     "unet": ModelConfig(arch="unet"),
-    # eighth session: a fourth level at 8 px, attention at 16 and 8 px instead of 32 and 16 (unet4p adds positions).
+    # 2026-11-30: a fourth level at 8 px, attention at 16 and 8 px instead of 32 and 16 (unet4p adds positions).
     # Teacher at batch 512: 0.594 held-out strict adherence (unet: 0.549), count 0.91 (0.82), shapes 0.96; relations
     # did not improve (positions 0.62-0.65), so the receptive field was not their cause. 5.14M + 0.61M params
     # (11.5 MB fp16), 3.4 GFLOP forward.
     "unet4": ModelConfig(arch="unet", channels=(32, 64, 128, 96), level_heads=(1, 2, 4, 3)),
-    # the default since the eighth session: unet / unet4 + a fixed 2-D sin-cos position table into every attention
+    # the default since 2026-11-30 (ebb3bbb): unet / unet4 + a fixed 2-D sin-cos position table into every attention
     # block through a zero-initialised 1x1 convolution (fewstep.engines.models.PositionalUNet2DConditionModel). Why:
     # unet4 did not fix relations (positions 0.62-0.65, as unet's 0.62), so the receptive field was not the cause;
     # the DiT, with positions in every token, got them right (0.92). Result (teacher, 25 steps, batch 512, 8 min):

@@ -19,7 +19,7 @@
   shape band sigma in [0.5, 0.95], and on object outlines) and by the detector
   (``benchmarks.quality``) on samples (20 Euler steps, CFG 3).
 
-Results: ``training/README.md`` ("Image recipe").
+Results: ``docs/default-models.md`` ("Image recipe").
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from fewstep.training.model import (
     tokenize,
 )
 
-#: measured on one H200 (batch 512, torch.compile, bf16; first device session)
+#: measured on one H200 (batch 512, torch.compile, bf16; the first H200 run, 2026-11-29)
 MEASURED_IMG_S = {"base": 18900.0, "deep": 19400.0, "p2": 6600.0}
 #: the measured preset with the same patch size (same tokens per image)
 SAME_TOKENS = {4: "deep", 2: "p2"}
@@ -142,7 +142,7 @@ RECIPES = {
     # second round (the low-noise weight of teacher.low_sigma_weight), with and without the outline weight
     "loc+edge+low": ("w64x4", 0.5, 4.0, 64, 1e-3, 0.2, 0.02),
     "loc+low": ("w64x4", 0.5, 0.0, 64, 1e-3, 0.2, 0.02),
-    # seventh session: the same recipe on a convolutional UNet
+    # 2026-11-29 (c419a67): the same recipe on a convolutional UNet
     "unet,loc+edge+low": ("u32", 0.5, 4.0, 64, 1e-3, 0.2, 0.02),
 }
 

@@ -44,7 +44,7 @@ class TeacherArgs:
     resume: bool = False
     tiny: bool = False
     preset: str = DEFAULT_PRESET
-    batch: int | None = None    # default 512 for UNets (eighth session: 0.594 against 0.562 at 256, same minutes),
+    batch: int | None = None    # default 512 for UNets (2026-11-30: 0.594 against 0.562 at 256, same minutes),
                                 # 256 for DiTs (more optimiser steps in the budget; see README)
     lr: float | None = None
     warmup: int = 200
@@ -99,7 +99,7 @@ def low_sigma_weight(sigma: torch.Tensor, low_sigma: float) -> torch.Tensor:
     Why: with a plain velocity loss, the few samples of a batch with sigma < 0.15 gave 95% of the gradient norm of
     the first H200 teacher (3.7 of 3.7-4.5; the other 123 of 128 samples: 0.10-0.14), so the global clip at 1.0
     shrank the useful part 4x and its direction was 4-6% of the step. Shapes, decided at sigma 0.6-0.9 and the
-    weakest signal in the data, were never learnt (training/README.md, "Diagnosis, second round")."""
+    weakest signal in the data, were never learnt (docs/default-models.md, "diagnosis, second round")."""
     if low_sigma <= 0:
         return torch.ones_like(sigma)
     return (sigma / low_sigma).square().clamp(max=1.0)

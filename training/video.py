@@ -1,5 +1,5 @@
 """Streaming text-to-video in the spirit of StreamDiT: a video denoiser with per-frame noise levels
-(``StreamUNetModel`` by default since the twelfth session, ``StreamDiTModel`` with ``--preset small``) trained on
+(``StreamUNetModel`` by default since 2026-11-30 (648c1e1), ``StreamDiTModel`` with ``--preset small``) trained on
 ``training.data`` videos with per-frame noise levels and mixed partitioning, distilled to the
 serving engine's moving buffer (K levels, one model call per engine step), a reference sampler that
 mirrors the engine, and an evaluation over long (300-frame) streams.
@@ -129,15 +129,15 @@ VIDEO_PRESETS: dict[str, VideoConfig] = {
     # CPU tests: 4x4 tokens per frame, 3 chunks of 2 frames
     "tiny": VideoConfig(patch=8, dim=32, heads=2, layers=1, chunk_frames=2, buffer_chunks=3, max_frames=12,
                         text_hidden=32, text_layers=1, text_heads=2, text_ff=64),
-    # the sixth session's stream model: 16x16 tokens per 32x32 frame, 8-frame buffer (2048 tokens), 7.5 MB fp16;
+    # the 2026-11-29 stream model (359ae9a): 16x16 tokens per 32x32 frame, 8-frame buffer (2048 tokens), 7.5 MB fp16;
     # its teacher drew ragged blobs (5% of held-out frames right)
     "small": VideoConfig(),
-    # StreamUNetModel (twelfth session): 32/16/8 px levels at 32/64/96 channels, spatial attention at 16 and 8 px, frame
+    # StreamUNetModel (2026-11-30): 32/16/8 px levels at 32/64/96 channels, spatial attention at 16 and 8 px, frame
     # attention per cell at 16 px and over the whole buffer (8 x 64 cells) at 8 px; 3.07M + 0.41M params (7.0 MB
     # fp16). Why: the image models' DiT -> positional UNet switch. 5 + 3 min on the H200: frame strict adherence
     # 0.575 (256 held-out streams), motion 0.604
     "unet": VideoConfig(arch="unet"),
-    # the default since the twelfth session: the same with whole-buffer attention at 16 px too (8 x 256 = 2048 cells,
+    # the default since 2026-11-30 (648c1e1): the same with whole-buffer attention at 16 px too (8 x 256 = 2048 cells,
     # StreamDiT's token count), same parameters: frame strict adherence 0.853 (256 streams; 0.862 on 512), motion 0.408
     "unetj": VideoConfig(arch="unet", joint_tokens=256),
     # CPU tests: two levels (32 and 16 px, 16/32 channels), spatial attention at both, frame attention per cell at 32
@@ -644,8 +644,8 @@ class VideoTeacherArgs:
     seed: int = 0
     compile: bool = True
     # on CUDA the step is recorded as one CUDA graph after its first (eager) step, instead of compiled (training.graphs;
-    # --no-cuda-graphs: compiled, or eager with --no-compile): first step at 29 s of the twelfth session's 5-minute
-    # stage, against 45 s with the sixth session's single compilation (the DiT preset's recording: a smoke run on the
+    # --no-cuda-graphs: compiled, or eager with --no-compile): first step at 29 s of the 5-minute
+    # stage, against 45 s with the single compilation of 2026-11-29 (the DiT preset's recording: a smoke run on the
     # H200, training/results/2026-11-30_h200_video_unet/run_dit_graph_smoke.log)
     cuda_graphs: bool = True
     max_steps: int | None = None
@@ -698,7 +698,7 @@ def train_video_teacher(args: VideoTeacherArgs) -> Path:
                       estimate_after=(10**9 if args.tiny else 40), rate_skip=(0 if args.tiny else 5),
                       capturable=graphs)
     if args.resume:
-        # a checkpoint written before a config key existed (the sixth session's lacks arch/channels/...) gets defaults
+        # a checkpoint written before a config key existed (the 2026-11-29 one lacks arch/channels/...) gets defaults
         trainer.resume(model_config=cfg.to_dict(), config_defaults=VideoConfig().to_dict())
 
     def state():

@@ -7,7 +7,7 @@ export PYTHONPATH
 
 begin_run() {  # begin_run DEST: logs, rows and reports go to $OUT; at exit they come back as DEST/results.tgz
   set -uo pipefail
-  FINAL=$(mkdir -p "$1" && cd "$1" && pwd)  # at most 8 files return from a device call: keep DEST to 2-3
+  FINAL=$(mkdir -p "$1" && cd "$1" && pwd)  # at most 8 files come back from a GPU run: keep DEST to 2-3
   OUT=/tmp/fewstep_run_$$
   mkdir -p "$OUT"
   trap '(cd "$OUT" && tar czf "$FINAL/results.tgz" -- * 2>/dev/null; ls -la "$FINAL")' EXIT
@@ -22,7 +22,7 @@ wants() { [[ " $PARTS " == *" $1 "* ]]; }  # wants NAME: is NAME in the script's
 
 # Inductor's cache turns a cold compile of SD-Turbo's three buckets (254 s) into a
 # warm one (69 s), but a lent machine starts bare. So a script returns the cache as $OUT/inductor_cache.tgz (when
-# it fits the 16 MB a returned file may have), the files are copied to out/carry/ here, and the next session's
+# it fits the 16 MB a returned file may have), the files are copied to out/carry/ here, and the next run's
 # call carries out/carry and restores them before compiling. Same image, torch and GPU: the cache keys match.
 INDUCTOR_CACHE=${TORCHINDUCTOR_CACHE_DIR:-$HOME/.cache/fewstep/inductor}
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device run: (1) the compiled backend's options on SD-Turbo 512², 1 step, batch 1, each against the plain fp16
-# compiled engine in the same run (benchmarks/NOTES.md records the choices): fused QKV, channels-last, bf16, and
+# compiled engine in the same run (docs/benchmarks.md records the choices): fused QKV, channels-last, bf16, and
 # a dynamic batch dimension (start-up); (2, with SCALING=1) eager scaling curves: latency against resolution 256..1024 and
 # against batch 1..64. Streams: stream_h200.sh. Usage: bash ... "$OUT"
 source "$(dirname "$0")/common.sh"
@@ -21,7 +21,7 @@ timeout "${T_DYN:-200}" fewstep bench pipeline --config $CFG --size 512 --steps 
   --iters 10 --warmup 2 --format jpeg --backend compiled --dynamic-batch --out "$OUT/variants.jsonl" 2>&1 | tail -7
 fi
 
-if [ "${SCALING:-0}" = 1 ]; then  # measured 2026-11-29 (benchmarks/NOTES.md); SCALING=1 to repeat
+if [ "${SCALING:-0}" = 1 ]; then  # measured 2026-11-29 (docs/benchmarks.md); SCALING=1 to repeat
 stamp "scaling (eager)"
 timeout "${T_SCALE:-80}" fewstep bench pipeline --config $CFG --size 256 512 768 1024 --steps 1 \
   --batch 1 --iters 6 --warmup 2 --format jpeg --backend eager --out "$OUT/scaling.jsonl" 2>&1 | tail -12

@@ -1,8 +1,8 @@
 """A diffusers ``UNet2DConditionModel`` whose attention blocks also know where they are.
 
 Why: a convolutional UNet draws clean shapes (our DiTs drew ragged ones), but its attention layers carry no
-position. The seventh session's default UNet put single objects in the stated place every time, yet "A left of B"
-held about half the time, in its teacher too; in the eighth session a deeper 8-px level (preset ``unet4``) got the
+position. The plain-UNet default of 2026-11-29 (c419a67) put single objects in the stated place every time, yet "A left of B"
+held about half the time, in its teacher too; on 2026-11-30 a deeper 8-px level (preset ``unet4``) got the
 axis right more often but the order still near chance. Our reading: to draw the right noun phrase a cell must know
 where it is, and a convolution learns that only from the zero padding at the border. The DiTs, with position
 embeddings in every token, placed relations right (0.92) but drew poor shapes.
@@ -12,7 +12,7 @@ in the pixels of a ``sample_size`` image whatever the level's grid (another size
 learned 1x1 convolution added to its input. The map starts at zero: a fresh model computes exactly the plain UNet's
 function. The table enters the block's residual stream too, so the convolutions that follow see it as well.
 
-Measured (training/README.md, eighth session; 25-step teachers, 512 held-out prompts): positions 0.65 -> 1.00 and
+Measured (docs/default-models.md, 2026-11-30; 25-step teachers, 512 held-out prompts): positions 0.65 -> 1.00 and
 strict adherence 0.594 -> 0.975 against the same UNet without the table.
 
 The wrapped UNet keeps diffusers' call signature (``unet(sample, timestep, encoder_hidden_states, ...)``) and the

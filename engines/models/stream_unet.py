@@ -1,6 +1,6 @@
 """StreamUNet: a per-frame convolutional UNet with attention across the frames of a moving buffer.
 
-Why: the sixth session's StreamDiT (5 x 192, 16x16 tokens per 32-px frame) drew ragged blobs; its own 25-step-equivalent
+Why: the StreamDiT default of 2026-11-29 (359ae9a) (5 x 192, 16x16 tokens per 32-px frame) drew ragged blobs; its own 25-step-equivalent
 teacher got 5% of held-out frames right. The image models had the same problem as DiTs and lost it as UNets whose
 attention blocks know where they are (``positional_unet``; image teacher 0.16 -> 0.975 strict adherence). This is that
 image UNet made into a video denoiser, with the StreamDiT interface the engine's moving buffer calls:

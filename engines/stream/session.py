@@ -201,10 +201,10 @@ class StreamSession:
         self.transition = (0, 0)  # (steps done, steps total) of the running prompt transition
         self.buffer: torch.Tensor | None = None  # [C, K*F, H, W] fp32; chunk 0 (front) is the least noisy
         self.levels: list[int] = []  # per chunk: index into the policy's sigma table (0 = pure noise)
-        self.decoder_state: list | None = None  # Wan: the causal VAE's cache after this session's last chunk
+        self.decoder_state: list | None = None  # Wan: the causal VAE's cache after the session's last chunk
         self.next_index = 0  # index of the next frame to emit
         self.next_due = 0.0  # perf_counter time the next chunk is due (paced sessions)
-        self.steps = 0  # forward passes this session took part in
+        self.steps = 0  # forward passes the session took part in
         self.frames_generated = 0
 
     @property

@@ -145,7 +145,7 @@ def test_bench_images_smoke(tiny_server, tmp_path):
 
 def test_serve_with_no_arguments_serves_both_default_models():
     """README's main command: `fewstep serve` with no --model serves both embedded models, images and streams, with
-    no model named in the requests. The issue's example prompt names no background, and the image model's prompt
+    no model named in the requests. The README's example prompt names no background, and the image model's prompt
     completion (listed in /v1/models) gives it the white one every training caption would have named."""
     from fewstep.clients.python import FewstepClient
     from tests.conftest import ServerProcess

@@ -36,7 +36,7 @@ from fewstep.kernels.reference import (  # noqa: E402
 triton = pytest.importorskip("triton")
 bsa = importlib.import_module("fewstep.kernels.block_sparse_attention")
 if not torch.cuda.is_available() and type(bsa._block_sparse_attention_kernel).__name__ != "InterpretedFunction":
-    # imported earlier in this session without the interpreter flag: re-decorate under it
+    # imported earlier in this process without the interpreter flag: re-decorate under it
     bsa = importlib.reload(bsa)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

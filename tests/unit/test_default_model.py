@@ -14,14 +14,14 @@ from fewstep.engines.stream import StreamPipeline
 from fewstep.server.config import DEFAULT_MODEL_DIR, DEFAULT_VIDEO_MODEL_DIR
 from fewstep.training.data import heldout_prompts, sample_video_scene, without_background
 
-# The student (see training/README.md) is the tenth session's distillation of the eighth session's positional UNet
+# The student (see docs/default-models.md) is the 2026-11-30 distillation (5f31bb2) of the 2026-11-30 positional UNet (ebb3bbb)
 # teacher (preset unet4p). Measured (48 held-out prompts, 1 step, CPU): shipped student strict 0.67, colours 1.00,
-# shapes 0.83, positions 1.00, background 1.00 (the ninth session's: 0.75, 1.00, 0.85, 1.00, 1.00, and 0.793 against
-# 0.801 on 512 prompts on the H200: 4 prompts of 48 are within this set's noise; the eighth session's: 0.62, 1.00,
+# shapes 0.83, positions 1.00, background 1.00 (the 8630d76 student's: 0.75, 1.00, 0.85, 1.00, 1.00, and 0.793 against
+# 0.801 on 512 prompts on the H200: 4 prompts of 48 are within this set's noise; the ebb3bbb student's: 0.62, 1.00,
 # 0.73, 0.98, 1.00); random weights 0.00, 0.00, 0.08, 0.21, 0.21. The floors sit between the two with margin on both
 # sides (about 2.5 standard errors below the shipped rates on 48 prompts).
 MIN_RATES = {"colors": 0.9, "shapes": 0.65, "positions": 0.85, "background": 0.8, "accuracy": 0.5}
-# The video student (twelfth session, StreamUNetModel; training/README.md). Measured (8 held-out video prompts x 12
+# The video student (2026-11-30, 648c1e1, StreamUNetModel; docs/default-models.md). Measured (8 held-out video prompts x 12
 # frames through the engine, each frame scored as an image of its caption, so an object "turning" another colour fails
 # its colour after the turn): strict 0.75, count 1.00, colours 0.90, shapes 0.90, background 1.00; random weights
 # 0.00, 0.38, 0.22, 0.04, 0.25. Frames of one stream are correlated (8 streams), so the floors leave wide margins.
@@ -57,7 +57,7 @@ def test_cpu_generation_passes_minimum_adherence(pipe):
 
 
 def test_cpu_generation_completes_prompts_without_a_background(pipe):
-    """The issue's own example names no background, and the default model never saw such a caption (12% strict on
+    """The README's own example names no background, and the default model never saw such a caption (12% strict on
     "a red circle above a blue square" over 16 seeds): its checkpoint's prompt_completion appends one. The same
     floors as with the phrase (256 held-out prompts stripped of it, 1 step: 0.762 completed, 0.316 as typed;
     `fewstep bench quality served --no-background`)."""

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Two training runs side by side on nvidia-h200-x2, one per GPU (the seventh session's calls, generalised); on a
+# Two training runs side by side on nvidia-h200-x2, one per GPU (the runs of 2026-11-29, generalised); on a
 # one-GPU machine, one after the other. Stages: teacher, distill (image), video-teacher, video-distill (MINUTES 5 / 3;
 # the distillation evaluates its student and teacher on VIDEO_N=256 held-out 300-frame streams; 512 took 5.5 min
 # alone, so evaluate 512 in a call of its own).
@@ -9,7 +9,7 @@
 # Each run i (a, b) trains into out/<i>, packs its export into $OUT/<i> at once (it survives a later timeout), runs
 # the held-out eval (a teacher at 25 steps, or a student at 1/2/4 steps with its teacher) and repacks the logs.
 # $OUT gets 2 files per run (export tar; meta tar with logs, eval and run.txt), so two invocations in one call
-# return all 8 files the device tool brings back (the ninth session's first call had 13 and lost five).
+# return all 8 files a GPU run brings back (a 2026-11-30 run wrote 13 and lost five).
 # Env: NAMES="a b" (the two runs' folder names: a second invocation in one call uses others), GPUS="0 1" (theirs, on
 # two GPUs: a teacher and a distillation at once are two invocations, the second with GPUS="1 0"), MINUTES (distill, 4),
 # EVAL_TEACHER=0 skips the teacher's 25-step rows in a distill run's eval; PACK_EXTRA="a" returns run a's extra
@@ -23,7 +23,7 @@ read -r gpu_a gpu_b <<< "${GPUS:-0 1}"
 python -P -c "import fewstep.engines" 2>/dev/null ||
   python -m pip install -q --no-deps --no-build-isolation -e . > /tmp/setup.log 2>&1
 python -P -c "import fewstep.engines" 2>>/tmp/setup.log || {
-  # seventh session: `pip install -e .` reported success, yet fewstep did not import; a namespace shim does
+  # 2026-11-29: `pip install -e .` reported success, yet fewstep did not import; a namespace shim does
   mkdir -p /tmp/shim/fewstep
   for p in server engines kernels clients benchmarks training; do ln -sfn "$PWD/$p" /tmp/shim/fewstep/$p; done
   export PYTHONPATH=/tmp/shim:$PYTHONPATH
@@ -54,7 +54,7 @@ one() {  # GPU NAME FLAGS
     CUDA_VISIBLE_DEVICES=$g fewstep train distill --teacher $TEACHER/teacher --out out/$d \
       --minutes ${MINUTES:-4} $flags > $OUT/$d/run.log 2>&1
     # --export-raw / --extra-emas write more students (student_raw, student_ema<D>): each is evaluated, and packed
-    # only for the runs named in PACK_EXTRA (11.6 MB each: the device tool returns 64 MB a call)
+    # only for the runs named in PACK_EXTRA (11.6 MB each: a GPU run returns 64 MB)
     local extra=$(cd out/$d && ls -d student_* 2>/dev/null | grep -v '\.tmp' | tr '\n' ' ')
     local packed=student
     [[ " ${PACK_EXTRA:-} " == *" $d "* ]] && packed="student $extra"

@@ -119,7 +119,7 @@ def test_fused_qkv_and_channels_last_match_eager(tiny_dir):
 
 
 def test_channels_last_is_the_default_and_can_be_turned_off(tiny_dir):
-    """On by default (measured faster on the H200, NOTES.md); `--no-compile-channels-last` keeps NCHW."""
+    """On by default (measured faster on the H200, docs/benchmarks.md); `--no-compile-channels-last` keeps NCHW."""
     assert CompileConfig().channels_last and not CompileConfig().fuse_qkv
     cp = CompiledPipeline(FewStepPipeline(load_checkpoint(tiny_dir / "sd_turbo")),
                           CompileConfig(compile=False, channels_last=False, batch_buckets=[1]))

@@ -1,4 +1,4 @@
-"""The teacher's loss weights: the low-noise weight (training/README.md, "Diagnosis, second round")."""
+"""The teacher's loss weights: the low-noise weight (docs/default-models.md, "diagnosis, second round")."""
 
 from __future__ import annotations
 

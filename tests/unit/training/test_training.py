@@ -246,7 +246,7 @@ def test_flip_augmentation_is_exact():
 
 
 def test_recipe_defaults_sizes_and_edge_loss():
-    """The default image recipe (training/README.md, "Image recipe") and the size budgets."""
+    """The default image recipe (training/README.md; history in docs/default-models.md, "Image recipe") and the size budgets."""
     from fewstep.training.model import DEFAULT_PRESET, PRESETS, build_model
     from fewstep.training.teacher import TeacherArgs, edge_map, weighted_mse
     from fewstep.training.video import DEFAULT_VIDEO_PRESET, VIDEO_PRESETS, build_video_model
@@ -258,7 +258,7 @@ def test_recipe_defaults_sizes_and_edge_loss():
     from fewstep.training.__main__ import build_parser
     from fewstep.training.distill import pick_guidance
 
-    d = DistillArgs(teacher="t", out="x")   # the tenth session's shipped run (training/README.md)
+    d = DistillArgs(teacher="t", out="x")   # the shipped run of 2026-11-30 (docs/default-models.md)
     assert (d.gen_frac, d.p_one, d.compile, d.huber, d.gan, d.dmd) == (0.25, 0.85, False, 1e-3, 0.0, 0.0)
     assert d.cuda_graphs
     cli = build_parser().parse_args(["distill", "--teacher", "t", "--out", "x"])

@@ -370,7 +370,7 @@ def test_trainer_rate_skips_slow_first_steps(tmp_path):
 
 
 def test_dit_preset_still_trains_exports_and_streams(tmp_path):
-    """The sixth session's StreamDiT (preset small; --tiny gives its tiny twin) keeps working end to end: teacher,
+    """The StreamDiT of 2026-11-29 (359ae9a) (preset small; --tiny gives its tiny twin) keeps working end to end: teacher,
     distillation onto the moving buffer, export, a resumed teacher, and the engine streaming the student."""
     from fewstep.engines.config import EngineConfig, StreamConfig
     from fewstep.engines.core import EngineCore
@@ -380,7 +380,7 @@ def test_dit_preset_still_trains_exports_and_streams(tmp_path):
     t = train_video_teacher(VideoTeacherArgs(out=str(tmp_path), tiny=True, preset="small", device="cpu", max_steps=2,
                                              budget_start=time.time()))
     assert json.loads((t / "model_index.json").read_text())["transformer"] == ["fewstep", "StreamDiTModel"]
-    # a checkpoint written before the UNet keys existed (the sixth session's) still resumes
+    # a checkpoint written before the UNet keys existed (the StreamDiT's of 2026-11-29) still resumes
     st = tmp_path / "video_teacher_ckpt" / "state.json"
     state = json.loads(st.read_text())
     for k in ("arch", "channels", "level_heads", "joint_tokens"):
