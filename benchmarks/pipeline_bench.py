@@ -114,8 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled backend: channels-last UNet and VAE convolutions (default: CompileConfig's, on)")
     p.add_argument("--peak-tflops", type=float, default=790.0)
+    p.add_argument("--vae", nargs="+", default=["own"],
+                   help="decoders to time, each a full run of the fewstep backends: 'own' (the checkpoint's), a VAE "
+                        "directory, or a VAE config folder (random weights, e.g. benchmarks/configs/taesd); rows of a "
+                        "replaced decoder are labelled +vae:NAME")
     p.add_argument("--out", help="append result rows (JSON lines) here")
     return p
+
+
+def resolve_vae(spec: str, work: Path, dtype: torch.dtype) -> Path | None:
+    """'own' -> None; a config-only folder -> random weights saved under ``work``; else the directory itself."""
+    if spec == "own":
+        return None
+    src = Path(spec)
+    if any(src.glob("*.safetensors")):
+        return src
+    import diffusers
+
+    cfg = json.loads((src / "config.json").read_text())
+    out = work / f"vae-{src.name}"
+    if not (out / "config.json").is_file():
+        torch.manual_seed(0)
+        getattr(diffusers, cfg["_class_name"]).from_config(cfg).to(dtype).save_pretrained(out, safe_serialization=True)
+    return out
 
 
 def main() -> None:
@@ -141,15 +162,6 @@ def main() -> None:
         print(f"random checkpoint at {model_dir} ({time.perf_counter() - t0:.0f} s)", flush=True)
     arch = Path(a.config or a.model).name
 
-    t0 = time.perf_counter()
-    pipe = FewStepPipeline(load_checkpoint(model_dir, device, dtype), device, dtype)
-    load_s = time.perf_counter() - t0
-    flops = {}
-    for size in a.size:
-        flops[size] = count_flops(pipe, size, a.steps)
-        print(f"loaded in {load_s:.1f} s; {size}² GFLOPs/image: " + ", ".join(f"{k} {v:.0f}" for k, v in
-                                                                               flops[size].items()), flush=True)
-
     meta = {"gpu": device_name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(), "torch": torch.__version__, "arch": arch, "steps": a.steps,
             "dtype": str(dtype).removeprefix("torch."), "command": "fewstep bench pipeline " +
@@ -165,6 +177,26 @@ def main() -> None:
             with open(a.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    for vae_spec in a.vae:
+        vae_dir = resolve_vae(vae_spec, Path(a.work), dtype)
+        t0 = time.perf_counter()
+        pipe = FewStepPipeline(load_checkpoint(model_dir, device, dtype, vae=vae_dir), device, dtype)
+        load_s = time.perf_counter() - t0
+        flops = {}
+        for size in a.size:
+            flops[size] = count_flops(pipe, size, a.steps)
+            print(f"loaded in {load_s:.1f} s (VAE {vae_spec}); {size}² GFLOPs/image: " + ", ".join(
+                f"{k} {v:.0f}" for k, v in flops[size].items()), flush=True)
+        suffix = "" if vae_dir is None else f"+vae:{Path(vae_spec).name}"
+        _bench_backends(a, pipe, flops, device, meta, emit, suffix)
+        del pipe
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _bench_baselines(a, model_dir, dtype, device, meta, emit)
+    _print_table(rows)
+
+
+def _bench_backends(a, pipe, flops, device, meta, emit, suffix: str) -> None:
     for backend in a.backend:
         runner, compile_s = pipe, None
         if backend == "compiled":
@@ -198,14 +230,15 @@ def main() -> None:
                         c = runner.cfg
                         label += ("+fqkv" if c.fuse_qkv else "") + ("+cl" if c.channels_last else "") + (
                             "+dyn" if c.dynamic_batch else "")
+                    label += suffix
                     emit(dict(meta, size=size, system=label, batch=batch,
                               prompt="cached" if cached else "cold", **{k: round(v, 3) for k, v in r.items()},
                               gflops_per_image=round(total_gflop, 1), mfu=None if mfu is None else round(mfu, 4),
                               compile_s=compile_s))
         del runner
-    del pipe
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+
+
+def _bench_baselines(a, model_dir, dtype, device, meta, emit) -> None:
     from fewstep.benchmarks.baselines import bench_diffusers
 
     for size in a.size:  # batch outermost: if a time limit cuts the run, both baselines at batch 1 are in
@@ -214,6 +247,9 @@ def main() -> None:
                 r = bench_diffusers(model_dir, dtype, device, size, a.steps, batch, a.iters, a.warmup,
                                     compiled=base == "diffusers-compile")
                 emit(dict(meta, size=size, system=base, batch=batch, prompt="cold", **r))
+
+
+def _print_table(rows: list[dict]) -> None:
     print(f"\n{'system':<18}{'size':>6}{'batch':>6}{'prompt':>8}{'enc_prompt':>11}{'denoise':>9}{'decode':>8}{'enc_img':>8}"
           f"{'total ms':>10}{'MFU':>7}")
     def mfu_s(r):

@@ -75,3 +75,34 @@ def test_generate_with_a_tiny_vae(tiny_dir, tmp_path):
                         "--device", "cpu", "--seed", "0", "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert out.stat().st_size > 0
+
+
+def test_pipeline_bench_times_each_decoder(tiny_dir, tmp_path):
+    """`fewstep bench pipeline --vae own CONFIG`: one run of the backends per decoder; a config-only VAE folder gets
+    random weights (as benchmarks/configs/taesd does for the full-size TAESD)."""
+    import json
+
+    cfg_only = tmp_path / "tinytaesd"
+    cfg_only.mkdir()
+    (cfg_only / "config.json").write_text((tiny_taesd(tmp_path / "w") / "config.json").read_text())
+    rows = tmp_path / "rows.jsonl"
+    p = subprocess.run([*FEWSTEP, "bench", "pipeline", "--model", str(tiny_dir / "sd_turbo"), "--vae", "own",
+                        str(cfg_only), "--size", "32", "--batch", "1", "--iters", "1", "--warmup", "0", "--device",
+                        "cpu", "--work", str(tmp_path / "work"), "--out", str(rows)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    systems = {json.loads(line)["system"] for line in rows.read_text().splitlines()}
+    assert systems == {"fewstep-eager", "fewstep-eager+vae:tinytaesd"}
+
+
+def test_the_taesd_config_is_the_published_architecture():
+    """benchmarks/configs/taesd: TAESD for SD 1.x/2.x latents (4 channels, 8x), ~2.4M parameters."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderTiny
+
+    cfg = json.loads((Path(__file__).resolve().parents[3] / "benchmarks/configs/taesd/config.json").read_text())
+    vae = AutoencoderTiny.from_config(cfg)
+    n = sum(p.numel() for p in vae.parameters()) / 1e6
+    assert 2.3 < n < 2.6 and cfg["latent_channels"] == 4
