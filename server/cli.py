@@ -10,6 +10,10 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
+
+# `fewstep generate -o FILE`: the file's extension picks the encoding; a name without one is written as PNG
+OUTPUT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
 def _common_model_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
@@ -73,8 +77,24 @@ def _serve(args) -> int:
     return 0
 
 
+def _output_paths(output: str, n: int) -> list[Path]:
+    """``-o x.png`` for one image; ``x-0.png``, ``x-1.png``, ... for several (the suffix stays last, and dots in
+    folder names are left alone)."""
+    path = Path(output)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
 def _generate(args) -> int:
-    from fewstep.engines.core import EngineCore, GenerateRequest
+    suffix = Path(args.output).suffix.lower()
+    if suffix and suffix not in OUTPUT_FORMATS:  # before the model loads: a typo should cost nothing
+        print(f"fewstep: cannot write {args.output!r}: unsupported extension {suffix!r}; use one of "
+              f"{', '.join(OUTPUT_FORMATS)}", file=sys.stderr)
+        return 2
+    fmt = OUTPUT_FORMATS.get(suffix, "png")
+
+    from fewstep.engines.core import EngineCore, EngineError, GenerateRequest
     from fewstep.engines.loading import CheckpointError, load_checkpoint, read_index
     from fewstep.engines.pipeline import FewStepPipeline
 
@@ -96,13 +116,12 @@ def _generate(args) -> int:
     w = h = None
     if args.size:
         w, h = (int(x) for x in args.size.lower().split("x"))
-    fmt = {"jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}.get(args.output.rsplit(".", 1)[-1].lower(), "png")
     core = EngineCore({"model": pipe}, cfg.engine.model_copy(update={"prompt_cache_size": 0}))
     req = GenerateRequest(prompt=args.prompt, n=args.n, height=h, width=w, steps=args.steps,
                           guidance_scale=args.guidance_scale, seed=args.seed, output_format=fmt)
     try:
         fut = core.add_request(req)
-    except Exception as e:  # EngineError: bad size, ...
+    except EngineError as e:  # bad size, n above the engine's batch limit, ...
         print(f"fewstep: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
@@ -112,15 +131,12 @@ def _generate(args) -> int:
     if out.error:
         print(f"fewstep: generation failed: {out.error}", file=sys.stderr)
         return 1
-    paths = [args.output] if len(out.images) == 1 else [
-        args.output.replace(".", f"-{i}.", 1) if "." in args.output else f"{args.output}-{i}"
-        for i in range(len(out.images))]
+    paths = _output_paths(args.output, len(out.images))
     for p, data in zip(paths, out.images):
-        with open(p, "wb") as f:
-            f.write(data)
+        p.write_bytes(data)
     t = out.timings
     stages = " ".join(f"{k.removesuffix('_ms')}={v:.1f}ms" for k, v in t.items() if k.endswith("_ms"))
-    print(f"wrote {', '.join(paths)} (seed {out.seeds[0]}; {stages}; wall {1e3 * (time.perf_counter() - t0):.0f} ms)")
+    print(f"wrote {', '.join(map(str, paths))} (seed {out.seeds[0]}; {stages}; wall {1e3 * (time.perf_counter() - t0):.0f} ms)")
     return 0
 
 
@@ -268,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images in-process, without a server")
     g.add_argument("prompt")
-    g.add_argument("-o", "--output", default="out.png", help="output file (.png, .jpg, .webp)")
+    g.add_argument("-o", "--output", default="out.png", help="output file: .png, .jpg, .jpeg or .webp (no extension: PNG); with "
+                   "-n > 1, x.png becomes x-0.png, x-1.png, ...")
     _common_model_args(g)
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
