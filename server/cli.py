@@ -55,6 +55,7 @@ def _serve(args) -> int:
 
     from .app import create_app
     from .config import load_config
+    from .state import ConfigError
 
     cfg = load_config({"model": args.model, "model_name": args.model_name, "engine.device": args.device,
                        "engine.dtype": args.dtype, "http.host": args.host, "http.port": args.port,
@@ -70,7 +71,11 @@ def _serve(args) -> int:
                        "engine.compiled.channels_last": args.compile_channels_last})
     models = cfg.served_models()  # fail fast, with a one-line message, before the server starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(cfg)
+    try:
+        app = create_app(cfg)
+    except ConfigError as e:
+        print(f"fewstep: {e}", file=sys.stderr)
+        return 2
     print(f"fewstep: serving {', '.join(name for name, _ in models)} on http://{cfg.http.host}:{cfg.http.port}",
           flush=True)
     uvicorn.run(app, host=cfg.http.host, port=cfg.http.port, log_level=cfg.http.log_level)

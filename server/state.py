@@ -14,6 +14,38 @@ from .metrics import Metrics
 log = logging.getLogger("fewstep.server")
 
 
+class ConfigError(ValueError):
+    """A configuration the server cannot serve, found before anything loads; the CLI prints it and exits 2."""
+
+
+def model_kind(path) -> str:
+    """model_index.json's fewstep.kind: "image" (the default) or "video" (stream sessions)."""
+    from fewstep.engines.loading import read_index
+
+    kind = (read_index(path).get("fewstep") or {}).get("kind", "image")
+    if kind not in ("image", "video"):
+        raise ValueError(f"{path / 'model_index.json'}: fewstep.kind must be 'image' or 'video', got {kind!r}")
+    return kind
+
+
+def check_backend(config: ServerConfig, models: list) -> None:
+    """Refuse what the chosen backend cannot serve, and say what an unverified backend has been tested on."""
+    if config.engine.backend != "tensorrt":
+        return
+    from fewstep.engines.backends.tensorrt import RUNTIME_STATUS
+
+    try:
+        videos = [name for name, path in models if model_kind(path) == "video"]
+    except ValueError as e:  # CheckpointError (no such model directory) included
+        raise ConfigError(str(e)) from None
+    if videos:
+        hint = (" (fewstep serve without --model serves the embedded video model too; pass --model default for the "
+                "embedded image model alone)" if config.model is None else "")
+        raise ConfigError(f"the TensorRT engine serves image models only, and {', '.join(videos)} is a video model"
+                          f"{hint}; serve video models with --engine eager or --engine compiled")
+    log.warning("--engine tensorrt: %s", RUNTIME_STATUS)
+
+
 class AppState:
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -24,6 +56,7 @@ class AppState:
         self.load_error: str | None = None
         self.started = int(time.time())
         self.models = config.served_models()
+        check_backend(config, self.models)  # before anything loads: a refusal is a one-line error, not a bad /ready
         self.model_name = self.models[0][0]   # the default model: /health, /ready and request metrics name it
         self.compile_seconds: float | None = None
 
@@ -54,21 +87,20 @@ class AppState:
                 f"{getattr(p, 'kind', 'image')} model {n}" for n, p in pipes.items()), device,
                 str(dtype).removeprefix("torch."), t1 - t0, t2 - t1)
             self.ready.set()
-        except BaseException as e:  # noqa: BLE001 - reported on /ready and in the log, the process keeps serving
+        # Last-resort boundary of the loader thread: whatever fails (SystemExit from a missing embedded model
+        # included) is reported on /ready and in the log instead of killing the thread silently.
+        except BaseException as e:  # noqa: BLE001
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("model load failed: %s", self.load_error)
 
     def _load_one(self, name: str, path, device, dtype):
         """One model's runner, on its backend (compiled / TensorRT stand-ins swapped in for image models)."""
-        from fewstep.engines.loading import load_checkpoint, read_index
+        from fewstep.engines.loading import load_checkpoint
         from fewstep.engines.pipeline import FewStepPipeline
         from fewstep.engines.stream import StreamPipeline
 
         ecfg = self.config.engine
-        # model_index.json's fewstep.kind picks the runner: "image" (default) or "video" (stream sessions)
-        kind = (read_index(path).get("fewstep") or {}).get("kind", "image")
-        if kind not in ("image", "video"):
-            raise ValueError(f"{path / 'model_index.json'}: fewstep.kind must be 'image' or 'video', got {kind!r}")
+        kind = model_kind(path)  # picks the runner
         runner = StreamPipeline if kind == "video" else FewStepPipeline
         pipe = runner(load_checkpoint(path, device, dtype), device, dtype, ecfg.attention)
         backend = ecfg.resolve_backend(device)
