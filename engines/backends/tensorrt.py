@@ -309,7 +309,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # remove the temporary file on any exit (interrupts included), then re-raise
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
@@ -508,7 +508,9 @@ def build_engine(fl: Flavour, onnx_path: Path, shapes: dict[str, tuple], *, prec
             blob = timing_cache.read_bytes()
         try:
             cache = config.create_timing_cache(blob)
-        except Exception as e:  # noqa: BLE001 - a corrupted cache file is a cold start, not a failure
+        # Deliberately broad: the bindings do not document what a corrupted timing cache raises, and an unreadable
+        # cache must only cost a cold start, never the build.
+        except Exception as e:  # noqa: BLE001
             log.warning("timing cache %s unreadable (%s); starting an empty one", timing_cache, e)
             cache = config.create_timing_cache(b"")
         if not config.set_timing_cache(cache, False):  # False: refuse a cache from another device/version
