@@ -50,14 +50,11 @@ def _size_list(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _serve(args) -> int:
-    import uvicorn
-
-    from .app import create_app
+def _serve_config(args):
+    """`fewstep serve`'s flags over the environment and the defaults."""
     from .config import load_config
-    from .state import ConfigError
 
-    cfg = load_config({"model": args.model, "model_name": args.model_name, "engine.device": args.device,
+    return load_config({"model": args.model, "model_name": args.model_name, "engine.device": args.device,
                        "engine.dtype": args.dtype, "http.host": args.host, "http.port": args.port,
                        "engine.batching.max_batch_size": args.max_batch_size,
                        "engine.batching.max_wait_ms": args.max_wait_ms, "engine.attention": args.attention,
@@ -68,7 +65,18 @@ def _serve(args) -> int:
                        "engine.compiled.batch_buckets": args.compile_buckets,
                        "engine.compiled.sizes": args.compile_sizes, "engine.compiled.mode": args.compile_mode,
                        "engine.compiled.dynamic_batch": args.compile_dynamic_batch,
-                       "engine.compiled.channels_last": args.compile_channels_last})
+                       "engine.compiled.channels_last": args.compile_channels_last,
+                       "limits.max_n": args.max_n, "limits.max_side": args.max_side,
+                       "limits.max_prompt_chars": args.max_prompt_chars})
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .state import ConfigError
+
+    cfg = _serve_config(args)
     models = cfg.served_models()  # fail fast, with a one-line message, before the server starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -141,7 +149,8 @@ def _generate(args) -> int:
         p.write_bytes(data)
     t = out.timings
     stages = " ".join(f"{k.removesuffix('_ms')}={v:.1f}ms" for k, v in t.items() if k.endswith("_ms"))
-    print(f"wrote {', '.join(map(str, paths))} (seed {out.seeds[0]}; {stages}; wall {1e3 * (time.perf_counter() - t0):.0f} ms)")
+    wall_ms = 1e3 * (time.perf_counter() - t0)
+    print(f"wrote {', '.join(map(str, paths))} (seed {out.seeds[0]}; {stages}; wall {wall_ms:.0f} ms)")
     return 0
 
 
@@ -279,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attention", default=None,
                    help='DiT self-attention: "dense" (default) or "block_sparse(threshold=0.9,block=128)"')
     s.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's choice)")
+    lim = s.add_argument_group("request limits (answered with 400 above them)")
+    lim.add_argument("--max-n", type=int, default=None, help="images per request (default 16)")
+    lim.add_argument("--max-side", type=int, default=None, help="largest width or height in pixels (default 2048)")
+    lim.add_argument("--max-prompt-chars", type=int, default=None, help="longest prompt (default 2000)")
     st = s.add_argument_group("streams (video models)")
     st.add_argument("--max-sessions", type=int, default=None, help="open stream sessions (default 32)")
     st.add_argument("--max-batch-sessions", type=int, default=None,
@@ -289,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images in-process, without a server")
     g.add_argument("prompt")
-    g.add_argument("-o", "--output", default="out.png", help="output file: .png, .jpg, .jpeg or .webp (no extension: PNG); with "
-                   "-n > 1, x.png becomes x-0.png, x-1.png, ...")
+    g.add_argument("-o", "--output", default="out.png", help="output file: .png, .jpg, .jpeg or .webp (no "
+                   "extension: PNG); with -n > 1, x.png becomes x-0.png, x-1.png, ...")
     _common_model_args(g)
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 
-from fewstep.engines.core import AsyncEngine, EngineCore
+from fewstep.engines.core import AsyncEngine, EngineCore, EngineError
 
 from .config import ServerConfig
 from .metrics import Metrics
@@ -59,6 +59,22 @@ class AppState:
         check_backend(config, self.models)  # before anything loads: a refusal is a one-line error, not a bad /ready
         self.model_name = self.models[0][0]   # the default model: /health, /ready and request metrics name it
         self.compile_seconds: float | None = None
+
+    def check_limits(self, *, prompt: str | None = None, negative_prompt: str | None = None, n: int | None = None,
+                     width: int | None = None, height: int | None = None) -> None:
+        """Every request (HTTP and WebSocket) against ``config.limits``, the one source of these limits: raises
+        EngineError (400) naming the limit."""
+        limits = self.config.limits
+        for param, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is not None and len(text) > limits.max_prompt_chars:
+                raise EngineError(f"{param} must be at most {limits.max_prompt_chars} characters on this server, got "
+                                  f"{len(text)}", 400, param, "prompt_too_long")
+        if n is not None and not 1 <= n <= limits.max_n:
+            raise EngineError(f"n must be an integer from 1 to {limits.max_n} on this server, got {n}", 400, "n",
+                              "invalid_n")
+        if width is not None and max(width, height or 0) > limits.max_side:
+            raise EngineError(f"size sides must be at most {limits.max_side} pixels on this server, got "
+                              f"{width}x{height}", 400, "size", "invalid_size")
 
     def load(self) -> None:
         """Load the models, warm them up, start the engine thread. Runs in a background thread at start-up so that
