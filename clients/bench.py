@@ -236,16 +236,16 @@ def _git_commit() -> str | None:
         if dirty.returncode == 0 and dirty.stdout.strip():
             commit += "-dirty"
         return commit
-    except Exception:
+    except (OSError, subprocess.SubprocessError):  # no git executable, or it timed out
         return None
 
 
 def _fewstep_version() -> str | None:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("fewstep")
-    except Exception:
+    except PackageNotFoundError:
         return None
 
 
@@ -471,7 +471,9 @@ async def _send_one(
     start = time.perf_counter()
     try:
         resp = await client.post(cfg.endpoint, json=body, headers=headers)
-    except Exception as exc:  # transport errors and anything unexpected; never CancelledError
+    # Last-resort boundary of one request: a load test records any failure (transport errors, and anything
+    # unexpected) in that request's row instead of aborting the run. CancelledError is a BaseException: not caught.
+    except Exception as exc:  # noqa: BLE001
         latency = (time.perf_counter() - start) * 1e3
         return RequestRecord(
             index, start - t0, latency, False, None, type(exc).__name__,
@@ -488,7 +490,7 @@ async def _send_one(
         data = payload["data"]
         if not isinstance(data, list) or not data:
             raise ValueError("empty 'data'")
-    except Exception as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON (a ValueError), no "data", or not an object
         rec.error = "InvalidResponse"
         rec.message = f"{type(exc).__name__}: {exc}"[:300]
         return rec

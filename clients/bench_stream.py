@@ -41,6 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+import httpx
+
 from .bench import _fewstep_version, _git_commit, percentiles
 from .python import AsyncFewstepClient, FewstepError
 
@@ -114,7 +116,7 @@ async def bench_stream(args) -> dict[str, Any]:
     async with AsyncFewstepClient(args.url, timeout=args.timeout) as client:
         try:  # recorded so that the report names the model it measured; never fails the bench
             served = await client.models()
-        except Exception:
+        except (FewstepError, httpx.HTTPError):  # an HTTP error answer, or none (the client wraps transport errors)
             served = None
 
         async def run(rec: SessionRecord) -> None:

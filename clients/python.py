@@ -386,7 +386,7 @@ class FewstepClient:
             conn.send(json.dumps(build_start_message(prompt, size=size, seed=seed, fps=fps, format=format,
                                                      quality=quality, model=model)))
             started = _await_started(conn.recv(open_timeout))
-        except BaseException:
+        except BaseException:  # close on any exit, cancellation included, then re-raise
             conn.close()
             raise
         return Stream(conn, started)
@@ -501,7 +501,7 @@ class AsyncFewstepClient:
             await conn.send(json.dumps(build_start_message(prompt, size=size, seed=seed, fps=fps, format=format,
                                                            quality=quality, model=model)))
             started = _await_started(await asyncio.wait_for(conn.recv(), open_timeout))
-        except BaseException:
+        except BaseException:  # close on any exit, cancellation included, then re-raise
             await conn.close()
             raise
         return AsyncStream(conn, started)

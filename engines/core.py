@@ -411,14 +411,17 @@ class EngineCore:
             if jpeg_gpu:  # the batch leaves the GPU already compressed; timed as encode_image below
                 try:
                     images = encode_jpeg_gpu(decoded)
-                except Exception:  # e.g. a torchvision without nvjpeg for this GPU: the CPU encoder takes over
+                # Deliberate fallback: any nvjpeg failure (a torchvision without nvjpeg for this GPU, a CUDA error,
+                # an older encode_jpeg without batches) hands JPEG encoding to the CPU encoder for good.
+                except Exception:  # noqa: BLE001
                     log.exception("nvjpeg encoding failed; JPEG responses are encoded on the CPU from now on")
                     self._nvjpeg_failed = True
                     jpeg_gpu = False
             if not jpeg_gpu:
                 images = decoded.cpu().numpy()  # .cpu() synchronizes
                 t3 = time.perf_counter()
-        except Exception as e:  # a failed batch fails its requests, never the engine
+        # Last-resort boundary of the engine thread: a failed batch fails its requests, never the engine.
+        except Exception as e:  # noqa: BLE001
             log.exception("batch failed")
             with self._cv:
                 self._running -= n_images
@@ -452,7 +455,9 @@ class EngineCore:
             timings["total_ms"] = (done - w.req.arrival) * 1e3
             timings["batch_size"] = batch_size
             out = GenerateOutput(w.req.request_id, data, w.seeds, timings, w.req.model)
-        except Exception as e:
+        # Last-resort boundary (an encode-pool worker): whatever fails reaches the request as its error, or its
+        # client would wait forever.
+        except Exception as e:  # noqa: BLE001
             out = GenerateOutput(w.req.request_id, [], w.seeds, timings, w.req.model, e)
         with self._cv:
             self._running -= len(w.seeds)

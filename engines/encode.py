@@ -28,7 +28,7 @@ def gpu_jpeg_available(device) -> bool:
         return False
     try:
         from torchvision.io import encode_jpeg  # noqa: F401
-    except Exception:
+    except (ImportError, RuntimeError):  # not installed, or built for another torch (its operators fail to register)
         return False
     return True
 

@@ -12,26 +12,41 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fewstep.engines.core import EngineError
+from fewstep.engines.samplers import MAX_STEPS, MIN_STEPS
 
 from . import __version__
-from .config import ServerConfig
+from .config import LimitsConfig, ServerConfig
+from .protocol import MIN_SIDE
 from .routes import health, images, models, realtime, stream, videos, web
 from .state import AppState
 
 log = logging.getLogger("fewstep.server")
 
-# Allowed ranges, so a validation error tells the caller what to send instead.
-FIELD_HINTS = {
-    "prompt": "a non-empty string of at most 2000 characters",
-    "n": "an integer from 1 to 16",
-    "size": 'a string "WxH" with each side from 64 to 2048, a multiple of the model\'s size step',
-    "num_inference_steps": "an integer from 1 to 8",
-    "guidance_scale": "a number from 0 to 30 (0 for guidance-distilled models)",
-    "seed": "an integer from 0 to 2**62",
-    "response_format": '"b64_json" (URLs are not served)',
-    "output_format": '"png", "jpeg" or "webp"',
-    "negative_prompt": "a string of at most 2000 characters",
-}
+def field_hints(limits: LimitsConfig) -> dict[str, str]:
+    """Allowed ranges, so a validation error tells the caller what to send instead (the limits: the live config)."""
+    return {
+        "prompt": f"a non-empty string of at most {limits.max_prompt_chars} characters",
+        "n": f"an integer from 1 to {limits.max_n}",
+        "size": f'a string "WxH" with each side from {MIN_SIDE} to {limits.max_side}, a multiple of the model\'s '
+                "size step",
+        "num_inference_steps": f"an integer from {MIN_STEPS} to {MAX_STEPS}",
+        "guidance_scale": "a number from 0 to 30 (0 for guidance-distilled models)",
+        "seed": "an integer from 0 to 2**62",
+        "response_format": '"b64_json" (URLs are not served)',
+        "output_format": '"png", "jpeg" or "webp"',
+        "negative_prompt": f"a string of at most {limits.max_prompt_chars} characters",
+    }
+
+
+def _schema_with_limits(schema: dict, limits: LimitsConfig) -> dict:
+    """The OpenAPI schema states the live limits (the request models leave them to AppState.check_limits)."""
+    for name, model in schema.get("components", {}).get("schemas", {}).items():
+        props = model.get("properties", {})
+        if props.get("prompt", {}).get("type") == "string":
+            props["prompt"]["maxLength"] = limits.max_prompt_chars
+        if name == "ImageGenerationRequest" and "n" in props:
+            props["n"]["maximum"] = limits.max_n
+    return schema
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -56,6 +71,14 @@ def create_app(config: ServerConfig, load_async: bool = True) -> FastAPI:
     app.state.fewstep = state
     for r in (images.router, models.router, health.router, stream.router, realtime.router, videos.router, web.router):
         app.include_router(r)
+    hints = field_hints(config.limits)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _schema_with_limits(FastAPI.openapi(app), config.limits)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -76,8 +99,8 @@ def create_app(config: ServerConfig, load_async: bool = True) -> FastAPI:
             msg = f"request body: {err.get('msg')}"
         else:
             msg = f"invalid '{param}': {err.get('msg', '').removeprefix('Value error, ')}"
-            if param in FIELD_HINTS:
-                msg += f"; expected {FIELD_HINTS[param]}"
+            if param in hints:
+                msg += f"; expected {hints[param]}"
         state.metrics.on_request(state.model_name, 400, "invalid_" + (param or "body"))
         return error_response(400, msg, param, "invalid_" + (param or "body"))
 

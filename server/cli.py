@@ -10,6 +10,10 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
+
+# `fewstep generate -o FILE`: the file's extension picks the encoding; a name without one is written as PNG
+OUTPUT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
 def _common_model_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
@@ -48,14 +52,13 @@ def _size_list(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _serve(args) -> int:
-    import uvicorn
-
-    from .app import create_app
+def _serve_config(args):
+    """`fewstep serve`'s flags over the environment and the defaults."""
     from .config import load_config
 
-    cfg = load_config({"model": args.model, "model_name": args.model_name, "engine.device": args.device,
-                       "engine.dtype": args.dtype, "engine.vae": args.vae, "http.host": args.host, "http.port": args.port,
+    return load_config({"model": args.model, "model_name": args.model_name, "engine.device": args.device,
+                       "engine.dtype": args.dtype, "engine.vae": args.vae,
+                       "http.host": args.host, "http.port": args.port,
                        "engine.batching.max_batch_size": args.max_batch_size,
                        "engine.batching.max_wait_ms": args.max_wait_ms, "engine.attention": args.attention,
                        "engine.backend": args.backend, "engine.threads": args.threads,
@@ -65,18 +68,49 @@ def _serve(args) -> int:
                        "engine.compiled.batch_buckets": args.compile_buckets,
                        "engine.compiled.sizes": args.compile_sizes, "engine.compiled.mode": args.compile_mode,
                        "engine.compiled.dynamic_batch": args.compile_dynamic_batch,
-                       "engine.compiled.channels_last": args.compile_channels_last})
+                       "engine.compiled.channels_last": args.compile_channels_last,
+                       "limits.max_n": args.max_n, "limits.max_side": args.max_side,
+                       "limits.max_prompt_chars": args.max_prompt_chars})
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .state import ConfigError
+
+    cfg = _serve_config(args)
     models = cfg.served_models()  # fail fast, with a one-line message, before the server starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(cfg)
+    try:
+        app = create_app(cfg)
+    except ConfigError as e:
+        print(f"fewstep: {e}", file=sys.stderr)
+        return 2
     print(f"fewstep: serving {', '.join(name for name, _ in models)} on http://{cfg.http.host}:{cfg.http.port}",
           flush=True)
     uvicorn.run(app, host=cfg.http.host, port=cfg.http.port, log_level=cfg.http.log_level)
     return 0
 
 
+def _output_paths(output: str, n: int) -> list[Path]:
+    """``-o x.png`` for one image; ``x-0.png``, ``x-1.png``, ... for several (the suffix stays last, and dots in
+    folder names are left alone)."""
+    path = Path(output)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
 def _generate(args) -> int:
-    from fewstep.engines.core import EngineCore, GenerateRequest
+    suffix = Path(args.output).suffix.lower()
+    if suffix and suffix not in OUTPUT_FORMATS:  # before the model loads: a typo should cost nothing
+        print(f"fewstep: cannot write {args.output!r}: unsupported extension {suffix!r}; use one of "
+              f"{', '.join(OUTPUT_FORMATS)}", file=sys.stderr)
+        return 2
+    fmt = OUTPUT_FORMATS.get(suffix, "png")
+
+    from fewstep.engines.core import EngineCore, EngineError, GenerateRequest
     from fewstep.engines.loading import CheckpointError, load_checkpoint, read_index
     from fewstep.engines.pipeline import FewStepPipeline
 
@@ -98,13 +132,12 @@ def _generate(args) -> int:
     w = h = None
     if args.size:
         w, h = (int(x) for x in args.size.lower().split("x"))
-    fmt = {"jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}.get(args.output.rsplit(".", 1)[-1].lower(), "png")
     core = EngineCore({"model": pipe}, cfg.engine.model_copy(update={"prompt_cache_size": 0}))
     req = GenerateRequest(prompt=args.prompt, n=args.n, height=h, width=w, steps=args.steps,
                           guidance_scale=args.guidance_scale, seed=args.seed, output_format=fmt)
     try:
         fut = core.add_request(req)
-    except Exception as e:  # EngineError: bad size, ...
+    except EngineError as e:  # bad size, n above the engine's batch limit, ...
         print(f"fewstep: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
@@ -114,15 +147,13 @@ def _generate(args) -> int:
     if out.error:
         print(f"fewstep: generation failed: {out.error}", file=sys.stderr)
         return 1
-    paths = [args.output] if len(out.images) == 1 else [
-        args.output.replace(".", f"-{i}.", 1) if "." in args.output else f"{args.output}-{i}"
-        for i in range(len(out.images))]
+    paths = _output_paths(args.output, len(out.images))
     for p, data in zip(paths, out.images):
-        with open(p, "wb") as f:
-            f.write(data)
+        p.write_bytes(data)
     t = out.timings
     stages = " ".join(f"{k.removesuffix('_ms')}={v:.1f}ms" for k, v in t.items() if k.endswith("_ms"))
-    print(f"wrote {', '.join(paths)} (seed {out.seeds[0]}; {stages}; wall {1e3 * (time.perf_counter() - t0):.0f} ms)")
+    wall_ms = 1e3 * (time.perf_counter() - t0)
+    print(f"wrote {', '.join(map(str, paths))} (seed {out.seeds[0]}; {stages}; wall {wall_ms:.0f} ms)")
     return 0
 
 
@@ -260,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attention", default=None,
                    help='DiT self-attention: "dense" (default) or "block_sparse(threshold=0.9,block=128)"')
     s.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's choice)")
+    lim = s.add_argument_group("request limits (answered with 400 above them)")
+    lim.add_argument("--max-n", type=int, default=None, help="images per request (default 16)")
+    lim.add_argument("--max-side", type=int, default=None, help="largest width or height in pixels (default 2048)")
+    lim.add_argument("--max-prompt-chars", type=int, default=None, help="longest prompt (default 2000)")
     st = s.add_argument_group("streams (video models)")
     st.add_argument("--max-sessions", type=int, default=None, help="open stream sessions (default 32)")
     st.add_argument("--max-batch-sessions", type=int, default=None,
@@ -270,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images in-process, without a server")
     g.add_argument("prompt")
-    g.add_argument("-o", "--output", default="out.png", help="output file (.png, .jpg, .webp)")
+    g.add_argument("-o", "--output", default="out.png", help="output file: .png, .jpg, .jpeg or .webp (no "
+                   "extension: PNG); with -n > 1, x.png becomes x-0.png, x-1.png, ...")
     _common_model_args(g)
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)

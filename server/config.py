@@ -19,6 +19,9 @@ EMBEDDED = {"default": DEFAULT_MODEL_DIR, "default-video": DEFAULT_VIDEO_MODEL_D
 
 
 class LimitsConfig(BaseModel):
+    """Request limits: the one source for every route (AppState.check_limits), the 400 hints and the OpenAPI
+    schema."""
+
     max_prompt_chars: int = Field(2000, ge=1, description="longer prompts are refused (tokenizers truncate anyway)")
     max_n: int = Field(16, ge=1, le=256)
     max_side: int = Field(2048, ge=64, description="largest width or height in pixels")
@@ -80,6 +83,9 @@ _ENV = {  # variable -> (path in the tree, type)
     "FEWSTEP_MAX_SESSIONS": ("engine.stream.max_sessions", int),
     "FEWSTEP_MAX_BATCH_SESSIONS": ("engine.stream.max_batch_sessions", int),
     "FEWSTEP_OUTBOX_CHUNKS": ("engine.stream.outbox_chunks", int),
+    "FEWSTEP_MAX_N": ("limits.max_n", int),
+    "FEWSTEP_MAX_SIDE": ("limits.max_side", int),
+    "FEWSTEP_MAX_PROMPT_CHARS": ("limits.max_prompt_chars", int),
     "FEWSTEP_HOST": ("http.host", str),
     "FEWSTEP_PORT": ("http.port", int),
 }

@@ -10,23 +10,25 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fewstep.engines.samplers import MAX_STEPS, MIN_STEPS
 
-MAX_PROMPT_CHARS = 2000  # mirrors LimitsConfig.max_prompt_chars; the route re-checks against the live config
+# Prompt length, n and the largest side are bounded by the live config (LimitsConfig), checked in one place:
+# AppState.check_limits. The models here check only what no config changes (types, formats, the smallest side).
+MIN_SIDE = 64
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (quality, style, user)
 
-    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    prompt: str
     model: str | None = None
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, strict=True, description="images to generate; at most limits.max_n (16 by default)")
     size: str | None = Field(None, description='"WxH", e.g. "512x512"; default: the model\'s native size')
     response_format: Literal["b64_json"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
     seed: int | None = Field(None, ge=0, le=2**62)
     num_inference_steps: int | None = Field(None, ge=MIN_STEPS, le=MAX_STEPS)
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -44,8 +46,8 @@ class ImageGenerationRequest(BaseModel):
         if not m:
             raise ValueError(f'size must look like "512x512" (width x height in pixels), got {v!r}')
         w, h = int(m[1]), int(m[2])
-        if not (64 <= w <= 2048 and 64 <= h <= 2048):
-            raise ValueError(f"size sides must be in [64, 2048] pixels, got {w}x{h}")
+        if min(w, h) < MIN_SIDE:
+            raise ValueError(f"size sides must be at least {MIN_SIDE} pixels, got {w}x{h}")
         return v
 
     def dims(self) -> tuple[int | None, int | None]:

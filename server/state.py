@@ -6,12 +6,44 @@ import logging
 import threading
 import time
 
-from fewstep.engines.core import AsyncEngine, EngineCore
+from fewstep.engines.core import AsyncEngine, EngineCore, EngineError
 
 from .config import ServerConfig
 from .metrics import Metrics
 
 log = logging.getLogger("fewstep.server")
+
+
+class ConfigError(ValueError):
+    """A configuration the server cannot serve, found before anything loads; the CLI prints it and exits 2."""
+
+
+def model_kind(path) -> str:
+    """model_index.json's fewstep.kind: "image" (the default) or "video" (stream sessions)."""
+    from fewstep.engines.loading import read_index
+
+    kind = (read_index(path).get("fewstep") or {}).get("kind", "image")
+    if kind not in ("image", "video"):
+        raise ValueError(f"{path / 'model_index.json'}: fewstep.kind must be 'image' or 'video', got {kind!r}")
+    return kind
+
+
+def check_backend(config: ServerConfig, models: list) -> None:
+    """Refuse what the chosen backend cannot serve, and say what an unverified backend has been tested on."""
+    if config.engine.backend != "tensorrt":
+        return
+    from fewstep.engines.backends.tensorrt import RUNTIME_STATUS
+
+    try:
+        videos = [name for name, path in models if model_kind(path) == "video"]
+    except ValueError as e:  # CheckpointError (no such model directory) included
+        raise ConfigError(str(e)) from None
+    if videos:
+        hint = (" (fewstep serve without --model serves the embedded video model too; pass --model default for the "
+                "embedded image model alone)" if config.model is None else "")
+        raise ConfigError(f"the TensorRT engine serves image models only, and {', '.join(videos)} is a video model"
+                          f"{hint}; serve video models with --engine eager or --engine compiled")
+    log.warning("--engine tensorrt: %s", RUNTIME_STATUS)
 
 
 class AppState:
@@ -24,8 +56,25 @@ class AppState:
         self.load_error: str | None = None
         self.started = int(time.time())
         self.models = config.served_models()
+        check_backend(config, self.models)  # before anything loads: a refusal is a one-line error, not a bad /ready
         self.model_name = self.models[0][0]   # the default model: /health, /ready and request metrics name it
         self.compile_seconds: float | None = None
+
+    def check_limits(self, *, prompt: str | None = None, negative_prompt: str | None = None, n: int | None = None,
+                     width: int | None = None, height: int | None = None) -> None:
+        """Every request (HTTP and WebSocket) against ``config.limits``, the one source of these limits: raises
+        EngineError (400) naming the limit."""
+        limits = self.config.limits
+        for param, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is not None and len(text) > limits.max_prompt_chars:
+                raise EngineError(f"{param} must be at most {limits.max_prompt_chars} characters on this server, got "
+                                  f"{len(text)}", 400, param, "prompt_too_long")
+        if n is not None and not 1 <= n <= limits.max_n:
+            raise EngineError(f"n must be an integer from 1 to {limits.max_n} on this server, got {n}", 400, "n",
+                              "invalid_n")
+        if width is not None and max(width, height or 0) > limits.max_side:
+            raise EngineError(f"size sides must be at most {limits.max_side} pixels on this server, got "
+                              f"{width}x{height}", 400, "size", "invalid_size")
 
     def load(self) -> None:
         """Load the models, warm them up, start the engine thread. Runs in a background thread at start-up so that
@@ -54,21 +103,20 @@ class AppState:
                 f"{getattr(p, 'kind', 'image')} model {n}" for n, p in pipes.items()), device,
                 str(dtype).removeprefix("torch."), t1 - t0, t2 - t1)
             self.ready.set()
-        except BaseException as e:  # noqa: BLE001 - reported on /ready and in the log, the process keeps serving
+        # Last-resort boundary of the loader thread: whatever fails (SystemExit from a missing embedded model
+        # included) is reported on /ready and in the log instead of killing the thread silently.
+        except BaseException as e:  # noqa: BLE001
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("model load failed: %s", self.load_error)
 
     def _load_one(self, name: str, path, device, dtype):
         """One model's runner, on its backend (compiled / TensorRT stand-ins swapped in for image models)."""
-        from fewstep.engines.loading import load_checkpoint, read_index
+        from fewstep.engines.loading import load_checkpoint
         from fewstep.engines.pipeline import FewStepPipeline
         from fewstep.engines.stream import StreamPipeline
 
         ecfg = self.config.engine
-        # model_index.json's fewstep.kind picks the runner: "image" (default) or "video" (stream sessions)
-        kind = (read_index(path).get("fewstep") or {}).get("kind", "image")
-        if kind not in ("image", "video"):
-            raise ValueError(f"{path / 'model_index.json'}: fewstep.kind must be 'image' or 'video', got {kind!r}")
+        kind = model_kind(path)  # picks the runner
         runner = StreamPipeline if kind == "video" else FewStepPipeline
         vae = ecfg.vae if kind == "image" else None  # --vae swaps image decoders; video VAEs are causal (Wan)
         if ecfg.vae and kind == "video":

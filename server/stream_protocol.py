@@ -39,8 +39,6 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from .protocol import MAX_PROMPT_CHARS
-
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 # -- binary frames ---------------------------------------------------------------------------------------------
@@ -83,9 +81,10 @@ def parse_size(v: str | int | None) -> tuple[int | None, int | None]:
 
 
 def _check_size(v: str | int | None) -> str | int | None:
+    """The smallest side only: the largest is limits.max_side, checked against the live config (AppState)."""
     w, h = parse_size(v)
-    if w is not None and not (16 <= w <= 2048 and 16 <= h <= 2048):
-        raise ValueError(f"size sides must be in [16, 2048] pixels, got {w}x{h}")
+    if w is not None and min(w, h) < 16:
+        raise ValueError(f"size sides must be at least 16 pixels, got {w}x{h}")
     return v
 
 
@@ -105,7 +104,8 @@ def validation_message(e: ValidationError, tags: tuple[str, ...] = ()) -> tuple[
 
 
 # Reusable field types: every message that carries a prompt or a size validates it the same way.
-PromptField = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_check_prompt)]
+# (the prompt's length limit is limits.max_prompt_chars, checked against the live config by AppState.check_limits)
+PromptField = Annotated[str, AfterValidator(_check_prompt)]
 SizeField = Annotated[str | int | None, AfterValidator(_check_size)]
 
 class _Msg(BaseModel):

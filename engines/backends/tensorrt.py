@@ -60,8 +60,33 @@ PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float
 BUILDS: Counter[str] = Counter()
 
 
+INSTALL_HINT = 'pip install "fewstep[tensorrt]"'
+# Logged as a WARNING whenever a server starts on this backend (server/state.py): what our tests have and have not run.
+RUNTIME_STATUS = ("the TensorRT engine's runtime path (TRTModule and the engine stand-ins) has not run on a GPU in our "
+                  "tests: full TensorRT is not installable on our machines, and TensorRT-RTX refuses compute "
+                  "capability 9.0 (H100/H200). Verified: the engine build on a CPU with TensorRT-RTX (CI builds real "
+                  "engines), ONNX parity with the eager pipeline under onnxruntime, and the engine cache (hits, "
+                  "invalidation, corrupted and stale entries)")
+
+
 class TensorRTUnavailable(RuntimeError):
     """Neither TensorRT flavour can be used here; the message says why and what to install."""
+
+
+def require_export_deps() -> None:
+    """The ONNX exporter (torch.onnx, dynamo=True) needs onnx and onnxscript, which only the extra installs: say so
+    instead of letting torch.onnx raise a bare ModuleNotFoundError half-way through a build."""
+    import importlib
+
+    missing = []
+    for name in ("onnx", "onnxscript"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise TensorRTUnavailable(f"building TensorRT engines exports ONNX first, which needs {' and '.join(missing)} "
+                                  f"(not installed); install the extra: {INSTALL_HINT}")
 
 
 # -- flavour -----------------------------------------------------------------------------------------------------
@@ -88,13 +113,13 @@ def import_tensorrt(prefer: str | None = None) -> Flavour:
     for name in names:
         try:
             mod = __import__(name)
-        except Exception as e:  # noqa: BLE001 - ImportError, or a missing libnvinfer raising OSError
+        except (ImportError, OSError) as e:  # not installed, or installed without its libnvinfer (OSError)
             errors.append(f"{name}: {type(e).__name__}: {e}")
             continue
         _FLAVOURS[prefer] = Flavour(mod, name, str(getattr(mod, "__version__", "unknown")))
         return _FLAVOURS[prefer]
-    raise TensorRTUnavailable("no TensorRT Python API importable (" + "; ".join(errors) + "). Install "
-                              "`pip install 'fewstep[tensorrt]'` (TensorRT-RTX) or NVIDIA's `tensorrt` wheel")
+    raise TensorRTUnavailable("no TensorRT Python API importable (" + "; ".join(errors) + "). Install the extra: "
+                              f"{INSTALL_HINT} (TensorRT-RTX), or NVIDIA's `tensorrt` wheel")
 
 
 def _torch_dtype(trt, dt) -> torch.dtype:
@@ -284,7 +309,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # remove the temporary file on any exit (interrupts included), then re-raise
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
@@ -483,7 +508,9 @@ def build_engine(fl: Flavour, onnx_path: Path, shapes: dict[str, tuple], *, prec
             blob = timing_cache.read_bytes()
         try:
             cache = config.create_timing_cache(blob)
-        except Exception as e:  # noqa: BLE001 - a corrupted cache file is a cold start, not a failure
+        # Deliberately broad: the bindings do not document what a corrupted timing cache raises, and an unreadable
+        # cache must only cost a cold start, never the build.
+        except Exception as e:  # noqa: BLE001
             log.warning("timing cache %s unreadable (%s); starting an empty one", timing_cache, e)
             cache = config.create_timing_cache(b"")
         if not config.set_timing_cache(cache, False):  # False: refuse a cache from another device/version
@@ -563,6 +590,7 @@ def build_engines(pipe, profile: Profile, *, components: list[str] | None = None
                 tmp = (Path(onnx_dir) if onnx_dir is not None
                        else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"fewstep-onnx-{comp}-"))))
                 t0 = time.perf_counter()
+                require_export_deps()  # only a cache miss exports: serving from built engines needs no onnx
                 if progress:
                     progress(f"{comp}: exporting ONNX ({fields['precision']})")
                 onnx_export.export(pipe, comp, tmp / f"{comp}.onnx")

@@ -29,7 +29,7 @@ def _encoder() -> tuple[str, str]:
         try:
             av.codec.Codec(name, "w")
             return name, mime
-        except Exception:  # noqa: BLE001 - the codec is absent from this FFmpeg build
+        except ValueError:  # av's UnknownCodecError (a ValueError): the codec is absent from this FFmpeg build
             continue
     raise RuntimeError("PyAV's FFmpeg has neither an H.264 nor a VP9 encoder; fMP4 output is unavailable")
 

@@ -324,7 +324,8 @@ class StreamScheduler:
                 # a list when rows differ in length (a Wan session's first chunk is shorter), else one tensor
                 frames = [f.cpu().numpy() for f in out] if isinstance(out, list) else out.cpu().numpy()
             t2 = time.perf_counter()
-        except Exception as e:  # a failed step ends its sessions with an error, never the engine
+        # Last-resort boundary of the engine thread: a failed step ends its sessions with an error, never the engine.
+        except Exception as e:  # noqa: BLE001
             log.exception("stream step failed")
             with self._lock:
                 for s in batch:

@@ -17,19 +17,11 @@ router = APIRouter()
 @router.post("/v1/images/generations", response_model=ImageGenerationResponse)
 async def generate(body: ImageGenerationRequest, request: Request) -> ImageGenerationResponse:
     state = request.app.state.fewstep
-    limits = state.config.limits
-    if len(body.prompt) > limits.max_prompt_chars:
-        raise EngineError(f"prompt is {len(body.prompt)} characters; the limit is {limits.max_prompt_chars}", 400,
-                          "prompt", "prompt_too_long")
-    if body.n > limits.max_n:
-        raise EngineError(f"n must be between 1 and {limits.max_n}, got {body.n}", 400, "n", "invalid_n")
+    w, h = body.dims()
+    state.check_limits(prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.n, width=w, height=h)
     if state.engine is None:
         raise EngineError(state.load_error or "the model is still loading; poll GET /ready", 503, None,
                           "not_ready")
-    w, h = body.dims()
-    if w is not None and max(w, h) > limits.max_side:
-        raise EngineError(f"size sides must be at most {limits.max_side} pixels on this server", 400, "size",
-                          "invalid_size")
     req = GenerateRequest(prompt=body.prompt, model=body.model, n=body.n, height=h, width=w,
                           steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
                           negative_prompt=body.negative_prompt, seed=body.seed, output_format=body.output_format)

@@ -78,7 +78,9 @@ class RealtimeConnection:
                 await self.send(ErrorMessage(message=str(e), code=e.code, param=e.param, request_id=req.request_id))
             except (WebSocketDisconnect, RuntimeError):
                 return
-            except Exception as e:  # noqa: BLE001 - report, keep the socket
+            # Last-resort boundary of the socket's worker task: any failure is answered to the client as an error
+            # message for its request, and the socket stays open.
+            except Exception as e:  # noqa: BLE001
                 await self.send(ErrorMessage(message=f"generation failed: {type(e).__name__}: {e}", code="internal",
                                              request_id=req.request_id))
 
@@ -88,9 +90,7 @@ class RealtimeConnection:
             raise EngineError(state.load_error or "the model is still loading; poll GET /ready", 503, None,
                               "not_ready")
         w, h = parse_size(req.size)
-        if w is not None and max(w, h) > state.config.limits.max_side:
-            raise EngineError(f"size sides must be at most {state.config.limits.max_side} pixels on this server", 400,
-                              "size", "invalid_size")
+        state.check_limits(prompt=req.prompt, width=w, height=h)
         out = await state.engine.generate(GenerateRequest(
             prompt=req.prompt, model=req.model, height=h, width=w, steps=req.steps, guidance_scale=req.guidance_scale,
             seed=req.seed, output_format=req.format))

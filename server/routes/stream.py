@@ -71,8 +71,11 @@ class ClosingStreamingResponse(StreamingResponse):
     """A StreamingResponse that always closes its body generator when the response ends, including when the client
     disconnects mid-stream (the generator's ``finally`` then ends the session at once, not at garbage collection)."""
 
-    def __init__(self, content, *args, on_close=None, **kwargs):
-        super().__init__(content, *args, **kwargs)
+    # status_code spelled out: FastAPI reads the response class's default status from its __init__ signature when it
+    # builds the OpenAPI schema (GET /openapi.json failed with UnboundLocalError without it)
+    def __init__(self, content, status_code: int = 200, headers=None, media_type=None, background=None, *,
+                 on_close=None):
+        super().__init__(content, status_code, headers, media_type, background)
         self.on_close = on_close  # runs even when the body never started (the client left before the headers)
 
     async def __call__(self, scope, receive, send) -> None:
@@ -135,7 +138,8 @@ class StreamConnection:
                     await self.error(str(e), e.code, e.param)
                 except WebSocketDisconnect:
                     raise
-                except Exception as e:  # noqa: BLE001 - a bug answers this message, the socket stays usable
+                # Last-resort boundary of one client message: a bug answers it with an error, the socket stays usable.
+                except Exception as e:  # noqa: BLE001
                     log.exception("stream message failed")
                     await self.error(f"internal error: {type(e).__name__}: {e}", "internal")
         except (WebSocketDisconnect, RuntimeError):
@@ -149,6 +153,7 @@ class StreamConnection:
         elif isinstance(msg, UpdateMessage):
             if self.stream is None:
                 raise EngineError("no stream is running; send 'start' first", 400, "type", "not_started")
+            self.state.check_limits(prompt=msg.prompt)
             self.stream.update(msg.prompt)
             await self.send(UpdatedMessage(prompt=msg.prompt))
         elif isinstance(msg, StopMessage):
@@ -162,10 +167,7 @@ class StreamConnection:
                               "already_started")
         core = _engine(self.state)
         w, h = parse_size(msg.size)
-        side = self.state.config.limits.max_side
-        if w is not None and max(w, h) > side:
-            raise EngineError(f"size sides must be at most {side} pixels on this server", 400, "size",
-                              "invalid_size")
+        self.state.check_limits(prompt=msg.prompt, width=w, height=h)
         engine_format = "raw" if msg.format == "fmp4" else msg.format
         start = StreamStart(prompt=msg.prompt, model=msg.model, height=h, width=w, seed=msg.seed, fps=msg.fps,
                             format=engine_format, quality=msg.quality)
@@ -303,7 +305,7 @@ async def mjpeg_of_session(session_id: str, request: Request) -> ClosingStreamin
 
 
 @router.get("/v1/stream.mjpeg")
-async def mjpeg_new_session(request: Request, prompt: str = Query(..., min_length=1, max_length=2000),
+async def mjpeg_new_session(request: Request, prompt: str = Query(..., min_length=1),
                             seed: int | None = Query(None, ge=0, le=2**62), size: str | None = None,
                             fps: float | None = Query(None, ge=0, le=1000)) -> ClosingStreamingResponse:
     """A session of its own for an ``<img src="/v1/stream.mjpeg?prompt=...">`` tag; it ends with the response."""
@@ -313,6 +315,7 @@ async def mjpeg_new_session(request: Request, prompt: str = Query(..., min_lengt
         w, h = parse_size(int(size) if size and size.isdigit() else size)
     except ValueError as e:
         raise EngineError(str(e), 400, "size", "invalid_size") from None
+    state.check_limits(prompt=prompt, width=w, height=h)
     stream = state.engine.open_stream(StreamStart(prompt=prompt, height=h, width=w, seed=seed, fps=fps,
                                                   format="jpeg"))
     return ClosingStreamingResponse(_mjpeg_body(state, stream), media_type=MJPEG_TYPE,

@@ -26,11 +26,8 @@ log = logging.getLogger("fewstep.server")
 async def videos(body: VideoRequest, request: Request) -> ClosingStreamingResponse:
     state = request.app.state.fewstep
     core = _engine(state)
-    limits = state.config.limits
     w, h = parse_size(body.size)
-    if w is not None and max(w, h) > limits.max_side:
-        raise EngineError(f"size sides must be at most {limits.max_side} pixels on this server", 400, "size",
-                          "invalid_size")
+    state.check_limits(prompt=body.prompt, width=w, height=h)
     max_frames = state.config.engine.stream.max_video_frames
     if body.num_frames > max_frames:
         raise EngineError(f"num_frames must be from 1 to {max_frames} on this server", 400, "num_frames",

@@ -380,3 +380,33 @@ def test_stale_sidecar_is_rebuilt(built, trt_env):
     assert not r.hit and "stale sidecar: flavour_version" in r.reason
     assert T.BUILDS["fewstep/denoiser"] == before + 1
     assert json.loads(sidecar.read_text())["fields"]["flavour_version"] == T.import_tensorrt().version
+
+
+# -- without the extra ---------------------------------------------------------------------------------------------
+# sys.modules[name] = None makes `import name` raise ImportError: the extra looks uninstalled, nothing is removed.
+def _cli_build(model, cache, capsys) -> tuple[int, str]:
+    from fewstep.server.cli import main
+
+    rc = main(["build", "--model", str(model), "--profile", str(PROFILE), "--cache-dir", str(cache),
+               "--components", "denoiser"])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["onnxscript", "onnx"])
+def test_build_without_the_exporter_names_the_extra(tiny_dir, tmp_path, monkeypatch, capsys, module):
+    monkeypatch.setitem(__import__("sys").modules, module, None)
+    rc, err = _cli_build(tiny_dir / "pixel_dit", tmp_path / "engines", capsys)
+    assert rc == 2, err
+    assert 'pip install "fewstep[tensorrt]"' in err and module in err
+    assert "ModuleNotFoundError" not in err and "Traceback" not in err
+
+
+def test_build_without_tensorrt_names_the_extra(tiny_dir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(T, "_FLAVOURS", {})  # forget a flavour imported by an earlier test
+    for name in ("tensorrt", "tensorrt_rtx"):
+        monkeypatch.setitem(sys.modules, name, None)
+    rc, err = _cli_build(tiny_dir / "pixel_dit", tmp_path / "engines", capsys)
+    assert rc == 2, err
+    assert 'pip install "fewstep[tensorrt]"' in err and "Traceback" not in err
