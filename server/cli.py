@@ -52,6 +52,14 @@ def _size_list(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def _one_size(text: str) -> tuple[int, int]:
+    """'512x768' (WxH) -> (768, 512) as (height, width)."""
+    sizes = _size_list(text)
+    if len(sizes) != 1:
+        raise argparse.ArgumentTypeError(f"expected one size such as 512x512 (WxH), got {text!r}")
+    return sizes[0]
+
+
 def _serve_config(args):
     """`fewstep serve`'s flags over the environment and the defaults."""
     from .config import load_config
@@ -131,7 +139,7 @@ def _generate(args) -> int:
         return 2
     w = h = None
     if args.size:
-        w, h = (int(x) for x in args.size.lower().split("x"))
+        h, w = args.size
     core = EngineCore({"model": pipe}, cfg.engine.model_copy(update={"prompt_cache_size": 0}))
     req = GenerateRequest(prompt=args.prompt, n=args.n, height=h, width=w, steps=args.steps,
                           guidance_scale=args.guidance_scale, seed=args.seed, output_format=fmt)
@@ -310,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common_model_args(g)
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--size", default=None, help="WxH, e.g. 512x512 (default: the model's native size)")
+    g.add_argument("--size", default=None, type=_one_size,
+                   help="WxH, e.g. 512x512 (default: the model's native size)")
     g.add_argument("--guidance-scale", type=float, default=None)
     g.add_argument("-n", type=int, default=1)
     g.set_defaults(func=_generate)
