@@ -54,9 +54,10 @@ class AppState:
                 f"{getattr(p, 'kind', 'image')} model {n}" for n, p in pipes.items()), device,
                 str(dtype).removeprefix("torch."), t1 - t0, t2 - t1)
             self.ready.set()
-        except BaseException as e:  # noqa: BLE001 - reported on /ready and in the log, the process keeps serving
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.error("model load failed: %s", self.load_error)
+        except BaseException:  # noqa: BLE001 - /health turns 503 (restart me), the details go to the log only
+            log.exception("model load failed")
+            # what clients see (/ready, 503s): the exception's text can hold paths and allocator messages
+            self.load_error = "the model failed to load; see the server log"
 
     def _load_one(self, name: str, path, device, dtype):
         """One model's runner, on its backend (compiled / TensorRT stand-ins swapped in for image models)."""
