@@ -18,7 +18,7 @@ RUN pip install ".[triton]" && python -c "import fewstep.server, fewstep.engines
 EXPOSE 8000
 # fewstep binds 127.0.0.1 unless told otherwise; in a container it must listen on 0.0.0.0 to be reachable through
 # the published port. Whenever that port is reachable by others, set API keys (FEWSTEP_API_KEYS=k1,k2 or --api-key
-# KEY): without them anyone who can reach it can generate. SIGTERM (docker stop) drains within 10 s
-# (--shutdown-grace); give docker stop a longer -t than that.
+# KEY): without them anyone who can reach it can generate. After SIGTERM the server exits within --shutdown-grace
+# (10 s) + 5 s: stop it with `docker stop -t 20`, or Docker's default 10 s ends in SIGKILL.
 # No model downloads at run time: mount a diffusers-format directory and pass --model, or use the embedded default.
 CMD ["fewstep", "serve", "--host", "0.0.0.0", "--port", "8000"]
