@@ -299,7 +299,8 @@ class Guard:
         try:
             who, stream = self._admit(scope, headers)
         except Refusal as r:
-            await respond(r.status, error_json(r.status, r.message, r.code), r.headers, close=r.status == 503)
+            # closed after the answer: a refused client's body (however long) is never read
+            await respond(r.status, error_json(r.status, r.message, r.code), r.headers, close=True)
             return
         size = headers.get(b"content-length", b"")
         if size.isdigit() and int(size) > self.max_body:
