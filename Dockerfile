@@ -1,5 +1,5 @@
-# fewstep on a CUDA host: docker build -t fewstep . && docker run --gpus all -p 8000:8000 -v /models:/models fewstep \
-#     fewstep serve --model /models/sd-turbo --host 0.0.0.0
+# fewstep on a CUDA host: docker build -t fewstep . && docker run --gpus all -p 8000:8000 -v /models:/models \
+#     -e FEWSTEP_API_KEYS=change-me fewstep fewstep serve --model /models/sd-turbo --host 0.0.0.0
 # The base image already has a CUDA build of torch; pip keeps it (pyproject asks for torch>=2.4 only).
 FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 
@@ -16,5 +16,9 @@ COPY training ./training
 RUN pip install ".[triton]" && python -c "import fewstep.server, fewstep.engines, fewstep.kernels, fewstep.clients"
 
 EXPOSE 8000
+# fewstep binds 127.0.0.1 unless told otherwise; in a container it must listen on 0.0.0.0 to be reachable through
+# the published port. Whenever that port is reachable by others, set API keys (FEWSTEP_API_KEYS=k1,k2 or --api-key
+# KEY): without them anyone who can reach it can generate. After SIGTERM the server exits within --shutdown-grace
+# (10 s) + 5 s: stop it with `docker stop -t 20`, or Docker's default 10 s ends in SIGKILL.
 # No model downloads at run time: mount a diffusers-format directory and pass --model, or use the embedded default.
 CMD ["fewstep", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fewstep.engines.core import EngineError
@@ -18,6 +19,7 @@ from . import __version__
 from .config import LimitsConfig, ServerConfig
 from .protocol import MIN_SIDE
 from .routes import health, images, models, realtime, stream, videos, web
+from .security import Guard
 from .state import AppState
 
 log = logging.getLogger("fewstep.server")
@@ -80,13 +82,18 @@ def create_app(config: ServerConfig, load_async: bool = True) -> FastAPI:
 
     app.openapi = openapi
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > config.limits.max_body_bytes:
-            return error_response(413, f"request body is {size} bytes; the limit is {config.limits.max_body_bytes}",
-                                  None, "body_too_large")
-        return await call_next(request)
+    def end_sessions() -> None:  # at SIGTERM (Guard.drain): every stream's socket gets 'stopped' (reason shutdown)
+        if state.core is not None:
+            for sched in state.core.streams.values():
+                sched.close_all("shutdown")
+
+    # request ids, keys, Origin, per-client limits, body limit, idle WebSockets, drain (server/security.py)
+    app.state.guard = Guard(config, on_drain=end_sessions)
+    app.add_middleware(Guard.Middleware, guard=app.state.guard)
+    if config.security.cors_origins:  # outermost: answers preflights, and its headers reach the guard's refusals
+        app.add_middleware(CORSMiddleware, allow_origins=config.security.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id", "Retry-After"])
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
@@ -94,7 +101,8 @@ def create_app(config: ServerConfig, load_async: bool = True) -> FastAPI:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = loc[0] if loc else None
         if err.get("type") == "json_invalid":
-            msg = "request body is not valid JSON"
+            state.metrics.on_request(state.model_name, 400, "invalid_json")
+            return error_response(400, "request body is not valid JSON", None, "invalid_json")
         elif param is None:
             msg = f"request body: {err.get('msg')}"
         else:
@@ -115,8 +123,11 @@ def create_app(config: ServerConfig, load_async: bool = True) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception):
-        log.exception("request failed")
+        # the details (paths, allocator text) go to the log only; the client gets the id to quote
+        rid = getattr(request.state, "request_id", None)
+        log.exception("request %s failed", rid)
         state.metrics.on_request(state.model_name, 500, "internal")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal")
+        return error_response(500, f"internal error (request id {rid}); the details are in the server log", None,
+                              "internal")
 
     return app

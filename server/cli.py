@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
+import threading
 import time
 from pathlib import Path
+
+import uvicorn
 
 # `fewstep generate -o FILE`: the file's extension picks the encoding; a name without one is written as PNG
 OUTPUT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -78,12 +83,16 @@ def _serve_config(args):
                        "engine.compiled.dynamic_batch": args.compile_dynamic_batch,
                        "engine.compiled.channels_last": args.compile_channels_last,
                        "limits.max_n": args.max_n, "limits.max_side": args.max_side,
-                       "limits.max_prompt_chars": args.max_prompt_chars})
+                       "limits.max_prompt_chars": args.max_prompt_chars,
+                       "http.shutdown_grace_s": args.shutdown_grace,
+                       "security.api_keys": args.api_key, "security.allow_origins": args.allow_origin,
+                       "security.cors_origins": args.cors_origin, "security.protect_metrics": args.protect_metrics,
+                       "security.max_streams_per_client": args.max_streams_per_client,
+                       "security.requests_per_second": args.rate_limit,
+                       "security.idle_timeout_s": args.idle_timeout})
 
 
 def _serve(args) -> int:
-    import uvicorn
-
     from .app import create_app
     from .state import ConfigError
 
@@ -95,10 +104,52 @@ def _serve(args) -> int:
     except ConfigError as e:
         print(f"fewstep: {e}", file=sys.stderr)
         return 2
+    if not cfg.security.api_keys and cfg.http.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("fewstep.server").warning(
+            "serving on %s without API keys: anyone who reaches this address can use it (pass --api-key)",
+            cfg.http.host)
     print(f"fewstep: serving {', '.join(name for name, _ in models)} on http://{cfg.http.host}:{cfg.http.port}",
           flush=True)
-    uvicorn.run(app, host=cfg.http.host, port=cfg.http.port, log_level=cfg.http.log_level)
+    http = cfg.http
+    config = uvicorn.Config(app, host=http.host, port=http.port, log_level=http.log_level,
+                            ws_max_size=http.ws_max_bytes, h11_max_incomplete_event_size=http.max_header_bytes,
+                            limit_concurrency=http.max_connections,
+                            timeout_graceful_shutdown=max(1, math.ceil(http.shutdown_grace_s)))
+    DrainingServer(config, app.state.guard, http.shutdown_grace_s).run()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a bounded, orderly shutdown. At the first SIGTERM/SIGINT the guard drains (new work
+    refused, streams end with 'stopped' and close 1001, MJPEG responses end); in-flight requests then get ``grace``
+    seconds (uvicorn's timeout_graceful_shutdown) before they are cancelled; and a watchdog ends the process
+    ``grace`` + 5 s after the signal whatever still runs (an engine step on a large batch cannot be interrupted).
+    A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, guard, grace: float):
+        super().__init__(config)
+        self.guard, self.grace = guard, grace
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.should_exit:
+            os.write(2, b"fewstep: second signal, exiting now\n")
+            os._exit(1)
+        super().handle_exit(sig, frame)
+        watchdog = threading.Timer(self.grace + 5.0, _exit_late, (self.grace + 5.0,))
+        watchdog.daemon = True
+        watchdog.start()
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:  # no new connections while draining
+            server.close()
+        await self.guard.drain(wait_s=min(3.0, self.grace))
+        await super().shutdown(sockets)
+
+
+def _exit_late(after: float) -> None:
+    logging.getLogger("fewstep.server").error("shutdown still running %.0f s after the signal; exiting", after)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _output_paths(output: str, n: int) -> list[Path]:
@@ -309,6 +360,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="session buffers per forward pass (default 8)")
     st.add_argument("--outbox-chunks", type=int, default=None,
                     help="undelivered chunks kept per viewer before the oldest is dropped (default 2)")
+    sec = s.add_argument_group("security and limits")
+    sec.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                     help="accept this API key (repeatable; or FEWSTEP_API_KEYS=k1,k2): 'Authorization: Bearer KEY', "
+                          "or ?token=KEY on WebSockets and <img> URLs from a browser. Pass one whenever --host is "
+                          "not 127.0.0.1")
+    sec.add_argument("--allow-origin", action="append", default=None, metavar="URL",
+                     help="allow requests and WebSockets whose Origin is URL (repeatable; '*' for any); the "
+                          "server's own origin is always allowed, any other gets 403")
+    sec.add_argument("--cors-origin", action="append", default=None, metavar="URL",
+                     help="send CORS headers to this origin (repeatable; '*' for any); default: CORS off")
+    sec.add_argument("--protect-metrics", action="store_true", default=None,
+                     help="/health, /ready and /metrics need a key too (default: open)")
+    sec.add_argument("--max-streams-per-client", type=int, default=None,
+                     help="open WebSocket/MJPEG streams per key, or per address without keys (default 8; 0: no limit)")
+    sec.add_argument("--rate-limit", type=float, default=None, metavar="RPS",
+                     help="requests a second per key or address, bursts of twice that (default 0: no limit)")
+    sec.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                     help="close WebSockets unused by either side for S seconds (default 60)")
+    sec.add_argument("--shutdown-grace", type=float, default=None, metavar="S",
+                     help="after SIGTERM, seconds for in-flight work before it is cancelled (default 10)")
     s.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="generate images in-process, without a server")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 from fewstep.engines.config import BatchingConfig, EngineConfig, StreamConfig
 
@@ -29,9 +29,37 @@ class LimitsConfig(BaseModel):
 
 
 class HTTPConfig(BaseModel):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="bind address; on 0.0.0.0 pass API keys (SecurityConfig.api_keys)")
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+    # uvicorn's own limits (server/cli.py passes them to uvicorn.Config)
+    ws_max_bytes: int = Field(64 << 10, ge=1024, description="largest WebSocket message from a client; control "
+                              "messages are small JSON (uvicorn ws_max_size; bigger ones close the socket, 1009)")
+    max_header_bytes: int = Field(16 << 10, ge=1024, description="request line + headers (uvicorn "
+                                  "h11_max_incomplete_event_size); longer URLs or headers get 400")
+    max_connections: int | None = Field(1024, ge=1, description="open connections and tasks before uvicorn answers "
+                                        "503 (limit_concurrency)")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="after SIGTERM: time for in-flight work before it is "
+                                    "cancelled; the process exits within this plus 5 s (a second signal: at once)")
+
+
+class SecurityConfig(BaseModel):
+    api_keys: list[SecretStr] = Field(default_factory=list, description="accepted API keys (Authorization: Bearer "
+                                      "KEY, or ?token=KEY for browser WebSockets and <img>); empty: no keys")
+    allow_origins: list[str] = Field(default_factory=list, description="Origins allowed besides the server's own "
+                                     "(the Host header); '*' allows any. Requests with another Origin get 403")
+    cors_origins: list[str] = Field(default_factory=list, description="origins given CORS headers (starlette's "
+                                    "CORSMiddleware); empty: CORS off. They are allowed Origins too")
+    protect_metrics: bool = Field(False, description="/health, /ready and /metrics need a key too")
+    max_streams_per_client: int = Field(8, ge=0, description="open WebSocket and MJPEG streams per key (per client "
+                                        "address without keys); 0: no limit")
+    # Off by default: one client legitimately sends hundreds of images a second to a real-time server (a front end, a
+    # load test), and the queue's own admission already bounds the work it can cause; set it where keys are shared.
+    requests_per_second: float = Field(0.0, ge=0, description="requests a second per key or client address "
+                                       "(a token bucket holding two seconds' worth; health and the page not counted, "
+                                       "nor messages on an open WebSocket); 0: no limit")
+    idle_timeout_s: float = Field(60.0, gt=0, description="a WebSocket that neither side used for this long is "
+                                  "closed (4408)")
 
 
 class ServerConfig(BaseModel):
@@ -42,6 +70,7 @@ class ServerConfig(BaseModel):
     engine: EngineConfig = EngineConfig()
     limits: LimitsConfig = LimitsConfig()
     http: HTTPConfig = HTTPConfig()
+    security: SecurityConfig = SecurityConfig()
 
     def model_dir(self) -> Path:
         """The directory of ``model`` (the embedded image model when unset)."""
@@ -71,6 +100,14 @@ def _model_dir(name: str) -> Path:
     return EMBEDDED[name]
 
 
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
 _ENV = {  # variable -> (path in the tree, type)
     "FEWSTEP_MODEL": ("model", str),
     "FEWSTEP_MODEL_NAME": ("model_name", str),
@@ -88,6 +125,14 @@ _ENV = {  # variable -> (path in the tree, type)
     "FEWSTEP_MAX_PROMPT_CHARS": ("limits.max_prompt_chars", int),
     "FEWSTEP_HOST": ("http.host", str),
     "FEWSTEP_PORT": ("http.port", int),
+    "FEWSTEP_SHUTDOWN_GRACE": ("http.shutdown_grace_s", float),
+    "FEWSTEP_API_KEYS": ("security.api_keys", _csv),
+    "FEWSTEP_ALLOW_ORIGINS": ("security.allow_origins", _csv),
+    "FEWSTEP_CORS_ORIGINS": ("security.cors_origins", _csv),
+    "FEWSTEP_PROTECT_METRICS": ("security.protect_metrics", _flag),
+    "FEWSTEP_MAX_STREAMS_PER_CLIENT": ("security.max_streams_per_client", int),
+    "FEWSTEP_RATE_LIMIT": ("security.requests_per_second", float),
+    "FEWSTEP_IDLE_TIMEOUT": ("security.idle_timeout_s", float),
 }
 
 
@@ -112,4 +157,4 @@ def load_config(overrides: dict | None = None, environ: dict | None = None) -> S
 
 
 __all__ = ["ServerConfig", "EngineConfig", "BatchingConfig", "StreamConfig", "LimitsConfig", "HTTPConfig",
-           "load_config"]
+           "SecurityConfig", "load_config"]

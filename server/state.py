@@ -104,10 +104,11 @@ class AppState:
                 str(dtype).removeprefix("torch."), t1 - t0, t2 - t1)
             self.ready.set()
         # Last-resort boundary of the loader thread: whatever fails (SystemExit from a missing embedded model
-        # included) is reported on /ready and in the log instead of killing the thread silently.
-        except BaseException as e:  # noqa: BLE001
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.error("model load failed: %s", self.load_error)
+        # included) turns /health 503 (restart me); the details go to the log only, because the exception's text can
+        # hold paths and allocator messages.
+        except BaseException:  # noqa: BLE001
+            log.exception("model load failed")
+            self.load_error = "the model failed to load; see the server log"
 
     def _load_one(self, name: str, path, device, dtype):
         """One model's runner, on its backend (compiled / TensorRT stand-ins swapped in for image models)."""

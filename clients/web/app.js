@@ -115,7 +115,8 @@
       S.state = "running";
       $("session-id").textContent = msg.session_id;
       const link = $("mjpeg-link");
-      link.href = msg.mjpeg_url;
+      const key = $("key").value.trim();
+      link.href = msg.mjpeg_url + (key ? "?token=" + encodeURIComponent(key) : "");
       link.hidden = false;
       const fps = msg.fps > 0 ? msg.fps : 30;
       frameIntervalMs = 1000 / fps;
@@ -148,16 +149,25 @@
     if (seed !== "") msg.seed = Number(seed);
     if (size !== "") msg.size = /^\d+$/.test(size) ? Number(size) : size;
     if (fps !== "") msg.fps = Number(fps);
-    const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/v1/stream";
+    // Browsers cannot set headers on a WebSocket: the key goes as ?token= (the server drops it from its logs).
+    const key = $("key").value.trim();
+    const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/v1/stream" +
+      (key ? "?token=" + encodeURIComponent(key) : "");
     tStart = performance.now();
     ws = new WebSocket(url);
     ws.binaryType = "arraybuffer";
     ws.onopen = () => ws.send(JSON.stringify(msg));
     ws.onmessage = onMessage;
     ws.onerror = () => setStatus("connection error", true);
-    ws.onclose = () => {
+    ws.onclose = (ev) => {
       if (S.state !== "stopped") S.state = "closed";
       setRunning(false);
+      // refused before the handshake (wrong key, foreign origin, too many streams): the page only sees 1006
+      if (S.state === "closed" && !S.started) {
+        setStatus(`connection refused or closed (code ${ev.code}): check the API key`, true);
+      } else if (ev.code === 4408) {
+        setStatus("closed: idle for too long", true);
+      }
     };
     setStatus("connecting ...");
   }
@@ -169,6 +179,19 @@
   function stop() {
     if (ws && ws.readyState === 1) ws.send(JSON.stringify({ type: "stop" }));
   }
+
+  // The API key lives in this browser's localStorage, for this server's origin only.
+  const KEY_STORE = "fewstep.apiKey";
+  $("key").value = localStorage.getItem(KEY_STORE) || "";
+  $("key").addEventListener("change", () => {
+    const key = $("key").value.trim();
+    if (key) localStorage.setItem(KEY_STORE, key); else localStorage.removeItem(KEY_STORE);
+  });
+  // fetch() from this page (none yet) sends it as a header, the way OpenAI's SDK does.
+  window.fewstep.authHeaders = () => {
+    const key = $("key").value.trim();
+    return key ? { Authorization: "Bearer " + key } : {};
+  };
 
   $("start").addEventListener("click", start);
   $("update").addEventListener("click", update);

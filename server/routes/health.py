@@ -6,10 +6,24 @@ from fastapi.responses import JSONResponse, Response
 router = APIRouter()
 
 
+def _dead(state) -> str | None:
+    """Why this process can no longer serve (an orchestrator should restart it), or None."""
+    if state.load_error:
+        return "the model failed to load; see the server log"
+    thread = getattr(state.core, "_thread", None)
+    if thread is not None and not thread.is_alive() and not getattr(state.core, "_stop", False):
+        return "the engine thread has stopped; see the server log"
+    return None
+
+
 @router.get("/health")
 @router.get("/v2/health/live")
-async def health() -> dict:
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    """200 while loading and serving; 503 once the process cannot serve again (load failed, engine thread died)."""
+    reason = _dead(request.app.state.fewstep)
+    if reason:
+        return JSONResponse({"status": "dead", "error": reason}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready")
@@ -19,8 +33,8 @@ async def ready(request: Request) -> JSONResponse:
     if state.ready.is_set():
         return JSONResponse({"ready": True, "model": state.model_name})
     body = {"ready": False, "model": state.model_name}
-    if state.load_error:
-        body["error"] = state.load_error
+    if state.load_error:  # the exception's text (paths, allocator messages) stays in the log
+        body["error"] = "the model failed to load; see the server log"
     return JSONResponse(body, status_code=503)
 
 

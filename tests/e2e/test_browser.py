@@ -119,3 +119,30 @@ def test_two_tabs_get_only_their_own_frames_and_stop_independently(stream_server
     finally:
         a.close()
         b.close()
+
+
+def test_page_streams_with_an_api_key_kept_in_local_storage(tiny_dir, browser):
+    """A server with a key: the page's key field goes to the WebSocket as ?token=, survives a reload (localStorage),
+    and without it the page says the connection was refused."""
+    from tests.conftest import ServerProcess
+
+    srv = ServerProcess(["--model", str(tiny_dir / "stream_dit"), "--device", "cpu", "--threads", "1",
+                         "--api-key", "page-key"])
+    page = browser.new_page()
+    try:
+        page.goto(srv.url + "/")
+        page.evaluate("localStorage.removeItem('fewstep.apiKey')")
+        page.click("#start")  # no key: refused before the handshake
+        page.wait_for_function("window.fewstep.state === 'closed'", timeout=30_000)
+        assert "check the API key" in page.inner_text("#status")
+        page.fill("#key", "page-key")
+        page.dispatch_event("#key", "change")
+        page.reload()
+        assert page.input_value("#key") == "page-key"
+        start(page, srv.url, seed=3)
+        wait_frames(page, 10)
+        assert state(page)["state"] == "running"
+        assert "page-key" not in srv.output()  # the access log never prints the token
+    finally:
+        page.close()
+        srv.stop()
