@@ -881,9 +881,11 @@ def add_images_args(parser: argparse.ArgumentParser) -> None:
     req.add_argument("--size", default="512x512", help="WxH (default 512x512)")
     req.add_argument("--n", type=int, default=1, help="images per request (default 1)")
     req.add_argument("--steps", type=int, default=None, help="num_inference_steps (server default if unset)")
-    req.add_argument("--guidance-scale", type=float, default=None)
-    req.add_argument("--negative-prompt", default=None)
-    req.add_argument("--output-format", default="png", choices=["png", "jpeg", "webp"])
+    req.add_argument("--guidance-scale", type=float, default=None,
+                     help="sent as guidance_scale (default: the model's own)")
+    req.add_argument("--negative-prompt", default=None, help="sent as negative_prompt (used with guidance > 1)")
+    req.add_argument("--output-format", default="png", choices=["png", "jpeg", "webp"],
+                     help="image encoding the server returns (default png)")
     req.add_argument("--model", default=None, help="model id (server default if unset)")
 
     out = parser.add_argument_group("output")

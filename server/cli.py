@@ -25,8 +25,10 @@ def _common_model_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
     p.add_argument("--model", help="diffusers-format model directory, or an embedded model: default (image) or "
                    "default-video" + ("; without it, both embedded models (images and streams)" if serve else
                                       "; without it, default"))
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None)
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None,
+                   help="where the model runs (default auto: CUDA when torch sees a GPU, else the CPU)")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None,
+                   help="weights and activations (default auto: float16 on CUDA, float32 on the CPU)")
     p.add_argument("--vae", default=None, help="a diffusers VAE directory that replaces the image model's decoder: "
                    "AutoencoderKL, or AutoencoderTiny (TAESD's format, faster)")
 
@@ -323,15 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="fewstep", description="Serve distilled one- and few-step generative models.")
     p.add_argument("--version", action="version", version=f"fewstep {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="serve the HTTP API")
     _common_model_args(s, serve=True)
     s.add_argument("--model-name", help="model id in the API (default: directory name)")
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
-    s.add_argument("--max-batch-size", type=int, default=None)
-    s.add_argument("--max-wait-ms", type=float, default=None)
+    s.add_argument("--max-batch-size", type=int, default=None,
+                   help="most images in one forward pass (default 8)")
+    s.add_argument("--max-wait-ms", type=float, default=None,
+                   help="how long the first waiting request may wait for others to batch with (default 5)")
     s.add_argument("--engine", dest="backend", choices=["eager", "compiled", "tensorrt", "auto"], default=None,
                    help="eager (default), compiled (torch.compile + CUDA graphs per shape bucket), tensorrt "
                         "(engines from `fewstep build`; GPU runtime unverified on our hardware), or auto")
@@ -383,20 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="generate images in-process, without a server")
-    g.add_argument("prompt")
+    g.add_argument("prompt", help="what to draw, e.g. \"a red circle above a blue square\"")
     g.add_argument("-o", "--output", default="out.png", help="output file: .png, .jpg, .jpeg or .webp (no "
                    "extension: PNG); with -n > 1, x.png becomes x-0.png, x-1.png, ...")
     _common_model_args(g)
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None, help="denoising steps, 1-8 (default: the model's own)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the first image; image i uses seed+i (default: random, printed)")
     g.add_argument("--size", default=None, type=_one_size,
                    help="WxH, e.g. 512x512 (default: the model's native size)")
-    g.add_argument("--guidance-scale", type=float, default=None)
-    g.add_argument("-n", type=int, default=1)
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance; above 1 doubles the work (default: the model's own)")
+    g.add_argument("-n", type=int, default=1, help="images to generate: -o x.png writes x-0.png, x-1.png, ...")
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="benchmarks")
-    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    bsub = b.add_subparsers(dest="bench_cmd", required=True, metavar="BENCHMARK")
     bi = bsub.add_parser("images", help="load-test an OpenAI-compatible images endpoint")
     from fewstep.clients.bench import add_images_args
 
@@ -417,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--profile", default=None, help="optimization profile, e.g. batch=1:4:16,size=512:512:1024 "
                    "(MIN:OPT:MAX; size in pixels, or height=/width= apart); default: batch 1..max batch size at "
                    "the model's native size")
-    e.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    e.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="engine precision (default fp16)")
     e.add_argument("--cache-dir", default=None, help="engine cache (default ~/.cache/fewstep/engines)")
     e.add_argument("--components", default=None, help="comma list of text_encoder,text_encoder_2,denoiser,vae "
                    "(default: all the model has)")
