@@ -58,6 +58,8 @@ class AppState:
         self.models = config.served_models()
         check_backend(config, self.models)  # before anything loads: a refusal is a one-line error, not a bad /ready
         self.model_name = self.models[0][0]   # the default model: /health, /ready and request metrics name it
+        # per model, for /ready: queued -> loading -> warming (all loaded, warm-up running) -> ready | failed
+        self.model_states: dict[str, str] = {name: "queued" for name, _ in self.models}
         self.compile_seconds: float | None = None
 
     def check_limits(self, *, prompt: str | None = None, negative_prompt: str | None = None, n: int | None = None,
@@ -90,9 +92,12 @@ class AppState:
             t0 = time.perf_counter()
             pipes = {}
             for name, path in self.models:
+                self.model_states[name] = "loading"
                 pipes[name] = self._load_one(name, path, device, dtype)
+                self.model_states[name] = "loaded"
             t1 = time.perf_counter()
             core = EngineCore(pipes, ecfg)
+            self.model_states.update({name: "warming" for name in pipes})
             if ecfg.warmup:
                 core.warmup()
             t2 = time.perf_counter()
@@ -102,12 +107,14 @@ class AppState:
             log.info("%s loaded on %s/%s in %.1f s (compilation included), warm-up %.1f s", ", ".join(
                 f"{getattr(p, 'kind', 'image')} model {n}" for n, p in pipes.items()), device,
                 str(dtype).removeprefix("torch."), t1 - t0, t2 - t1)
+            self.model_states.update({name: "ready" for name in pipes})
             self.ready.set()
         # Last-resort boundary of the loader thread: whatever fails (SystemExit from a missing embedded model
         # included) turns /health 503 (restart me); the details go to the log only, because the exception's text can
         # hold paths and allocator messages.
         except BaseException:  # noqa: BLE001
             log.exception("model load failed")
+            self.model_states.update({n: "failed" for n, st in self.model_states.items() if st != "queued"})
             self.load_error = "the model failed to load; see the server log"
 
     def _load_one(self, name: str, path, device, dtype):

@@ -30,9 +30,11 @@ async def health(request: Request) -> JSONResponse:
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> JSONResponse:
     state = request.app.state.fewstep
+    # "model" is the default model (kept for clients of earlier versions); "models" lists every served one
+    models = [{"id": name, "state": st} for name, st in state.model_states.items()]
     if state.ready.is_set():
-        return JSONResponse({"ready": True, "model": state.model_name})
-    body = {"ready": False, "model": state.model_name}
+        return JSONResponse({"ready": True, "model": state.model_name, "models": models})
+    body = {"ready": False, "model": state.model_name, "models": models}
     if state.load_error:  # the exception's text (paths, allocator messages) stays in the log
         body["error"] = "the model failed to load; see the server log"
     return JSONResponse(body, status_code=503)

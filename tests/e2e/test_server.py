@@ -175,6 +175,9 @@ def test_serve_with_no_arguments_serves_both_default_models():
         r = httpx.post(srv.url + "/v1/images/generations", json={"prompt": "a red circle", "model":
                                                                  "fewstep-default-video"}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["code"] == "video_model"
+        ready = httpx.get(srv.url + "/ready").json()  # every served model, with its state
+        assert ready["models"] == [{"id": "fewstep-default", "state": "ready"},
+                                   {"id": "fewstep-default-video", "state": "ready"}]
     finally:
         srv.stop()
 
