@@ -73,6 +73,7 @@ def test_inductor_compile_matches_eager_in_the_engine(tiny_dir):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("name,size,steps,g", CASES, ids=[f"{c[0]}-{c[2]}step-g{c[3]}" for c in CASES])
 @pytest.mark.parametrize("compile_", [False, True], ids=["graphs", "inductor+graphs"])

@@ -29,6 +29,7 @@ def test_gpu_jpeg_on_refused_without_cuda(tiny_dir):
         EngineCore({"m": pipe}, EngineConfig(gpu_jpeg="on"))
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_encode_jpeg_gpu_roundtrip():
     y, x = np.mgrid[0:256, 0:256]
@@ -38,6 +39,7 @@ def test_encode_jpeg_gpu_roundtrip():
     assert data[:2] == b"\xff\xd8" and np.abs(back - img).mean() < 3
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_engine_serves_jpeg_from_gpu(tiny_dir):
     from fewstep.engines.loading import load_checkpoint

@@ -74,6 +74,7 @@ def _tiny(dev):
     return model, batches
 
 
+@pytest.mark.gpu
 @cuda
 def test_recorded_step_matches_eager_steps_with_changing_lr():
     from fewstep.training.distill import reflow_loss
@@ -122,6 +123,7 @@ def test_recorded_step_matches_eager_steps_with_changing_lr():
     assert any(not torch.equal(a, b) for a, b in zip(recorded_at, params_g))
 
 
+@pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("fail,extra", [(False, []), (True, []), (False, ["--feat", "1"])])
 def test_distill_records_its_step_and_survives_a_failed_recording(tmp_path, monkeypatch, fail, extra):
