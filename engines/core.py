@@ -193,7 +193,8 @@ class EngineCore:
             raise EngineError(f"model {model!r} is a video model; use the WebSocket /v1/stream or POST /v1/videos",
                               400, "model", "video_model")
         dh, dw = self.sizes[model].default(pipe.default_size)
-        h, w = req.height or dh, req.width or dw
+        h = dh if req.height is None else req.height  # 0 is a size (refused below), not "default"
+        w = dw if req.width is None else req.width
         self.check_size(model, h, w)
         steps = req.steps or pipe.default_steps
         guidance = pipe.default_guidance if req.guidance_scale is None else float(req.guidance_scale)
@@ -324,7 +325,8 @@ class EngineCore:
         if not start.prompt or not start.prompt.strip():
             raise EngineError("prompt must be a non-empty string", 400, "prompt", "invalid_prompt")
         dh, dw = self.sizes[model].default(pipe.default_size)
-        h, w = start.height or dh, start.width or dw
+        h = dh if start.height is None else start.height
+        w = dw if start.width is None else start.width
         self.check_size(model, h, w)
         cfg = self.config.stream
         fps = pipe.fps if start.fps is None else float(start.fps)
