@@ -12,6 +12,13 @@ Streams: a video model (``model_index.json``: ``fewstep.kind == "video"``) serve
 (``open_stream`` / ``update_prompt`` / ``close_stream``); engines/stream/ holds the sessions, the moving-buffer
 policy and the round-robin session scheduler. The same engine thread runs image batches and stream steps; when
 both are ready it alternates between them, so neither kind of traffic can starve the other.
+
+Admission happens before the queue (``add_request`` / ``open_stream``): a size the model does not serve
+(engines/sizes.py) is a 400; work beyond the queue's bound is a 503 with ``retry_after``. The bound is on estimated
+work (``cost``: pixels x steps x n, x2 with CFG, in native-size 1-step images), in seconds once warm-up has timed a
+native image. Every image request has a deadline (``batching.request_timeout_s`` or its own ``timeout_s``): queued
+work past it is dropped unrun (504). ``abort`` (vLLM's ``abort_request``) removes queued work or discards a running
+batch's result; ``AsyncEngine.generate`` calls it when its task is cancelled (the client disconnected).
 """
 
 from __future__ import annotations
