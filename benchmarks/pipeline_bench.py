@@ -70,7 +70,9 @@ def bench_fewstep(pipe, size, steps, batch, iters, warmup, cached: bool, fmt: st
     from fewstep.engines.config import BatchingConfig, EngineConfig
     from fewstep.engines.core import EngineCore, GenerateRequest
 
-    core = EngineCore({"m": pipe}, EngineConfig(batching=BatchingConfig(max_batch_size=max(batch, 1))))
+    # a benchmark picks its size: serve exactly that one, whatever the checkpoint declares
+    core = EngineCore({"m": pipe}, EngineConfig(sizes=[(size, size)],
+                                                batching=BatchingConfig(max_batch_size=max(batch, 1))))
     rows = []
     for i in range(warmup + iters):
         prompt = "a photo of a cat" if cached else f"a photo of a cat, variant {i} {time.time_ns()}"

@@ -15,8 +15,17 @@ class BatchingConfig(BaseModel):
     max_batch_size: int = Field(8, ge=1, le=256, description="most images in one forward pass")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long the first request of a batch waits "
                                "for compatible company before the batch runs")
-    max_queue_images: int = Field(512, ge=1, description="waiting images beyond this are refused with 503, so a "
-                                  "backlog turns into fast errors instead of unbounded latency")
+    # The queue is bounded by estimated work, not by request count: a 1024² image is 256 native 64² images of work.
+    # Work unit: one native-size image at one step without CFG (cost = pixels/native pixels x steps x n, x2 with CFG).
+    max_queue_seconds: float | None = Field(5.0, gt=0, description="queued work beyond this many seconds is refused "
+                                            "with 503 + Retry-After. Seconds come from the cost of a native image "
+                                            "measured at warm-up; without warm-up (or None) max_queue_work applies")
+    max_queue_work: float = Field(512.0, gt=0, description="queued work, in native-size 1-step images, beyond "
+                                  "which requests are refused with 503 when no warm-up measurement exists")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="default deadline of an image request from "
+                                     "its arrival; queued work past it is dropped unrun and answered 504. Clients "
+                                     "may ask for another with the X-Fewstep-Deadline-Ms header")
+    max_request_timeout_s: float = Field(300.0, gt=0, le=86_400, description="longest deadline a client may ask for")
 
 
 class CompileConfig(BaseModel):
@@ -68,6 +77,8 @@ class StreamConfig(BaseModel):
     outbox_chunks: int = Field(2, ge=1, le=64, description="undelivered chunks kept per viewer; when a client "
                                "falls behind, the oldest is dropped (latest wins) and its frames are counted")
     max_fps: float = Field(60.0, gt=0, le=1000, description="highest fps target a client may ask for")
+    min_fps: float = Field(1.0, gt=0, le=1000, description="lowest non-zero fps target (0 = unpaced); below it a "
+                           "frame interval is minutes and the MP4 time base degenerates")
     coalesce_ms: float = Field(15.0, ge=0, le=1000, description="a paced session due within this long joins "
                                "the current step, so sessions share forward passes instead of drifting apart")
     transition_steps: int | None = Field(None, ge=1, le=64, description="steps over which a prompt update "
@@ -97,6 +108,9 @@ class EngineConfig(BaseModel):
     warmup: bool = True
     vae: str | None = Field(None, description="a diffusers VAE directory (AutoencoderKL, or AutoencoderTiny: TAESD's "
                             "format) that replaces the image model's own decoder")
+    sizes: list[tuple[int, int]] | None = Field(None, description="(height, width) sizes every served model accepts, "
+                                                "replacing the checkpoint's fewstep.sizes / size_range; None: the "
+                                                "checkpoint's declaration, else its native size (engines/sizes.py)")
     attention: str = Field("dense", description='self-attention of DiT denoisers: "dense" or '
                            '"block_sparse(threshold=0.9,block=128,...)" (Triton kernel; falls back to dense '
                            'with a logged reason where a shape or device is unsupported)')

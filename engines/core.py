@@ -12,12 +12,20 @@ Streams: a video model (``model_index.json``: ``fewstep.kind == "video"``) serve
 (``open_stream`` / ``update_prompt`` / ``close_stream``); engines/stream/ holds the sessions, the moving-buffer
 policy and the round-robin session scheduler. The same engine thread runs image batches and stream steps; when
 both are ready it alternates between them, so neither kind of traffic can starve the other.
+
+Admission happens before the queue (``add_request`` / ``open_stream``): a size the model does not serve
+(engines/sizes.py) is a 400; work beyond the queue's bound is a 503 with ``retry_after``. The bound is on estimated
+work (``cost``: pixels x steps x n, x2 with CFG, in native-size 1-step images), in seconds once warm-up has timed a
+native image. Every image request has a deadline (``batching.request_timeout_s`` or its own ``timeout_s``): queued
+work past it is dropped unrun (504). ``abort`` (vLLM's ``abort_request``) removes queued work or discards a running
+batch's result; ``AsyncEngine.generate`` calls it when its task is cancelled (the client disconnected).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import threading
 import time
@@ -33,6 +41,7 @@ import torch
 from .config import EngineConfig
 from .encode import encode_image, encode_jpeg_gpu, gpu_jpeg_available
 from .pipeline import FewStepPipeline, PromptEmbeds
+from .sizes import ServedSizes
 from .stream import FRAME_FORMATS, Outbox, StreamChunk, StreamScheduler, StreamSession, StreamStart
 
 log = logging.getLogger("fewstep.engines")
@@ -41,11 +50,13 @@ STAGES = ("queue", "encode_prompt", "denoise", "decode", "encode_image")
 
 
 class EngineError(Exception):
-    """A request the engine refuses; ``status`` is the HTTP status the server should answer with."""
+    """A request the engine refuses; ``status`` is the HTTP status the server should answer with, ``retry_after``
+    (seconds) its Retry-After header where the refusal is temporary."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
-        self.status, self.param, self.code = status, param, code
+        self.status, self.param, self.code, self.retry_after = status, param, code, retry_after
 
 
 @dataclass
@@ -60,6 +71,7 @@ class GenerateRequest:
     negative_prompt: str | None = None
     seed: int | None = None
     output_format: str = "png"  # png | jpeg | webp | raw (uint8 arrays, no encoding)
+    timeout_s: float | None = None  # deadline from arrival; None: batching.request_timeout_s
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival: float = field(default_factory=time.perf_counter)
 
@@ -83,6 +95,7 @@ class EngineObserver(Protocol):
     def on_stream_step(self, model: str, sessions: int, frames: int) -> None: ...
     def on_frames_dropped(self, model: str, frames: int, reason: str) -> None: ...
     def on_sessions(self, active: int) -> None: ...
+    def on_cancelled(self, model: str, reason: str, stage: str) -> None: ...
 
 
 class PromptCache:
@@ -127,6 +140,8 @@ class _Work:
     height: int
     width: int
     future: Future
+    cost: float = 1.0  # native-size 1-step images of work (EngineCore.cost)
+    deadline: float = float("inf")  # perf_counter time past which it is dropped unrun
 
     @property
     def key(self):
@@ -149,6 +164,16 @@ class EngineCore:
         self.observer = observer
         self.cache = PromptCache(self.config.prompt_cache_size)
         self._waiting: deque[_Work] = deque()
+        self.sizes: dict[str, ServedSizes] = {
+            name: ServedSizes.from_config(self.config.sizes) if self.config.sizes
+            else getattr(pipe, "served_sizes", None) or ServedSizes.native(pipe.default_size)
+            for name, pipe in pipelines.items()}
+        # seconds per work unit, per model: measured at warm-up (bounds the queue in seconds) and as a moving
+        # average of the batches run since (estimates Retry-After)
+        self.calibrated_unit_s: dict[str, float] = {}
+        self._unit_s: dict[str, float] = {}
+        self._inflight: dict[str, _Work] = {}  # request_id -> work whose batch is running
+        self._aborted: dict[str, str] = {}  # request_id (in flight) -> reason; its result is discarded
         self._cv = threading.Condition()
         self._running = 0
         self._stop = False
@@ -174,12 +199,10 @@ class EngineCore:
         if model in self.streams:
             raise EngineError(f"model {model!r} is a video model; use the WebSocket /v1/stream or POST /v1/videos",
                               400, "model", "video_model")
-        h = req.height or pipe.default_size
-        w = req.width or pipe.default_size
-        try:
-            pipe.check_size(h, w)
-        except ValueError as e:
-            raise EngineError(str(e), 400, "size", "invalid_size") from None
+        dh, dw = self.sizes[model].default(pipe.default_size)
+        h = dh if req.height is None else req.height  # 0 is a size (refused below), not "default"
+        w = dw if req.width is None else req.width
+        self.check_size(model, h, w)
         steps = req.steps or pipe.default_steps
         guidance = pipe.default_guidance if req.guidance_scale is None else float(req.guidance_scale)
         max_n = self.config.batching.max_batch_size * 4
@@ -190,19 +213,94 @@ class EngineCore:
         base = req.seed if req.seed is not None else secrets.randbelow(2**62)
         # image i of a request uses seed + i, so n=4 at seed s reproduces four n=1 requests at s..s+3.
         seeds = [base + i for i in range(req.n)]
-        return _Work(req, seeds, steps, guidance, h, w, Future())
+        bcfg = self.config.batching
+        timeout = bcfg.request_timeout_s if req.timeout_s is None else float(req.timeout_s)
+        if not 0 < timeout <= bcfg.max_request_timeout_s:
+            raise EngineError(f"the deadline must be from 1 ms to {bcfg.max_request_timeout_s * 1e3:.0f} ms, got "
+                              f"{timeout * 1e3:g} ms", 400, "deadline", "invalid_deadline")
+        return _Work(req, seeds, steps, guidance, h, w, Future(), self.cost(model, h, w, steps, guidance, req.n),
+                     req.arrival + timeout)
+
+    def check_size(self, model: str, height: int, width: int) -> None:
+        """Admission by size: what the model's architecture can run, then the sizes it serves (engines/sizes.py)."""
+        try:
+            self.pipelines[model].check_size(height, width)
+            self.sizes[model].check(height, width)
+        except ValueError as e:
+            raise EngineError(str(e), 400, "size", "invalid_size") from None
+
+    def cost(self, model: str, height: int, width: int, steps: int, guidance: float, n: int = 1) -> float:
+        """Estimated work in native-size 1-step images: pixels x steps x n, twice with CFG (two denoiser passes)."""
+        pipe = self.pipelines[model]
+        cfg = 2 if pipe.uses_cfg(guidance) else 1
+        return height * width / pipe.default_size ** 2 * steps * n * cfg
+
+    def _queued_seconds(self) -> float | None:
+        """Estimated seconds of the waiting work, or None while some model in the queue has no measurement."""
+        total = 0.0
+        for w in self._waiting:
+            unit = self._unit_s.get(w.req.model) or self.calibrated_unit_s.get(w.req.model)
+            if unit is None:
+                return None
+            total += w.cost * unit
+        return total
 
     def add_request(self, req: GenerateRequest) -> Future:
         work = self.validate(req)
+        bcfg = self.config.batching
         with self._cv:
-            queued = sum(len(x.seeds) for x in self._waiting)
-            if queued + req.n > self.config.batching.max_queue_images:
-                raise EngineError(f"server is at capacity ({queued} images waiting); retry later", 503, None,
-                                  "overloaded")
+            # Admission by estimated work. A request that finds the queue empty always gets in (n and size are
+            # bounded by validation), so any valid request can run on an idle server.
+            if self._waiting:
+                cal = self.calibrated_unit_s
+                if bcfg.max_queue_seconds is not None and all(w.req.model in cal for w in self._waiting) \
+                        and work.req.model in cal:
+                    queued = sum(w.cost * cal[w.req.model] for w in self._waiting)
+                    full = queued + work.cost * cal[work.req.model] > bcfg.max_queue_seconds
+                    what = f"~{queued:.1f} s of work queued, the limit is {bcfg.max_queue_seconds:g} s"
+                else:
+                    queued = sum(w.cost for w in self._waiting)
+                    full = queued + work.cost > bcfg.max_queue_work
+                    what = (f"{queued:g} native-image steps of work queued, the limit is "
+                            f"{bcfg.max_queue_work:g}")
+                if full:
+                    est = self._queued_seconds()
+                    retry = max(1, math.ceil(est)) if est is not None else 1
+                    raise EngineError(f"server is at capacity ({what}); retry in {retry} s", 503, None,
+                                      "overloaded", retry_after=retry)
             self._waiting.append(work)
             self._report_queue()
             self._cv.notify()
         return work.future
+
+    def abort(self, request_id: str, reason: str = "disconnect") -> bool:
+        """Cancel a request (vLLM's ``abort_request``): queued, it leaves the queue and never runs; in a running
+        batch, its result is discarded. Its future resolves with a 'cancelled' error. Returns whether it was found."""
+        with self._cv:
+            work = next((w for w in self._waiting if w.req.request_id == request_id), None)
+            if work is not None:
+                self._waiting.remove(work)
+                self._report_queue()
+            elif request_id in self._inflight:
+                self._aborted[request_id] = reason
+                return True
+            else:
+                return False
+        self._cancel(work, reason, "queued")
+        return True
+
+    def _cancel(self, w: _Work, reason: str, stage: str) -> None:
+        if reason == "deadline":
+            waited = (time.perf_counter() - w.req.arrival) * 1e3
+            err = EngineError(f"the request's deadline ({(w.deadline - w.req.arrival) * 1e3:.0f} ms) passed after "
+                              f"{waited:.0f} ms {'in the queue; nothing ran' if stage == 'queued' else 'running'}",
+                              504, None, "deadline_exceeded")
+        else:
+            err = EngineError(f"request cancelled ({reason})", 499, None, "cancelled")
+        if self.observer and hasattr(self.observer, "on_cancelled"):
+            self.observer.on_cancelled(w.req.model, reason, stage)
+        if not w.future.done():
+            w.future.set_result(GenerateOutput(w.req.request_id, [], w.seeds, {}, w.req.model, err))
 
     @property
     def num_waiting(self) -> int:
@@ -233,17 +331,13 @@ class EngineCore:
         pipe = sched.pipe
         if not start.prompt or not start.prompt.strip():
             raise EngineError("prompt must be a non-empty string", 400, "prompt", "invalid_prompt")
-        h = start.height or pipe.default_size
-        w = start.width or pipe.default_size
-        try:
-            pipe.check_size(h, w)
-        except ValueError as e:
-            raise EngineError(str(e), 400, "size", "invalid_size") from None
+        dh, dw = self.sizes[model].default(pipe.default_size)
+        h = dh if start.height is None else start.height
+        w = dw if start.width is None else start.width
+        self.check_size(model, h, w)
         cfg = self.config.stream
         fps = pipe.fps if start.fps is None else float(start.fps)
-        if not 0 <= fps <= cfg.max_fps:
-            raise EngineError(f"fps must be from 0 (unpaced) to {cfg.max_fps:g}, got {fps:g}", 400, "fps",
-                              "invalid_fps")
+        self.check_fps(fps, allow_unpaced=True)
         if start.format not in FRAME_FORMATS:
             raise EngineError(f"format must be one of {list(FRAME_FORMATS)}, got {start.format!r}", 400, "format",
                               "invalid_format")
@@ -256,6 +350,15 @@ class EngineCore:
         self._report_sessions()
         self._wake()
         return session
+
+    def check_fps(self, fps: float, allow_unpaced: bool) -> None:
+        """0 (unpaced, streams only) or a rate from stream.min_fps to stream.max_fps; raises EngineError(400)."""
+        cfg = self.config.stream
+        if (fps == 0 and allow_unpaced) or cfg.min_fps <= fps <= cfg.max_fps:
+            return
+        lead = "0 (unpaced) or " if allow_unpaced else ""
+        raise EngineError(f"fps must be {lead}from {cfg.min_fps:g} to {cfg.max_fps:g}, got {fps:g}", 400, "fps",
+                          "invalid_fps")
 
     def _find_stream(self, session_id: str) -> tuple[StreamScheduler, StreamSession] | None:
         for sched in self.streams.values():
@@ -348,7 +451,15 @@ class EngineCore:
 
     # -- schedule ----------------------------------------------------------------------------------------------
     def _schedule(self) -> list[_Work]:
-        """Take the oldest request and every compatible one that fits (FIFO within the key). Caller holds _cv."""
+        """Take the oldest request and every compatible one that fits (FIFO within the key). Caller holds _cv.
+        Work past its deadline leaves the queue first, unrun."""
+        now = time.perf_counter()
+        expired = [w for w in self._waiting if w.deadline <= now]
+        if expired:
+            self._waiting = deque(w for w in self._waiting if w.deadline > now)
+            self._report_queue()
+            for w in expired:
+                self._cancel(w, "deadline", "queued")
         if not self._waiting:
             return []
         order = list(self._waiting)
@@ -371,6 +482,8 @@ class EngineCore:
             batch, _ = fill(target)
         taken = set(map(id, batch))
         self._waiting = deque(w for w in order if id(w) not in taken)
+        for w in batch:
+            self._inflight[w.req.request_id] = w
         return batch
 
     # -- run ---------------------------------------------------------------------------------------------------
@@ -422,14 +535,31 @@ class EngineCore:
                 t3 = time.perf_counter()
         # Last-resort boundary of the engine thread: a failed batch fails its requests, never the engine.
         except Exception as e:  # noqa: BLE001
-            log.exception("batch failed")
+            if isinstance(e, torch.OutOfMemoryError):
+                # The allocator's text (sizes, fragmentation hints) is for the log, not the client.
+                log.error("out of device memory in a batch of %d images at %dx%d, %d steps: %s", n_images,
+                          head.width, head.height, head.steps, e)
+                e = EngineError(f"the server ran out of device memory running a batch of {n_images} image(s) at "
+                                f"{head.width}x{head.height}; retry, or ask for fewer images", 503, None,
+                                "out_of_memory", retry_after=1)
+                if pipe.device.type == "cuda":
+                    torch.cuda.empty_cache()  # give back the failed batch's cached blocks before the next one
+            else:
+                log.exception("batch failed")
             with self._cv:
                 self._running -= n_images
                 self._report_queue()
+                for w in batch:
+                    self._inflight.pop(w.req.request_id, None)
+                    self._aborted.pop(w.req.request_id, None)
             for w in batch:
                 w.future.set_result(GenerateOutput(w.req.request_id, [], w.seeds, {}, model, e))
             return [w.future for w in batch]
 
+        # seconds per unit of work, for Retry-After: a moving average over batches (batching amortises overheads)
+        unit = (t3 - start) / max(sum(w.cost for w in batch), 1e-9)
+        prev = self._unit_s.get(model)
+        self._unit_s[model] = unit if prev is None else 0.8 * prev + 0.2 * unit
         stage = {"encode_prompt_ms": (t1 - t0) * 1e3, "denoise_ms": (t2 - t1) * 1e3, "decode_ms": (t3 - t2) * 1e3}
         offset = 0
         for w in batch:
@@ -444,6 +574,15 @@ class EngineCore:
 
     def _finish(self, w: _Work, imgs, timings: dict, batch_size: int, t_decoded: float,
                 encoded: bool = False) -> None:
+        with self._cv:
+            self._inflight.pop(w.req.request_id, None)
+            aborted = self._aborted.pop(w.req.request_id, None)
+        if aborted is not None:  # its client left while the batch ran: no encoding, no output, counted apart
+            with self._cv:
+                self._running -= len(w.seeds)
+                self._report_queue()
+            self._cancel(w, aborted, "running")
+            return
         try:
             fmt = w.req.output_format
             if encoded:  # JPEG bytes from the GPU
@@ -536,10 +675,20 @@ class EngineCore:
                     s.owner.take()
                 self.close_stream(s.id)
                 continue
+            h, w = self.sizes[name].default(pipe.default_size)
             for _ in range(2):
-                fut = self.add_request(GenerateRequest(prompt="warm-up", model=name, seed=0, output_format="raw"))
+                t0 = time.perf_counter()
+                fut = self.add_request(GenerateRequest(prompt="warm-up", model=name, seed=0, height=h, width=w,
+                                                       output_format="raw"))
                 while not fut.done():
                     self.step()
+            # the second run (lazy init done) calibrates the queue bound: seconds per native-size 1-step image
+            cost = self.cost(name, h, w, pipe.default_steps, pipe.default_guidance)
+            self.calibrated_unit_s[name] = (time.perf_counter() - t0) / cost
+            self._unit_s[name] = self.calibrated_unit_s[name]
+            log.info("warm-up %s: %.1f ms per native-size 1-step image (queue bound %s)", name,
+                     self.calibrated_unit_s[name] * 1e3, f"{self.config.batching.max_queue_seconds:g} s of work"
+                     if self.config.batching.max_queue_seconds else f"{self.config.batching.max_queue_work:g} units")
 
     def shutdown(self) -> None:
         for sched in self.streams.values():
@@ -559,8 +708,23 @@ class AsyncEngine:
         self.core = core
 
     async def generate(self, req: GenerateRequest) -> GenerateOutput:
+        """Raises EngineError (bad request, capacity, 504 past the deadline). Cancelling the awaiting task (the
+        client disconnected) aborts the request in the engine: queued, it never runs."""
         fut = self.core.add_request(req)  # raises EngineError synchronously for bad requests
-        out = await asyncio.wrap_future(fut)
+        timeout = self.core.config.batching.request_timeout_s if req.timeout_s is None else req.timeout_s
+        # the engine drops queued work at its deadline; this bounds the wait for work already running too
+        remaining = req.arrival + timeout - time.perf_counter()
+        try:
+            out = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), max(remaining, 0) + 0.05)
+        except asyncio.CancelledError:
+            self.core.abort(req.request_id, "disconnect")
+            raise
+        except (TimeoutError, asyncio.TimeoutError):
+            self.core.abort(req.request_id, "deadline")  # queued: resolves fut with a 504; running: discarded
+            if not fut.done():
+                raise EngineError(f"the request's deadline ({timeout * 1e3:.0f} ms) passed while its batch ran", 504,
+                                  None, "deadline_exceeded") from None
+            out = fut.result()
         if out.error is not None:
             raise out.error
         return out

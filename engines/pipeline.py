@@ -28,6 +28,7 @@ from .samplers import (
     rectified_flow_step,
     x0_from_model_output,
 )
+from .sizes import ServedSizes
 
 log = logging.getLogger("fewstep.engines")
 
@@ -146,6 +147,11 @@ class FewStepPipeline:
         patch = max(patch[1:]) if isinstance(patch, (list, tuple)) else patch  # Wan: (t, h, w)
         self.size_multiple = self.vae_scale_factor * (2 ** max(0, len(cfg.get("block_out_channels", [0])) - 1)
                                                       if "block_out_channels" in cfg else patch)
+        try:  # what admission accepts (EngineCore); check_size below is what the architecture can run at all
+            self.served_sizes = ServedSizes.from_meta(meta, self.default_size, self.size_multiple,
+                                                      str(ckpt.path / "model_index.json"))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         self._schedules: dict[int, Schedule] = {}
         self.attention = attention
         if attention != "dense":

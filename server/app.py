@@ -115,7 +115,10 @@ def create_app(config: ServerConfig, load_async: bool = True) -> FastAPI:
     @app.exception_handler(EngineError)
     async def on_engine_error(request: Request, exc: EngineError):
         state.metrics.on_request(state.model_name, exc.status, exc.code)
-        return error_response(exc.status, str(exc), exc.param, exc.code)
+        resp = error_response(exc.status, str(exc), exc.param, exc.code)
+        if exc.retry_after is not None:
+            resp.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        return resp
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):

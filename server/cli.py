@@ -81,6 +81,7 @@ def _serve_config(args):
                        "engine.stream.max_batch_sessions": args.max_batch_sessions,
                        "engine.stream.outbox_chunks": args.outbox_chunks,
                        "engine.compiled.batch_buckets": args.compile_buckets,
+                       "engine.sizes": args.sizes,
                        "engine.compiled.sizes": args.compile_sizes, "engine.compiled.mode": args.compile_mode,
                        "engine.compiled.dynamic_batch": args.compile_dynamic_batch,
                        "engine.compiled.channels_last": args.compile_channels_last,
@@ -339,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", dest="backend", choices=["eager", "compiled", "tensorrt", "auto"], default=None,
                    help="eager (default), compiled (torch.compile + CUDA graphs per shape bucket), tensorrt "
                         "(engines from `fewstep build`; GPU runtime unverified on our hardware), or auto")
+    s.add_argument("--sizes", default=None, type=_size_list,
+                   help="image/video sizes every served model accepts, e.g. 512x512,768x768 (default: what the "
+                        "checkpoint declares in fewstep.sizes / size_range, else its native size); others get a 400")
     s.add_argument("--compile-buckets", default=None, type=_int_list,
                    help="compiled engine: batch buckets to capture, e.g. 1,4,16 (default 1,2,4,8,16)")
     s.add_argument("--compile-sizes", default=None, type=_size_list,

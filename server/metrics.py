@@ -33,6 +33,10 @@ class Metrics:
         self.errors = Counter("fewstep_request_errors", "Failed requests by error code", ["model", "code"],
                               registry=r)
         self.images = Counter("fewstep_images_generated", "Images generated", ["model"], registry=r)
+        self.cancelled = Counter("fewstep_requests_cancelled", "Requests cancelled before their result was sent: "
+                                 "reason 'disconnect' (the client left) or 'deadline' (past its deadline); stage "
+                                 "'queued' (never ran) or 'running' (its batch ran, the result was discarded)",
+                                 ["model", "reason", "stage"], registry=r)
         # streams
         self.ttff = Histogram("fewstep_time_to_first_frame_seconds", "Stream start to its first frame handed to "
                               "the transport (includes buffer warm-up, decode and encode)", ["model"],
@@ -76,6 +80,9 @@ class Metrics:
 
     def on_sessions(self, active: int) -> None:
         self.sessions.set(active)
+
+    def on_cancelled(self, model: str, reason: str, stage: str) -> None:
+        self.cancelled.labels(model, reason, stage).inc()
 
     # transports
     def on_first_frame(self, model: str, seconds: float) -> None:

@@ -86,6 +86,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "fewstep"
     default_size: int | None = None
+    sizes: str | None = None  # the sizes admission accepts, e.g. "64x64" (engines/sizes.py)
     default_steps: int | None = None
     sampler: str | None = None
     kind: Literal["image", "video"] = "image"

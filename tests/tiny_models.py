@@ -44,8 +44,16 @@ def _unet(cross_dim: int, **kw):
                                 attention_head_dim=(2, 4), norm_num_groups=8, **kw).eval()
 
 
+# Tests ask tiny checkpoints for many sizes besides their native one, so each declares a range of served sizes
+# (engines/sizes.py); a checkpoint without a declaration serves only its native size.
+SIZE_RANGE = [8, 512]
+
+
 def _save(pipe, path: Path) -> Path:
     pipe.save_pretrained(path, safe_serialization=True)
+    index = json.loads((path / "model_index.json").read_text())
+    index.setdefault("fewstep", {})["size_range"] = SIZE_RANGE
+    (path / "model_index.json").write_text(json.dumps(index))
     return path
 
 
@@ -134,7 +142,7 @@ def pixel_dit(path: Path, seed: int = 0) -> Path:
         "_class_name": "FewstepPixelPipeline", "_diffusers_version": "0.42.1",
         "transformer": ["diffusers", "PixArtTransformer2DModel"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "fewstep": {"default_steps": 2, "default_guidance_scale": 0.0, "default_size": 16}}))
+        "fewstep": {"default_steps": 2, "default_guidance_scale": 0.0, "default_size": 16, "size_range": SIZE_RANGE}}))
     return path
 
 
@@ -162,7 +170,7 @@ def stream_dit(path: Path, seed: int = 0, size: int = 32, chunk_frames: int = 2,
         "transformer": ["fewstep", "StreamDiTModel"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "fewstep": {"kind": "video", "chunk_frames": chunk_frames, "buffer_chunks": buffer_chunks,
-                    "default_size": size, "fps": fps}}))
+                    "default_size": size, "fps": fps, "size_range": SIZE_RANGE}}))
     return path
 
 
@@ -193,7 +201,7 @@ def wan_stream(path: Path, seed: int = 0, size: int = 32, chunk_frames: int = 2,
         "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "fewstep": {"kind": "video", "chunk_frames": chunk_frames, "buffer_chunks": buffer_chunks,
-                    "default_size": size, "fps": fps, "max_sequence_length": 16}}))
+                    "default_size": size, "fps": fps, "max_sequence_length": 16, "size_range": SIZE_RANGE}}))
     return path
 
 

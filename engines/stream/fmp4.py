@@ -62,6 +62,8 @@ class FMP4Muxer:
             import av
         except ImportError as e:  # pragma: no cover - av is a dependency; kept for a clear message
             raise RuntimeError("fMP4 output needs PyAV: pip install av") from e
+        if not fps >= 1:  # below 1 fps the rational rate rounds to 0 and the time base 1/rate divides by zero
+            raise ValueError(f"fMP4 needs fps >= 1, got {fps}")
         self.codec, self._mime_codec = _encoder()
         self._sink = _Sink()
         self._out = av.open(self._sink, mode="w", format="mp4",

@@ -15,6 +15,7 @@ async def list_models(request: Request) -> ModelList:
         for name, pipe in state.core.pipelines.items():
             video = getattr(pipe, "kind", "image") == "video"
             cards.append(ModelCard(id=name, created=state.started, default_size=pipe.default_size,
+                                   sizes=state.core.sizes[name].describe(),
                                    default_steps=pipe.default_steps, sampler=pipe.sampler,
                                    kind="video" if video else "image",
                                    chunk_frames=pipe.frames_per_chunk if video else None,

@@ -209,19 +209,32 @@ class StreamConnection:
                 if chunk is False:
                     continue
                 ts = (chunk.created - s.opened_at) * 1e3
-                if fmt == "fmp4":
-                    if muxer is None:
-                        from fewstep.engines.stream.fmp4 import FMP4Muxer
+                try:  # encoding runs in the engine's pool; its failure ends the session with an error, not silence
+                    if fmt == "fmp4":
+                        if muxer is None:
+                            from fewstep.engines.stream.fmp4 import FMP4Muxer
 
-                        fps = s.fps or self.state.core.pipelines[s.model].fps
-                        muxer = await stream.run_in_pool(FMP4Muxer, s.width, s.height, fps, chunk.num_frames)
-                    data = await stream.run_in_pool(muxer.add, chunk.frames, chunk.first_index)
+                            fps = s.fps or self.state.core.pipelines[s.model].fps
+                            muxer = await stream.run_in_pool(FMP4Muxer, s.width, s.height, fps, chunk.num_frames)
+                        payloads = [await stream.run_in_pool(muxer.add, chunk.frames, chunk.first_index)]
+                    else:
+                        payloads = await stream.encoded(chunk, fmt, quality)
+                except Exception as e:  # noqa: BLE001 - any encoder failure (PyAV, PIL) ends this session only
+                    log.exception("stream %s: frame encoding failed", s.id)
+                    stream.close("error: frame encoding failed")
+                    await self.error(f"stream failed: frame encoding failed ({type(e).__name__})", "stream_failed")
+                    await self.send(StoppedMessage(reason="error: frame encoding failed", frames_sent=delivery.sent,
+                                                   frames_dropped=s.frames_dropped))
+                    self.stream = None
+                    return
+                if fmt == "fmp4":
                     if delivery.sent == 0 and muxer.mime:
                         await self.send(InitMessage(mime=muxer.mime))
-                    if data:
-                        await self.send_bytes(pack_frame(data, "fmp4", chunk.first_index, ts, chunk.prompt_version))
+                    if payloads[0]:
+                        await self.send_bytes(pack_frame(payloads[0], "fmp4", chunk.first_index, ts,
+                                                         chunk.prompt_version))
                 else:
-                    for i, payload in enumerate(await stream.encoded(chunk, fmt, quality)):
+                    for i, payload in enumerate(payloads):
                         await self.send_bytes(pack_frame(payload, fmt, chunk.first_index + i, ts,
                                                          chunk.prompt_version))
                 delivery.chunk_sent(chunk.num_frames)
@@ -315,6 +328,8 @@ async def mjpeg_new_session(request: Request, prompt: str = Query(..., min_lengt
         w, h = parse_size(int(size) if size and size.isdigit() else size)
     except ValueError as e:
         raise EngineError(str(e), 400, "size", "invalid_size") from None
+    if w is not None and min(w, h) < 1:  # size=0 must not mean "default"
+        raise EngineError(f"size must be positive, got {size!r}", 400, "size", "invalid_size")
     state.check_limits(prompt=prompt, width=w, height=h)
     stream = state.engine.open_stream(StreamStart(prompt=prompt, height=h, width=w, seed=seed, fps=fps,
                                                   format="jpeg"))

@@ -32,6 +32,8 @@ async def videos(body: VideoRequest, request: Request) -> ClosingStreamingRespon
     if body.num_frames > max_frames:
         raise EngineError(f"num_frames must be from 1 to {max_frames} on this server", 400, "num_frames",
                           "invalid_num_frames")
+    if body.fps is not None:  # the rate written into the file: a sane time base, checked before any work
+        core.check_fps(body.fps, allow_unpaced=False)
     # fps=0: a file is not paced, the engine makes it as fast as it can (the client's reading paces it)
     stream = state.engine.open_stream(StreamStart(prompt=body.prompt, model=body.model, height=h, width=w,
                                                   seed=body.seed, fps=0, max_frames=body.num_frames,
@@ -45,6 +47,7 @@ async def videos(body: VideoRequest, request: Request) -> ClosingStreamingRespon
 
         delivery = Delivery(state.metrics, s.model, s.opened_at)
         muxer = None
+        started[0] = True
         try:
             muxer = await stream.run_in_pool(FMP4Muxer, s.width, s.height, fps, chunk_frames)
             while True:
@@ -56,16 +59,31 @@ async def videos(body: VideoRequest, request: Request) -> ClosingStreamingRespon
                     yield data
                 delivery.chunk_sent(chunk.num_frames)
             if stream.outbox.reason.startswith("error"):
+                ended[0] = True
                 log.error("video %s failed: %s", s.id, stream.outbox.reason)
                 return  # the truncated file tells the client; the status line has already gone out
             tail = await stream.run_in_pool(muxer.close)
             muxer = None
+            ended[0] = True
             if tail:
                 yield tail
         finally:
+            cancelled()
             stream.close("disconnected")
             if muxer is not None:
                 core.encode_submit(muxer.close)
 
+    started, ended, counted = [False], [False], [False]
+
+    def cancelled() -> None:
+        """The client left before the clip ended: its session stops at once, counted as a cancellation."""
+        if not ended[0] and not counted[0]:
+            counted[0] = True
+            state.metrics.on_cancelled(s.model, "disconnect", "running" if started[0] else "queued")
+
+    def on_close() -> None:
+        cancelled()
+        stream.close("disconnected")
+
     headers = {"X-Fewstep-Seed": str(s.seed), "X-Fewstep-Frames": str(body.num_frames), "Cache-Control": "no-store"}
-    return ClosingStreamingResponse(body_iter(), media_type="video/mp4", headers=headers, on_close=stream.close)
+    return ClosingStreamingResponse(body_iter(), media_type="video/mp4", headers=headers, on_close=on_close)

@@ -121,11 +121,11 @@ def test_bad_requests_raise_engine_errors(pipes):
 
 
 def test_queue_is_bounded(pipes):
-    core = EngineCore(pipes, EngineConfig(batching=BatchingConfig(max_queue_images=3)))
-    core.add_request(_req(n=2))
+    core = EngineCore(pipes, EngineConfig(batching=BatchingConfig(max_queue_work=3)))
+    core.add_request(_req(n=2, steps=1))
     with pytest.raises(EngineError, match="at capacity") as e:
-        core.add_request(_req(n=2))
-    assert e.value.status == 503
+        core.add_request(_req(n=2, steps=1))
+    assert e.value.status == 503 and e.value.retry_after >= 1
 
 
 def test_a_failing_batch_does_not_stop_the_engine(pipes):
