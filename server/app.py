@@ -17,7 +17,6 @@ from fewstep.engines.samplers import MAX_STEPS, MIN_STEPS
 
 from . import __version__
 from .config import LimitsConfig, ServerConfig
-from .protocol import MIN_SIDE
 from .routes import health, images, models, realtime, stream, videos, web
 from .security import Guard
 from .state import AppState
@@ -29,8 +28,7 @@ def field_hints(limits: LimitsConfig) -> dict[str, str]:
     return {
         "prompt": f"a non-empty string of at most {limits.max_prompt_chars} characters",
         "n": f"an integer from 1 to {limits.max_n}",
-        "size": f'a string "WxH" with each side from {MIN_SIDE} to {limits.max_side}, a multiple of the model\'s '
-                "size step",
+        "size": 'a string "WxH" naming one of the sizes the model serves (GET /v1/models lists them)',
         "num_inference_steps": f"an integer from {MIN_STEPS} to {MAX_STEPS}",
         "guidance_scale": "a number from 0 to 30 (0 for guidance-distilled models)",
         "seed": "an integer from 0 to 2**62",

@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-size", type=int, default=None,
                    help="most images in one forward pass (default 8)")
     s.add_argument("--max-wait-ms", type=float, default=None,
-                   help="how long the first waiting request may wait for others to batch with (default 5)")
+                   help="how long the first waiting request may wait for others to batch with (default 0: an idle "
+                        "engine starts a request at once; requests arriving meanwhile form the next batch)")
     s.add_argument("--engine", dest="backend", choices=["eager", "compiled", "tensorrt", "auto"], default=None,
                    help="eager (default), compiled (torch.compile + CUDA graphs per shape bucket), tensorrt "
                         "(engines from `fewstep build`; GPU runtime unverified on our hardware), or auto")

@@ -163,3 +163,25 @@ def test_serving_loop_batches_concurrent_requests(pipes):
         core.shutdown()
     # max_wait is long and the batch fills to 4 well before it: one shared forward pass
     assert [o.timings["batch_size"] for o in outs] == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("max_wait_ms", [None, 300.0])
+def test_a_lone_request_runs_at_once_with_zero_wait(pipes, max_wait_ms):
+    """Zero-wait batching (the default): a request that finds the engine idle starts at once, its recorded queue time a
+    small fraction of its own GPU work; with a 300 ms wait it waits the 300 ms (so the test can fail)."""
+    cfg = EngineConfig() if max_wait_ms is None else EngineConfig(batching=BatchingConfig(max_wait_ms=max_wait_ms))
+    core = EngineCore(pipes, cfg)
+    core.start()
+    try:
+        core.add_request(_req(seed=0)).result(timeout=60)  # lazy initialisation out of the way
+        outs = [core.add_request(_req(f"lone {i}", seed=i)).result(timeout=60) for i in range(3)]
+    finally:
+        core.shutdown()
+    for out in outs:
+        t = out.timings
+        work = t["encode_prompt_ms"] + t["denoise_ms"] + t["decode_ms"]
+        if max_wait_ms is None:
+            assert cfg.batching.max_wait_ms == 0
+            assert t["queue_ms"] < 0.25 * work, t
+        else:
+            assert t["queue_ms"] >= max_wait_ms * 0.95, t
