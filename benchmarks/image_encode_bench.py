@@ -50,10 +50,12 @@ def median_ms(fn, iters: int, warmup: int = 2) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `fewstep bench encode`, built without side effects (tests parse recorded commands)."""
     p = argparse.ArgumentParser(prog="fewstep bench encode", description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--out")
+    p.add_argument("--size", type=int, default=512, help="side of the square test images in pixels (default 512)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16],
+                   help="images per nvjpeg call on the GPU; the CPU encodes one at a time (default 1 4 16)")
+    p.add_argument("--iters", type=int, default=20, help="timed runs per figure; the median is reported "
+                   "(default 20)")
+    p.add_argument("--out", help="append result rows (JSON lines) to this file (default: printed only)")
     return p
 
 

@@ -94,33 +94,44 @@ def bench_fewstep(pipe, size, steps, batch, iters, warmup, cached: bool, fmt: st
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `fewstep bench pipeline`, built without side effects (tests parse recorded commands)."""
     p = argparse.ArgumentParser(prog="fewstep bench pipeline", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="benchmarks/configs/<arch> (random weights are built from it)")
-    p.add_argument("--model", help="an existing checkpoint directory instead of --config")
-    p.add_argument("--work", default="/tmp/fewstep-bench-models", help="where random checkpoints are cached")
-    p.add_argument("--size", type=int, nargs="+", default=[512], help="square sizes; several make a scaling curve")
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "raw"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    p.add_argument("--config", help="benchmarks/configs/<arch>: a model built from this config with random weights "
+                   "(speed only); one of --config or --model is needed")
+    p.add_argument("--model", help="an existing checkpoint directory to time instead of --config")
+    p.add_argument("--work", default="/tmp/fewstep-bench-models", help="where random checkpoints are built and cached "
+                   "(default /tmp/fewstep-bench-models)")
+    p.add_argument("--size", type=int, nargs="+", default=[512], help="square image sides in pixels; several make a "
+                   "scaling curve (default 512)")
+    p.add_argument("--steps", type=int, default=1, help="denoising steps per image (default 1)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="images per request; each is timed "
+                   "(default 1)")
+    p.add_argument("--iters", type=int, default=20, help="timed runs per measurement; the median is "
+                   "reported (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before them (default 3)")
+    p.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "raw"],
+                   help="image encoding timed with each run; raw: none (default png)")
+    p.add_argument("--device", default="auto", help="torch device, e.g. cuda, cuda:1 or cpu (default auto: "
+                   "CUDA when torch sees a GPU, else the CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="weights and activations (default auto: float16 on CUDA, float32 on the CPU)")
     p.add_argument("--backend", nargs="+", default=["eager"], choices=["eager", "compiled"],
-                   help="fewstep backends to time")
+                   help="fewstep backends to time (default eager)")
     p.add_argument("--baseline", nargs="*", default=[], choices=["diffusers-eager", "diffusers-compile"],
-                   help="plain diffusers pipelines on the same weights, in the same process (benchmarks/baselines.py)")
+                   help="plain diffusers pipelines on the same weights, in the same process (benchmarks/baselines.py; default none)")
     p.add_argument("--compile-mode", default=None, help="Inductor mode of the compiled backend (default: "
-                   "CompileConfig's)")
-    p.add_argument("--dynamic-batch", action="store_true", help="compiled backend: one symbolic-batch compile")
-    p.add_argument("--fuse-qkv", action="store_true", help="compiled backend: fused QKV projections")
+                   "CompileConfig's, default)")
+    p.add_argument("--dynamic-batch", action="store_true", help="compiled backend: one symbolic-batch compile "
+                   "serves every batch size (default off)")
+    p.add_argument("--fuse-qkv", action="store_true", help="compiled backend: fused QKV projections (default off)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled backend: channels-last UNet and VAE convolutions (default: CompileConfig's, on)")
-    p.add_argument("--peak-tflops", type=float, default=790.0)
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="the GPU's dense fp16/bf16 ceiling that "
+                   "MFU is computed against, TFLOP/s (default 790, measured on our H200)")
     p.add_argument("--vae", nargs="+", default=["own"],
                    help="decoders to time, each a full run of the fewstep backends: 'own' (the checkpoint's), a VAE "
                         "directory, or a VAE config folder (random weights, e.g. benchmarks/configs/taesd); rows of a "
-                        "replaced decoder are labelled +vae:NAME")
-    p.add_argument("--out", help="append result rows (JSON lines) here")
+                        "replaced decoder are labelled +vae:NAME (default own)")
+    p.add_argument("--out", help="append result rows (JSON lines) to this file (default: "
+                   "printed only)")
     return p
 
 

@@ -726,26 +726,40 @@ def served_video_adherence(model_dir: str, n: int = 24, frames: int = 16, no_bac
             **stream_adherence(StreamPipeline(load_checkpoint(model_dir)), prompts, frames)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="fewstep bench quality")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `fewstep bench quality`, built without side effects."""
+    ap = argparse.ArgumentParser(prog="fewstep bench quality",
+                                 description="Prompt adherence of the embedded models as served, and checks of the "
+                                             "detector behind it.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sc = sub.add_parser("self-check", help="detector accuracy on the dataset's own renders")
-    sc.add_argument("--n", type=int, default=600)
-    sc.add_argument("--seed", type=int, default=0)
-    sc.add_argument("--size", type=int, default=64)
-    sc.add_argument("--verbose", action="store_true")
+    sc.add_argument("--n", type=int, default=600, help="images rendered, half from training and half from held-out "
+                    "captions (default 600)")
+    sc.add_argument("--seed", type=int, default=0, help="picks the scenes and the degradation noise (default 0)")
+    sc.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    sc.add_argument("--verbose", action="store_true", help="print up to 20 failed captions with the checks they "
+                    "failed (default off)")
     vc = sub.add_parser("video-self-check", help="video metrics on the dataset's own videos")
-    vc.add_argument("--n", type=int, default=40)
-    vc.add_argument("--frames", type=int, default=48)
-    vc.add_argument("--seed", type=int, default=0)
+    vc.add_argument("--n", type=int, default=40, help="videos rendered (default 40)")
+    vc.add_argument("--frames", type=int, default=48, help="frames per video (default 48)")
+    vc.add_argument("--seed", type=int, default=0, help="picks the video scenes (default 0)")
     sv = sub.add_parser("served", help="adherence of what the engine serves on held-out prompts")
-    sv.add_argument("--model", default=None, help="a checkpoint folder (default: the embedded image model)")
-    sv.add_argument("--n", type=int, default=None, help="prompts (256 images; 24 video streams)")
-    sv.add_argument("--steps", type=int, default=None, help="default: the checkpoint's")
-    sv.add_argument("--no-background", action="store_true", help="strip the prompts' background phrase")
+    sv.add_argument("--model", default=None, help="a checkpoint folder (default: the embedded image model; with "
+                    "--video, the embedded video model)")
+    sv.add_argument("--n", type=int, default=None, help="held-out prompts (default 256 images; with --video, 24 "
+                    "streams)")
+    sv.add_argument("--steps", type=int, default=None, help="denoising steps per image (default: the "
+                    "checkpoint's; images only)")
+    sv.add_argument("--no-background", action="store_true", help="strip the prompts' background phrase, as a "
+                    "newcomer types them (default off)")
     sv.add_argument("--video", action="store_true",
                     help="stream a video model instead (default: the embedded one): --n prompts x --frames frames")
-    sv.add_argument("--frames", type=int, default=16)
+    sv.add_argument("--frames", type=int, default=16, help="with --video: frames scored per stream (default 16)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.cmd == "served":
         from fewstep.server.config import DEFAULT_MODEL_DIR, DEFAULT_VIDEO_MODEL_DIR

@@ -109,13 +109,21 @@ def build_random_stream_default(out: str | Path, preset: str = "small", seed: in
     return export_video(model, tok, out, cfg, {"status": "random weights (speed measurements only)"})
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `fewstep bench random-weights`, built without side effects."""
+    p = argparse.ArgumentParser(prog="fewstep bench random-weights", description=__doc__.splitlines()[0])
     p.add_argument("config_dir", help="benchmarks/configs/<arch>, or 'stream-default' for the default stream "
                    "model's architecture")
-    p.add_argument("out_dir")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out_dir", help="where the checkpoint is written; one already complete there (same dtype) is "
+                   "kept as it is, anything else there is replaced")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the saved weights (default float16; stream-default keeps the export's own)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random weights (default 0)")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     a = p.parse_args()
     if a.config_dir == "stream-default":
         print(build_random_stream_default(a.out_dir, seed=a.seed))

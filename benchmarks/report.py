@@ -534,15 +534,20 @@ def _replace_block(path: Path, start: str, end: str, body: str) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser():
+    """The command line of `fewstep bench report`, built without side effects."""
     import argparse
 
-    global BENCH
     ap = argparse.ArgumentParser(prog="fewstep bench report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", metavar="DIR", help="the fewstep checkout to report on (default: the current "
                     "directory if it has benchmarks/results, else the checkout holding this module)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    global BENCH
+    args = build_parser().parse_args(argv)
     repo = find_repo(args.repo)
     BENCH = repo / "benchmarks"
     rows = load_rows()

@@ -10,21 +10,26 @@ from pathlib import Path
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tiny", action="store_true", help="tiny model, a few steps, CPU-friendly (tests)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny model, a few steps, CPU-friendly (tests; default off)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the run's data, weights and noise (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu (default auto: CUDA when torch sees a GPU, "
+                   "else the CPU)")
 
 
-def _train_common(p: argparse.ArgumentParser, minutes: float) -> None:
+def _train_common(p: argparse.ArgumentParser, minutes: float, batch: str, lr: str, compiled: str) -> None:
+    """Flags of every training stage; ``batch``, ``lr`` and ``compiled`` state the stage's own defaults."""
     _common(p)
     p.add_argument("--minutes", type=float, default=minutes,
-                   help="wall-clock budget of the stage, from the command's start, export included")
-    p.add_argument("--resume", action="store_true", help="continue from DIR/<stage>_ckpt/")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--max-steps", type=int, default=None, help="stop at this (absolute) step")
-    p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints")
+                   help=f"wall-clock budget of the stage, from the command's start, export included (default "
+                        f"{minutes:g})")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/<stage>_ckpt/ (default: start afresh)")
+    p.add_argument("--batch", type=int, default=None, help=f"training batch per optimizer step (default {batch})")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {lr})")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop at this (absolute) step (default: when --minutes run out; --tiny: a few steps)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help=f"no torch.compile: run the step eagerly ({compiled})")
+    p.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints (default 60)")
 
 
 def _stage_args(cls, args: argparse.Namespace, **overrides):
@@ -37,151 +42,216 @@ def _stage_args(cls, args: argparse.Namespace, **overrides):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fewstep train", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="STAGE")
 
     t = sub.add_parser("teacher", help="train the flow-matching teacher from scratch")
-    t.add_argument("--out", required=True)
-    _train_common(t, 8.0)
+    t.add_argument("--out", required=True, help="run directory DIR (required): the teacher is exported to "
+                   "DIR/teacher, checkpoints and logs go beside it")
+    _train_common(t, 8.0, batch="512 for UNet presets, 256 for DiTs; --tiny 8", lr="5e-4; --tiny 1e-3",
+                  compiled="default: compiled")
     from fewstep.training.model import DEFAULT_PRESET, PRESETS
     t.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help=f"model preset (default {DEFAULT_PRESET}; training/model.py says what each is)")
-    t.add_argument("--ema-decay", type=float, default=0.9995)
-    t.add_argument("--sigma-loc", type=float, default=0.8, help="logit-normal location of the training sigmas")
-    t.add_argument("--edge-weight", type=float, default=4.0, help="shape-aware loss weight on outlines (0: MSE)")
+    t.add_argument("--ema-decay", type=float, default=0.9995,
+                   help="decay of the weights' EMA, which is what gets exported (default 0.9995)")
+    t.add_argument("--sigma-loc", type=float, default=0.8, help="logit-normal location of the training "
+                   "sigmas; 0 puts the median sigma at 0.5 (default 0.8)")
+    t.add_argument("--edge-weight", type=float, default=4.0, help="shape-aware loss weight on outlines "
+                   "(0: plain MSE; default 4)")
     t.add_argument("--low-sigma", type=float, default=0.2,
-                   help="loss weight min(1, (sigma/LOW)^2) on nearly clean samples (0: off; see teacher.py)")
-    t.add_argument("--sigma-min", type=float, default=0.02, help="smallest training sigma")
-    t.add_argument("--workers", type=int, default=None, help="scene-sampling worker processes")
-    t.add_argument("--reuse", type=int, default=2, help="training steps per freshly rendered batch")
-    t.add_argument("--no-flip", dest="flip", action="store_false", help="no left-right flip augmentation")
+                   help="loss weight min(1, (sigma/LOW)^2) on nearly clean samples (0: off; see teacher.py; default 0.2)")
+    t.add_argument("--sigma-min", type=float, default=0.02, help="smallest training sigma (default 0.02)")
+    t.add_argument("--workers", type=int, default=None, help="scene-sampling worker processes (default: "
+                   "min(14, CPU cores - 2) on CUDA, none on the CPU)")
+    t.add_argument("--reuse", type=int, default=2, help="training steps per freshly rendered batch "
+                   "(default 2)")
+    t.add_argument("--no-flip", dest="flip", action="store_false", help="no left-right flip augmentation (default: "
+                   "flipped)")
     t.add_argument("--drop-background", type=float, default=0.0,
-                   help="share of captions trained without their ' on a BG background' phrase (0: off; try 0.25)")
+                   help="share of captions trained without their ' on a BG background' phrase (0: off, the default; try "
+                        "0.25)")
 
     d = sub.add_parser("distill", help="reflow + one-step distillation into the student")
     d.add_argument("--teacher", required=True, help="exported teacher directory (DIR/teacher)")
-    d.add_argument("--out", required=True)
-    _train_common(d, 4.0)
-    d.add_argument("--teacher-steps", type=int, default=None, help="Euler steps for teacher pairs (12)")
-    d.add_argument("--guidance", type=float, default=None, help="CFG scale for the pairs (default: search)")
-    d.add_argument("--guidance-grid", type=float, nargs="+", default=None)
-    d.add_argument("--gen-frac", type=float, default=0.25, help="fraction of the budget spent making pairs")
-    d.add_argument("--p-one", type=float, default=0.85, help="fraction of student samples drawn at sigma 1 (one step)")
-    d.add_argument("--compile", dest="compile", action="store_true", help="torch.compile the sampler and the step")
+    d.add_argument("--out", required=True, help="run directory DIR (required): the student is exported to "
+                   "DIR/student, checkpoints and logs go beside it")
+    _train_common(d, 4.0, batch="512; --tiny 8", lr="8e-4; --tiny 1e-3",
+                  compiled="the default here: see --compile")
+    d.add_argument("--teacher-steps", type=int, default=None, help="Euler steps for teacher pairs (default 12; "
+                   "--tiny 2)")
+    d.add_argument("--guidance", type=float, default=None, help="CFG scale for the pairs (default: the "
+                   "best of --guidance-grid, searched on the teacher)")
+    d.add_argument("--guidance-grid", type=float, nargs="+", default=None,
+                   help="CFG scales searched when --guidance is not given (default 2 3 4 5 6; --tiny 1 3)")
+    d.add_argument("--gen-frac", type=float, default=0.25, help="fraction of the budget spent making "
+                   "pairs (default 0.25)")
+    d.add_argument("--p-one", type=float, default=0.85, help="fraction of student samples drawn at sigma 1 (one step; default 0.85)")
+    d.add_argument("--compile", dest="compile", action="store_true", help="torch.compile the sampler and the step "
+                   "(default off: eager)")
     d.set_defaults(compile=False)  # see DistillArgs.compile
     d.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run the student step eagerly (default: recorded as a CUDA graph after its first step)")
-    d.add_argument("--max-pairs", type=int, default=None)
-    d.add_argument("--freeze-text", action="store_true")
+    d.add_argument("--max-pairs", type=int, default=None,
+                   help="most teacher pairs kept in the pool (default 400000; --tiny 32)")
+    d.add_argument("--freeze-text", action="store_true",
+                   help="keep the student's text encoder frozen at the teacher's weights (default: trained)")
     d.add_argument("--dmd", type=float, default=0.0,
-                   help="weight of the DMD distribution-matching term on one-step samples (0: off; try 1)")
-    d.add_argument("--dmd-batch", type=int, default=None, help="one-step samples per step for --dmd (128)")
+                   help="weight of the DMD distribution-matching term on one-step samples (0: off, the default; try 1)")
+    d.add_argument("--dmd-batch", type=int, default=None, help="one-step samples per step for --dmd "
+                   "(default 128)")
     d.add_argument("--dmd-lr", type=float, default=None, help="the fake score network's LR (default: --lr's)")
     d.add_argument("--drop-background", type=float, default=0.0,
-                   help="share of pair prompts without their ' on a BG background' phrase (0: off)")
+                   help="share of pair prompts without their ' on a BG background' phrase (0: off, the default)")
     d.add_argument("--gan", type=float, default=0.0,
-                   help="adversarial term on one-step samples, as a share of the regression's gradient (0: off)")
-    d.add_argument("--gan-batch", type=int, default=None, help="one-step samples judged per step for --gan (256)")
+                   help="adversarial term on one-step samples, as a share of the regression's gradient (0: off, the "
+                        "default)")
+    d.add_argument("--gan-batch", type=int, default=None, help="one-step samples judged per step "
+                   "for --gan (default 256)")
     d.add_argument("--gan-features", action="store_true",
-                   help="--gan judges through the frozen teacher UNet's encoder at a random noise level (LADD)")
-    d.add_argument("--gan-lr", type=float, default=None, help="the discriminator's LR for --gan (5e-4)")
+                   help="--gan judges through the frozen teacher UNet's encoder at a random noise level (LADD; default: "
+                        "a pixel discriminator)")
+    d.add_argument("--gan-lr", type=float, default=None, help="the discriminator's LR for --gan "
+                   "(default 5e-4)")
     d.add_argument("--gan-warmup", type=int, default=150,
-                   help="--gan: steps with the discriminator alone, then as many ramping the generator's weight")
+                   help="--gan: steps with the discriminator alone, then as many ramping the generator's weight "
+                        "(default 150)")
     d.add_argument("--feat", type=float, default=0.0,
-                   help="weight of a perceptual distance on the frozen teacher UNet's encoder features (0: off; try 1)")
-    d.add_argument("--feat-batch", type=int, default=None, help="predictions per step compared by --feat (128)")
+                   help="weight of a perceptual distance on the frozen teacher UNet's encoder features (0: off, the "
+                        "default; try 1)")
+    d.add_argument("--feat-batch", type=int, default=None, help="predictions per step compared by "
+                   "--feat (default 128)")
     d.add_argument("--feat-sigma", type=float, nargs=2, default=(0.1, 0.7), metavar=("LO", "HI"),
-                   help="--feat reads both images noised at a level drawn from U[LO, HI]")
-    d.add_argument("--ema-decay", type=float, default=0.999, help="decay of the exported EMA of the student")
-    d.add_argument("--export-raw", action="store_true", help="also export the raw weights to DIR/student_raw")
+                   help="--feat reads both images noised at a level drawn from U[LO, HI] (default 0.1 0.7)")
+    d.add_argument("--ema-decay", type=float, default=0.999, help="decay of the exported EMA of the "
+                   "student (default 0.999)")
+    d.add_argument("--export-raw", action="store_true", help="also export the raw weights to "
+                   "DIR/student_raw (default off)")
     d.add_argument("--extra-emas", type=float, nargs="+", default=(),
-                   help="also keep EMAs at these decays and export each to DIR/student_ema<D>")
+                   help="also keep EMAs at these decays and export each to DIR/student_ema<D> (default none)")
     d.add_argument("--huber", type=float, default=1e-3,
-                   help="pseudo-Huber constant on the per-sample velocity error (0: mean squares)")
+                   help="pseudo-Huber constant on the per-sample velocity error (0: mean squares; default 1e-3)")
 
     e = sub.add_parser("eval", help="held-out adherence / diversity / grid of an exported model")
-    e.add_argument("--model", required=True)
-    e.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
-    e.add_argument("--teacher", default=None)
-    e.add_argument("--teacher-steps", type=int, default=25)
-    e.add_argument("--teacher-guidance", type=float, default=None)
-    e.add_argument("--n", type=int, default=512)
-    e.add_argument("--out", default=None, help="default: the parent of --model")
-    e.add_argument("--batch", type=int, default=512)
+    e.add_argument("--model", required=True, help="exported model directory to score (required), e.g. "
+                   "DIR/student")
+    e.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4],
+                   help="step counts the model is scored at (default 1 2 4)")
+    e.add_argument("--teacher", default=None, help="also score this exported teacher, for comparison "
+                   "(default: none)")
+    e.add_argument("--teacher-steps", type=int, default=25, help="the teacher's Euler steps (default 25; "
+                   "--tiny 4)")
+    e.add_argument("--teacher-guidance", type=float, default=None,
+                   help="the teacher's CFG scale (default: the scale the student was distilled with, else the "
+                        "teacher's own, else 4)")
+    e.add_argument("--n", type=int, default=512, help="held-out prompts scored (default 512; --tiny 8)")
+    e.add_argument("--out", default=None, help="where results and the image grid go (default: the parent of "
+                   "--model)")
+    e.add_argument("--batch", type=int, default=512, help="images generated per batch (default 512; --tiny 8)")
     e.add_argument("--no-background", action="store_true",
-                   help="score the same held-out prompts without their ' on a BG background' phrase")
+                   help="score the same held-out prompts without their ' on a BG background' phrase (default off)")
     _common(e)
 
     a = sub.add_parser("all", help="both models in one process: teacher -> distill -> eval, then video teacher -> "
                                    "video distill -> video eval (default budgets: 8 + 3.8 + 5 + 3 = 19.8 min)")
-    a.add_argument("--out", required=True)
+    a.add_argument("--out", required=True, help="run directory DIR (required): every stage's exports, "
+                   "checkpoints, logs and results")
     _common(a)
     a.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help=f"image model preset (default {DEFAULT_PRESET})")
-    a.add_argument("--teacher-minutes", type=float, default=8.0)
-    a.add_argument("--distill-minutes", type=float, default=3.8)
-    a.add_argument("--video-teacher-minutes", type=float, default=5.0)
-    a.add_argument("--video-distill-minutes", type=float, default=3.0)
-    a.add_argument("--no-video", dest="video", action="store_false", help="the image model only")
-    a.add_argument("--n", type=int, default=512)
-    a.add_argument("--video-n", type=int, default=28)
-    a.add_argument("--no-compile", dest="compile", action="store_false")
+    a.add_argument("--teacher-minutes", type=float, default=8.0, help="budget of the image teacher (default 8)")
+    a.add_argument("--distill-minutes", type=float, default=3.8, help="budget of the image distillation "
+                   "(default 3.8)")
+    a.add_argument("--video-teacher-minutes", type=float, default=5.0, help="budget of the video teacher "
+                   "(default 5)")
+    a.add_argument("--video-distill-minutes", type=float, default=3.0, help="budget of the video distillation "
+                   "(default 3)")
+    a.add_argument("--no-video", dest="video", action="store_false", help="the image model only (default: both)")
+    a.add_argument("--n", type=int, default=512, help="held-out prompts of the image eval (default 512; --tiny 8)")
+    a.add_argument("--video-n", type=int, default=28, help="held-out streams of the video eval (default 28; "
+                   "--tiny 4)")
+    a.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="run the teachers eagerly and never compile the video distillation (default: the teachers "
+                        "compiled, the video distillation as its budget decides, the image distillation eager)")
 
     from fewstep.training.video import DEFAULT_VIDEO_PRESET, VIDEO_PRESETS
     vt = sub.add_parser("video-teacher", help="train the streaming video teacher (per-frame noise levels)")
-    vt.add_argument("--out", required=True)
-    _train_common(vt, 5.0)
+    vt.add_argument("--out", required=True, help="run directory DIR (required): the teacher is exported to "
+                    "DIR/video_teacher, checkpoints and logs go beside it")
+    _train_common(vt, 5.0, batch="128 windows; --tiny 4", lr="5e-4; --tiny 1e-3",
+                  compiled="default: compiled, or a CUDA graph on CUDA; see --no-cuda-graphs")
     vt.add_argument("--preset", default=DEFAULT_VIDEO_PRESET, choices=sorted(VIDEO_PRESETS),
                     help=f"video preset (default {DEFAULT_VIDEO_PRESET}: StreamUNetModel; small: the StreamDiT of the "
                          "2026-11-29; training/video.py says what each is)")
     vt.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                    help="compile the step (--no-compile: eager) instead of recording it as a CUDA graph")
-    vt.add_argument("--ema-decay", type=float, default=0.999)
-    vt.add_argument("--edge-weight", type=float, default=4.0)
-    vt.add_argument("--guidance", type=float, default=3.0, help="CFG scale recorded for the teacher")
-    vt.add_argument("--workers", type=int, default=None)
+                    help="compile the step (--no-compile: eager) instead of recording it as a CUDA graph (default: "
+                         "a CUDA graph on CUDA)")
+    vt.add_argument("--ema-decay", type=float, default=0.999,
+                    help="decay of the weights' EMA, which is what gets exported (default 0.999)")
+    vt.add_argument("--edge-weight", type=float, default=4.0, help="shape-aware loss weight on outlines "
+                    "(0: plain MSE; default 4)")
+    vt.add_argument("--guidance", type=float, default=3.0, help="CFG scale recorded in the export as the "
+                    "teacher's (default 3)")
+    vt.add_argument("--workers", type=int, default=None, help="window-sampling worker processes (default: "
+                    "min(14, CPU cores - 2) on CUDA, none on the CPU)")
 
     vd = sub.add_parser("video-distill", help="distill the video teacher onto the engine's K-level moving buffer")
     vd.add_argument("--teacher", required=True, help="exported video teacher (DIR/video_teacher)")
-    vd.add_argument("--out", required=True)
-    _train_common(vd, 3.5)
-    vd.add_argument("--substeps", type=int, default=4, help="teacher Euler sub-steps per ladder level")
+    vd.add_argument("--out", required=True, help="run directory DIR (required): the student is exported to "
+                    "DIR/video_student, checkpoints and logs go beside it")
+    _train_common(vd, 3.5, batch="96 buffer states; --tiny 3", lr="1e-4; --tiny 1e-3",
+                  compiled="default: see --compile")
+    vd.add_argument("--substeps", type=int, default=4, help="teacher Euler sub-steps per ladder level "
+                    "(default 4; --tiny 1)")
     vd.add_argument("--guidance", type=float, default=None, help="teacher CFG (default: searched over --guidance-grid)")
-    vd.add_argument("--guidance-grid", type=float, nargs="+", default=[2.0, 3.0, 4.5])
-    vd.add_argument("--streams", type=int, default=None, help="rollout streams per teacher rollout (192)")
+    vd.add_argument("--guidance-grid", type=float, nargs="+", default=[2.0, 3.0, 4.5],
+                    help="teacher CFG scales searched when --guidance is not given (default 2 3 4.5)")
+    vd.add_argument("--streams", type=int, default=None, help="rollout streams per teacher "
+                    "rollout (default 192; --tiny 4)")
     vd.add_argument("--steps-per-rollout", type=int, default=None,
-                    help="optimizer steps per teacher rollout (8; with --batch 96 and 192 streams each target is "
-                         "used ~4x)")
-    vd.add_argument("--replay", type=int, default=4, help="replay buffer capacity, in rollouts")
+                    help="optimizer steps per teacher rollout (default 8, --tiny 2; with --batch 96 and 192 "
+                         "streams each target is used ~4x)")
+    vd.add_argument("--replay", type=int, default=4, help="replay buffer capacity, in rollouts "
+                    "(default 4)")
     vd.add_argument("--compile", dest="compile", action="store_true",
-                    help="compile the student step (default: only for budgets >= 7 min)")
+                    help="compile the student step (default: only on CUDA for budgets >= 7 min; --no-compile: never)")
     vd.set_defaults(compile=None)
 
     ve = sub.add_parser("video-eval", help="300-frame streams with the engine's policy: video_metrics + adherence")
-    ve.add_argument("--model", required=True)
-    ve.add_argument("--teacher", default=None)
-    ve.add_argument("--teacher-substeps", type=int, default=None)
-    ve.add_argument("--teacher-guidance", type=float, default=None)
-    ve.add_argument("--n", type=int, default=16)
-    ve.add_argument("--frames", type=int, default=300)
-    ve.add_argument("--split", default="heldout", choices=["heldout", "train"])
-    ve.add_argument("--out", default=None)
-    ve.add_argument("--workers", type=int, default=None)
-    ve.add_argument("--div-prompts", type=int, default=4, help="diversity: the first N prompts ...")
-    ve.add_argument("--div-seeds", type=int, default=4, help="... each streamed from this many seeds (< 2: skip)")
+    ve.add_argument("--model", required=True, help="exported video model directory to score (required), e.g. "
+                    "DIR/video_student")
+    ve.add_argument("--teacher", default=None, help="also score this exported video teacher, for comparison "
+                    "(default: none)")
+    ve.add_argument("--teacher-substeps", type=int, default=None,
+                    help="the teacher's Euler sub-steps per level (default: those the student was distilled with)")
+    ve.add_argument("--teacher-guidance", type=float, default=None,
+                    help="the teacher's CFG scale (default: the scale the student was distilled with)")
+    ve.add_argument("--n", type=int, default=16, help="streams scored, one prompt each (default 16; --tiny 2)")
+    ve.add_argument("--frames", type=int, default=300, help="frames per stream (default 300; --tiny 12)")
+    ve.add_argument("--split", default="heldout", choices=["heldout", "train"],
+                    help="which captions the prompts come from (default heldout)")
+    ve.add_argument("--out", default=None, help="where results and the frame strips go (default: the parent of "
+                    "--model)")
+    ve.add_argument("--workers", type=int, default=None, help="scoring processes (default: min(14, CPU cores - 2); "
+                    "--tiny 0)")
+    ve.add_argument("--div-prompts", type=int, default=4, help="diversity: the first N prompts ... "
+                    "(default 4; --tiny 2)")
+    ve.add_argument("--div-seeds", type=int, default=4, help="... each streamed from this many seeds (< 2: skip; "
+                    "default 4)")
     _common(ve)
 
     pk = sub.add_parser("pack", help="pack DIR into DEST (an $OUT folder) in <= 8 files < 16 MB")
-    pk.add_argument("dir")
-    pk.add_argument("dest")
+    pk.add_argument("dir", help="the run directory to pack")
+    pk.add_argument("dest", help="folder the packed files are written to (created if missing)")
     pk.add_argument("--exports", nargs="*", default=None, help="export folders (default: teacher student)")
-    pk.add_argument("--ckpt", nargs="*", default=[], help="stages whose checkpoint shards to include")
+    pk.add_argument("--ckpt", nargs="*", default=[], help="stages whose checkpoint shards to include, e.g. "
+                    "teacher (default: none)")
 
     up = sub.add_parser("unpack", help="restore a packed folder into DIR")
-    up.add_argument("src")
-    up.add_argument("dir")
+    up.add_argument("src", help="a folder written by fewstep train pack")
+    up.add_argument("dir", help="the run directory to restore into (created if missing)")
 
     ck = sub.add_parser("check", help="validate an exported model directory")
-    ck.add_argument("dir")
+    ck.add_argument("dir", help="the exported model directory, e.g. DIR/student")
     return ap
 
 

@@ -223,15 +223,26 @@ def bench_variants(preset: str, batch: int, chunk: int, dev, compile_: bool, ste
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--presets", nargs="+", default=["p2n", "deep8", "base"])
-    ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--skip-aux", action="store_true")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `fewstep train bench`, built without side effects."""
+    ap = argparse.ArgumentParser(prog="fewstep train bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=["p2n", "deep8", "base"],
+                    help="model presets to time (default p2n deep8 base)")
+    ap.add_argument("--batch", type=int, default=512, help="images per training step (default 512)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="time eager steps only (default: also torch.compile on CUDA)")
+    ap.add_argument("--skip-aux", action="store_true",
+                    help="skip the data stream's and the detector's img/s (default: measured first)")
     ap.add_argument("--variants", action="store_true",
-                    help="the distill stage's step and pair sampler: eager / channels-last / CUDA graph / compile")
-    ap.add_argument("--chunk", type=int, default=1024)
+                    help="the distill stage's step and pair sampler: eager / channels-last / CUDA graph / compile "
+                         "(default off: the teacher's train step)")
+    ap.add_argument("--chunk", type=int, default=1024,
+                    help="with --variants: teacher pairs per pair-sampler call (default 1024)")
+    return ap
+
+
+def main() -> None:
+    ap = build_parser()
     a = ap.parse_args()
     dev = pick_device()
     setup_torch(dev)

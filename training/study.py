@@ -570,53 +570,70 @@ def motion_probe(model_dir: str, n: int = 10, frames: int = 64, seed: int = 0) -
             **{f"median_{k}": round(nanmedian([r[k] for r in rows]), 4) for k in keys}}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="fewstep train study")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("flops")
-    f.add_argument("--presets", nargs="+", default=["base", "deep", "p2", "deep8", "p2n"])
-    b = sub.add_parser("bayes")
-    b.add_argument("--n", type=int, default=200)
-    b.add_argument("--sizes", type=int, nargs="+", default=[64, 32])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `fewstep train study`, built without side effects."""
+    ap = argparse.ArgumentParser(prog="fewstep train study", description="CPU-side evidence for the image recipe "
+                                 "(results: docs/default-models.md, \"Image recipe\").")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="STUDY")
+    f = sub.add_parser("flops", help="parameters, size and FLOPs per image of each preset, with an H200 estimate")
+    f.add_argument("--presets", nargs="+", default=["base", "deep", "p2", "deep8", "p2n"],
+                   help="model presets to tabulate (default base deep p2 deep8 p2n)")
+    b = sub.add_parser("bayes", help="where in sigma a shape or colour is decided (Bayes-optimal classifier)")
+    b.add_argument("--n", type=int, default=200, help="scenes per property and image size (default 200)")
+    b.add_argument("--sizes", type=int, nargs="+", default=[64, 32], help="image sides in pixels (default 64 32)")
     t = sub.add_parser("probe", help="probe an exported image teacher (x0 predictions at fixed sigma, samplers)")
-    t.add_argument("model")
-    t.add_argument("--n", type=int, default=96)
-    t.add_argument("--sigmas", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85])
-    t.add_argument("--cfg", type=float, default=4.0)
-    t.add_argument("--sample", nargs="*", default=[], help="STEPS:CFG settings to sample, e.g. 25:4 100:4")
-    t.add_argument("--n-samples", type=int, default=32)
+    t.add_argument("model", help="an exported image teacher folder")
+    t.add_argument("--n", type=int, default=96, help="held-out renders noised and predicted (default 96)")
+    t.add_argument("--sigmas", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85],
+                   help="noise levels of the x0 predictions (default 0.3 0.5 0.7 0.85)")
+    t.add_argument("--cfg", type=float, default=4.0, help="CFG scale of the x0 predictions (<= 1: none; default 4)")
+    t.add_argument("--sample", nargs="*", default=[], help="STEPS:CFG settings to sample, e.g. 25:4 100:4 "
+                   "(default: none)")
+    t.add_argument("--n-samples", type=int, default=32, help="prompts sampled per --sample setting (default 32)")
     sw = sub.add_parser("shapeword", help="does an exported teacher read the shape word? (loss gain when swapped)")
-    sw.add_argument("model")
-    sw.add_argument("--n", type=int, default=256)
+    sw.add_argument("model", help="an exported image teacher folder")
+    sw.add_argument("--n", type=int, default=256, help="held-out single-object renders (default 256)")
     gs = sub.add_parser("grad", help="where one batch's gradient comes from, per low-noise weight")
     gs.add_argument("model", help="an exported teacher folder")
-    gs.add_argument("--shards", nargs="*", default=[], help="its checkpoint shards: use the raw (not EMA) weights")
-    gs.add_argument("--lows", nargs="+", type=float, default=[0.0, 0.2, 0.3])
+    gs.add_argument("--shards", nargs="*", default=[], help="its checkpoint shards: use the raw (not EMA) weights "
+                    "(default: the export's EMA weights)")
+    gs.add_argument("--lows", nargs="+", type=float, default=[0.0, 0.2, 0.3],
+                    help="low-noise weights (teacher --low-sigma values) compared (default 0 0.2 0.3)")
     rl = sub.add_parser("relations", help="position check failures per phrase: absolute positions vs relations")
-    rl.add_argument("model")
-    rl.add_argument("--steps", type=int, default=1)
-    rl.add_argument("--n", type=int, default=512)
-    rl.add_argument("--cfg", type=float, default=0.0)
+    rl.add_argument("model", help="an exported image model folder")
+    rl.add_argument("--steps", type=int, default=1, help="sampling steps per image (default 1)")
+    rl.add_argument("--n", type=int, default=512, help="held-out prompts (default 512)")
+    rl.add_argument("--cfg", type=float, default=0.0, help="CFG scale of the samples (default 0: none)")
     dp = sub.add_parser("disc", help="can each discriminator of distill --gan tell the student from its teacher?")
     dp.add_argument("teacher", help="an exported teacher folder")
     dp.add_argument("student", help="an exported student folder")
-    dp.add_argument("--n", type=int, default=192)
-    dp.add_argument("--steps", type=int, default=100)
+    dp.add_argument("--n", type=int, default=192, help="train-split prompts; a quarter is held back to report on "
+                    "(default 192)")
+    dp.add_argument("--steps", type=int, default=100, help="discriminator training steps (default 100)")
     fd = sub.add_parser("featdist", help="distill --feat's distance on a student's samples, and its gradient")
     fd.add_argument("teacher", help="an exported teacher folder")
     fd.add_argument("student", help="an exported student folder")
-    fd.add_argument("--n", type=int, default=32)
+    fd.add_argument("--n", type=int, default=32, help="prompts sampled by both models (default 32)")
     mo = sub.add_parser("motion", help="a video model's object speed and direction against the dataset's (CPU)")
     mo.add_argument("model", help="an exported video model folder")
-    mo.add_argument("--n", type=int, default=10)
-    mo.add_argument("--frames", type=int, default=64)
-    c = sub.add_parser("cpu")
-    c.add_argument("--seconds", type=float, default=150.0)
-    c.add_argument("--recipes", nargs="+", default=list(RECIPES))
-    c.add_argument("--steps", type=int, default=None, help="equal optimiser steps per recipe instead of --seconds")
-    c.add_argument("--samples", type=int, default=64)
-    c.add_argument("--out", default=None, help="append JSON lines here")
-    c.add_argument("--threads", type=int, default=None)
+    mo.add_argument("--n", type=int, default=10, help="held-out moving-object streams (default 10)")
+    mo.add_argument("--frames", type=int, default=64, help="frames per stream (default 64)")
+    c = sub.add_parser("cpu", help="a small convergence study of training recipes at 32x32 on the CPU")
+    c.add_argument("--seconds", type=float, default=150.0, help="process CPU seconds of training per recipe "
+                   "(default 150)")
+    c.add_argument("--recipes", nargs="+", default=list(RECIPES), help="recipes to train, from RECIPES in "
+                   "training/study.py (default: all " + str(len(RECIPES)) + ")")
+    c.add_argument("--steps", type=int, default=None, help="equal optimiser steps per recipe instead of --seconds "
+                   "(default: --seconds)")
+    c.add_argument("--samples", type=int, default=64, help="held-out samples scored by the detector per recipe "
+                   "(default 64)")
+    c.add_argument("--out", default=None, help="append JSON lines here (default: printed only)")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.cmd == "flops":
         for r in flops_table(a.presets):

@@ -402,24 +402,34 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image-model", default=str(DEFAULT_MODEL_DIR), help="the shipped student (as out/r4/student)")
-    p.add_argument("--video-model", default=str(DEFAULT_VIDEO_MODEL_DIR), help="the shipped video student")
-    p.add_argument("--only", choices=["both", "image", "video"], default="both")
+    p.add_argument("--image-model", default=str(DEFAULT_MODEL_DIR), help="image student directory (default: the embedded "
+                   "image model, as out/r4/student)")
+    p.add_argument("--video-model", default=str(DEFAULT_VIDEO_MODEL_DIR), help="video student directory (default: the "
+                   "embedded video model)")
+    p.add_argument("--only", choices=["both", "image", "video"], default="both",
+                   help="which student to study (default both)")
     p.add_argument("--settings", nargs="+", default=None,
-                   help='attention settings for both models ("dense" is always run first)')
-    p.add_argument("--image-settings", nargs="+", default=None)
-    p.add_argument("--video-settings", nargs="+", default=None)
+                   help='attention settings for both models ("dense" is always run first; default: the built-in '
+                        'lists IMAGE_SETTINGS and VIDEO_SETTINGS)')
+    p.add_argument("--image-settings", nargs="+", default=None,
+                   help="attention settings for the image student only, over --settings (default: --settings)")
+    p.add_argument("--video-settings", nargs="+", default=None,
+                   help="attention settings for the video student only, over --settings (default: --settings)")
     p.add_argument("--n", type=int, default=None, help="image: held-out prompts (CPU default 48, CUDA 512)")
     p.add_argument("--video-n", type=int, default=None, help="video: streams (CPU default 4, CUDA 28)")
     p.add_argument("--frames", type=int, default=None, help="video: frames per stream (CPU default 12, CUDA 300)")
-    p.add_argument("--batch", type=int, default=32, help="image generation batch")
+    p.add_argument("--batch", type=int, default=32, help="images generated per batch (default 32)")
     p.add_argument("--workers", type=int, default=None,
                    help="video scoring processes (default: 0 on CPU, min(14, cores - 2) on CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--seed", type=int, default=0, help="picks the prompts, scenes and noise; every setting "
+                   "gets the same (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu (default auto: CUDA when torch sees a "
+                   "GPU)")
     p.add_argument("--backend", choices=["triton", "reference"], default=None,
-                   help="default: triton on CUDA, reference elsewhere")
-    p.add_argument("--out", default=None, help=".json path (+ .md next to it) or a directory")
+                   help="sparse attention implementation: the Triton kernel or the fp32 torch reference "
+                        "(default: triton on CUDA, reference elsewhere)")
+    p.add_argument("--out", default=None, help="where results go: a .json path (the table as .md next "
+                   "to it) or a directory (default: not written)")
     return p
 
 

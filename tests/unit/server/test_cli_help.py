@@ -43,15 +43,48 @@ def test_missing_command_errors_name_no_internal_dest(argv, words, capsys):
 
 
 def test_passthrough_tools_document_their_flags():
-    """`fewstep bench pipeline|...` and `fewstep train STAGE` build their own parsers: every flag has help there too."""
+    """`fewstep bench pipeline|...`, `fewstep train study|bench` and `fewstep train STAGE` build their own parsers:
+    every flag has help there too. A listed tool without a side-effect-free `build_parser()` fails the test rather
+    than being skipped."""
     import importlib
 
-    from fewstep.server.cli import BENCH_TOOLS
+    from fewstep.server.cli import BENCH_TOOLS, TRAIN_TOOLS
 
-    for name, (module, _) in BENCH_TOOLS.items():
-        mod = importlib.import_module(module)
-        build = getattr(mod, "build_parser", None)
+    tools = {f"fewstep bench {name}": module for name, (module, _) in BENCH_TOOLS.items()}
+    tools |= {f"fewstep train {name}": module for name, (module, _) in TRAIN_TOOLS.items()}
+    tools["fewstep train"] = "fewstep.training.__main__"
+    assert len(tools) == len(BENCH_TOOLS) + len(TRAIN_TOOLS) + 1
+    no_parser, missing = [], []
+    for prog, module in tools.items():
+        build = getattr(importlib.import_module(module), "build_parser", None)
         if build is None:
+            no_parser.append(f"{prog} ({module})")
             continue
-        missing = undocumented(build(), f"fewstep bench {name}")
-        assert not missing, missing
+        parser = build()
+        assert isinstance(parser, argparse.ArgumentParser), prog
+        missing += undocumented(parser, prog)
+    assert no_parser == [], f"tools without build_parser(): {no_parser}"
+    assert missing == [], missing
+
+
+def _subparser_actions(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield action
+            for sub in action.choices.values():
+                yield from _subparser_actions(sub)
+
+
+@pytest.mark.parametrize("module", ["fewstep.benchmarks.quality", "fewstep.training.__main__",
+                                    "fewstep.training.study"])
+def test_tool_subcommands_have_a_metavar(module, capsys):
+    """A tool's missing-subcommand error names a placeholder (STAGE, STUDY, COMMAND), never argparse's dest."""
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    actions = list(_subparser_actions(parser))
+    assert actions and all(a.metavar for a in actions)
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+    err = capsys.readouterr().err
+    assert "cmd" not in err and actions[0].metavar in err
