@@ -50,6 +50,9 @@ and is ``null`` when there are no samples.
         "warmup": int, "seed": int, "timeout_s": float, "slo_ms": float | null,
         "size": str, "n": int, "steps": int | null, "guidance_scale": float | null,
         "negative_prompt": str | null, "output_format": str, "model": str | null,
+        "size_source": str,           # "--size", "native size of <model>", ... (--size defaults to the model's)
+        "served_model": str | null,   # the /v1/models card measured: --model's, else the default image model
+        "model_default_steps": int | null,  # that card's default_steps (what steps=null ran)
         "prompt_file": str | null, "num_prompts": int, "prompts": [str, ...],  # first 20
         "api_key_set": bool
       },
@@ -109,6 +112,7 @@ from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
 
 import httpx
 
+from .bench_util import Progress, median, pick_card, progress_enabled, resolve_size, write_plot
 from .python import IMAGES_PATH, build_images_body
 
 __all__ = [
@@ -119,6 +123,8 @@ __all__ = [
     "add_images_args",
     "run_images_bench",
     "bench_images",
+    "run_images",
+    "describe_run",
     "build_report",
     "format_report",
     "percentiles",
@@ -128,6 +134,7 @@ __all__ = [
 
 SCHEMA = "fewstep.bench.images/v1"
 DEFAULT_NUM_REQUESTS = 100
+FALLBACK_SIZE = "512x512"  # --size when the server lists no size for the model (an OpenAI-compatible non-fewstep)
 MAX_ERROR_SAMPLES = 10
 MAX_PROMPTS_IN_REPORT = 20
 DEFAULT_PROMPTS = (
@@ -271,7 +278,7 @@ class ImagesBenchConfig:
     # request
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     prompt_file: str | None = None  # recorded only; load it with load_prompts()
-    size: str = "512x512"
+    size: str | None = None  # None: the served model's native size (resolved from GET /v1/models by bench_images)
     n: int = 1
     steps: int | None = None
     guidance_scale: float | None = None
@@ -280,6 +287,10 @@ class ImagesBenchConfig:
     model: str | None = None
     # output
     save_requests: bool = False  # include per-request records in the report
+    # resolved by bench_images from GET /v1/models (recorded in the report)
+    size_source: str = "--size"
+    served_model: str | None = None
+    model_default_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.request_rate is not None and self.concurrency is not None:
@@ -321,7 +332,7 @@ class ImagesBenchConfig:
         self.prompts = [p for p in self.prompts if p]
         if not self.prompts:
             raise ValueError("no prompts")
-        if not isinstance(self.size, str) or len(self.size.lower().split("x")) != 2:
+        if self.size is not None and (not isinstance(self.size, str) or len(self.size.lower().split("x")) != 2):
             raise ValueError(f"--size must look like WxH, got {self.size!r}")
 
     @property
@@ -348,7 +359,7 @@ class ImagesBenchConfig:
         return build_images_body(
             self.prompts[index % len(self.prompts)],
             n=self.n,
-            size=self.size,
+            size=self.size or FALLBACK_SIZE,
             seed=request_seed(self.seed, index, "warmup" if warmup else "req"),
             steps=self.steps,
             guidance_scale=self.guidance_scale,
@@ -378,7 +389,8 @@ class ImagesBenchConfig:
             "url", "endpoint", "mode", "concurrency", "request_rate", "max_concurrency",
             "num_requests", "duration_s", "warmup", "seed", "timeout_s", "slo_ms", "size",
             "n", "steps", "guidance_scale", "negative_prompt", "output_format", "model",
-            "prompt_file", "num_prompts", "prompts", "api_key_set",
+            "prompt_file", "num_prompts", "prompts", "api_key_set", "size_source", "served_model",
+            "model_default_steps",
         ]
         return {k: d[k] for k in order}
 
@@ -551,8 +563,52 @@ async def _open_loop(
     return list(await asyncio.gather(*tasks))
 
 
-async def bench_images(cfg: ImagesBenchConfig) -> dict[str, Any]:
-    """Run the benchmark described by ``cfg`` and return the report (see module doc)."""
+async def bench_images(cfg: ImagesBenchConfig, *, progress: bool = False) -> dict[str, Any]:
+    """Run the benchmark described by ``cfg`` and return the report (see module doc). ``progress``: draw a live
+    bar on stderr. ``cfg.size`` None becomes the served model's native size; a size the model does not serve
+    raises ValueError before any request is sent."""
+    report, _ = await run_images(cfg, progress=progress)
+    return report
+
+
+def resolve_model(cfg: ImagesBenchConfig, served: list[dict] | None) -> None:
+    """Fill ``cfg.size`` (when None), ``size_source``, ``served_model`` and ``model_default_steps`` from the
+    server's model cards (``--model``'s, else the default image model's). ValueError for a model a fewstep server
+    does not list or a size it does not serve."""
+    card = pick_card(served, cfg.model, "image")
+    fewstep = any(isinstance(m, dict) and "default_size" in m for m in served or ())
+    if card is None and cfg.model is not None and fewstep:
+        raise ValueError(f"model {cfg.model!r} is not served at {cfg.url}; served: "
+                         f"{', '.join(str(m.get('id')) for m in served or ())}")
+    if card is not None and card.get("kind") == "video":
+        raise ValueError(f"model {card.get('id')!r} is a video model: use `fewstep bench stream`")
+    cfg.size, cfg.size_source = resolve_size(card, cfg.size, fallback=FALLBACK_SIZE)
+    cfg.served_model = (card or {}).get("id")
+    steps = (card or {}).get("default_steps")
+    cfg.model_default_steps = steps if isinstance(steps, int) else None
+
+
+class _LiveImages:
+    """Progress of the measured requests: the bar's postfix is failures and p50 so far (tqdm shows the rate)."""
+
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.lat: list[float] = []
+        self.failed = 0
+
+    def done(self, rec: RequestRecord) -> None:
+        if rec.ok:
+            self.lat.append(rec.latency_ms)
+        else:
+            self.failed += 1
+        if self.bar.enabled:
+            p50 = median(self.lat)
+            text = f"p50 {p50:.0f} ms" if p50 is not None else "p50 -"
+            self.bar.update(1, f"{text}, {self.failed} failed")
+
+
+async def run_images(cfg: ImagesBenchConfig, *, progress: bool = False) -> tuple[dict[str, Any], list[RequestRecord]]:
+    """:func:`bench_images`, also returning the measured requests' records (the plot draws them)."""
     cap = cfg.max_in_flight
     # room for every request that can be in flight, so no request waits on the pool
     limits = httpx.Limits(
@@ -564,24 +620,37 @@ async def bench_images(cfg: ImagesBenchConfig) -> dict[str, Any]:
     async with httpx.AsyncClient(
         limits=limits, timeout=httpx.Timeout(cfg.timeout), trust_env=False
     ) as client:
+        # what is served decides the size (and is recorded), before anything is sent
+        served = await server_models(client, cfg.endpoint, headers)
+        resolve_model(cfg, served)
+        print(f"bench images: {describe_run(cfg.to_report_dict())}", file=sys.stderr, flush=True)
+
         # warm-up: sequential, not counted
         warm: list[RequestRecord] = []
         t_w = time.perf_counter()
-        for i in range(cfg.warmup):
-            warm.append(await _send_one(client, cfg, headers, i, t_w, warmup=True))
+        with Progress(progress and cfg.warmup > 0, cfg.warmup, "warm-up", "req") as bar:
+            for i in range(cfg.warmup):
+                warm.append(await _send_one(client, cfg, headers, i, t_w, warmup=True))
+                bar.update(1, f"last {warm[-1].latency_ms:.0f} ms" + ("" if warm[-1].ok else " (failed)"),
+                           force=True)
 
         date_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        served = await server_models(client, cfg.endpoint, headers)
         t0 = time.perf_counter()
+        with Progress(progress, cfg.num_requests, "requests", "req") as bar:
+            live = _LiveImages(bar)
 
-        async def send(i: int, scheduled_s: float | None) -> RequestRecord:
-            return await _send_one(client, cfg, headers, i, t0, scheduled_s=scheduled_s)
+            async def send(i: int, scheduled_s: float | None) -> RequestRecord:
+                rec = await _send_one(client, cfg, headers, i, t0, scheduled_s=scheduled_s)
+                live.done(rec)
+                return rec
 
-        if cfg.mode == "closed":
-            records = await _closed_loop(cfg, send)
-        else:
-            records = await _open_loop(cfg, send)
-        duration = time.perf_counter() - t0
+            if cfg.mode == "closed":
+                records = await _closed_loop(cfg, send)
+            else:
+                records = await _open_loop(cfg, send)
+            duration = time.perf_counter() - t0
+            p50 = median(live.lat)
+            bar.set_postfix(("p50 -" if p50 is None else f"p50 {p50:.0f} ms") + f", {live.failed} failed")
 
     records.sort(key=lambda r: r.index)
     warm_errors: dict[str, int] = {}
@@ -602,7 +671,7 @@ async def bench_images(cfg: ImagesBenchConfig) -> dict[str, Any]:
         save_requests=cfg.save_requests,
     )
     report["server_models"] = served
-    return report
+    return report, records
 
 
 async def server_models(client: httpx.AsyncClient, endpoint: str, headers: dict[str, str]) -> list[dict] | None:
@@ -747,6 +816,45 @@ def build_report(
     return report
 
 
+def _steps_text(cfg: dict[str, Any]) -> str:
+    steps, default = cfg.get("steps"), cfg.get("model_default_steps")
+    if steps is not None:
+        return str(steps)
+    return f"{default} (model default)" if default is not None else "server default"
+
+
+def _model_text(cfg: dict[str, Any]) -> str:
+    model = cfg.get("served_model") or cfg.get("model")
+    if model is None:
+        return "server default (not listed)"
+    return model if cfg.get("model") else f"{model} (server default)"
+
+
+def _load_text(cfg: dict[str, Any]) -> str:
+    if cfg.get("mode") == "poisson":
+        load = f"poisson {cfg.get('request_rate')} req/s"
+        if cfg.get("max_concurrency"):
+            load += f", max {cfg['max_concurrency']} in flight"
+        return load
+    return f"closed loop, concurrency {cfg.get('concurrency')}"
+
+
+def _requests_text(cfg: dict[str, Any]) -> str:
+    parts = []
+    if cfg.get("num_requests") is not None:
+        parts.append(f"{cfg['num_requests']}")
+    if cfg.get("duration_s") is not None:
+        parts.append(f"{cfg['duration_s']:g} s")
+    return " or ".join(parts)
+
+
+def describe_run(cfg: dict[str, Any]) -> str:
+    """One line: what a run sends (printed on stderr before it starts)."""
+    return (f"model {_model_text(cfg)}, size {cfg.get('size')} ({cfg.get('size_source')}), steps {_steps_text(cfg)}, "
+            f"n={cfg.get('n')}, {cfg.get('output_format')}, {_load_text(cfg)}, {_requests_text(cfg)} requests "
+            f"after {cfg.get('warmup')} warm-up")
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Human-readable table of a report (what ``run_images_bench`` prints)."""
     width = 56
@@ -770,20 +878,16 @@ def format_report(report: dict[str, Any]) -> str:
 
     title("fewstep bench images")
     row("Endpoint", cfg.get("endpoint"))
-    mode = cfg.get("mode")
-    if mode == "poisson":
-        load = f"poisson {cfg.get('request_rate')} req/s"
-        if cfg.get("max_concurrency"):
-            load += f", max {cfg['max_concurrency']}"
-    else:
-        load = f"closed loop x{cfg.get('concurrency')}"
-    row("Load", load)
-    steps = cfg.get("steps")
-    row(
-        "Request",
-        f"{cfg.get('size')} n={cfg.get('n')} steps={'default' if steps is None else steps} "
-        f"{cfg.get('output_format')}",
-    )
+    row("Model", _model_text(cfg))
+    size = cfg.get("size")
+    source = cfg.get("size_source")
+    row("Size", f"{size} (native)" if source and source.startswith("native") else size)
+    row("Steps", _steps_text(cfg))
+    row("Images per request / format", f"{cfg.get('n')} / {cfg.get('output_format')}")
+    row("Load", _load_text(cfg))
+    row("Requests (limit)", _requests_text(cfg))
+    warm = report.get("warmup") or {}
+    row("Warm-up requests (ok)", f"{cfg.get('warmup')} ({warm.get('completed', 0)} ok)")
     row("Successful requests", report["completed"])
     row("Failed requests", report["failed"])
     row("Images", report["num_images"])
@@ -878,7 +982,9 @@ def add_images_args(parser: argparse.ArgumentParser) -> None:
         "--prompt-file", default=None,
         help="file with one prompt per line (or .jsonl with a 'prompt' key)",
     )
-    req.add_argument("--size", default="512x512", help="WxH (default 512x512)")
+    req.add_argument("--size", default=None,
+                     help="WxH (default: the model's native size, from GET /v1/models; a size the model does not "
+                     f"serve is refused before the run; {FALLBACK_SIZE} where the server lists none)")
     req.add_argument("--n", type=int, default=1, help="images per request (default 1)")
     req.add_argument("--steps", type=int, default=None, help="num_inference_steps (server default if unset)")
     req.add_argument("--guidance-scale", type=float, default=None,
@@ -889,7 +995,11 @@ def add_images_args(parser: argparse.ArgumentParser) -> None:
     req.add_argument("--model", default=None, help="model id (server default if unset)")
 
     out = parser.add_argument_group("output")
-    out.add_argument("--out", default=None, help="write the full JSON report to this file")
+    out.add_argument("--out", default=None,
+                     help="write the full JSON report to this file, and its plot next to it (bench.json -> "
+                     "bench.png: latency distribution, throughput over time; needs matplotlib)")
+    out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="live progress bar on stderr (default: on when stderr is a terminal)")
     out.add_argument(
         "--save-requests", action="store_true",
         help="include every request's record in the JSON report",
@@ -900,7 +1010,7 @@ def run_images_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run from parsed ``add_images_args`` arguments: print the table, write ``--out``,
     return the report. Raises ``ValueError`` on inconsistent options."""
     cfg = ImagesBenchConfig.from_args(args)
-    report = asyncio.run(bench_images(cfg))
+    report, records = asyncio.run(run_images(cfg, progress=progress_enabled(getattr(args, "progress", None))))
     print(format_report(report), flush=True)
     out = getattr(args, "out", None)
     if out:
@@ -909,6 +1019,9 @@ def run_images_bench(args: argparse.Namespace) -> dict[str, Any]:
             path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         print(f"report written to {path}", file=sys.stderr)
+        png = write_plot("images", report, records, path)
+        if png is not None:
+            print(f"plot written to {png}", file=sys.stderr)
     return report
 
 
