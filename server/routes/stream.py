@@ -219,7 +219,7 @@ class StreamConnection:
                         payloads = [await stream.run_in_pool(muxer.add, chunk.frames, chunk.first_index)]
                     else:
                         payloads = await stream.encoded(chunk, fmt, quality)
-                except Exception as e:  # noqa: BLE001 - any encoder failure (PyAV, PIL) ends this session only
+                except Exception as e:  # noqa: BLE001 - any encoder failure (PyAV, PIL) ends the failing session only
                     log.exception("stream %s: frame encoding failed", s.id)
                     stream.close("error: frame encoding failed")
                     await self.error(f"stream failed: frame encoding failed ({type(e).__name__})", "stream_failed")
