@@ -256,7 +256,10 @@ class EngineCore:
                 if bcfg.max_queue_seconds is not None and all(w.req.model in cal for w in self._waiting) \
                         and work.req.model in cal:
                     queued = sum(w.cost * cal[w.req.model] for w in self._waiting)
-                    full = queued + work.cost * cal[work.req.model] > bcfg.max_queue_seconds
+                    # Whatever the calibration says (one warm-up timing, noisy on a loaded host), the queue always
+                    # holds two full batches of native images: a bound below that refuses a few concurrent clients.
+                    small = sum(w.cost for w in self._waiting) + work.cost <= 2 * bcfg.max_batch_size
+                    full = not small and queued + work.cost * cal[work.req.model] > bcfg.max_queue_seconds
                     what = f"~{queued:.1f} s of work queued, the limit is {bcfg.max_queue_seconds:g} s"
                 else:
                     queued = sum(w.cost for w in self._waiting)
