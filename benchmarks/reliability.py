@@ -798,7 +798,8 @@ def scenario_stream_churn(log_dir: Path, quick: bool) -> dict:
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus
 
-    total = 150 if quick else 1000
+    total = 120 if quick else 1000
+    every = 40 if quick else 100  # RSS sampled every this many connects
     concurrency = 6  # below the per-client limit (8): a leaked slot in the guard shows up as 429s
     server = Server(["--model", "default-video", "--threads", "1"], log_dir, "stream_churn")
     try:
@@ -844,7 +845,7 @@ def scenario_stream_churn(log_dir: Path, quick: bool) -> dict:
                 async with sem:
                     await one(i)
                     counter[0] += 1
-                    if counter[0] % 100 == 0:
+                    if counter[0] % every == 0:
                         rss_samples.append(round(server.rss() / MiB, 1))
 
             await asyncio.gather(*(guarded(i) for i in range(total)))
@@ -879,16 +880,17 @@ def scenario_stream_churn(log_dir: Path, quick: bool) -> dict:
                "active_sessions_after": sessions, "seconds_until_0_sessions": settle_s,
                "frames_dropped_closed": metric(text, "fewstep_frames_dropped_total", reason="closed"),
                "refused_of_8_after": refused_after, "rss_before_mb": rnd(rss0 / MiB),
-               "rss_every_100_mb": rss_samples, "rss_after_mb": rnd(rss1 / MiB),
+               "rss_samples_mb": rss_samples, "rss_after_mb": rnd(rss1 / MiB),
                "rss_growth_mb": rnd((rss1 - rss0) / MiB),
-               "rss_growth_after_first_100_mb": rnd(rss1 / MiB - rss_samples[0]) if rss_samples else None,
+               "rss_sample_every": every,
+               "rss_growth_after_first_sample_mb": rnd(rss1 / MiB - rss_samples[0]) if rss_samples else None,
                "server_tracebacks": server.tracebacks(),
                "alive_after": server.alive()}
         res["goals"] = {"every connect started or closed cleanly": all(
                             k in ("after_started", "after_first_frame", "right_after_start", "clean_close")
                             for k in outcomes),
                         "0 sessions left": sessions == 0, "per-client stream slots all returned": refused_after == 0,
-                        f"RSS growth after the first 100 connects < {GOAL_CHURN_RSS // MiB} MiB":
+                        f"RSS growth after the first {every} connects < {GOAL_CHURN_RSS // MiB} MiB":
                             bool(rss_samples) and rss1 - rss_samples[0] * MiB < GOAL_CHURN_RSS,
                         "alive, no traceback": server.alive() and server.tracebacks() == 0}
         return res
@@ -901,7 +903,7 @@ def scenario_stream_churn(log_dir: Path, quick: bool) -> dict:
 def scenario_big_body(log_dir: Path, quick: bool) -> dict:
     import httpx
 
-    size = (256 if quick else 1024) * MiB
+    size = (64 if quick else 1024) * MiB
     server = Server(["--model", "default", "--threads", "1"], log_dir, "big_body")
     try:
         httpx.get(server.url + "/v1/models", timeout=30)
@@ -1310,8 +1312,9 @@ def _details(name: str, r: dict) -> list[str]:
                 f"Active sessions afterwards: **{r['active_sessions_after']}** (0 reached within "
                 f"{r['seconds_until_0_sessions']} s); frames dropped at close {r['frames_dropped_closed']}; "
                 f"8 new streams afterwards: {r['refused_of_8_after']} refused. RSS {r['rss_before_mb']} -> "
-                f"{r['rss_after_mb']} MB ({r['rss_growth_mb']:+} MB from cold; **{r['rss_growth_after_first_100_mb']:+} MB "
-                f"after the first 100 connects**; every 100 connects: {r['rss_every_100_mb']})."]
+                f"{r['rss_after_mb']} MB ({r['rss_growth_mb']:+} MB from cold; **{r['rss_growth_after_first_sample_mb']:+} MB "
+                f"after the first {r['rss_sample_every']} connects**; every {r['rss_sample_every']} connects: "
+                f"{r['rss_samples_mb']})."]
     if name == "big_body":
         return [f"{r['body_bytes_offered'] // MiB} MiB offered chunked: **{r['status']}** `{r['code']}` "
                 f"({r['message']}) after {r['seconds']} s; the client had yielded {r['client_bytes_yielded_before_cut_mb']} "
@@ -1359,7 +1362,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for reliability.json and report.md (default benchmarks/results/reliability; "
                         "the servers' logs go to a temporary folder, printed at the end)")
     p.add_argument("--quick", action="store_true",
-                   help="smaller counts (a CI test): 60 clients that give up, 150 stream connects, 256 MiB body, "
+                   help="smaller counts (a CI test): 60 clients that give up, 120 stream connects, 64 MiB body, "
                         "shorter windows (default off: the full report)")
     p.add_argument("--only", nargs="+", choices=list(SCENARIOS), default=None, metavar="SCENARIO",
                    help=f"run only these scenarios (default: all of {', '.join(SCENARIOS)})")
