@@ -290,6 +290,7 @@ BENCH_TOOLS = {
                         "adherence of the embedded models with block-sparse attention"),
     "random-weights": ("fewstep.benchmarks.random_weights",
                        "write a full-size architecture with random weights (speed and parity runs only)"),
+    "reliability": ("fewstep.benchmarks.reliability", "real servers under hostile and heavy clients: report"),
 }
 TRAIN_TOOLS = {
     "study": ("fewstep.training.study", "CPU-side studies of the training recipe"),

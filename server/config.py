@@ -36,7 +36,8 @@ class HTTPConfig(BaseModel):
     ws_max_bytes: int = Field(64 << 10, ge=1024, description="largest WebSocket message from a client; control "
                               "messages are small JSON (uvicorn ws_max_size; bigger ones close the socket, 1009)")
     max_header_bytes: int = Field(16 << 10, ge=1024, description="request line + headers (uvicorn "
-                                  "h11_max_incomplete_event_size); longer URLs or headers get 400")
+                                  "h11_max_incomplete_event_size, and the guard on the parsed head); longer URLs or "
+                                  "headers get 431 (400 or a reset from h11 beyond 64 KiB)")
     max_connections: int | None = Field(1024, ge=1, description="open connections and tasks before uvicorn answers "
                                         "503 (limit_concurrency)")
     shutdown_grace_s: float = Field(10.0, ge=0, description="after SIGTERM: time for in-flight work before it is "

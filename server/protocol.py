@@ -25,8 +25,9 @@ class ImageGenerationRequest(BaseModel):
     size: str | None = Field(None, description='"WxH", e.g. "512x512"; default: the model\'s native size')
     response_format: Literal["b64_json"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    seed: int | None = Field(None, ge=0, le=2**62)
-    num_inference_steps: int | None = Field(None, ge=MIN_STEPS, le=MAX_STEPS)
+    # strict: JSON true is not 1 (pydantic's lax mode would take it), as for n
+    seed: int | None = Field(None, ge=0, le=2**62, strict=True)
+    num_inference_steps: int | None = Field(None, ge=MIN_STEPS, le=MAX_STEPS, strict=True)
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
     negative_prompt: str | None = None
 

@@ -168,6 +168,7 @@ class Guard:
         self.keys = [k.get_secret_value().encode() for k in sec.api_keys]
         self.allow_origins = {o.rstrip("/").lower() for o in [*sec.allow_origins, *sec.cors_origins]}
         self.max_body = config.limits.max_body_bytes
+        self.max_head = config.http.max_header_bytes
         self.draining = False
         self.sockets: set[_Socket] = set()
         self.streams: dict[str, int] = {}
@@ -250,6 +251,13 @@ class Guard:
     def _admit(self, scope, headers) -> tuple[str, bool]:
         """(identity, counts as a stream) or raises Refusal."""
         presented = self._presented_key(scope, headers)  # first: strips ?token= before anything is logged
+        # uvicorn's h11_max_incomplete_event_size only bounds a head still arriving: one that comes whole in a read
+        # (up to 64 KiB) got through whatever its size. The limit, on the head as parsed:
+        head = len(scope.get("raw_path") or scope["path"]) + len(scope.get("query_string", b"")) + sum(
+            len(k) + len(v) + 4 for k, v in scope["headers"])
+        if head > self.max_head:
+            raise Refusal(431, f"request line and headers are {head} bytes, more than the limit of {self.max_head}",
+                          "headers_too_large")
         if self.draining:
             raise Refusal(503, "the server is shutting down; retry on another replica", "shutting_down",
                           [(b"retry-after", b"5")])
