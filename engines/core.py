@@ -14,76 +14,42 @@ policy and the round-robin session scheduler. The same engine thread runs image 
 both are ready it alternates between them, so neither kind of traffic can starve the other.
 
 Admission happens before the queue (``add_request`` / ``open_stream``): a size the model does not serve
-(engines/sizes.py) is a 400; work beyond the queue's bound is a 503 with ``retry_after``. The bound is on estimated
-work (``cost``: pixels x steps x n, x2 with CFG, in native-size 1-step images), in seconds once warm-up has timed a
-native image. Every image request has a deadline (``batching.request_timeout_s`` or its own ``timeout_s``): queued
-work past it is dropped unrun (504). ``abort`` (vLLM's ``abort_request``) removes queued work or discards a running
-batch's result; ``AsyncEngine.generate`` calls it when its task is cancelled (the client disconnected).
+(engines/sizes.py) is a 400; work beyond the queue's bound is a 503 with ``retry_after`` (engines/scheduler.py's
+``ImageScheduler`` holds the image queue, its bound, deadlines and aborts). Every image request has a deadline
+(``batching.request_timeout_s`` or its own ``timeout_s``): queued work past it is dropped unrun (504). ``abort``
+(vLLM's ``abort_request``) removes queued work or discards a running batch's result; ``AsyncEngine.generate`` calls
+it when its task is cancelled (the client disconnected).
+
+The models run through runners (engines/runner.py: eager, compiled or TensorRT); what each serves comes from its
+``capabilities``. Errors are engines/errors.py's, re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import threading
 import time
-import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-import numpy as np
 import torch
 
 from .config import EngineConfig
 from .encode import encode_image, encode_jpeg_gpu, gpu_jpeg_available
-from .pipeline import FewStepPipeline, PromptEmbeds
+from .errors import EngineError, model_not_found
+from .pipeline import PromptEmbeds
+from .request import GenerateOutput, GenerateRequest
+from .runner import Runner
+from .scheduler import ImageScheduler, ImageWork
 from .sizes import ServedSizes
 from .stream import FRAME_FORMATS, Outbox, StreamChunk, StreamScheduler, StreamSession, StreamStart
 
 log = logging.getLogger("fewstep.engines")
 
 STAGES = ("queue", "encode_prompt", "denoise", "decode", "encode_image")
-
-
-class EngineError(Exception):
-    """A request the engine refuses; ``status`` is the HTTP status the server should answer with, ``retry_after``
-    (seconds) its Retry-After header where the refusal is temporary."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
-                 retry_after: float | None = None):
-        super().__init__(message)
-        self.status, self.param, self.code, self.retry_after = status, param, code, retry_after
-
-
-@dataclass
-class GenerateRequest:
-    prompt: str
-    model: str | None = None
-    n: int = 1
-    height: int | None = None
-    width: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
-    seed: int | None = None
-    output_format: str = "png"  # png | jpeg | webp | raw (uint8 arrays, no encoding)
-    timeout_s: float | None = None  # deadline from arrival; None: batching.request_timeout_s
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    arrival: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class GenerateOutput:
-    request_id: str
-    images: list[bytes | np.ndarray]
-    seeds: list[int]
-    timings: dict[str, float]  # <stage>_ms for every stage, total_ms, batch_size
-    model: str = ""
-    error: Exception | None = None
 
 
 class EngineObserver(Protocol):
@@ -106,7 +72,7 @@ class PromptCache:
         self._d: OrderedDict[tuple[str, str], PromptEmbeds] = OrderedDict()
         self.hits = self.misses = 0
 
-    def get_many(self, model: str, pipe: FewStepPipeline, prompts: list[str],
+    def get_many(self, model: str, pipe: Runner, prompts: list[str],
                  encode: Callable[[list[str]], PromptEmbeds] | None = None) -> PromptEmbeds:
         encode = encode or pipe.encode_prompt
         missing = list(dict.fromkeys(p for p in prompts if (model, p) not in self._d))
@@ -131,83 +97,71 @@ class PromptCache:
         return PromptEmbeds.cat(rows)
 
 
-@dataclass
-class _Work:
-    req: GenerateRequest
-    seeds: list[int]
-    steps: int
-    guidance: float
-    height: int
-    width: int
-    future: Future
-    cost: float = 1.0  # native-size 1-step images of work (EngineCore.cost)
-    deadline: float = float("inf")  # perf_counter time past which it is dropped unrun
-
-    @property
-    def key(self):
-        return (self.req.model, self.height, self.width, self.steps, self.guidance)
-
-
 class EngineCore:
-    def __init__(self, pipelines: dict[str, FewStepPipeline], config: EngineConfig | None = None,
+    def __init__(self, pipelines: dict[str, Runner], config: EngineConfig | None = None,
                  observer: EngineObserver | None = None):
         if not pipelines:
             raise ValueError("EngineCore needs at least one pipeline")
-        self.pipelines = pipelines
+        self.pipelines = pipelines  # model name -> Runner
+        caps = {name: runner.capabilities for name, runner in pipelines.items()}
         # requests that name no model: images go to the first image model, streams to the first video model (a
         # server of both embedded models serves each kind without the client naming one)
-        image = [n for n, p in pipelines.items() if getattr(p, "kind", "image") != "video"]
-        video = [n for n, p in pipelines.items() if getattr(p, "kind", "image") == "video"]
+        image = [n for n, c in caps.items() if c.kind != "video"]
+        video = [n for n, c in caps.items() if c.kind == "video"]
         self.default_model = (image or video)[0]
         self.default_stream_model = (video or image)[0]
         self.config = config or EngineConfig()
-        self.observer = observer
         self.cache = PromptCache(self.config.prompt_cache_size)
-        self._waiting: deque[_Work] = deque()
         self.sizes: dict[str, ServedSizes] = {
-            name: ServedSizes.from_config(self.config.sizes) if self.config.sizes
-            else getattr(pipe, "served_sizes", None) or ServedSizes.native(pipe.default_size)
-            for name, pipe in pipelines.items()}
-        # seconds per work unit, per model: measured at warm-up (bounds the queue in seconds) and as a moving
-        # average of the batches run since (estimates Retry-After)
-        self.calibrated_unit_s: dict[str, float] = {}
-        self._unit_s: dict[str, float] = {}
-        self._inflight: dict[str, _Work] = {}  # request_id -> work whose batch is running
-        self._aborted: dict[str, str] = {}  # request_id (in flight) -> reason; its result is discarded
+            name: ServedSizes.from_config(self.config.sizes) if self.config.sizes else c.sizes
+            for name, c in caps.items()}
         self._cv = threading.Condition()
-        self._running = 0
+        self.images = ImageScheduler(pipelines, self.config.batching, self._cv)
         self._stop = False
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(self.config.encode_workers, thread_name_prefix="fewstep-encode")
         self.streams: dict[str, StreamScheduler] = {
             name: StreamScheduler(name, pipe, self.config.stream, self.cache, self._pool.submit, self._wake)
-            for name, pipe in pipelines.items() if getattr(pipe, "kind", "image") == "video"}
+            for name, pipe in pipelines.items() if caps[name].kind == "video"}
         self._images_turn = True  # who goes first when an image batch and a stream step are both ready
         self._nvjpeg_failed = False
+        self.observer = observer
         if self.config.gpu_jpeg == "on" and not any(gpu_jpeg_available(p.device) for p in pipelines.values()):
             raise ValueError("gpu_jpeg 'on' needs a CUDA pipeline and torchvision with nvjpeg; use 'auto' or 'off'")
 
+    @property
+    def observer(self) -> EngineObserver | None:
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: EngineObserver | None) -> None:
+        self._observer = self.images.observer = observer
+
+    @property
+    def calibrated_unit_s(self) -> dict[str, float]:
+        """Seconds per native-size 1-step image, per model, timed at warm-up (bounds the queue in seconds)."""
+        return self.images.calibrated_unit_s
+
     # -- intake ------------------------------------------------------------------------------------------------
-    def validate(self, req: GenerateRequest) -> _Work:
+    def validate(self, req: GenerateRequest) -> ImageWork:
         """Resolve defaults and check the request against the model; raises EngineError with a helpful message."""
         model = req.model or self.default_model
         if model not in self.pipelines:
-            raise EngineError(f"model {model!r} is not served here; available: {sorted(self.pipelines)}", 404,
-                              "model", "model_not_found")
+            raise model_not_found(model, self.pipelines)
         req.model = model
-        pipe = self.pipelines[model]
+        caps = self.pipelines[model].capabilities
         if model in self.streams:
             raise EngineError(f"model {model!r} is a video model; use the WebSocket /v1/stream or POST /v1/videos",
                               400, "model", "video_model")
-        dh, dw = self.sizes[model].default(pipe.default_size)
+        dh, dw = self.sizes[model].default(caps.default_size)
         h = dh if req.height is None else req.height  # 0 is a size (refused below), not "default"
         w = dw if req.width is None else req.width
         self.check_size(model, h, w)
-        steps = req.steps or pipe.default_steps
-        guidance = pipe.default_guidance if req.guidance_scale is None else float(req.guidance_scale)
+        steps = req.steps or caps.default_steps
+        guidance = caps.default_guidance if req.guidance_scale is None else float(req.guidance_scale)
         max_n = self.config.batching.max_batch_size * 4
-        # a request runs as one batch: engines with a fixed profile (TensorRT) cap it at their batch max
-        max_n = min(max_n, getattr(pipe, "max_images_per_batch", None) or max_n)
+        # a request runs as one batch: runners with a fixed profile (TensorRT) cap it at their batch max
+        max_n = min(max_n, caps.max_images_per_batch or max_n)
         if req.n > max_n:
             raise EngineError(f"n must be at most {max_n} on this server", 400, "n", "invalid_n")
         base = req.seed if req.seed is not None else secrets.randbelow(2**62)
@@ -218,8 +172,8 @@ class EngineCore:
         if not 0 < timeout <= bcfg.max_request_timeout_s:
             raise EngineError(f"the deadline must be from 1 ms to {bcfg.max_request_timeout_s * 1e3:.0f} ms, got "
                               f"{timeout * 1e3:g} ms", 400, "deadline", "invalid_deadline")
-        return _Work(req, seeds, steps, guidance, h, w, Future(), self.cost(model, h, w, steps, guidance, req.n),
-                     req.arrival + timeout)
+        return ImageWork(req, seeds, steps, guidance, h, w, Future(), self.cost(model, h, w, steps, guidance, req.n),
+                         req.arrival + timeout)
 
     def check_size(self, model: str, height: int, width: int) -> None:
         """Admission by size: what the model's architecture can run, then the sizes it serves (engines/sizes.py)."""
@@ -231,87 +185,22 @@ class EngineCore:
 
     def cost(self, model: str, height: int, width: int, steps: int, guidance: float, n: int = 1) -> float:
         """Estimated work in native-size 1-step images: pixels x steps x n, twice with CFG (two denoiser passes)."""
-        pipe = self.pipelines[model]
-        cfg = 2 if pipe.uses_cfg(guidance) else 1
-        return height * width / pipe.default_size ** 2 * steps * n * cfg
-
-    def _queued_seconds(self) -> float | None:
-        """Estimated seconds of the waiting work, or None while some model in the queue has no measurement."""
-        total = 0.0
-        for w in self._waiting:
-            unit = self._unit_s.get(w.req.model) or self.calibrated_unit_s.get(w.req.model)
-            if unit is None:
-                return None
-            total += w.cost * unit
-        return total
+        runner = self.pipelines[model]
+        cfg = 2 if runner.uses_cfg(guidance) else 1
+        return height * width / runner.capabilities.default_size ** 2 * steps * n * cfg
 
     def add_request(self, req: GenerateRequest) -> Future:
-        work = self.validate(req)
-        bcfg = self.config.batching
-        with self._cv:
-            # Admission by estimated work. A request that finds the queue empty always gets in (n and size are
-            # bounded by validation), so any valid request can run on an idle server.
-            if self._waiting:
-                cal = self.calibrated_unit_s
-                if bcfg.max_queue_seconds is not None and all(w.req.model in cal for w in self._waiting) \
-                        and work.req.model in cal:
-                    queued = sum(w.cost * cal[w.req.model] for w in self._waiting)
-                    # Whatever the calibration says (one warm-up timing, noisy on a loaded host), the queue always
-                    # holds two full batches of native images: a bound below that refuses a few concurrent clients.
-                    small = sum(w.cost for w in self._waiting) + work.cost <= 2 * bcfg.max_batch_size
-                    full = not small and queued + work.cost * cal[work.req.model] > bcfg.max_queue_seconds
-                    what = f"~{queued:.1f} s of work queued, the limit is {bcfg.max_queue_seconds:g} s"
-                else:
-                    queued = sum(w.cost for w in self._waiting)
-                    full = queued + work.cost > bcfg.max_queue_work
-                    what = (f"{queued:g} native-image steps of work queued, the limit is "
-                            f"{bcfg.max_queue_work:g}")
-                if full:
-                    est = self._queued_seconds()
-                    retry = max(1, math.ceil(est)) if est is not None else 1
-                    raise EngineError(f"server is at capacity ({what}); retry in {retry} s", 503, None,
-                                      "overloaded", retry_after=retry)
-            self._waiting.append(work)
-            self._report_queue()
-            self._cv.notify()
-        return work.future
+        """Validate and queue ``req``; raises EngineError (400/404 invalid, 503 with retry_after at capacity)."""
+        return self.images.add(self.validate(req))
 
     def abort(self, request_id: str, reason: str = "disconnect") -> bool:
         """Cancel a request (vLLM's ``abort_request``): queued, it leaves the queue and never runs; in a running
         batch, its result is discarded. Its future resolves with a 'cancelled' error. Returns whether it was found."""
-        with self._cv:
-            work = next((w for w in self._waiting if w.req.request_id == request_id), None)
-            if work is not None:
-                self._waiting.remove(work)
-                self._report_queue()
-            elif request_id in self._inflight:
-                self._aborted[request_id] = reason
-                return True
-            else:
-                return False
-        self._cancel(work, reason, "queued")
-        return True
-
-    def _cancel(self, w: _Work, reason: str, stage: str) -> None:
-        if reason == "deadline":
-            waited = (time.perf_counter() - w.req.arrival) * 1e3
-            err = EngineError(f"the request's deadline ({(w.deadline - w.req.arrival) * 1e3:.0f} ms) passed after "
-                              f"{waited:.0f} ms {'in the queue; nothing ran' if stage == 'queued' else 'running'}",
-                              504, None, "deadline_exceeded")
-        else:
-            err = EngineError(f"request cancelled ({reason})", 499, None, "cancelled")
-        if self.observer and hasattr(self.observer, "on_cancelled"):
-            self.observer.on_cancelled(w.req.model, reason, stage)
-        if not w.future.done():
-            w.future.set_result(GenerateOutput(w.req.request_id, [], w.seeds, {}, w.req.model, err))
+        return self.images.abort(request_id, reason)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
-
-    def _report_queue(self) -> None:
-        if self.observer:
-            self.observer.on_queue(len(self._waiting), self._running)
+        return self.images.num_waiting
 
     # -- streams -----------------------------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -321,8 +210,7 @@ class EngineCore:
     def _stream_model(self, model: str | None) -> tuple[str, StreamScheduler]:
         model = model or self.default_stream_model
         if model not in self.pipelines:
-            raise EngineError(f"model {model!r} is not served here; available: {sorted(self.pipelines)}", 404,
-                              "model", "model_not_found")
+            raise model_not_found(model, self.pipelines)
         if model not in self.streams:
             raise EngineError(f"model {model!r} is an image model; streams need a video model (use "
                               "/v1/images/generations or the WebSocket /v1/realtime)", 400, "model", "image_model")
@@ -331,15 +219,15 @@ class EngineCore:
     def open_stream(self, start: StreamStart) -> StreamSession:
         """Validate and register a stream session; the engine thread encodes its prompt and starts its buffer."""
         model, sched = self._stream_model(start.model)
-        pipe = sched.pipe
+        caps = sched.pipe.capabilities
         if not start.prompt or not start.prompt.strip():
             raise EngineError("prompt must be a non-empty string", 400, "prompt", "invalid_prompt")
-        dh, dw = self.sizes[model].default(pipe.default_size)
+        dh, dw = self.sizes[model].default(caps.default_size)
         h = dh if start.height is None else start.height
         w = dw if start.width is None else start.width
         self.check_size(model, h, w)
         cfg = self.config.stream
-        fps = pipe.fps if start.fps is None else float(start.fps)
+        fps = caps.fps if start.fps is None else float(start.fps)
         self.check_fps(fps, allow_unpaced=True)
         if start.format not in FRAME_FORMATS:
             raise EngineError(f"format must be one of {list(FRAME_FORMATS)}, got {start.format!r}", 400, "format",
@@ -427,11 +315,10 @@ class EngineCore:
         """Run CPU work (image / video encoding) in the engine's encode pool, off the event loop."""
         return self._pool.submit(fn, *args)
 
-    def _stream_ready(self, now: float) -> StreamScheduler | None:
-        for sched in self.streams.values():
-            if sched.next_wakeup(now) == 0.0:
-                return sched
-        return None
+    def _stream_wait(self, now: float) -> float | None:
+        """Seconds until some session is due (0.0: a stream step is ready now); None: no session is open."""
+        waits = [x for x in (sc.next_wakeup(now) for sc in self.streams.values()) if x is not None]
+        return min(waits) if waits else None
 
     def stream_step(self, now: float | None = None) -> list[StreamChunk]:
         """One stream step: a forward pass over the runnable sessions of one video model (round-robin)."""
@@ -453,57 +340,38 @@ class EngineCore:
         return res.chunks
 
     # -- schedule ----------------------------------------------------------------------------------------------
-    def _schedule(self) -> list[_Work]:
-        """Take the oldest request and every compatible one that fits (FIFO within the key). Caller holds _cv.
-        Work past its deadline leaves the queue first, unrun."""
-        now = time.perf_counter()
-        expired = [w for w in self._waiting if w.deadline <= now]
-        if expired:
-            self._waiting = deque(w for w in self._waiting if w.deadline > now)
-            self._report_queue()
-            for w in expired:
-                self._cancel(w, "deadline", "queued")
-        if not self._waiting:
-            return []
-        order = list(self._waiting)
-        head = order[0]
-
-        def fill(cap: int) -> tuple[list[_Work], int]:
-            batch, images = [head], len(head.seeds)
-            for w in order[1:]:
-                if w.key == head.key and images + len(w.seeds) <= cap:
-                    batch.append(w)
-                    images += len(w.seeds)
-            return batch, images
-
-        batch, images = fill(self.config.batching.max_batch_size)
-        # The backend may run these images cheaper as several sub-batches than padded to one bucket (2 images:
-        # 1+1 rather than 4 with 2 thrown away): take only the first sub-batch; the rest keep their place in the
-        # queue for the next step, where newcomers can still join them.
-        target = self.pipelines[head.req.model].batch_plan(images, head.height, head.width, head.steps)[0]
-        if target < images:
-            batch, _ = fill(target)
-        taken = set(map(id, batch))
-        self._waiting = deque(w for w in order if id(w) not in taken)
-        for w in batch:
-            self._inflight[w.req.request_id] = w
-        return batch
+    def _next(self, now: float, max_wait: float) -> tuple[list[ImageWork], bool, float | None]:
+        """What runs next, decided in this one place for ``step`` and the serving loop (caller holds _cv):
+        (an image batch or [], whether a stream step is due, else seconds until something may be ready or None).
+        When an image batch and a stream step are both ready they alternate, so neither starves the other."""
+        images_ready, img_wait = self.images.ready(now, max_wait)
+        stream_wait = self._stream_wait(now)
+        streams_ready = stream_wait == 0.0
+        if images_ready and (self._images_turn or not streams_ready):
+            batch = self.images.schedule(now)
+            if batch:
+                self._images_turn = False
+                return batch, False, None
+            img_wait = None  # everything queued had passed its deadline
+        if streams_ready:
+            self._images_turn = True
+            return [], True, None
+        waits = [x for x in (img_wait, stream_wait) if x is not None]
+        return [], False, min(waits) if waits else None
 
     # -- run ---------------------------------------------------------------------------------------------------
-    def _sync(self, pipe: FewStepPipeline) -> None:
+    def _sync(self, pipe: Runner) -> None:
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
 
-    def _execute(self, batch: list[_Work]) -> list[Future]:
+    def _execute(self, batch: list[ImageWork]) -> list[Future]:
         """Run the GPU stages for a batch; image encoding continues in the pool. Returns the works' futures."""
         head = batch[0]
         model = head.req.model
         pipe = self.pipelines[model]
         start = time.perf_counter()
-        n_images = sum(len(w.seeds) for w in batch)
-        with self._cv:
-            self._running += n_images
-            self._report_queue()
+        n_images = sum(w.images for w in batch)
+        self.images.started(batch)
         if self.observer:
             self.observer.on_batch(model, n_images)
         try:
@@ -549,20 +417,12 @@ class EngineCore:
                     torch.cuda.empty_cache()  # give back the failed batch's cached blocks before the next one
             else:
                 log.exception("batch failed")
-            with self._cv:
-                self._running -= n_images
-                self._report_queue()
-                for w in batch:
-                    self._inflight.pop(w.req.request_id, None)
-                    self._aborted.pop(w.req.request_id, None)
+            self.images.failed(batch)
             for w in batch:
                 w.future.set_result(GenerateOutput(w.req.request_id, [], w.seeds, {}, model, e))
             return [w.future for w in batch]
 
-        # seconds per unit of work, for Retry-After: a moving average over batches (batching amortises overheads)
-        unit = (t3 - start) / max(sum(w.cost for w in batch), 1e-9)
-        prev = self._unit_s.get(model)
-        self._unit_s[model] = unit if prev is None else 0.8 * prev + 0.2 * unit
+        self.images.record(model, t3 - start, sum(w.cost for w in batch))  # for Retry-After
         stage = {"encode_prompt_ms": (t1 - t0) * 1e3, "denoise_ms": (t2 - t1) * 1e3, "decode_ms": (t3 - t2) * 1e3}
         offset = 0
         for w in batch:
@@ -575,16 +435,12 @@ class EngineCore:
     def _gpu_jpeg(self, pipe) -> bool:
         return self.config.gpu_jpeg != "off" and not self._nvjpeg_failed and gpu_jpeg_available(pipe.device)
 
-    def _finish(self, w: _Work, imgs, timings: dict, batch_size: int, t_decoded: float,
+    def _finish(self, w: ImageWork, imgs, timings: dict, batch_size: int, t_decoded: float,
                 encoded: bool = False) -> None:
-        with self._cv:
-            self._inflight.pop(w.req.request_id, None)
-            aborted = self._aborted.pop(w.req.request_id, None)
+        aborted = self.images.landed(w)
         if aborted is not None:  # its client left while the batch ran: no encoding, no output, counted apart
-            with self._cv:
-                self._running -= len(w.seeds)
-                self._report_queue()
-            self._cancel(w, aborted, "running")
+            self.images.done(w)
+            self.images.cancel(w, aborted, "running")
             return
         try:
             fmt = w.req.output_format
@@ -601,9 +457,7 @@ class EngineCore:
         # client would wait forever.
         except Exception as e:  # noqa: BLE001
             out = GenerateOutput(w.req.request_id, [], w.seeds, timings, w.req.model, e)
-        with self._cv:
-            self._running -= len(w.seeds)
-            self._report_queue()
+        self.images.done(w)
         if self.observer:
             self.observer.on_output(out)
         w.future.set_result(out)
@@ -612,18 +466,11 @@ class EngineCore:
         """Run one unit of work, with no batching wait: an image batch or a stream step, alternating when both
         are ready. Returns the finished image outputs or the emitted stream chunks."""
         now = time.perf_counter()
-        streams_ready = self._stream_ready(now) is not None
         with self._cv:
-            images_ready = bool(self._waiting)
-            batch = []
-            if images_ready and (self._images_turn or not streams_ready):
-                batch = self._schedule()
-                self._images_turn = False
-            elif streams_ready:
-                self._images_turn = True
+            batch, stream, _ = self._next(now, 0.0)
         if batch:
             return [f.result() for f in self._execute(batch)]
-        if streams_ready:
+        if stream:
             return list(self.stream_step(now))
         return []
 
@@ -634,35 +481,16 @@ class EngineCore:
 
     def _loop(self) -> None:
         max_wait = self.config.batching.max_wait_ms / 1e3
-        limit = self.config.batching.max_batch_size
         while True:
-            batch: list = []
             with self._cv:
                 while True:
                     if self._stop:
                         return
                     now = time.perf_counter()
-                    # An image batch is ready once it is full or its head has waited max_wait for company.
-                    images_ready, img_wait = False, None
-                    if self._waiting:
-                        key = self._waiting[0].key
-                        ready = sum(len(w.seeds) for w in self._waiting if w.key == key)
-                        img_wait = self._waiting[0].req.arrival + max_wait - now
-                        images_ready = ready >= limit or img_wait <= 0
-                    # A stream step is ready once some session is due (see StreamScheduler.next_wakeup).
-                    stream_waits = [x for x in (sc.next_wakeup(now) for sc in self.streams.values()) if x is not None]
-                    stream_wait = min(stream_waits) if stream_waits else None
-                    streams_ready = stream_wait == 0.0
-                    if images_ready or streams_ready:
+                    batch, stream, wait = self._next(now, max_wait)
+                    if batch or stream:
                         break
-                    waits = [x for x in (img_wait, stream_wait) if x is not None]
-                    self._cv.wait(min(waits) if waits else None)
-                # alternate when both are ready: one image batch, then one stream step, ...
-                if images_ready and (self._images_turn or not streams_ready):
-                    batch = self._schedule()
-                    self._images_turn = False
-                else:
-                    self._images_turn = True
+                    self._cv.wait(wait)
             if batch:
                 self._execute(batch)
             else:
@@ -678,7 +506,8 @@ class EngineCore:
                     s.owner.take()
                 self.close_stream(s.id)
                 continue
-            h, w = self.sizes[name].default(pipe.default_size)
+            caps = pipe.capabilities
+            h, w = self.sizes[name].default(caps.default_size)
             for _ in range(2):
                 t0 = time.perf_counter()
                 fut = self.add_request(GenerateRequest(prompt="warm-up", model=name, seed=0, height=h, width=w,
@@ -686,9 +515,9 @@ class EngineCore:
                 while not fut.done():
                     self.step()
             # the second run (lazy init done) calibrates the queue bound: seconds per native-size 1-step image
-            cost = self.cost(name, h, w, pipe.default_steps, pipe.default_guidance)
+            cost = self.cost(name, h, w, caps.default_steps, caps.default_guidance)
             self.calibrated_unit_s[name] = (time.perf_counter() - t0) / cost
-            self._unit_s[name] = self.calibrated_unit_s[name]
+            self.images.unit_s[name] = self.calibrated_unit_s[name]
             log.info("warm-up %s: %.1f ms per native-size 1-step image (queue bound %s)", name,
                      self.calibrated_unit_s[name] * 1e3, f"{self.config.batching.max_queue_seconds:g} s of work"
                      if self.config.batching.max_queue_seconds else f"{self.config.batching.max_queue_work:g} units")

@@ -73,6 +73,15 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{index_file} is not valid JSON: {e}") from None
 
 
+def model_kind(path: str | os.PathLike) -> str:
+    """model_index.json's fewstep.kind: "image" (the default) or "video" (stream sessions)."""
+    kind = (read_index(path).get("fewstep") or {}).get("kind", "image")
+    if kind not in ("image", "video"):
+        raise CheckpointError(f"{Path(path) / 'model_index.json'}: fewstep.kind must be 'image' or 'video', got "
+                              f"{kind!r}")
+    return kind
+
+
 def _component_entries(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
     out = {}
     for name, value in index.items():

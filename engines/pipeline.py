@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .loading import Checkpoint, CheckpointError
+from .runner import Capabilities
 from .samplers import (
     Schedule,
     consistency_step,
@@ -98,7 +99,10 @@ def _prompt_completion(ckpt: Checkpoint, spec) -> tuple[re.Pattern, str] | None:
 
 
 class FewStepPipeline:
+    """The eager ``Runner`` (engines/runner.py); the compiled and TensorRT backends wrap one."""
+
     kind = "image"  # StreamPipeline (engines/stream/) says "video"
+    compile_seconds = 0.0  # eager: nothing to compile
 
     def __init__(self, ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  attention: str = "dense"):
@@ -160,6 +164,12 @@ class FewStepPipeline:
             n = enable_block_sparse_attention(self.denoiser, BlockSparseConfig.parse(attention))
             log.info("attention %s installed on %d self-attention modules of the %s", attention, n,
                      self.denoiser_name)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(kind=self.kind, backend="eager", sizes=self.served_sizes, default_size=self.default_size,
+                            default_steps=self.default_steps, default_guidance=self.default_guidance,
+                            sampler=self.sampler, prompt_completion=self.prompt_completion)
 
     # -- stage 1 ---------------------------------------------------------------------------------------------
     def _tokenize(self, tokenizer, prompts: list[str], max_length: int):

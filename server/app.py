@@ -91,7 +91,8 @@ def create_app(config: ServerConfig, load_async: bool = True) -> FastAPI:
     if config.security.cors_origins:  # outermost: answers preflights, and its headers reach the guard's refusals
         app.add_middleware(CORSMiddleware, allow_origins=config.security.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
-                           expose_headers=["X-Request-Id", "Retry-After"])
+                           expose_headers=["X-Request-Id", "Retry-After", images.SEED_HEADER, images.BATCH_HEADER,
+                                           "Server-Timing"])
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):

@@ -111,15 +111,36 @@ def _serve(args) -> int:
         logging.getLogger("fewstep.server").warning(
             "serving on %s without API keys: anyone who reaches this address can use it (pass --api-key)",
             cfg.http.host)
-    print(f"fewstep: serving {', '.join(name for name, _ in models)} on http://{cfg.http.host}:{cfg.http.port}",
-          flush=True)
     http = cfg.http
-    config = uvicorn.Config(app, host=http.host, port=http.port, log_level=http.log_level,
-                            ws_max_size=http.ws_max_bytes, h11_max_incomplete_event_size=http.max_header_bytes,
-                            limit_concurrency=http.max_connections,
-                            timeout_graceful_shutdown=max(1, math.ceil(http.shutdown_grace_s)))
+    config = uvicorn_config(app, http)
+    print(f"fewstep: serving {', '.join(name for name, _ in models)} on http://{http.host}:{http.port} "
+          f"({', '.join(server_stack(config))})", flush=True)
     DrainingServer(config, app.state.guard, http.shutdown_grace_s).run()
     return 0
+
+
+def uvicorn_config(app, http) -> uvicorn.Config:
+    """uvicorn's settings for ``fewstep serve`` (``http``: HttpConfig): uvloop and httptools where installed
+    (``uvicorn[standard]``), else asyncio and h11. loop "auto" is uvicorn's own choice; the parser is httptools with
+    the request-head limit that uvicorn enforces only under h11 (server/head_limit.py)."""
+    try:
+        from .head_limit import BoundedHttpToolsProtocol as parser
+    except ImportError:  # no httptools here: h11, which enforces max_header_bytes itself
+        parser = "h11"
+    return uvicorn.Config(app, host=http.host, port=http.port, log_level=http.log_level, loop="auto", http=parser,
+                          ws_max_size=http.ws_max_bytes, h11_max_incomplete_event_size=http.max_header_bytes,
+                          limit_concurrency=http.max_connections,
+                          timeout_graceful_shutdown=max(1, math.ceil(http.shutdown_grace_s)))
+
+
+def server_stack(config: uvicorn.Config) -> tuple[str, str]:
+    """(event loop, HTTP parser) that ``config`` runs on, e.g. ("uvloop", "httptools"), as uvicorn resolves them."""
+    if not config.loaded:
+        config.load()
+    factory = config.get_loop_factory()
+    loop = (getattr(factory, "__module__", None) or "asyncio").split(".")[0]
+    parser = config.http_protocol_class.__module__.rsplit(".", 1)[-1].removesuffix("_impl")
+    return loop, "httptools" if parser == "head_limit" else parser
 
 
 class DrainingServer(uvicorn.Server):

@@ -7,6 +7,7 @@ import threading
 import time
 
 from fewstep.engines.core import AsyncEngine, EngineCore, EngineError
+from fewstep.engines.loading import model_kind
 
 from .config import ServerConfig
 from .metrics import Metrics
@@ -16,16 +17,6 @@ log = logging.getLogger("fewstep.server")
 
 class ConfigError(ValueError):
     """A configuration the server cannot serve, found before anything loads; the CLI prints it and exits 2."""
-
-
-def model_kind(path) -> str:
-    """model_index.json's fewstep.kind: "image" (the default) or "video" (stream sessions)."""
-    from fewstep.engines.loading import read_index
-
-    kind = (read_index(path).get("fewstep") or {}).get("kind", "image")
-    if kind not in ("image", "video"):
-        raise ValueError(f"{path / 'model_index.json'}: fewstep.kind must be 'image' or 'video', got {kind!r}")
-    return kind
 
 
 def check_backend(config: ServerConfig, models: list) -> None:
@@ -83,6 +74,8 @@ class AppState:
         /health answers at once and /ready turns true only when requests will be fast."""
         import torch
 
+        from fewstep.engines.backends.factory import make_runner
+
         try:
             ecfg = self.config.engine
             if ecfg.threads:
@@ -93,8 +86,10 @@ class AppState:
             pipes = {}
             for name, path in self.models:
                 self.model_states[name] = "loading"
-                pipes[name] = self._load_one(name, path, device, dtype)
+                pipes[name] = make_runner(path, ecfg, device, dtype, name)
                 self.model_states[name] = "loaded"
+            built = sum(r.compile_seconds for r in pipes.values())
+            self.compile_seconds = built or None
             t1 = time.perf_counter()
             core = EngineCore(pipes, ecfg)
             self.model_states.update({name: "warming" for name in pipes})
@@ -105,7 +100,7 @@ class AppState:
             core.start()
             self.core, self.engine = core, AsyncEngine(core)
             log.info("%s loaded on %s/%s in %.1f s (compilation included), warm-up %.1f s", ", ".join(
-                f"{getattr(p, 'kind', 'image')} model {n}" for n, p in pipes.items()), device,
+                f"{p.capabilities.kind} model {n}" for n, p in pipes.items()), device,
                 str(dtype).removeprefix("torch."), t1 - t0, t2 - t1)
             self.model_states.update({name: "ready" for name in pipes})
             self.ready.set()
@@ -116,44 +111,6 @@ class AppState:
             log.exception("model load failed")
             self.model_states.update({n: "failed" for n, st in self.model_states.items() if st != "queued"})
             self.load_error = "the model failed to load; see the server log"
-
-    def _load_one(self, name: str, path, device, dtype):
-        """One model's runner, on its backend (compiled / TensorRT stand-ins swapped in for image models)."""
-        from fewstep.engines.loading import load_checkpoint
-        from fewstep.engines.pipeline import FewStepPipeline
-        from fewstep.engines.stream import StreamPipeline
-
-        ecfg = self.config.engine
-        kind = model_kind(path)  # picks the runner
-        runner = StreamPipeline if kind == "video" else FewStepPipeline
-        vae = ecfg.vae if kind == "image" else None  # --vae swaps image decoders; video VAEs are causal (Wan)
-        if ecfg.vae and kind == "video":
-            log.warning("--vae applies to image models; the video model %s keeps its own decoder", name)
-        pipe = runner(load_checkpoint(path, device, dtype, vae=vae), device, dtype, ecfg.attention)
-        backend = ecfg.resolve_backend(device)
-        if kind == "video" and backend == "compiled":
-            log.warning("the compiled backend covers image models only so far; the video model %s runs eager", name)
-            backend = "eager"
-        if ecfg.backend == "auto":
-            log.info("backend auto -> %s (device %s) for %s", backend, device, name)
-        if backend == "compiled":
-            from fewstep.engines.backends.compiled import CompiledPipeline
-
-            pipe = CompiledPipeline(pipe, ecfg.compiled)
-            rep = pipe.warmup(progress=True)
-            self.compile_seconds = (self.compile_seconds or 0.0) + rep.total
-            log.info("compiled backend (%s): compile + capture %.1f s over %d graphs", name, rep.total,
-                     len(rep.seconds))
-        elif backend == "tensorrt":
-            # Builds (or loads from the engine cache) every component, then swaps in engine stand-ins.
-            # NOT run on our H200: TensorRT-RTX refuses compute capability 9.0 and full TensorRT is not
-            # installable on our machines; the runtime follows the TensorRT API documentation.
-            from fewstep.engines.backends.tensorrt import enable
-
-            for r in enable(pipe, ecfg):
-                log.info("tensorrt (%s): %s", name, r.line())
-        log.info("%s model %s from %s", kind, name, path)
-        return pipe
 
     def shutdown(self) -> None:
         if self.core:

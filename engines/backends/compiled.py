@@ -15,6 +15,7 @@ refused for being unusual; it is only slower.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ import torch
 import torch._dynamo  # noqa: F401  (StaticGraph marks dynamic dims)
 
 from ..pipeline import FewStepPipeline, PromptEmbeds
+from ..runner import Capabilities
 
 log = logging.getLogger("fewstep.engines")
 
@@ -104,11 +106,13 @@ class CompileReport:
 
 
 class CompiledPipeline:
-    """Drop-in for FewStepPipeline inside EngineCore (same stage methods), backed by compiled, captured graphs."""
+    """The compiled ``Runner`` (engines/runner.py): the eager pipeline's stages, backed by compiled, captured graphs
+    per declared bucket. Everything else (sizes it can run, CFG, defaults) is the eager pipeline's."""
 
     def __init__(self, pipe: FewStepPipeline, cfg):
         self.pipe = pipe
         self.cfg = cfg
+        self.device = pipe.device
         self.cuda_graphs = cfg.cuda_graphs and pipe.device.type == "cuda"
         self.batch_buckets = sorted(set(cfg.batch_buckets))
         self.sizes = [tuple(s) for s in (cfg.sizes or [(pipe.default_size, pipe.default_size)])]
@@ -155,8 +159,20 @@ class CompiledPipeline:
                                             _embeds(flat, "/uncond"), steps, consts)
             self._denoise_fns[steps] = wrap(fn)
 
-    def __getattr__(self, name):  # defaults, check_size, uses_cfg, negative_embeds' helpers ... come from eager
-        return getattr(self.pipe, name)
+    # -- Runner: what the eager pipeline decides ---------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(self.pipe.capabilities, backend="compiled")
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.report.total
+
+    def check_size(self, height: int, width: int) -> None:
+        self.pipe.check_size(height, width)  # undeclared sizes still run (eagerly), so only the model's rule
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        return self.pipe.uses_cfg(guidance_scale)
 
     # -- buckets ---------------------------------------------------------------------------------------------
     def _bucket(self, n: int) -> int | None:
@@ -217,7 +233,9 @@ class CompiledPipeline:
         if b is None:
             self._fallback(("encode", len(prompts)))
             return self.pipe.encode_prompt(prompts)
-        tok = self.pipe.tokenize(prompts + [prompts[-1]] * (b - len(prompts)))
+        # the prompts as the model reads them (the checkpoint's prompt completion), as the eager encode_prompt does
+        completed = [self.pipe.complete_prompt(p) for p in prompts]
+        tok = self.pipe.tokenize(completed + [completed[-1]] * (b - len(prompts)))
         flat = {f"/{k}": v for k, v in tok.items()}
         out = self._graph(("encode", b), self._encode_fn, flat)(flat)
         n = len(prompts)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -239,23 +240,55 @@ class Profile:
         return {t.name: tuple(tuple(axes[d][i] if isinstance(d, str) else d for d in t.dims) for i in range(3))
                 for t in spec.inputs}
 
-def restrict(pipe, profile: Profile, max_batch_size: int) -> None:
-    """Make ``pipe`` refuse out-of-profile sizes at validation time (a 400 up front, not a failed batch), and refuse
-    at start-up a batching setting the engines cannot serve."""
+def check_batching(profile: Profile, max_batch_size: int) -> None:
+    """Refuse at start-up a batching setting the engines cannot serve."""
     lo, _, hi = profile.batch
     if lo > 1:
         raise ValueError(f"TensorRT profile batch min is {lo}: a lone request is a batch of 1, so it must be 1")
     if hi < max_batch_size:
         raise ValueError(f"TensorRT profile batch max {hi} < --max-batch-size {max_batch_size}: rebuild with "
                          f"batch=1:OPT:{max_batch_size} or lower --max-batch-size")
-    pipe.max_images_per_batch = hi  # EngineCore.validate refuses a larger n up front
-    model_check = pipe.check_size
 
-    def check_size(height: int, width: int) -> None:
-        model_check(height, width)
-        profile.check_size(height, width)
 
-    pipe.check_size = check_size
+class TensorRTRunner:
+    """The TensorRT ``Runner`` (engines/runner.py): an eager pipeline whose modules are engine stand-ins
+    (``install``), serving only its engines' profile. Out-of-profile sizes and batches are refused at validation
+    (a 400 up front, not a failed batch). Built by ``enable``; tests build one around any pipeline."""
+
+    def __init__(self, pipe, profile: Profile, max_batch_size: int, builds: list[BuildResult] | None = None,
+                 build_seconds: float = 0.0):
+        check_batching(profile, max_batch_size)
+        self.pipe, self.profile, self.builds = pipe, profile, builds or []
+        self.device = pipe.device
+        self.compile_seconds = build_seconds
+
+    @property
+    def capabilities(self):
+        # a request runs as one batch: EngineCore.validate refuses n above the engines' batch max up front
+        return dataclasses.replace(self.pipe.capabilities, backend="tensorrt",
+                                   max_images_per_batch=self.profile.batch[2])
+
+    def check_size(self, height: int, width: int) -> None:
+        self.pipe.check_size(height, width)  # the model's own rule first
+        self.profile.check_size(height, width)
+
+    def batch_plan(self, n: int, height: int, width: int, steps: int) -> list[int]:
+        return [n]  # any batch in the profile runs as one: the engines take dynamic batch sizes
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        return self.pipe.uses_cfg(guidance_scale)
+
+    def encode_prompt(self, prompts: list[str]):
+        return self.pipe.encode_prompt(prompts)
+
+    def negative_embeds(self, negative_prompts: list[str]):
+        return self.pipe.negative_embeds(negative_prompts)
+
+    def denoise(self, cond, generators, height, width, steps, guidance_scale, uncond=None):
+        return self.pipe.denoise(cond, generators, height, width, steps, guidance_scale, uncond)
+
+    def decode(self, latents):
+        return self.pipe.decode(latents)
 
 
 # -- checkpoint hash, memoised on file stats -----------------------------------------------------------------------
@@ -847,15 +880,17 @@ def install(pipe, engines: dict[str, Any]) -> None:
             pipe.ckpt.components[ckpt_name] = standin  # drop the torch weights' last reference
 
 
-def enable(pipe, engine_cfg, progress: Callable[[str], None] | None = None) -> list[BuildResult]:
+def enable(pipe, engine_cfg, progress: Callable[[str], None] | None = None) -> TensorRTRunner:
     """Serve ``pipe`` from TensorRT engines: build (or load) every component's engine under
-    ``engine_cfg.tensorrt`` (EngineConfig) and install them. Needs a CUDA pipeline."""
+    ``engine_cfg.tensorrt`` (EngineConfig), install them, and return the runner (its ``builds`` say what was built
+    or loaded). Needs a CUDA pipeline."""
     opts = engine_cfg.tensorrt
     if pipe.device.type != "cuda":
         raise ValueError("backend 'tensorrt' needs device cuda (the engines run on the GPU)")
     profile = (Profile.parse(opts.profile) if opts.profile
                else Profile.native(pipe, engine_cfg.batching.max_batch_size))
-    restrict(pipe, profile, engine_cfg.batching.max_batch_size)  # before the (long) build: fail fast
+    check_batching(profile, engine_cfg.batching.max_batch_size)  # before the (long) build: fail fast
+    t0 = time.perf_counter()
     results = build_engines(pipe, profile, cache_dir=opts.cache_dir, targets=opts.targets or None,
                             progress=progress or (lambda s: log.info("tensorrt: %s", s)))
     cache = EngineCache(opts.cache_dir)
@@ -870,7 +905,7 @@ def enable(pipe, engine_cfg, progress: Callable[[str], None] | None = None) -> l
         atexit.register(engines[r.component].save_runtime_cache)
     install(pipe, engines)
     torch.cuda.empty_cache()
-    return results
+    return TensorRTRunner(pipe, profile, engine_cfg.batching.max_batch_size, results, time.perf_counter() - t0)
 
 
 def describe() -> str:

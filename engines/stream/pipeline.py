@@ -23,10 +23,13 @@ The checkpoint's ``model_index.json`` says ``"fewstep": {"kind": "video", "chunk
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..loading import Checkpoint, CheckpointError
 from ..pipeline import FewStepPipeline, PromptEmbeds
+from ..runner import Capabilities
 
 
 class StreamPipeline(FewStepPipeline):
@@ -61,6 +64,10 @@ class StreamPipeline(FewStepPipeline):
                 raise CheckpointError(f"{ckpt.path / 'model_index.json'}: Wan streams need fewstep.chunk_frames >= 2")
             t = 2 ** sum(bool(d) for d in self.vae.config.temperal_downsample)
             self.frames_per_chunk, self.first_chunk_frames = t * self.chunk_frames, 1 + t * (self.chunk_frames - 1)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(super().capabilities, frames_per_chunk=self.frames_per_chunk, fps=self.fps)
 
     @property
     def buffer_frames(self) -> int:

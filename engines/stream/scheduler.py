@@ -48,6 +48,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..config import StreamConfig
+from ..errors import EngineError, overloaded
 from ..pipeline import PromptEmbeds
 from .pipeline import StreamPipeline, tensor_bytes
 from .session import StreamChunk, StreamSession
@@ -193,15 +194,12 @@ class StreamScheduler:
 
     def add(self, s: StreamSession) -> None:
         with self._lock:
-            from ..core import EngineError
-
             if len(self._sessions) >= self.config.max_sessions:
-                raise EngineError(f"server is at capacity ({len(self._sessions)} open streams); retry later", 503,
-                                  None, "overloaded")
+                raise overloaded(f"{len(self._sessions)} open streams")
             why = self._memory_refusal(s)
             if why is not None:
                 log.warning("stream refused: %s", why)
-                raise EngineError(f"server is at capacity ({why}); retry later", 503, None, "overloaded")
+                raise overloaded(why)
             self._sessions[s.id] = s
             self._order.append(s.id)
         s.owner.on_take = self.wake
@@ -395,8 +393,6 @@ class StreamScheduler:
             if s is None or s.closed:
                 return None
             if len(s.outboxes) - 1 >= self.config.max_viewers:
-                from ..core import EngineError
-
                 raise EngineError(f"this stream already has {self.config.max_viewers} viewers", 429, None,
                                   "too_many_viewers")
             o = Outbox(capacity, "drop_oldest")

@@ -203,7 +203,7 @@ def test_abort_during_the_batch_discards_the_result(sd, monkeypatch):
     out = fut.result()
     assert out.error.code == "cancelled" and not out.images
     assert obs.of("output") == [] and obs.of("cancelled") == [("cancelled", "sd", "disconnect", "running")]
-    assert core._running == 0 and not core._inflight and not core._aborted
+    assert core.images.num_running == 0 and not core.images._inflight and not core.images._aborted
 
 
 def test_async_generate_aborts_when_its_task_is_cancelled(sd):
@@ -293,7 +293,7 @@ def test_out_of_memory_fails_the_batch_with_503_and_the_next_batch_runs(sd, monk
     err = fut.result().error
     assert isinstance(err, EngineError) and err.status == 503 and err.code == "out_of_memory"
     assert "Tried to allocate" not in str(err) and "out of device memory" in str(err)
-    assert core._running == 0 and not core._inflight
+    assert core.images.num_running == 0 and not core.images._inflight
     monkeypatch.setattr(sd, "denoise", real)
     fut = core.add_request(_req())
     core.step()

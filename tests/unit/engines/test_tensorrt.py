@@ -61,20 +61,26 @@ FIELDS = {"component": "denoiser", "flavour": "tensorrt_rtx", "flavour_version":
 
 def test_out_of_profile_requests_are_refused_up_front(tiny_dir):
     """With engines of a fixed profile, a size outside it is a 400 at validation (no batch runs and fails), and a
-    batching setting the engines cannot serve is refused at start-up."""
-    from fewstep.engines.backends.tensorrt import Profile, restrict
+    batching setting the engines cannot serve is refused at start-up. The runner says so through its own
+    check_size and capabilities; the wrapped pipeline is left as it was."""
+    from fewstep.engines.backends.tensorrt import Profile, TensorRTRunner
     from fewstep.engines.config import BatchingConfig, EngineConfig
     from fewstep.engines.core import EngineCore, EngineError, GenerateRequest
     from fewstep.engines.loading import load_checkpoint
     from fewstep.engines.pipeline import FewStepPipeline
+    from fewstep.engines.runner import Runner
 
     pipe = FewStepPipeline(load_checkpoint(tiny_dir / "sd_turbo"))
     with pytest.raises(ValueError, match="batch max 4 < --max-batch-size 8"):
-        restrict(pipe, Profile.parse("batch=1:2:4,size=64:64:128"), 8)
+        TensorRTRunner(pipe, Profile.parse("batch=1:2:4,size=64:64:128"), 8)
     with pytest.raises(ValueError, match="must be 1"):
-        restrict(pipe, Profile.parse("batch=2:2:4,size=64"), 4)
-    restrict(pipe, Profile.parse("batch=1:2:4,size=64:64:128"), 4)
-    core = EngineCore({"m": pipe}, EngineConfig(batching=BatchingConfig(max_batch_size=4)))
+        TensorRTRunner(pipe, Profile.parse("batch=2:2:4,size=64"), 4)
+    runner = TensorRTRunner(pipe, Profile.parse("batch=1:2:4,size=64:64:128"), 4)
+    assert isinstance(runner, Runner)
+    caps = runner.capabilities
+    assert caps.backend == "tensorrt" and caps.max_images_per_batch == 4 and caps.kind == "image"
+    assert "check_size" not in vars(pipe) and pipe.capabilities.max_images_per_batch is None  # nothing patched
+    core = EngineCore({"m": runner}, EngineConfig(batching=BatchingConfig(max_batch_size=4)))
     with pytest.raises(EngineError) as e:
         core.validate(GenerateRequest(prompt="a cat", width=256, height=64))
     assert e.value.status == 400 and "outside this server's TensorRT engines" in str(e.value)

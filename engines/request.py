@@ -1,0 +1,37 @@
+"""The paired request and output types of image generation (``GenerateRequest`` / ``GenerateOutput``). The stream
+counterparts (``StreamStart`` / ``StreamChunk``) live in engines/stream/session.py."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    output_format: str = "png"  # png | jpeg | webp | raw (uint8 arrays, no encoding)
+    timeout_s: float | None = None  # deadline from arrival; None: batching.request_timeout_s
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class GenerateOutput:
+    request_id: str
+    images: list[bytes | np.ndarray]
+    seeds: list[int]
+    timings: dict[str, float]  # <stage>_ms for every stage, total_ms, batch_size
+    model: str = ""
+    error: Exception | None = None
