@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fewstep.engines.core import EngineError, GenerateRequest
 
 from ..disconnect import ClientDisconnected, unless_disconnected
-from ..protocol import ImageData, ImageGenerationRequest, ImageGenerationResponse
+from ..protocol import ImageData, ImageGenerationRequest, ImageGenerationResponse, error_responses
 
 router = APIRouter()
 DEADLINE_HEADER = "X-Fewstep-Deadline-Ms"
@@ -31,7 +31,8 @@ def deadline_header(request: Request) -> float | None:
     return ms / 1e3
 
 
-@router.post("/v1/images/generations", response_model=ImageGenerationResponse)
+@router.post("/v1/images/generations", response_model=ImageGenerationResponse,
+             responses=error_responses(400, 401, 403, 404, 413, 429, 503, 504))
 async def generate(body: ImageGenerationRequest, request: Request) -> ImageGenerationResponse:
     state = request.app.state.fewstep
     w, h = body.dims()
