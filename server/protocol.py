@@ -22,7 +22,9 @@ class ImageGenerationRequest(BaseModel):
     prompt: str
     model: str | None = None
     n: int = Field(1, ge=1, strict=True, description="images to generate; at most limits.max_n (16 by default)")
-    size: str | None = Field(None, description='"WxH", e.g. "512x512"; default: the model\'s native size')
+    size: str | None = Field(None, description='"WxH", e.g. "512x512"; default: the model\'s native size',
+                             # in the schema only: the validator below words the error ('size must look like ...')
+                             json_schema_extra={"pattern": r"^(\d{1,5}x\d{1,5}|auto)$"})
     response_format: Literal["b64_json"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
     seed: int | None = Field(None, ge=0, le=2**62)

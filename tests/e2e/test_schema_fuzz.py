@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 from tests.conftest import ServerProcess  # noqa: E402
 
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
-MAX_EXAMPLES = 15
+MAX_EXAMPLES = 25
 BUDGET_S = 420.0
 MAX_VIDEO_FRAMES = 4
 MAX_STEPS_FUZZED = 2
