@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 
 class BatchingConfig(BaseModel):
@@ -29,6 +29,14 @@ class BatchingConfig(BaseModel):
                                      "its arrival; queued work past it is dropped unrun and answered 504. Clients "
                                      "may ask for another with the X-Fewstep-Deadline-Ms header")
     max_request_timeout_s: float = Field(300.0, gt=0, le=86_400, description="longest deadline a client may ask for")
+
+    @model_validator(mode="after")
+    def _default_deadline_within_max(self) -> "BatchingConfig":
+        # a default past the maximum failed every request, warm-up first ("model failed to load"), not the config
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError(f"request_timeout_s ({self.request_timeout_s:g}) must be at most max_request_timeout_s "
+                             f"({self.max_request_timeout_s:g})")
+        return self
 
 
 class CompileConfig(BaseModel):

@@ -38,14 +38,33 @@ def field_hints(limits: LimitsConfig) -> dict[str, str]:
     }
 
 
-def _schema_with_limits(schema: dict, limits: LimitsConfig) -> dict:
+def _schema_with_limits(schema: dict, config: ServerConfig) -> dict:
     """The OpenAPI schema states the live limits (the request models leave them to AppState.check_limits)."""
+    limits = config.limits
     for name, model in schema.get("components", {}).get("schemas", {}).items():
         props = model.get("properties", {})
         if props.get("prompt", {}).get("type") == "string":
             props["prompt"]["maxLength"] = limits.max_prompt_chars
         if name == "ImageGenerationRequest" and "n" in props:
             props["n"]["maximum"] = limits.max_n
+        if name == "VideoRequest" and "num_frames" in props:
+            props["num_frames"]["maximum"] = config.engine.stream.max_video_frames
+    return schema
+
+
+def _validation_as_400(schema: dict) -> dict:
+    """FastAPI documents a 422 (HTTPValidationError) on every route with parameters; this server answers validation
+    errors 400 with OpenAI's error body (on_validation below), so the schema says that instead."""
+    for ops in schema.get("paths", {}).values():
+        for op in ops.values():
+            responses = op.get("responses", {})
+            if responses.pop("422", None) is not None and "400" not in responses:
+                responses["400"] = {"description": "Invalid request: a field or parameter fails validation",
+                                    "content": {"application/json": {
+                                        "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
     return schema
 
 
@@ -75,7 +94,7 @@ def create_app(config: ServerConfig, load_async: bool = True) -> FastAPI:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = _schema_with_limits(FastAPI.openapi(app), config.limits)
+            app.openapi_schema = _validation_as_400(_schema_with_limits(FastAPI.openapi(app), config))
         return app.openapi_schema
 
     app.openapi = openapi

@@ -22,7 +22,9 @@ class ImageGenerationRequest(BaseModel):
     prompt: str
     model: str | None = None
     n: int = Field(1, ge=1, strict=True, description="images to generate; at most limits.max_n (16 by default)")
-    size: str | None = Field(None, description='"WxH", e.g. "512x512"; default: the model\'s native size')
+    size: str | None = Field(None, description='"WxH", e.g. "512x512"; default: the model\'s native size',
+                             # in the schema only: the validator below words the error ('size must look like ...')
+                             json_schema_extra={"pattern": r"^(\d{1,5}x\d{1,5}|auto)$"})
     response_format: Literal["b64_json"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
     # strict: JSON true is not 1 (pydantic's lax mode would take it), as for n
@@ -101,3 +103,39 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -- health ---------------------------------------------------------------------------------------------------------
+class HealthResponse(BaseModel):
+    status: Literal["ok", "dead"]
+    error: str | None = Field(None, description="why the process cannot serve again (status 'dead', 503)")
+
+
+class ModelState(BaseModel):
+    id: str
+    state: Literal["queued", "loading", "loaded", "warming", "ready", "failed"]
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    model: str = Field(..., description="the default model (kept for clients of earlier versions)")
+    models: list[ModelState] = Field(..., description="every served model and its state")
+    error: str | None = Field(None, description="set when a model failed to load (the details are in the log)")
+
+
+# -- the error statuses the server answers, for the OpenAPI schema (routes' ``responses=``) ---------------------------
+_ERRORS = {
+    400: "Invalid request: a field or parameter fails validation or a server limit; 'param' names it",
+    401: "Missing or invalid API key (servers started with --api-key)",
+    403: "The browser's Origin is not allowed (--allow-origin)",
+    404: "No such resource",
+    413: "The request body is larger than limits.max_body_bytes",
+    429: "Rate limit or concurrent-stream limit per client; see Retry-After",
+    503: "Not ready (loading), at capacity, out of device memory, or shutting down; see Retry-After",
+    504: "The request's deadline (X-Fewstep-Deadline-Ms or the server's default) passed",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """``responses=`` for a route: each status with OpenAI's error body (``ErrorResponse``) and what it means."""
+    return {s: {"model": ErrorResponse, "description": _ERRORS[s]} for s in statuses}

@@ -59,14 +59,15 @@ def free_port() -> int:
 class ServerProcess:
     """`fewstep serve` as a real subprocess; waits for /ready."""
 
-    def __init__(self, args: list[str], timeout: float = 120.0):
+    def __init__(self, args: list[str], timeout: float = 120.0, env: dict[str, str] | None = None):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"fewstep-serve-{self.port}.log", "w+")
         self.proc = subprocess.Popen([*FEWSTEP, "serve", "--port", str(self.port),
-                                      *args], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+                                      *args], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **env} if env else None)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -76,6 +77,7 @@ class ServerProcess:
                 if r.status_code == 200:
                     return
                 if r.json().get("error"):
+                    self.stop()
                     raise RuntimeError(f"model failed to load: {r.json()['error']}")
             except httpx.TransportError:
                 pass

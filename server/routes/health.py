@@ -3,7 +3,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..protocol import ErrorResponse, HealthResponse, ReadyResponse, error_responses
+
 router = APIRouter()
+# /health, /ready and /metrics are open unless --protect-metrics (then 401 without a key); a draining server answers
+# 503 with the error body, a dead or loading one with the route's own body
+_DRAINING = "; or OpenAI's error body while the server shuts down"
 
 
 def _dead(state) -> str | None:
@@ -16,8 +21,12 @@ def _dead(state) -> str | None:
     return None
 
 
-@router.get("/health")
-@router.get("/v2/health/live")
+@router.get("/health", response_model=HealthResponse, responses={
+    **error_responses(401, 403),
+    503: {"model": HealthResponse | ErrorResponse, "description": "The process cannot serve again (load failed, engine "
+          "thread died): restart it" + _DRAINING}})
+@router.get("/v2/health/live", response_model=HealthResponse, responses={
+    **error_responses(401, 403), 503: {"model": HealthResponse | ErrorResponse, "description": "As GET /health"}})
 async def health(request: Request) -> JSONResponse:
     """200 while loading and serving; 503 once the process cannot serve again (load failed, engine thread died)."""
     reason = _dead(request.app.state.fewstep)
@@ -26,8 +35,12 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready")
-@router.get("/v2/health/ready")
+@router.get("/ready", response_model=ReadyResponse, responses={
+    **error_responses(401, 403),
+    503: {"model": ReadyResponse | ErrorResponse, "description": "Not ready yet (loading, warming up) or a model "
+          "failed to load" + _DRAINING}})
+@router.get("/v2/health/ready", response_model=ReadyResponse, responses={
+    **error_responses(401, 403), 503: {"model": ReadyResponse | ErrorResponse, "description": "As GET /ready"}})
 async def ready(request: Request) -> JSONResponse:
     state = request.app.state.fewstep
     # "model" is the default model (kept for clients of earlier versions); "models" lists every served one
@@ -40,6 +53,8 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+    **error_responses(401, 403, 503)})
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.fewstep.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from fewstep.engines.core import EngineError, GenerateOutput, GenerateRequest
 
 from ..disconnect import ClientDisconnected, unless_disconnected
-from ..protocol import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse
+from ..protocol import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse, error_responses
 
 router = APIRouter()
 DEADLINE_HEADER = "X-Fewstep-Deadline-Ms"
@@ -40,6 +40,7 @@ POOL_BYTES = 64 << 10
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 RESPONSES = {
+    **error_responses(400, 401, 403, 404, 413, 429, 503, 504),
     200: {"model": ImageGenerationResponse,
           "description": "JSON (the default), or for n=1 and an Accept of image/png, image/jpeg or image/webp the "
                          f"image's bytes, with {SEED_HEADER}, {BATCH_HEADER} and Server-Timing headers",

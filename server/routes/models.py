@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ..protocol import ModelCard, ModelList
+from ..protocol import ModelCard, ModelList, error_responses
 
 router = APIRouter()
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 403, 429, 503))
 async def list_models(request: Request) -> ModelList:
     state = request.app.state.fewstep
     cards = []

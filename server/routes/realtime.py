@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import uuid
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -21,13 +22,16 @@ from fewstep.engines.core import EngineError, GenerateRequest
 
 from ..stream_protocol import (ErrorMessage, RealtimeDropped, RealtimeRequest, RealtimeResult, parse_size,
                                validation_message)
+from .stream import internal_error, socket_id
 
 router = APIRouter()
+log = logging.getLogger("fewstep.server")
 
 
 class RealtimeConnection:
     def __init__(self, ws: WebSocket, state):
         self.ws, self.state = ws, state
+        self.rid = socket_id(ws)
         self.pending: RealtimeRequest | None = None
         self.worker: asyncio.Task | None = None
         self._send_lock = asyncio.Lock()
@@ -69,20 +73,26 @@ class RealtimeConnection:
         while self.pending is not None:
             req, self.pending = self.pending, None
             try:
-                out = await self.generate(req)
-                image = base64.b64encode(out.images[0]).decode()
-                await self.send(RealtimeResult(request_id=req.request_id, image=image, format=req.format,
-                                               seed=out.seeds[0],
-                                               timings={k: round(v, 3) for k, v in out.timings.items()}))
-            except EngineError as e:
-                await self.send(ErrorMessage(message=str(e), code=e.code, param=e.param, request_id=req.request_id))
-            except (WebSocketDisconnect, RuntimeError):
+                await self.send(await self.answer(req))
+            except (WebSocketDisconnect, RuntimeError):  # the socket closed under a send
                 return
-            # Last-resort boundary of the socket's worker task: any failure is answered to the client as an error
-            # message for its request, and the socket stays open.
-            except Exception as e:  # noqa: BLE001
-                await self.send(ErrorMessage(message=f"generation failed: {type(e).__name__}: {e}", code="internal",
-                                             request_id=req.request_id))
+
+    async def answer(self, req: RealtimeRequest) -> BaseModel:
+        """The message for one input: its image, or an error. A failure of generation itself (torch raises
+        RuntimeError) is answered, never mistaken for a closed socket."""
+        try:
+            out = await self.generate(req)
+            image = base64.b64encode(out.images[0]).decode()
+            return RealtimeResult(request_id=req.request_id, image=image, format=req.format, seed=out.seeds[0],
+                                  timings={k: round(v, 3) for k, v in out.timings.items()})
+        except EngineError as e:
+            return ErrorMessage(message=str(e), code=e.code, param=e.param, request_id=req.request_id)
+        # Last-resort boundary of one input: any failure is answered to the client as an error message for its
+        # request, and the socket stays open. The exception's text goes to the log only.
+        except Exception:  # noqa: BLE001
+            log.exception("realtime socket %s: input %s failed", self.rid, req.request_id)
+            return ErrorMessage(message=internal_error(self.rid, "generation failed"), code="internal",
+                                request_id=req.request_id)
 
     async def generate(self, req: RealtimeRequest):
         state = self.state

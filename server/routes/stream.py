@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 
 from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from fewstep.engines.core import AsyncStream, EngineError
 from fewstep.engines.stream import StreamStart
 
+from ..protocol import error_responses
 from ..stream_protocol import (
     CLIENT_MESSAGE,
     ErrorMessage,
@@ -95,11 +97,22 @@ def _engine(state):
     return state.core
 
 
+def socket_id(ws: WebSocket) -> str:
+    """The socket's request id (``X-Request-Id``, the client's or the guard's), quoted in error messages so that a
+    client can point at the server log's details without the details (exception text) ever reaching it."""
+    return getattr(ws.state, "request_id", None) or uuid.uuid4().hex
+
+
+def internal_error(rid: str, what: str = "internal error") -> str:
+    return f"{what} (request id {rid}); the details are in the server log"
+
+
 class StreamConnection:
     """One WebSocket on /v1/stream: a reader (control messages) and, while a session runs, a pump (frames)."""
 
     def __init__(self, ws: WebSocket, state):
         self.ws, self.state = ws, state
+        self.rid = socket_id(ws)
         self.stream: AsyncStream | None = None
         self.pump: asyncio.Task | None = None
         self.delivery: Delivery | None = None
@@ -139,9 +152,10 @@ class StreamConnection:
                 except WebSocketDisconnect:
                     raise
                 # Last-resort boundary of one client message: a bug answers it with an error, the socket stays usable.
-                except Exception as e:  # noqa: BLE001
-                    log.exception("stream message failed")
-                    await self.error(f"internal error: {type(e).__name__}: {e}", "internal")
+                # The exception's text (paths, tensor shapes, allocator messages) goes to the log only.
+                except Exception:  # noqa: BLE001
+                    log.exception("stream socket %s: message failed", self.rid)
+                    await self.error(internal_error(self.rid), "internal")
         except (WebSocketDisconnect, RuntimeError):
             pass  # the client went away (RuntimeError: receive after a disconnect the server saw first)
         finally:
@@ -219,10 +233,11 @@ class StreamConnection:
                         payloads = [await stream.run_in_pool(muxer.add, chunk.frames, chunk.first_index)]
                     else:
                         payloads = await stream.encoded(chunk, fmt, quality)
-                except Exception as e:  # noqa: BLE001 - any encoder failure (PyAV, PIL) ends the failing session only
-                    log.exception("stream %s: frame encoding failed", s.id)
+                except Exception:  # noqa: BLE001 - any encoder failure (PyAV, PIL) ends the failing session only
+                    log.exception("stream socket %s, session %s: frame encoding failed", self.rid, s.id)
                     stream.close("error: frame encoding failed")
-                    await self.error(f"stream failed: frame encoding failed ({type(e).__name__})", "stream_failed")
+                    await self.error(internal_error(self.rid, "stream failed: frame encoding failed"),
+                                     "stream_failed")
                     await self.send(StoppedMessage(reason="error: frame encoding failed", frames_sent=delivery.sent,
                                                    frames_dropped=s.frames_dropped))
                     self.stream = None
@@ -240,7 +255,10 @@ class StreamConnection:
                 delivery.chunk_sent(chunk.num_frames)
             reason = stream.outbox.reason or "finished"
             if reason.startswith("error"):
-                await self.error(f"stream failed: {reason.removeprefix('error: ')}", "stream_failed")
+                # the engine's reason holds the exception's text ("error: RuntimeError: ..."): logged, not sent
+                log.error("stream socket %s, session %s ended: %s", self.rid, s.id, reason)
+                reason = "error"
+                await self.error(internal_error(self.rid, "stream failed"), "stream_failed")
             await self.send(StoppedMessage(reason=reason, frames_sent=delivery.sent,
                                            frames_dropped=s.frames_dropped))
             self.stream = None
@@ -274,13 +292,16 @@ async def stream_socket(ws: WebSocket) -> None:
     await StreamConnection(ws, ws.app.state.fewstep).serve()
 
 
-@router.get("/v1/stream/schema")
+@router.get("/v1/stream/schema", responses=error_responses(403, 503))
 async def stream_schema() -> dict:
     return schema()
 
 
 BOUNDARY = "fewstepframe"
 MJPEG_TYPE = f"multipart/x-mixed-replace; boundary={BOUNDARY}"
+_MJPEG_200 = {"description": f"JPEG frames as multipart/x-mixed-replace (boundary {BOUNDARY}) until the session "
+              "ends or the client leaves", "content": {"multipart/x-mixed-replace": {"schema": {"type": "string",
+                                                                                          "format": "binary"}}}}
 
 
 async def _mjpeg_body(state, stream: AsyncStream, quality: int = 85):
@@ -302,7 +323,8 @@ async def _mjpeg_body(state, stream: AsyncStream, quality: int = 85):
         stream.close("disconnected")
 
 
-@router.get("/v1/stream/{session_id}.mjpeg")
+@router.get("/v1/stream/{session_id}.mjpeg", response_class=ClosingStreamingResponse,
+            responses={200: _MJPEG_200, **error_responses(400, 401, 403, 404, 429, 503)})
 async def mjpeg_of_session(session_id: str, request: Request) -> ClosingStreamingResponse:
     """Watch an open session as multipart/x-mixed-replace (an extra viewer with its own bounded outbox)."""
     state = request.app.state.fewstep
@@ -317,7 +339,8 @@ async def mjpeg_of_session(session_id: str, request: Request) -> ClosingStreamin
                                     headers={"Cache-Control": "no-store"}, on_close=viewer.close)
 
 
-@router.get("/v1/stream.mjpeg")
+@router.get("/v1/stream.mjpeg", response_class=ClosingStreamingResponse,
+            responses={200: _MJPEG_200, **error_responses(400, 401, 403, 404, 429, 503)})
 async def mjpeg_new_session(request: Request, prompt: str = Query(..., min_length=1),
                             seed: int | None = Query(None, ge=0, le=2**62), size: str | None = None,
                             fps: float | None = Query(None, ge=0, le=1000)) -> ClosingStreamingResponse:

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fewstep.engines.core import EngineError
 from fewstep.engines.stream import StreamStart
 
+from ..protocol import error_responses
 from ..stream_protocol import VideoRequest, parse_size
 from .stream import ClosingStreamingResponse, Delivery, _engine
 
@@ -22,7 +23,10 @@ router = APIRouter()
 log = logging.getLogger("fewstep.server")
 
 
-@router.post("/v1/videos", response_class=ClosingStreamingResponse)
+@router.post("/v1/videos", response_class=ClosingStreamingResponse, responses={
+    200: {"description": "Fragmented MP4 (H.264), sent chunk by chunk as the frames are made",
+          "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
+    **error_responses(400, 401, 403, 404, 413, 429, 503)})
 async def videos(body: VideoRequest, request: Request) -> ClosingStreamingResponse:
     state = request.app.state.fewstep
     core = _engine(state)
