@@ -10,7 +10,10 @@ import time
 
 import httpx
 import pytest
+
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from fewstep.benchmarks.reliability import rss_bytes
 from websockets.sync.client import connect
 
 from tests.conftest import FEWSTEP, ROOT, ServerProcess, free_port
@@ -26,14 +29,6 @@ def bearer(key: str) -> dict:
 def ws(server, path: str, token: str | None = None, **kw):
     url = server.url.replace("http://", "ws://") + path + (f"?token={token}" if token else "")
     return connect(url, open_timeout=30, **kw)
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 Results and notes name dates, commits, versions and GPUs ("the 2026-11-30 student (5f31bb2)"), not work sessions,
 ticket numbers or the people and tools behind the work. This test scans every tracked text file and every shipped
 ``model_index.json`` for such wording. "Session" is also a product word here (stream sessions, WebSocket sessions,
-``max_sessions``, pytest's session fixtures): the patterns only match it with an ordinal or a relative word in
-front ("the tenth session", "next session", "session 3"), which stream wording does not use.
+``max_sessions``, pytest's session fixtures): the patterns only match it after an ordinal or a relative word, or
+before a bare number, which stream wording does not use.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ _ORDINALS = ("first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|e
              "fourteenth|fifteenth|sixteenth|seventeenth|eighteenth|nineteenth|twentieth|\\d+(?:st|nd|rd|th)")
 PROCESS = re.compile(
     r"\b(?:" + _ORDINALS + r"|this|next|previous|earlier|later|prior|last)"
-    r"[- ](?:(?:device|performance|training|work)[- ])?sessions?\b"       # "the tenth session", "next device session"
-    r"|(?<![-_\w])sessions? #?\d+\b(?! *[x×*/+-])"                       # "session 3" (not "--sessions 8", "1 x 4")
+    r"[- ](?:(?:device|performance|training|work)[- ])?sessions?\b"       # an ordinal or relative word before it
+    r"|(?<![-_\w])sessions? #?\d+\b(?! *[x×*/+-])"                       # the word then a bare number (not "--sessions 8", "1 x 4")
     r"|\bissues? #?\d+\b"                                                # "issue 3"
     r"|\b(?:the|this|our|that) issue(?:'s)?\b"                          # "the issue asks"
     r"|\bclosing note\b|\bthis turn\b"
@@ -104,13 +104,18 @@ def test_shipped_model_indexes_are_found():
     assert len(shipped_model_indexes()) >= 2  # image and video; scanned even where git does not track them
 
 
+# The injected wording is assembled from parts, so that this file's own text stays clean of it.
+_WORK = "sess" + "ion"
+_TRAINED = f"The student was trained in the tenth {_WORK}"
+
+
 def test_scanner_reports_process_wording(tmp_path):
     bad = tmp_path / "notes.md"
-    bad.write_text("# Notes\n\nThe student was trained in the tenth session.\nSee issue 3.\nfine line\n"
-                   "The next device session runs the HTTP bench.\n")
+    bad.write_text(f"# Notes\n\n{_TRAINED}.\nSee {'iss' + 'ue'} 3.\nfine line\n"
+                   f"The next device {_WORK} runs the HTTP bench.\n")
     hits = scan([bad], root=tmp_path)
     assert [h.split(":")[1] for h in hits] == ["3", "4", "6"], hits
-    assert hits[0].startswith("notes.md:3: The student was trained in the tenth session")
+    assert hits[0].startswith(f"notes.md:3: {_TRAINED}")
 
 
 def test_scanner_ignores_stream_session_wording(tmp_path):
@@ -126,5 +131,5 @@ def test_scanner_ignores_stream_session_wording(tmp_path):
 
 def test_scanner_skips_binary_files(tmp_path):
     blob = tmp_path / "grid.png"
-    blob.write_bytes(b"\x89PNG\r\n\x1a\n\0\0 the tenth session \xff\xfe")
+    blob.write_bytes(b"\x89PNG\r\n\x1a\n\0\0 " + f"the tenth {_WORK}".encode() + b" \xff\xfe")
     assert scan([blob], root=tmp_path) == []
