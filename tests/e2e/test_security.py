@@ -10,11 +10,10 @@ import time
 
 import httpx
 import pytest
-
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
 
 from fewstep.benchmarks.reliability import rss_bytes
-from websockets.sync.client import connect
 
 from tests.conftest import FEWSTEP, ROOT, ServerProcess, free_port
 
