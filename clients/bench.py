@@ -85,6 +85,9 @@ and is ``null`` when there are no samples.
       },                                           # denoise_ms, total_ms, batch_size
       "serving_overhead_ms": null | {"mean", "p50", "p99", "count"},
                                       # per request: e2e latency - timings.total_ms
+      "waterfall_ms": null | {"requests": int, "stages": [{"stage", "mean", "p50"}]},
+                                      # each part of a request's span in order (WATERFALL); the means add up
+                                      # to the mean e2e latency (fewstep servers that report receive_ms)
       "requests": [                   # only with --save-requests
         {"index": int, "scheduled_s": float | null, "start_s": float, "latency_ms": float,
          "ok": bool, "status": int | null, "error": str | null, "images": int,
@@ -130,6 +133,7 @@ __all__ = [
     "percentiles",
     "poisson_arrivals",
     "resolve_endpoint",
+    "waterfall",
 ]
 
 SCHEMA = "fewstep.bench.images/v1"
@@ -704,6 +708,43 @@ def _stats(values: Sequence[float], qs: Sequence[float] = (50, 90, 99), *, full:
     return out
 
 
+# A request's span, in order: what each part of its end-to-end latency was spent on (fewstep servers only).
+WATERFALL = (
+    ("client + HTTP", None),  # e2e minus everything the server timed: network, HTTP parsing on both sides
+    ("receive", "receive_ms"),  # the server saw it -> the engine queued it (body, validation, hand-over)
+    ("queue", "queue_ms"),
+    ("encode_prompt", "encode_prompt_ms"),
+    ("denoise", "denoise_ms"),
+    ("decode", "decode_ms"),
+    ("encode_image", "encode_image_ms"),
+    ("engine other", None),  # total_ms minus the engine's named stages: scheduling, thread hops
+    ("handoff", "handoff_ms"),  # the engine done -> the route resumed
+    ("serialize", "serialize_ms"),  # base64 for JSON answers
+)
+
+
+def waterfall(ok: Sequence["RequestRecord"]) -> dict[str, Any] | None:
+    """Mean and p50 of each part of the requests' spans (``WATERFALL``), from the server's ``timings``; the means
+    add up to the mean end-to-end latency. None unless the server reported its span (receive_ms and total_ms)."""
+    rows: dict[str, list[float]] = {name: [] for name, _ in WATERFALL}
+    for r in ok:
+        t = r.timings or {}
+        if not all(_is_number(t.get(k)) for k in ("receive_ms", "total_ms")):
+            continue
+        part = {name: float(t.get(key) or 0.0) for name, key in WATERFALL if key}
+        named_engine = sum(part[n] for n in ("queue", "encode_prompt", "denoise", "decode", "encode_image"))
+        part["engine other"] = max(0.0, float(t["total_ms"]) - named_engine)
+        span = part["receive"] + float(t["total_ms"]) + part["handoff"] + part["serialize"]
+        part["client + HTTP"] = r.latency_ms - span
+        for name in rows:
+            rows[name].append(part[name])
+    n = len(rows["queue"])
+    if not n:
+        return None
+    return {"requests": n, "stages": [{"stage": name, "mean": statistics.fmean(v), "p50": percentiles(v, (50,))[0]}
+                                      for name, v in rows.items()]}
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -797,6 +838,7 @@ def build_report(
         },
         "server_timings": server_timings,
         "serving_overhead_ms": serving_overhead,
+        "waterfall_ms": waterfall(ok),
     }
     if save_requests:
         report["requests"] = [
@@ -913,6 +955,11 @@ def format_report(report: dict[str, Any]) -> str:
         oh = report.get("serving_overhead_ms")
         if oh:
             row("Serving overhead P50 (ms)", oh["p50"], ".2f")
+    wf = report.get("waterfall_ms")
+    if wf:
+        sub(f"Where a request's time goes (mean / p50 ms, {wf['requests']} requests)")
+        for st in wf["stages"]:
+            row(st["stage"], f"{st['mean']:.2f} / {st['p50']:.2f}")
     errs = report.get("errors", {})
     if errs.get("total"):
         sub("Errors")

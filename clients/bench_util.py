@@ -207,12 +207,12 @@ def _bins(span: float, target: int = 30) -> float:
 def images_figure(report: dict[str, Any], records: Sequence[Any]):
     """Latency histogram + CDF, and throughput (completed req/s) over time, of one ``bench images`` run."""
     cfg = report.get("config", {})
-    made = _figure(1, 2, f"fewstep bench images: {cfg.get('served_model') or cfg.get('model') or '-'} {cfg.get('size')} "
+    made = _figure(1, 3, f"fewstep bench images: {cfg.get('served_model') or cfg.get('model') or '-'} {cfg.get('size')} "
                          f"steps={cfg.get('steps') or cfg.get('model_default_steps') or 'default'}, {_load_text(cfg)}, {report['completed']} ok / "
                          f"{report['failed']} failed")
     if made is None:
         return None
-    fig, (ax_lat, ax_tp) = made
+    fig, (ax_lat, ax_tp, ax_wf) = made
     ok = [r for r in records if r.ok]
     lat = sorted(r.latency_ms for r in ok)
     if lat:
@@ -248,7 +248,28 @@ def images_figure(report: dict[str, Any], records: Sequence[Any]):
     ax_tp.set_xlabel("time since start (s)")
     ax_tp.set_ylabel("completed requests / s")
     ax_tp.set_title("throughput over time")
+    _waterfall(ax_wf, report.get("waterfall_ms"))
     return fig
+
+
+def _waterfall(ax, wf: dict[str, Any] | None) -> None:
+    """One horizontal bar per part of a request's span, each starting where the previous ended (means, ms)."""
+    ax.set_title("where a request's time goes (mean)")
+    if not wf:
+        ax.text(0.5, 0.5, "the server reported no span\n(not a fewstep server?)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    stages = wf["stages"]
+    left = 0.0
+    for i, st in enumerate(stages):
+        width = max(st["mean"], 0.0)
+        ax.barh(i, width, left=left, color=f"C{i % 10}")
+        ax.text(left + width, i, f" {st['mean']:.2f}", va="center", fontsize=7)
+        left += width
+    ax.set_yticks(range(len(stages)), [st["stage"] for st in stages], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"ms from the client's send (total {left:.1f} ms, {wf['requests']} requests)")
 
 
 def stream_figure(report: dict[str, Any], records: Sequence[Any]):

@@ -452,7 +452,8 @@ class EngineCore:
             timings["encode_image_ms"] = (done - t_decoded) * 1e3
             timings["total_ms"] = (done - w.req.arrival) * 1e3
             timings["batch_size"] = batch_size
-            out = GenerateOutput(w.req.request_id, data, w.seeds, timings, w.req.model)
+            out = GenerateOutput(w.req.request_id, data, w.seeds, timings, w.req.model, arrival=w.req.arrival,
+                                 done=done)
         # Last-resort boundary (an encode-pool worker): whatever fails reaches the request as its error, or its
         # client would wait forever.
         except Exception as e:  # noqa: BLE001

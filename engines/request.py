@@ -35,3 +35,7 @@ class GenerateOutput:
     timings: dict[str, float]  # <stage>_ms for every stage, total_ms, batch_size
     model: str = ""
     error: Exception | None = None
+    # perf_counter stamps of the request's arrival at the engine and of its encoded images (0: not run), from
+    # which the route times its own parts of the request's span (server/routes/images.py, waterfall)
+    arrival: float = 0.0
+    done: float = 0.0

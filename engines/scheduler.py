@@ -92,13 +92,17 @@ class ImageScheduler:
             # A request that finds the queue empty always gets in (n and size are bounded by validation), so any
             # valid request can run on an idle server.
             if self._waiting:
-                cal = self.calibrated_unit_s
+                # seconds per unit: measured on the batches run so far (they amortise what a lone warm-up image
+                # cannot), else the warm-up's timing
+                cal = {**self.calibrated_unit_s, **self.unit_s}
                 if bcfg.max_queue_seconds is not None and all(w.req.model in cal for w in self._waiting) \
                         and work.req.model in cal:
                     queued = sum(w.cost * cal[w.req.model] for w in self._waiting)
                     # Whatever the calibration says (one warm-up timing, noisy on a loaded host), the queue always
-                    # holds two full batches of native images: a bound below that refuses a few concurrent clients.
-                    small = sum(w.cost for w in self._waiting) + work.cost <= 2 * bcfg.max_batch_size
+                    # holds one full batch of native images, so that batching still forms full batches under a
+                    # tight bound. A latency-first server sets a small max_batch_size and max_queue_seconds: with
+                    # --max-batch-size 1 a request is admitted only while nothing else waits.
+                    small = sum(w.cost for w in self._waiting) + work.cost <= bcfg.max_batch_size
                     full = not small and queued + work.cost * cal[work.req.model] > bcfg.max_queue_seconds
                     what = f"~{queued:.1f} s of work queued, the limit is {bcfg.max_queue_seconds:g} s"
                 else:

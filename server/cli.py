@@ -7,6 +7,7 @@ benchmarks...`` from the repository root, whose ``kernels/`` folder would shadow
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
 import os
@@ -75,7 +76,9 @@ def _serve_config(args):
                        "engine.dtype": args.dtype, "engine.vae": args.vae,
                        "http.host": args.host, "http.port": args.port,
                        "engine.batching.max_batch_size": args.max_batch_size,
-                       "engine.batching.max_wait_ms": args.max_wait_ms, "engine.attention": args.attention,
+                       "engine.batching.max_wait_ms": args.max_wait_ms,
+                       "engine.batching.max_queue_seconds": args.max_queue_seconds,
+                       "engine.attention": args.attention,
                        "engine.backend": args.backend, "engine.threads": args.threads,
                        "engine.stream.max_sessions": args.max_sessions,
                        "engine.stream.max_batch_sessions": args.max_batch_sessions,
@@ -150,6 +153,8 @@ class DrainingServer(uvicorn.Server):
     ``grace`` + 5 s after the signal whatever still runs (an engine step on a large batch cannot be interrupted).
     A second signal exits at once."""
 
+    QUIET_S = 0.1
+
     def __init__(self, config: uvicorn.Config, guard, grace: float):
         super().__init__(config)
         self.guard, self.grace = guard, grace
@@ -164,9 +169,25 @@ class DrainingServer(uvicorn.Server):
         watchdog.start()
 
     async def shutdown(self, sockets=None) -> None:
-        for server in self.servers:  # no new connections while draining
-            server.close()
+        # The listener stays open while in-flight work finishes: a client that connects meanwhile is answered 503
+        # by the draining guard. Closing it first would reset the connections already in the kernel's accept
+        # backlog (the client sees a connection reset, not an answer).
+        # It closes after a quiet moment (no request running for QUIET_S), so that a client racing the close on a
+        # kept-alive connection is rare; every answer meanwhile carries Connection: close (the guard).
+        t0 = time.monotonic()
         await self.guard.drain(wait_s=min(3.0, self.grace))
+        quiet_since = None
+        while time.monotonic() - t0 < self.grace:
+            now = time.monotonic()
+            if self.server_state.tasks:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= self.QUIET_S:
+                break
+            await asyncio.sleep(0.01)
+        # what is left of the grace bounds uvicorn's own wait for the connections it then closes
+        self.config.timeout_graceful_shutdown = max(0.1, self.grace - (time.monotonic() - t0))
         await super().shutdown(sockets)
 
 
@@ -357,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
     s.add_argument("--max-batch-size", type=int, default=None,
                    help="most images in one forward pass (default 8)")
+    s.add_argument("--max-queue-seconds", type=float, default=None, metavar="S",
+                   help="refuse (503 + Retry-After) a request when the queued work ahead of it is estimated above S "
+                        "seconds (default 5: favours throughput; a small S with a small --max-batch-size favours "
+                        "latency: see docs/serving.md)")
     s.add_argument("--max-wait-ms", type=float, default=None,
                    help="how long the first waiting request may wait for others to batch with (default 0: an idle "
                         "engine starts a request at once; requests arriving meanwhile form the next batch)")

@@ -117,6 +117,7 @@ _ENV = {  # variable -> (path in the tree, type)
     "FEWSTEP_VAE": ("engine.vae", str),
     "FEWSTEP_MAX_BATCH_SIZE": ("engine.batching.max_batch_size", int),
     "FEWSTEP_MAX_WAIT_MS": ("engine.batching.max_wait_ms", float),
+    "FEWSTEP_MAX_QUEUE_SECONDS": ("engine.batching.max_queue_seconds", float),
     "FEWSTEP_THREADS": ("engine.threads", int),
     "FEWSTEP_MAX_SESSIONS": ("engine.stream.max_sessions", int),
     "FEWSTEP_MAX_BATCH_SESSIONS": ("engine.stream.max_batch_sessions", int),

@@ -38,6 +38,7 @@ HEALTH_PATHS = frozenset({"/health", "/v2/health/live", "/ready", "/v2/health/re
 STREAM_PATHS = frozenset({"/v1/stream", "/v1/realtime", "/v1/stream.mjpeg"})
 IDLE_CLOSE = 4408    # a WebSocket that neither side used for SecurityConfig.idle_timeout_s
 GOING_AWAY = 1001    # shutdown
+STREAM_SLOT_WAIT_S = 2.0  # a stream over the per-client limit waits this long for one of the client's slots to free
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -234,11 +235,18 @@ class Guard:
             raise Refusal(429, f"rate limit: at most {rate:g} requests a second per client (bursts of {burst})",
                           "rate_limited", [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
 
-    def _open_stream(self, who: str) -> None:
+    async def _open_stream(self, who: str) -> None:
         limit = self.sec.max_streams_per_client
         if limit and self.streams.get(who, 0) >= limit:
-            raise Refusal(429, f"this client already has {limit} open streams, the most allowed; close one first",
-                          "too_many_streams", [(b"retry-after", b"5")])
+            # A client that just dropped a stream (TCP closed without a close frame) and opens the next one at once
+            # races the server: its old slot comes back only when the old handler has seen the disconnect and
+            # ended the session. Waiting briefly for that keeps a client within its limit from a spurious 429.
+            deadline = time.monotonic() + STREAM_SLOT_WAIT_S
+            while self.streams.get(who, 0) >= limit and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if self.streams.get(who, 0) >= limit:
+                raise Refusal(429, f"this client already has {limit} open streams, the most allowed; close one "
+                              "first", "too_many_streams", [(b"retry-after", b"5")])
         self.streams[who] = self.streams.get(who, 0) + 1
 
     def _close_stream(self, who: str) -> None:
@@ -248,8 +256,8 @@ class Guard:
         else:
             self.streams.pop(who, None)
 
-    def _admit(self, scope, headers) -> tuple[str, bool]:
-        """(identity, counts as a stream) or raises Refusal."""
+    async def _admit(self, scope, headers) -> tuple[str, bool]:
+        """(identity, counts as a stream) or raises Refusal; a stream's slot is taken."""
         presented = self._presented_key(scope, headers)  # first: strips ?token= before anything is logged
         # uvicorn's h11_max_incomplete_event_size only bounds a head still arriving: one that comes whole in a read
         # (up to 64 KiB) got through whatever its size. The limit, on the head as parsed:
@@ -273,7 +281,7 @@ class Guard:
         self._check_rate(who)
         stream = is_stream_path(path)
         if stream:
-            self._open_stream(who)
+            await self._open_stream(who)
         return who, stream
 
     # -- ASGI --------------------------------------------------------------------------------------------------
@@ -294,6 +302,7 @@ class Guard:
     async def _http(self, scope, receive, send) -> None:
         headers = dict(scope["headers"])
         rid = self._request_id(scope, headers)
+        scope["state"]["received"] = time.perf_counter()  # the start of the server's span in a request's waterfall
         rid_header = (b"x-request-id", rid.encode())
 
         async def respond(status: int, body: bytes, extra: list, close: bool = False) -> None:
@@ -305,7 +314,7 @@ class Guard:
             await send({"type": "http.response.body", "body": body})
 
         try:
-            who, stream = self._admit(scope, headers)
+            who, stream = await self._admit(scope, headers)
         except Refusal as r:
             # closed after the answer: a refused client's body (however long) is never read
             await respond(r.status, error_json(r.status, r.message, r.code), r.headers, close=True)
@@ -336,7 +345,10 @@ class Guard:
                 return
             if msg["type"] == "http.response.start":
                 started = True
-                msg = {**msg, "headers": [*msg.get("headers", ()), rid_header]}
+                extra = [rid_header]
+                if self.draining:  # the client must not reuse this connection: the server closes it soon
+                    extra.append((b"connection", b"close"))
+                msg = {**msg, "headers": [*msg.get("headers", ()), *extra]}
             await send(msg)
 
         try:
@@ -355,7 +367,7 @@ class Guard:
         headers = dict(scope["headers"])
         self._request_id(scope, headers)
         try:
-            who, stream = self._admit(scope, headers)
+            who, stream = await self._admit(scope, headers)
         except Refusal as r:
             await self._deny(scope, send, r)
             return

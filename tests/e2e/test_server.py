@@ -141,6 +141,14 @@ def test_bench_images_smoke(tiny_server, tmp_path):
     assert [m["id"] for m in rep["server_models"]] == [m["id"] for m in listed]
     lat = rep["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    # the waterfall: the server timed its own span (receive, hand-off, base64) beside the engine's stages, so the
+    # client's share is what is left; every part is non-negative but the client's (clock noise), and they add up
+    wf = {s["stage"]: s for s in rep["waterfall_ms"]["stages"]}
+    assert rep["waterfall_ms"]["requests"] == 20
+    assert all(wf[k]["mean"] >= 0 for k in wf if k != "client + HTTP")
+    assert wf["denoise"]["mean"] > 0 and wf["receive"]["mean"] > 0 and wf["serialize"]["mean"] > 0
+    assert sum(s["mean"] for s in wf.values()) == pytest.approx(lat["mean"], rel=1e-6)
+    assert "Where a request's time goes" in p.stdout
 
 
 def test_serve_with_no_arguments_serves_both_default_models():

@@ -24,6 +24,7 @@ from fewstep.clients.bench import (
     poisson_arrivals,
     request_seed,
     resolve_endpoint,
+    waterfall,
 )
 
 # ------------------------------------------------------------------ percentiles
@@ -277,3 +278,24 @@ def test_build_report_many_random_latencies_ordered():
     recs = [RequestRecord(i, 0.0, rng.expovariate(0.01), True, 200, images=1) for i in range(999)]
     lat = build_report(recs, duration_s=10.0)["latency_ms"]
     assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+
+def test_waterfall_parts_add_up_to_the_latency():
+    """Each part of a request's span from the server's timings, in order; the client's share is what the server did
+    not time, and the means add up to the mean end-to-end latency."""
+    t = {"receive_ms": 0.5, "queue_ms": 0.2, "encode_prompt_ms": 2.0, "denoise_ms": 5.0, "decode_ms": 7.0,
+         "encode_image_ms": 0.8, "total_ms": 15.5, "handoff_ms": 0.3, "serialize_ms": 0.1, "batch_size": 1}
+    recs = [RequestRecord(i, 0.1 * i, 20.0 + i, True, 200, images=1, timings=dict(t)) for i in range(3)]
+    wf = waterfall(recs)
+    names = [s["stage"] for s in wf["stages"]]
+    assert names == ["client + HTTP", "receive", "queue", "encode_prompt", "denoise", "decode", "encode_image",
+                     "engine other", "handoff", "serialize"]
+    by = {s["stage"]: s for s in wf["stages"]}
+    assert by["engine other"]["mean"] == pytest.approx(15.5 - 15.0)
+    assert by["client + HTTP"]["p50"] == pytest.approx(21.0 - (0.5 + 15.5 + 0.3 + 0.1))
+    assert sum(s["mean"] for s in wf["stages"]) == pytest.approx(statistics.fmean(r.latency_ms for r in recs))
+    # a server that reports no span (not fewstep, or an older one): no waterfall
+    assert waterfall([RequestRecord(0, 0.0, 5.0, True, 200, images=1, timings={"total_ms": 4.0})]) is None
+    rep = build_report(recs, duration_s=1.0)
+    assert rep["waterfall_ms"]["requests"] == 3
+    assert "Where a request's time goes" in format_report(rep)
