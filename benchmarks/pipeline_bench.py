@@ -18,13 +18,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from fewstep.clients.bench import percentiles
+from fewstep.clients.bench_util import git_commit  # noqa: F401 - also imported from here by image_encode_bench
 
 STAGE_KEYS = ("encode_prompt_ms", "denoise_ms", "decode_ms", "encode_image_ms", "total_ms")
 
@@ -33,19 +33,6 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def git_commit() -> str | None:
-    """Short HEAD, with "+dirty" when tracked files differ from it: a device copy of the work tree can carry a
-    stale HEAD under newer files, and a row must not claim a commit it did not run."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return (head + ("+dirty" if dirty else "")) or None
-    except Exception:
-        return None
 
 
 def count_flops(pipe, size: int, steps: int) -> dict[str, float]:

@@ -22,13 +22,14 @@ import re
 import shlex
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from fewstep.clients.bench_util import git_commit
 
 SCENARIOS = {
     "bad_inputs": "at least 200 distinct bad requests over HTTP and WebSockets: each a 4xx (or a WebSocket error "
@@ -1253,16 +1254,7 @@ def environment(argv: list[str]) -> dict:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    try:
-        repo = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        if commit and dirty:
-            commit += "+dirty"
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = git_commit(where=Path(__file__).resolve().parent.parent)
     return {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
             "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
             "versions": versions, "command": shlex.join(["fewstep", "bench", "reliability", *argv])}

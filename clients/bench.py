@@ -105,7 +105,6 @@ import json
 import math
 import random
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -115,7 +114,7 @@ from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
 
 import httpx
 
-from .bench_util import Progress, median, pick_card, progress_enabled, resolve_size, write_plot
+from .bench_util import Progress, git_commit, median, pick_card, progress_enabled, resolve_size, write_plot
 from .python import IMAGES_PATH, build_images_body
 
 __all__ = [
@@ -223,32 +222,6 @@ def resolve_endpoint(url: str) -> str:
     if u.endswith("/v1"):
         return u + IMAGES_PATH[len("/v1") :]
     return u + IMAGES_PATH
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=3,
-        )
-        commit = out.stdout.strip()
-        if out.returncode != 0 or not commit:
-            return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=3,
-        )
-        if dirty.returncode == 0 and dirty.stdout.strip():
-            commit += "-dirty"
-        return commit
-    except (OSError, subprocess.SubprocessError):  # no git executable, or it timed out
-        return None
 
 
 def _fewstep_version() -> str | None:
@@ -818,7 +791,7 @@ def build_report(
         "schema": SCHEMA,
         "date_utc": date_utc or datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fewstep_version": _fewstep_version(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(short=False, where=Path(__file__).resolve().parent),
         "config": config or {},
         "warmup": warmup or {"requests": 0, "completed": 0, "errors": {}},
         "num_requests": len(records),

@@ -46,8 +46,8 @@ from typing import Any, Sequence
 
 import httpx
 
-from .bench import _fewstep_version, _git_commit, percentiles
-from .bench_util import Progress, pick_card, progress_enabled, resolve_size, write_plot
+from .bench import _fewstep_version, percentiles
+from .bench_util import Progress, git_commit, pick_card, progress_enabled, resolve_size, write_plot
 from .python import AsyncFewstepClient, FewstepError
 
 SCHEMA = "fewstep.bench.stream/v1"
@@ -273,7 +273,7 @@ def build_report(records: list[SessionRecord], args, duration: float, date_utc: 
         "schema": SCHEMA,
         "date_utc": date_utc,
         "fewstep_version": _fewstep_version(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(short=False, where=Path(__file__).resolve().parent),
         "config": _config(args, records),
         "sessions_completed": len(ok),
         "sessions_failed": len(records) - len(ok),

@@ -13,7 +13,9 @@ size the card says the model does not serve.
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
 import statistics
 import sys
 import time
@@ -177,6 +179,26 @@ class Progress:
 def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
+
+def git_commit(short: bool = True, where: str | Path | None = None) -> str | None:
+    """The commit that measurements ran: ``FEWSTEP_COMMIT`` when set (a copied work tree, such as the GPU machine's,
+    can carry stale git metadata under newer files: the script that copied it knows the commit), else git's HEAD
+    of the checkout at ``where`` (default: the working directory), with "+dirty" when tracked files differ.
+    None outside a checkout or without git."""
+    given = os.environ.get("FEWSTEP_COMMIT", "").strip()
+    if given:
+        return given
+    cwd = str(where) if where is not None else None
+    try:
+        head = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], cwd=cwd,
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 # ------------------------------------------------------------------------------------------------------------ plot
 

@@ -5,6 +5,13 @@
 PYTHONPATH=$(printf '%s' "${PYTHONPATH:-}" | tr ':' '\n' | grep -vxF -e "$PWD" -e . -e '' | paste -sd: -)
 export PYTHONPATH
 
+# The device's copy of the work tree carries the git metadata of an older commit: rows would name the wrong one.
+# Pass the commit from the machine that sent the tree: `FEWSTEP_COMMIT=$(git rev-parse --short HEAD)` in the run's
+# command (fewstep.clients.bench_util.git_commit reads it first).
+if [ -z "${FEWSTEP_COMMIT:-}" ]; then
+  echo "warning: FEWSTEP_COMMIT is not set; rows will name the device copy's (possibly stale) HEAD" >&2
+fi
+
 begin_run() {  # begin_run DEST: logs, rows and reports go to $OUT; at exit they come back as DEST/results.tgz
   set -uo pipefail
   FINAL=$(mkdir -p "$1" && cd "$1" && pwd)  # at most 8 files come back from a GPU run: keep DEST to 2-3

@@ -36,7 +36,6 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewstep.clients.bench_util import git_commit
 from fewstep.server.config import DEFAULT_MODEL_DIR, DEFAULT_VIDEO_MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[2]  # git metadata of an editable install's checkout
@@ -86,17 +86,6 @@ def log(msg: str) -> None:
 def backend_for(device: torch.device) -> str:
     """The Triton kernel on CUDA, the fp32 torch reference elsewhere."""
     return "triton" if device.type == "cuda" else "reference"
-
-
-def git_commit() -> str | None:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=REPO).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=False, cwd=REPO).stdout.strip()
-        return sha + ("+dirty" if dirty else "") if sha else None
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def env_info(device: torch.device) -> dict:
@@ -375,7 +364,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     setup_torch(device)
     backend = args.backend or backend_for(device)
-    meta = {"device_type": device.type, "backend": backend, "env": env_info(device), "commit": git_commit(),
+    meta = {"device_type": device.type, "backend": backend, "env": env_info(device), "commit": git_commit(where=REPO),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["fewstep", "bench", "kernels-quality",
                                  *(sys.argv[1:] if argv is None else argv)])}

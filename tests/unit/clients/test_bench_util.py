@@ -86,3 +86,12 @@ def test_images_figure_draws_failures_only_run():
     recs = [RequestRecord(0, 0.0, 5.0, False, 503, "503", "busy")]
     rep = {"config": {"size": "64x64"}, "completed": 0, "failed": 1, "request_throughput": 0.0, "latency_ms": None}
     assert bench_util.images_figure(rep, recs) is not None
+
+
+def test_git_commit_prefers_the_commit_a_copied_tree_is_given(monkeypatch, tmp_path):
+    from fewstep.clients.bench_util import git_commit
+
+    monkeypatch.setenv("FEWSTEP_COMMIT", "0123abc")
+    assert git_commit(where=tmp_path) == "0123abc"
+    monkeypatch.delenv("FEWSTEP_COMMIT")
+    assert git_commit(where=tmp_path) is None  # not a checkout
