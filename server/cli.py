@@ -333,6 +333,8 @@ BENCH_TOOLS = {
     "random-weights": ("fewstep.benchmarks.random_weights",
                        "write a full-size architecture with random weights (speed and parity runs only)"),
     "reliability": ("fewstep.benchmarks.reliability", "real servers under hostile and heavy clients: report"),
+    "plain-stream": ("fewstep.benchmarks.plain_stream_client",
+                     "one stream read by a bare websockets client: cross-checks `fewstep bench stream`"),
 }
 TRAIN_TOOLS = {
     "study": ("fewstep.training.study", "CPU-side studies of the training recipe"),

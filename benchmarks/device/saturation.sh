@@ -4,6 +4,8 @@
 #  pipeline  in-process, cold prompts: batch 1 (latency) and batch 16 (the largest bucket's throughput)
 #  http      one server (--max-batch-size 16, --max-wait-ms 0); `fewstep bench images` at concurrency 1 (latency and
 #            the waterfall of a request), then 16, 32 and 64 (saturation)
+#  stream    the embedded video model, one unpaced session of 2,000 frames, read by `fewstep bench stream` and by a
+#            bare websockets client (`fewstep bench plain-stream`), twice each, same server
 #  tests     the compiled-vs-eager GPU tests (PSNR against eager)
 # Usage (repo root, on the device, after `pip install .`):
 #   FEWSTEP_COMMIT=<sha> PARTS="pipeline http" bash benchmarks/device/saturation.sh $OUT
@@ -46,6 +48,20 @@ if wants http; then
     echo "server not ready:"; tail -20 "$OUT/serve.log"
   fi
   kill $server; wait $server 2>/dev/null
+fi
+
+if wants stream; then
+  stamp "3. the embedded video model: our bench client against a bare websockets client, same server"
+  fewstep serve --model default-video --device cuda --port $((PORT + 1)) > "$OUT/serve_video.log" 2>&1 &
+  vserver=$!
+  for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$((PORT + 1))/ready" >/dev/null && break; sleep 1; done
+  for rep in 1 2; do
+    timeout 60 fewstep bench plain-stream "ws://127.0.0.1:$((PORT + 1))/v1/stream" --frames 2000 2>&1 | tail -1 \
+      | tee -a "$OUT/stream.log"
+    timeout 60 fewstep bench stream "http://127.0.0.1:$((PORT + 1))" --sessions 1 --frames 2000 --fps 0 --no-progress \
+      --out "$OUT/bench_stream_$rep.json" 2>&1 | grep -iE "fps|first frame" | tee -a "$OUT/stream.log"
+  done
+  kill $vserver; wait $vserver 2>/dev/null
 fi
 
 if wants tests; then
