@@ -213,8 +213,10 @@ def encode_agrees(row: dict):
 
 def config_agrees(config: dict, keys: tuple[str, ...]):
     def check(a: argparse.Namespace) -> list[str]:
+        # a size the command left to the server (no --size) is what the server chose: nothing to agree with
+        chosen = {"size"} if getattr(a, "size", None) is None and config.get("size_source") else set()
         return [f"config {k}={config.get(k)!r} but the command gives {getattr(a, k)!r}"
-                for k in keys if k in config and getattr(a, k) != config[k]]
+                for k in keys if k in config and k not in chosen and getattr(a, k) != config[k]]
     return check
 
 
