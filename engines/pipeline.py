@@ -436,10 +436,14 @@ class FewStepPipeline:
         if self.vae is None:
             return img
         vae_dtype = next(self.vae.parameters()).dtype
-        dist = self.vae.encode(img.to(vae_dtype)).latent_dist
-        eps = torch.cat([torch.randn((1, *dist.mean.shape[1:]), generator=g, dtype=torch.float32)
-                         for g in generators]).to(self.device)
-        z = (dist.mean.float() + dist.std.float() * eps)
+        # one image at a time, as diffusers encodes with a list of generators: a batched encode differs from a lone
+        # one in the last float bits, which moved outputs by 1/255 between n=2 and n=1 at the same seed
+        zs = []
+        for i, g in enumerate(generators):
+            dist = self.vae.encode(img[i: i + 1].to(vae_dtype)).latent_dist
+            eps = torch.randn(dist.mean.shape, generator=g, dtype=torch.float32).to(self.device)
+            zs.append(dist.mean.float() + dist.std.float() * eps)
+        z = torch.cat(zs)  # [B, C, h, w]
         cfg = self.vae.config
         if cfg.get("shift_factor") is not None:
             z = z - cfg.shift_factor
