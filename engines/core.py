@@ -254,6 +254,15 @@ class EngineCore:
         if start.max_frames is not None and not 1 <= start.max_frames <= cfg.max_video_frames:
             raise EngineError(f"num_frames must be from 1 to {cfg.max_video_frames}", 400, "num_frames",
                               "invalid_num_frames")
+        if start.input not in ("text", "frames"):
+            raise EngineError(f'input must be "text" or "frames", got {start.input!r}', 400, "input", "invalid_input")
+        if start.input == "frames":
+            if not 0.0 < float(start.strength) <= 1.0:
+                raise EngineError(f"strength must be in (0, 1], got {start.strength:g}", 400, "strength",
+                                  "invalid_strength")
+            if sched.pipe.vae is not None:
+                raise EngineError(f'model {model!r} is a latent video model; "input": "frames" needs a pixel-space '
+                                  "one (the embedded default video model)", 400, "input", "frames_unsupported")
         seed = start.seed if start.seed is not None else secrets.randbelow(2**62)
         session = StreamSession(start, model, h, w, seed, fps, cfg.outbox_chunks)
         sched.add(session)  # raises EngineError(503) at capacity
@@ -290,6 +299,21 @@ class EngineCore:
         if found is None or not found[0].update_prompt(session_id, prompt):
             raise EngineError("no such stream session", 404, "session_id", "session_not_found")
         self._wake()
+
+    def set_input_frame(self, session_id: str, frame, index: int) -> None:
+        """The newest input frame of a ``"frames"`` session ([H, W, 3] uint8 at the session's size, the client's
+        frame index): the next chunk entering its buffer starts from it."""
+        found = self._find_stream(session_id)
+        if found is None or not found[0].set_input_frame(session_id, frame, index):
+            raise EngineError("no such stream session", 404, "session_id", "session_not_found")
+
+    def update_strength(self, session_id: str, strength: float) -> None:
+        """A ``"frames"`` session's new strength: chunks entering its buffer from the next step on use it."""
+        if not 0.0 < strength <= 1.0:
+            raise EngineError(f"strength must be in (0, 1], got {strength:g}", 400, "strength", "invalid_strength")
+        found = self._find_stream(session_id)
+        if found is None or not found[0].set_strength(session_id, strength):
+            raise EngineError("no such stream session", 404, "session_id", "session_not_found")
 
     def close_stream(self, session_id: str, reason: str = "closed") -> bool:
         """Stop a session: it leaves the rotation before the next step, its tensors are freed as soon as no step
@@ -643,6 +667,12 @@ class AsyncStream:
 
     def update(self, prompt: str) -> None:
         self.core.update_prompt(self.session.id, prompt)
+
+    def update_strength(self, strength: float) -> None:
+        self.core.update_strength(self.session.id, strength)
+
+    def set_input_frame(self, frame, index: int) -> None:
+        self.core.set_input_frame(self.session.id, frame, index)
 
     def close(self, reason: str = "closed") -> None:
         """Owner: end the session. Viewer: detach from it."""
