@@ -440,9 +440,13 @@ class FewStepPipeline:
         # one in the last float bits, which moved outputs by 1/255 between n=2 and n=1 at the same seed
         zs = []
         for i, g in enumerate(generators):
-            dist = self.vae.encode(img[i: i + 1].to(vae_dtype)).latent_dist
-            eps = torch.randn(dist.mean.shape, generator=g, dtype=torch.float32).to(self.device)
-            zs.append(dist.mean.float() + dist.std.float() * eps)
+            enc = self.vae.encode(img[i: i + 1].to(vae_dtype))
+            if hasattr(enc, "latent_dist"):  # AutoencoderKL: a posterior to sample
+                dist = enc.latent_dist
+                eps = torch.randn(dist.mean.shape, generator=g, dtype=torch.float32).to(self.device)
+                zs.append(dist.mean.float() + dist.std.float() * eps)
+            else:  # AutoencoderTiny (TAESD, --vae): deterministic latents, as diffusers' retrieve_latents takes them
+                zs.append(enc.latents.float())
         z = torch.cat(zs)  # [B, C, h, w]
         cfg = self.vae.config
         if cfg.get("shift_factor") is not None:
