@@ -148,6 +148,11 @@ class StreamConnection:
                 if text is None:
                     await self.input_frame(msg.get("bytes") or b"")
                     continue
+                limit = self.state.config.http.ws_max_bytes  # uvicorn's own limit leaves room for input images
+                if len(text) > limit:
+                    await self.error(f"control messages are at most {limit} bytes; input frames go as binary "
+                                     "messages", "message_too_big")
+                    continue
                 try:
                     parsed = CLIENT_MESSAGE.validate_json(text)
                 except ValidationError as e:

@@ -114,6 +114,8 @@ def test_bad_binary_frames_get_an_error_and_the_socket_stays_usable(video_server
         ws.send(good)  # the socket still works: frames come once a good input arrived
         frame = recv_binary(ws)
         assert frame[:4] == b"FSTR"
+        ws.send("x" * (65 << 10))  # past http.ws_max_bytes: uvicorn takes it (room for images), the route refuses
+        assert recv(ws, "error")["code"] == "message_too_big"
         ws.send(json.dumps({"type": "update", "strength": 0.3}))
         assert recv(ws, "updated")["strength"] == 0.3
         ws.send(json.dumps({"type": "update", "strength": 0}))
