@@ -507,10 +507,15 @@ async def _ws_refusals(server: Server) -> list[dict]:
             message = message or (e.response.reason_phrase or "")
             row.update(status=status, code=code, message=message[:300], ok=400 <= status < 500 and bool(message))
         rows.append(row)
-    row = {"surface": "websocket", "case": "/v1/stream message of 256 KiB", "request": "WS /v1/stream"}
+    from fewstep.server.cli import ws_max_size
+    from fewstep.server.config import HTTPConfig, LimitsConfig
+
+    # past uvicorn's limit: a control message plus one base64 input image (the defaults: 64 KiB + 8 MiB x 4/3)
+    too_big = ws_max_size(HTTPConfig(), LimitsConfig()) + 1
+    row = {"surface": "websocket", "case": f"/v1/stream message of {too_big >> 10} KiB", "request": "WS /v1/stream"}
     try:
         async with connect(server.ws_url + "/v1/stream", open_timeout=30) as ws:
-            await ws.send("x" * (256 << 10))
+            await ws.send("x" * too_big)
             await asyncio.wait_for(ws.recv(), 30)
             row.update(status="no close", code=None, message="", ok=False)
     except ConnectionClosed as e:

@@ -377,14 +377,17 @@ class FewstepClient:
 
     def stream(self, prompt: str, *, size: str | int | tuple[int, int] | None = None, seed: int | None = None,
                fps: float | None = None, format: str = "jpeg", quality: int | None = None,
-               model: str | None = None, open_timeout: float = 30.0) -> "Stream":
-        """Open ``WS /v1/stream`` and start a session; iterate the returned :class:`Stream` for frames."""
+               model: str | None = None, open_timeout: float = 30.0, input: str | None = None,
+               strength: float | None = None) -> "Stream":
+        """Open ``WS /v1/stream`` and start a session; iterate the returned :class:`Stream` for frames.
+        ``input="frames"``: video-to-video from the frames you send (:meth:`Stream.send_frame`) at ``strength``."""
         import json
 
         conn = _connect_sync(self, STREAM_PATH, open_timeout)
         try:
             conn.send(json.dumps(build_start_message(prompt, size=size, seed=seed, fps=fps, format=format,
-                                                     quality=quality, model=model)))
+                                                     quality=quality, model=model, input=input,
+                                                     strength=strength)))
             started = _await_started(conn.recv(open_timeout))
         except BaseException:  # close on any exit, cancellation included, then re-raise
             conn.close()
@@ -491,7 +494,8 @@ class AsyncFewstepClient:
 
     async def stream(self, prompt: str, *, size: str | int | tuple[int, int] | None = None, seed: int | None = None,
                      fps: float | None = None, format: str = "jpeg", quality: int | None = None,
-                     model: str | None = None, open_timeout: float = 30.0) -> "AsyncStream":
+                     model: str | None = None, open_timeout: float = 30.0, input: str | None = None,
+                     strength: float | None = None) -> "AsyncStream":
         """Open ``WS /v1/stream`` and start a session; ``async for frame in stream``."""
         import asyncio
         import json
@@ -499,7 +503,8 @@ class AsyncFewstepClient:
         conn = await _connect_async(self, STREAM_PATH, open_timeout)
         try:
             await conn.send(json.dumps(build_start_message(prompt, size=size, seed=seed, fps=fps, format=format,
-                                                           quality=quality, model=model)))
+                                                           quality=quality, model=model, input=input,
+                                                           strength=strength)))
             started = _await_started(await asyncio.wait_for(conn.recv(), open_timeout))
         except BaseException:  # close on any exit, cancellation included, then re-raise
             await conn.close()
@@ -567,15 +572,38 @@ def ws_url(base_url: str, path: str) -> str:
     return "ws://" + url[len("http://"):] + path if url.startswith("http://") else url + path
 
 
+INPUT_PAYLOADS = {"jpeg": 1, "webp": 2}
+
+
+def pack_input_frame(image: bytes, index: int, format: str = "jpeg", timestamp_ms: float | None = None) -> bytes:
+    """A camera frame for a ``input="frames"`` stream: the 24-byte header (payload type 1 JPEG / 2 WebP, prompt
+    version 0, this client's frame counter and ms clock) + the encoded image."""
+    if format not in INPUT_PAYLOADS:
+        raise ValueError(f"input frames are JPEG or WebP, got {format!r}")
+    ts = time.perf_counter() * 1e3 if timestamp_ms is None else timestamp_ms
+    return FRAME_HEADER.pack(FRAME_MAGIC, 1, INPUT_PAYLOADS[format], 0, index, ts) + image
+
+
 def build_start_message(prompt: str, *, size: str | int | tuple[int, int] | None = None, seed: int | None = None,
                         fps: float | None = None, format: str = "jpeg", quality: int | None = None,
-                        model: str | None = None) -> dict[str, Any]:
+                        model: str | None = None, input: str | None = None,
+                        strength: float | None = None) -> dict[str, Any]:
     msg: dict[str, Any] = {"type": "start", "prompt": prompt, "format": format}
     if size is not None:
         msg["size"] = size if isinstance(size, int) else _size_str(size)
-    for k, v in (("seed", seed), ("fps", fps), ("quality", quality), ("model", model)):
+    for k, v in (("seed", seed), ("fps", fps), ("quality", quality), ("model", model), ("input", input),
+                 ("strength", strength)):
         if v is not None:
             msg[k] = v
+    return msg
+
+
+def build_update_message(prompt: str | None = None, strength: float | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "update"}
+    if prompt is not None:
+        msg["prompt"] = prompt
+    if strength is not None:
+        msg["strength"] = strength
     return msg
 
 
@@ -654,6 +682,7 @@ class Stream:
     def __init__(self, conn, started: dict[str, Any]):
         self._conn = conn
         self._state = _StreamState(started)
+        self._input_index = -1  # this client's counter of input frames sent
         self.session_id = self._state.session_id
         self.info = started
 
@@ -681,8 +710,21 @@ class Stream:
             if self._state.stopped is not None:
                 self.close()
 
-    def update(self, prompt: str) -> None:
-        self._send({"type": "update", "prompt": prompt})
+    def update(self, prompt: str | None = None, strength: float | None = None) -> None:
+        self._send(build_update_message(prompt, strength))
+
+    def send_frame(self, image: bytes, format: str = "jpeg") -> int:
+        """Send one input frame (``input="frames"`` streams): JPEG or WebP bytes of any size. Returns its index.
+        Newest wins on the server: frames sent faster than it generates are dropped there, never queued."""
+        from websockets.exceptions import ConnectionClosed
+
+        self._input_index += 1
+        index = self._input_index
+        try:
+            self._conn.send(pack_input_frame(image, index, format))
+        except ConnectionClosed:
+            pass
+        return index
 
     def stop(self) -> None:
         """Ask the server to end the session; iteration ends when its ``stopped`` message arrives."""
@@ -729,6 +771,7 @@ class AsyncStream:
     def __init__(self, conn, started: dict[str, Any]):
         self._conn = conn
         self._state = _StreamState(started)
+        self._input_index = -1  # this client's counter of input frames sent
         self.session_id = self._state.session_id
         self.info = started
 
@@ -756,8 +799,20 @@ class AsyncStream:
             if self._state.stopped is not None:
                 await self.aclose()
 
-    async def update(self, prompt: str) -> None:
-        await self._send({"type": "update", "prompt": prompt})
+    async def update(self, prompt: str | None = None, strength: float | None = None) -> None:
+        await self._send(build_update_message(prompt, strength))
+
+    async def send_frame(self, image: bytes, format: str = "jpeg") -> int:
+        """Send one input frame (``input="frames"`` streams); see :meth:`Stream.send_frame`."""
+        from websockets.exceptions import ConnectionClosed
+
+        self._input_index += 1
+        index = self._input_index
+        try:
+            await self._conn.send(pack_input_frame(image, index, format))
+        except ConnectionClosed:
+            pass
+        return index
 
     async def stop(self) -> None:
         await self._send({"type": "stop"})
@@ -837,13 +892,21 @@ def _realtime_message(text: str) -> RealtimeMessage:
 
 def build_realtime_input(prompt: str, *, seed: int | None = None, request_id: str | None = None,
                          size: str | int | tuple[int, int] | None = None, steps: int | None = None,
-                         format: str = "jpeg", model: str | None = None) -> dict[str, Any]:
+                         format: str = "jpeg", model: str | None = None, image: bytes | None = None,
+                         strength: float | None = None, image_b64: str | None = None) -> dict[str, Any]:
+    """``image``: encoded PNG/JPEG/WebP bytes, sent base64 (or ``image_b64``: base64 or a data URL as it is):
+    image-to-image at ``strength``."""
+    import base64
     import uuid
 
     msg: dict[str, Any] = {"prompt": prompt, "request_id": request_id or uuid.uuid4().hex, "format": format}
     if size is not None:
         msg["size"] = size if isinstance(size, int) else _size_str(size)
-    for k, v in (("seed", seed), ("steps", steps), ("model", model)):
+    if image is not None:
+        msg["image"] = base64.b64encode(image).decode("ascii")
+    elif image_b64 is not None:
+        msg["image"] = image_b64
+    for k, v in (("seed", seed), ("steps", steps), ("model", model), ("strength", strength)):
         if v is not None:
             msg[k] = v
     return msg

@@ -35,11 +35,13 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from .config import EngineConfig
 from .encode import encode_image, encode_jpeg_gpu, gpu_jpeg_available
 from .errors import EngineError, model_not_found
+from .init_image import fit_image
 from .pipeline import PromptEmbeds
 from .request import GenerateOutput, GenerateRequest
 from .runner import Runner
@@ -157,7 +159,23 @@ class EngineCore:
         h = dh if req.height is None else req.height  # 0 is a size (refused below), not "default"
         w = dw if req.width is None else req.width
         self.check_size(model, h, w)
-        steps = req.steps or caps.default_steps
+        strength = None
+        pipe = self.pipelines[model]
+        if req.image is not None:
+            strength = float(req.strength)
+            if not caps.img2img:
+                raise EngineError(f"model {model!r} on the {caps.backend} backend does not run image-to-image", 400,
+                                  "image", "img2img_unsupported")
+            if not 0.0 < strength <= 1.0:
+                raise EngineError(f"strength must be in (0, 1], got {strength:g}", 400, "strength",
+                                  "invalid_strength")
+            steps = req.steps or pipe.img2img_default_steps(strength)
+            try:
+                pipe.img2img_schedule(steps, strength)
+            except ValueError as e:
+                raise EngineError(str(e), 400, "strength", "invalid_strength") from None
+        else:
+            steps = req.steps or caps.default_steps
         guidance = caps.default_guidance if req.guidance_scale is None else float(req.guidance_scale)
         max_n = self.config.batching.max_batch_size * 4
         # a request runs as one batch: runners with a fixed profile (TensorRT) cap it at their batch max
@@ -172,8 +190,9 @@ class EngineCore:
         if not 0 < timeout <= bcfg.max_request_timeout_s:
             raise EngineError(f"the deadline must be from 1 ms to {bcfg.max_request_timeout_s * 1e3:.0f} ms, got "
                               f"{timeout * 1e3:g} ms", 400, "deadline", "invalid_deadline")
-        return ImageWork(req, seeds, steps, guidance, h, w, Future(), self.cost(model, h, w, steps, guidance, req.n),
-                         req.arrival + timeout)
+        run = steps if strength is None else pipe.img2img_steps(steps, strength)  # denoiser steps that run
+        return ImageWork(req, seeds, steps, guidance, h, w, Future(), self.cost(model, h, w, run, guidance, req.n),
+                         req.arrival + timeout, strength)
 
     def check_size(self, model: str, height: int, width: int) -> None:
         """Admission by size: what the model's architecture can run, then the sizes it serves (engines/sizes.py)."""
@@ -235,6 +254,15 @@ class EngineCore:
         if start.max_frames is not None and not 1 <= start.max_frames <= cfg.max_video_frames:
             raise EngineError(f"num_frames must be from 1 to {cfg.max_video_frames}", 400, "num_frames",
                               "invalid_num_frames")
+        if start.input not in ("text", "frames"):
+            raise EngineError(f'input must be "text" or "frames", got {start.input!r}', 400, "input", "invalid_input")
+        if start.input == "frames":
+            if not 0.0 < float(start.strength) <= 1.0:
+                raise EngineError(f"strength must be in (0, 1], got {start.strength:g}", 400, "strength",
+                                  "invalid_strength")
+            if sched.pipe.vae is not None:
+                raise EngineError(f'model {model!r} is a latent video model; "input": "frames" needs a pixel-space '
+                                  "one (the embedded default video model)", 400, "input", "frames_unsupported")
         seed = start.seed if start.seed is not None else secrets.randbelow(2**62)
         session = StreamSession(start, model, h, w, seed, fps, cfg.outbox_chunks)
         sched.add(session)  # raises EngineError(503) at capacity
@@ -271,6 +299,21 @@ class EngineCore:
         if found is None or not found[0].update_prompt(session_id, prompt):
             raise EngineError("no such stream session", 404, "session_id", "session_not_found")
         self._wake()
+
+    def set_input_frame(self, session_id: str, frame, index: int) -> None:
+        """The newest input frame of a ``"frames"`` session ([H, W, 3] uint8 at the session's size, the client's
+        frame index): the next chunk entering its buffer starts from it."""
+        found = self._find_stream(session_id)
+        if found is None or not found[0].set_input_frame(session_id, frame, index):
+            raise EngineError("no such stream session", 404, "session_id", "session_not_found")
+
+    def update_strength(self, session_id: str, strength: float) -> None:
+        """A ``"frames"`` session's new strength: chunks entering its buffer from the next step on use it."""
+        if not 0.0 < strength <= 1.0:
+            raise EngineError(f"strength must be in (0, 1], got {strength:g}", 400, "strength", "invalid_strength")
+        found = self._find_stream(session_id)
+        if found is None or not found[0].set_strength(session_id, strength):
+            raise EngineError("no such stream session", 404, "session_id", "session_not_found")
 
     def close_stream(self, session_id: str, reason: str = "closed") -> bool:
         """Stop a session: it leaves the rotation before the next step, its tensors are freed as soon as no step
@@ -385,7 +428,12 @@ class EngineCore:
             self._sync(pipe)
             t1 = time.perf_counter()
             gens = [torch.Generator("cpu").manual_seed(s) for w in batch for s in w.seeds]
-            latents = pipe.denoise(cond, gens, head.height, head.width, head.steps, head.guidance, uncond)
+            init = None
+            if head.strength is not None:  # image-to-image: every request of the batch carries an image
+                init = torch.from_numpy(np.stack([fit_image(w.req.image, head.height, head.width)
+                                                  for w in batch for _ in w.seeds]))
+            latents = pipe.denoise(cond, gens, head.height, head.width, head.steps, head.guidance, uncond,
+                                   **({} if init is None else {"init": init, "strength": head.strength}))
             self._sync(pipe)
             t2 = time.perf_counter()
             decoded = pipe.decode(latents)  # [B, H, W, 3] uint8 on the pipeline's device
@@ -620,6 +668,12 @@ class AsyncStream:
 
     def update(self, prompt: str) -> None:
         self.core.update_prompt(self.session.id, prompt)
+
+    def update_strength(self, strength: float) -> None:
+        self.core.update_strength(self.session.id, strength)
+
+    def set_input_frame(self, frame, index: int) -> None:
+        self.core.set_input_frame(self.session.id, frame, index)
 
     def close(self, reason: str = "closed") -> None:
         """Owner: end the session. Viewer: detach from it."""

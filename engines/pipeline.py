@@ -21,6 +21,7 @@ import torch
 from .loading import Checkpoint, CheckpointError
 from .runner import Capabilities
 from .samplers import (
+    MAX_STEPS,
     Schedule,
     consistency_step,
     euler_ancestral_step,
@@ -157,6 +158,7 @@ class FewStepPipeline:
         except ValueError as e:
             raise CheckpointError(str(e)) from None
         self._schedules: dict[int, Schedule] = {}
+        self._schedules_i2i: dict[tuple[int, float], Schedule] = {}
         self.attention = attention
         if attention != "dense":
             from fewstep.kernels.attention_processor import BlockSparseConfig, enable_block_sparse_attention
@@ -325,13 +327,17 @@ class FewStepPipeline:
         return guidance_scale > 1.0 and not self.time_cond_dim
 
     def denoise_latents(self, noise: torch.Tensor, step_noise: list[torch.Tensor], cond: PromptEmbeds,
-                        uncond: PromptEmbeds | None, steps: int, consts: dict[str, torch.Tensor]) -> torch.Tensor:
+                        uncond: PromptEmbeds | None, steps: int, consts: dict[str, torch.Tensor],
+                        x: torch.Tensor | None = None, sched: Schedule | None = None, start: int = 0) -> torch.Tensor:
         """The device-only part of sampling: no host sync, no host->device copy, so it can be CUDA-graphed.
-        noise: [B, C, h, w] fp32; step_noise: one [B, C, h, w] per re-noised step."""
-        sched = self.schedule(steps)
-        x = noise * sched.init_noise_sigma
-        for i, t in enumerate(sched.timesteps):
-            fresh = step_noise[i] if i < len(step_noise) else None
+        noise: [B, C, h, w] fp32; step_noise: one [B, C, h, w] per re-noised step. Image-to-image passes the noised
+        input ``x`` and the schedule and step it starts from (``img2img_schedule``)."""
+        sched = sched or self.schedule(steps)
+        if x is None:
+            x = noise * sched.init_noise_sigma
+        for i in range(start, sched.steps):
+            t = sched.timesteps[i]
+            fresh = step_noise[i - start] if i - start < len(step_noise) else None
             if sched.kind in ("euler", "euler_ancestral"):
                 sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
                 out = self._predict(x / (sigma**2 + 1) ** 0.5, t, cond, uncond, consts)
@@ -351,13 +357,110 @@ class FewStepPipeline:
 
     @torch.no_grad()
     def denoise(self, cond: PromptEmbeds, generators: list[torch.Generator], height: int, width: int, steps: int,
-                guidance_scale: float, uncond: PromptEmbeds | None = None) -> torch.Tensor:
-        """Sample clean latents [B, C, h, w] (fp32) for B images; generators[i] drives image i."""
+                guidance_scale: float, uncond: PromptEmbeds | None = None, init: torch.Tensor | None = None,
+                strength: float = 1.0) -> torch.Tensor:
+        """Sample clean latents [B, C, h, w] (fp32) for B images; generators[i] drives image i. ``init`` (uint8
+        [B, H, W, 3]): image-to-image from these pictures at ``strength`` (see ``img2img_schedule``)."""
         if not self.uses_cfg(guidance_scale):
             uncond = None
-        noise, step_noise = self.draw_noise(generators, height, width, steps)
         consts = self.conditioning(len(cond) * (2 if uncond is not None else 1), height, width, guidance_scale)
-        return self.denoise_latents(noise, step_noise, cond, uncond, steps, consts)
+        if init is None:
+            noise, step_noise = self.draw_noise(generators, height, width, steps)
+            return self.denoise_latents(noise, step_noise, cond, uncond, steps, consts)
+        sched, start = self.img2img_schedule(steps, strength)
+        x0 = self.encode_image(init, generators)  # draws the VAE's posterior sample first, as diffusers does
+        noise, step_noise = self.draw_noise(generators, height, width, sched.steps - start)
+        x = self.add_noise(x0, noise, sched, start)
+        return self.denoise_latents(noise, step_noise, cond, uncond, steps, consts, x, sched, start)
+
+    # -- image-to-image (SDEdit) -------------------------------------------------------------------------------
+    def img2img_schedule(self, steps: int, strength: float) -> tuple[Schedule, int]:
+        """(schedule, index of its first step run) for image-to-image at ``strength`` in (0, 1].
+
+        Euler / Euler-ancestral / DDIM-like schedules (SD-Turbo, SDXL-Turbo): what diffusers'
+        StableDiffusionImg2ImgPipeline does. ``steps`` is the full schedule and only its last
+        ``int(steps * strength)`` steps run, from the input noised to the first of them.
+
+        Flow matching (our default models, FlowMatchEulerDiscreteScheduler, InstaFlow): the ``steps``-step schedule
+        is scaled to start at sigma = ``strength`` (timesteps are sigma x 1000 there, so they scale with it) and every
+        step runs, from ``x_s = (1 - s) x0 + s noise``. Truncating instead would let a 1- or 2-step model start only
+        at sigma 1 or 0.5 (with 2 steps, strengths 0.5 to 0.99 would all give the same picture); scaling gives the
+        exact noise level asked for at the cost the client chose.
+
+        LCM (consistency) checkpoints: refused (diffusers' LCM img2img pipeline re-derives its skipping schedule
+        from the strength; not implemented)."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        sched = self.schedule(steps)
+        if sched.kind == "flow":
+            key = (steps, strength)
+            if key not in self._schedules_i2i:
+                self._schedules_i2i[key] = Schedule(
+                    "flow", [t * strength for t in sched.timesteps], [s * strength for s in sched.sigmas],
+                    1.0, sched.prediction_type, flow_sign=sched.flow_sign)
+            return self._schedules_i2i[key], 0
+        if sched.kind == "consistency":
+            raise ValueError("image-to-image is not supported for LCM (consistency) checkpoints")
+        run = self.img2img_steps(steps, strength)
+        if run < 1:
+            need = next((n for n in range(steps, MAX_STEPS + 1) if int(n * strength) >= 1), None)
+            hint = (f"ask for num_inference_steps >= {need}" if need else "raise strength")
+            raise ValueError(f"strength {strength:g} of {steps} step(s) runs no step (int(steps x strength) = 0); "
+                             f"{hint}")
+        return sched, steps - run
+
+    def img2img_steps(self, steps: int, strength: float) -> int:
+        """Denoiser steps image-to-image runs at (steps, strength)."""
+        if self.sampler == "flow":
+            return steps
+        return min(int(steps * strength), steps)  # diffusers' get_timesteps, float rounding included
+
+    def img2img_default_steps(self, strength: float) -> int:
+        """``steps`` when an image-to-image request names none: the model's default number of steps actually
+        run (for truncated schedules the smallest full schedule that runs that many, within MAX_STEPS)."""
+        if self.sampler == "flow":
+            return self.default_steps
+        for n in range(self.default_steps, MAX_STEPS + 1):
+            if int(n * strength) >= self.default_steps:
+                return n
+        return MAX_STEPS
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> clean latents x0 [B, C, h, w] fp32 on the device. Latent models: VAE encode and a
+        posterior sample drawn from each image's generator (diffusers' ``retrieve_latents(..., generator)``), scaled
+        as diffusers does (``(z - shift_factor) * scaling_factor``). Pixel-space models: the pixels in [-1, 1]."""
+        # as diffusers' VaeImageProcessor: /255 in fp32, then 2x - 1
+        img = images.to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        img = 2.0 * img - 1.0  # [B, 3, H, W]
+        if self.vae is None:
+            return img
+        vae_dtype = next(self.vae.parameters()).dtype
+        # one image at a time, as diffusers encodes with a list of generators: a batched encode differs from a lone
+        # one in the last float bits, which moved outputs by 1/255 between n=2 and n=1 at the same seed
+        zs = []
+        for i, g in enumerate(generators):
+            enc = self.vae.encode(img[i: i + 1].to(vae_dtype))
+            if hasattr(enc, "latent_dist"):  # AutoencoderKL: a posterior to sample
+                dist = enc.latent_dist
+                eps = torch.randn(dist.mean.shape, generator=g, dtype=torch.float32).to(self.device)
+                zs.append(dist.mean.float() + dist.std.float() * eps)
+            else:  # AutoencoderTiny (TAESD, --vae): deterministic latents, as diffusers' retrieve_latents takes them
+                zs.append(enc.latents.float())
+        z = torch.cat(zs)  # [B, C, h, w]
+        cfg = self.vae.config
+        if cfg.get("shift_factor") is not None:
+            z = z - cfg.shift_factor
+        return z * cfg.get("scaling_factor", 1.0)
+
+    @staticmethod
+    def add_noise(x0: torch.Tensor, noise: torch.Tensor, sched: Schedule, start: int) -> torch.Tensor:
+        """x0 noised to the level of step ``start``: VE ``x0 + sigma noise`` (Euler family, diffusers' add_noise),
+        flow ``(1 - s) x0 + s noise``."""
+        s = sched.sigmas[start]
+        if sched.kind == "flow":
+            return (1.0 - s) * x0 + s * noise
+        return x0 + s * noise
 
     # -- stage 3 ---------------------------------------------------------------------------------------------
     def upcasts_vae(self, dtype: torch.dtype) -> bool:
@@ -388,14 +491,19 @@ class FewStepPipeline:
     # -- convenience (tests, `fewstep generate`) ---------------------------------------------------------------
     def __call__(self, prompts: list[str], seeds: list[int], height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance_scale: float | None = None,
-                 negative_prompts: list[str] | None = None) -> torch.Tensor:
+                 negative_prompts: list[str] | None = None, init: torch.Tensor | None = None,
+                 strength: float = 1.0) -> torch.Tensor:
+        """``init``: uint8 [B, H, W, 3] input images for image-to-image at ``strength``."""
+        if init is not None:
+            height, width = init.shape[1], init.shape[2]
         height = height or self.default_size
         width = width or self.default_size
-        steps = steps or self.default_steps
+        steps = steps or (self.default_steps if init is None else self.img2img_default_steps(strength))
         guidance_scale = self.default_guidance if guidance_scale is None else guidance_scale
         self.check_size(height, width)
         cond = self.encode_prompt(prompts)
         uncond = (self.negative_embeds(negative_prompts or [""] * len(prompts))
                   if self.uses_cfg(guidance_scale) else None)
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        return self.decode(self.denoise(cond, gens, height, width, steps, guidance_scale, uncond)).cpu()
+        return self.decode(self.denoise(cond, gens, height, width, steps, guidance_scale, uncond, init,
+                                        strength)).cpu()

@@ -21,6 +21,10 @@ class GenerateRequest:
     guidance_scale: float | None = None
     negative_prompt: str | None = None
     seed: int | None = None
+    # image-to-image: the input picture ([H, W, 3] uint8, any size: center-cropped and resized to the output's) and
+    # how far it is noised before denoising (1.0: to pure noise, the input ignored)
+    image: np.ndarray | None = None
+    strength: float = 0.6
     output_format: str = "png"  # png | jpeg | webp | raw (uint8 arrays, no encoding)
     timeout_s: float | None = None  # deadline from arrival; None: batching.request_timeout_s
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)

@@ -39,6 +39,7 @@ class Capabilities:
     prompt_completion: tuple[re.Pattern, str] | None = None  # checkpoint's fewstep.prompt_completion
     frames_per_chunk: int | None = None  # video: frames a client receives per emitted chunk (steady state)
     fps: float | None = None  # video: default frame rate
+    img2img: bool = True  # whether ``denoise`` takes ``init`` images (image-to-image)
 
 
 @runtime_checkable
@@ -66,8 +67,15 @@ class Runner(Protocol):
     def negative_embeds(self, negative_prompts: list[str]) -> PromptEmbeds: ...
 
     def denoise(self, cond: PromptEmbeds, generators: list[torch.Generator], height: int, width: int, steps: int,
-                guidance_scale: float, uncond: PromptEmbeds | None = None) -> torch.Tensor:
-        """Clean latents [B, C, h, w]; generators[i] drives image i (so batching never changes a result)."""
+                guidance_scale: float, uncond: PromptEmbeds | None = None, init: torch.Tensor | None = None,
+                strength: float = 1.0) -> torch.Tensor:
+        """Clean latents [B, C, h, w]; generators[i] drives image i (so batching never changes a result).
+        ``init``: uint8 [B, H, W, 3] input images for image-to-image at ``strength`` (``capabilities.img2img``)."""
+
+    # image-to-image (runners whose capabilities say img2img): see FewStepPipeline.img2img_schedule
+    def img2img_schedule(self, steps: int, strength: float): ...
+    def img2img_steps(self, steps: int, strength: float) -> int: ...
+    def img2img_default_steps(self, strength: float) -> int: ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> uint8 images [B, H, W, 3] on ``device``."""

@@ -2,7 +2,8 @@
 batch runs next. The image counterpart of engines/stream/scheduler.py's ``StreamScheduler``; ``EngineCore`` asks
 both what is ready and alternates between them.
 
-Batching: the oldest waiting request fixes the batch key (model, size, steps, guidance); compatible requests join,
+Batching: the oldest waiting request fixes the batch key (model, size, steps, guidance, image-to-image strength
+or none); compatible requests join,
 FIFO, until ``max_batch_size`` images. A batch is ready once it is full or its head has waited ``max_wait`` for
 company. The runner may prefer several sub-batches (``Runner.batch_plan``: 2 images as 1+1 rather than padded to
 a bucket of 4): then only the first is taken and the rest keep their place.
@@ -47,10 +48,12 @@ class ImageWork:
     future: Future = field(default_factory=Future)
     cost: float = 1.0  # native-size 1-step images of work (EngineCore.cost)
     deadline: float = float("inf")  # perf_counter time past which it is dropped unrun
+    strength: float | None = None  # image-to-image: the input's noise level; None: text-to-image
 
     @property
     def key(self):
-        return (self.req.model, self.height, self.width, self.steps, self.guidance)
+        # image-to-image requests batch with each other at the same strength (one schedule, one start step)
+        return (self.req.model, self.height, self.width, self.steps, self.guidance, self.strength)
 
     @property
     def images(self) -> int:

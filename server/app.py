@@ -32,6 +32,8 @@ def field_hints(limits: LimitsConfig) -> dict[str, str]:
         "num_inference_steps": f"an integer from {MIN_STEPS} to {MAX_STEPS}",
         "guidance_scale": "a number from 0 to 30 (0 for guidance-distilled models)",
         "seed": "an integer from 0 to 2**62",
+        "strength": "a number in (0, 1]: how far the input image is noised (1.0 ignores it)",
+        "image": f"a PNG, JPEG or WebP file of at most {limits.max_image_bytes} bytes",
         "response_format": '"b64_json" (URLs are not served)',
         "output_format": '"png", "jpeg" or "webp"',
         "negative_prompt": f"a string of at most {limits.max_prompt_chars} characters",

@@ -115,14 +115,23 @@ def _serve(args) -> int:
             "serving on %s without API keys: anyone who reaches this address can use it (pass --api-key)",
             cfg.http.host)
     http = cfg.http
-    config = uvicorn_config(app, http)
+    config = uvicorn_config(app, http, cfg.limits)
     print(f"fewstep: serving {', '.join(name for name, _ in models)} on http://{http.host}:{http.port} "
           f"({', '.join(server_stack(config))})", flush=True)
     DrainingServer(config, app.state.guard, http.shutdown_grace_s).run()
     return 0
 
 
-def uvicorn_config(app, http) -> uvicorn.Config:
+def ws_max_size(http, limits=None) -> int:
+    """uvicorn's ws_max_size: a control message (``http.ws_max_bytes``) plus, where ``limits`` is given, room for
+    one input image base64-encoded, so an image just over ``limits.max_image_bytes`` gets the route's own error and
+    the socket stays open."""
+    if limits is None:
+        return http.ws_max_bytes
+    return http.ws_max_bytes + 4 * math.ceil(limits.max_image_bytes / 3)
+
+
+def uvicorn_config(app, http, limits=None) -> uvicorn.Config:
     """uvicorn's settings for ``fewstep serve`` (``http``: HttpConfig): uvloop and httptools where installed
     (``uvicorn[standard]``), else asyncio and h11. loop "auto" is uvicorn's own choice; the parser is httptools with
     the request-head limit that uvicorn enforces only under h11 (server/head_limit.py)."""
@@ -131,7 +140,7 @@ def uvicorn_config(app, http) -> uvicorn.Config:
     except ImportError:  # no httptools here: h11, which enforces max_header_bytes itself
         parser = "h11"
     return uvicorn.Config(app, host=http.host, port=http.port, log_level=http.log_level, loop="auto", http=parser,
-                          ws_max_size=http.ws_max_bytes, h11_max_incomplete_event_size=http.max_header_bytes,
+                          ws_max_size=ws_max_size(http, limits), h11_max_incomplete_event_size=http.max_header_bytes,
                           limit_concurrency=http.max_connections,
                           timeout_graceful_shutdown=max(1, math.ceil(http.shutdown_grace_s)))
 

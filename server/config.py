@@ -26,6 +26,12 @@ class LimitsConfig(BaseModel):
     max_n: int = Field(16, ge=1, le=256)
     max_side: int = Field(2048, ge=64, description="largest width or height in pixels")
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # input images (image-to-image): a JSON body stays small; an upload's limit is its own
+    max_image_bytes: int = Field(8 << 20, ge=1024, description="largest input image file: the upload of POST "
+                                 "/v1/images/edits (its body may be max_body_bytes larger), a /v1/realtime message's "
+                                 "image before base64, a /v1/stream input frame")
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="largest input image in pixels (width x "
+                                  "height), checked from the file's header before any pixel is decoded")
 
 
 class HTTPConfig(BaseModel):
@@ -33,8 +39,9 @@ class HTTPConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
     # uvicorn's own limits (server/cli.py passes them to uvicorn.Config)
-    ws_max_bytes: int = Field(64 << 10, ge=1024, description="largest WebSocket message from a client; control "
-                              "messages are small JSON (uvicorn ws_max_size; bigger ones close the socket, 1009)")
+    ws_max_bytes: int = Field(64 << 10, ge=1024, description="largest WebSocket message from a client besides its "
+                              "input image; control messages are small JSON. uvicorn's ws_max_size is this plus the "
+                              "base64 size of limits.max_image_bytes (bigger messages close the socket, 1009)")
     max_header_bytes: int = Field(16 << 10, ge=1024, description="request line + headers (uvicorn "
                                   "h11_max_incomplete_event_size, and the guard on the parsed head); longer URLs or "
                                   "headers get 431 (400 or a reset from h11 beyond 64 KiB)")

@@ -36,6 +36,7 @@ OPEN_PATHS = frozenset({"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/opena
 OPEN_PREFIXES = ("/web/",)
 HEALTH_PATHS = frozenset({"/health", "/v2/health/live", "/ready", "/v2/health/ready", "/metrics"})
 STREAM_PATHS = frozenset({"/v1/stream", "/v1/realtime", "/v1/stream.mjpeg"})
+UPLOAD_PATHS = frozenset({"/v1/images/edits"})  # bodies up to limits.max_body_bytes + limits.max_image_bytes
 IDLE_CLOSE = 4408    # a WebSocket that neither side used for SecurityConfig.idle_timeout_s
 GOING_AWAY = 1001    # shutdown
 STREAM_SLOT_WAIT_S = 2.0  # a stream over the per-client limit waits this long for one of the client's slots to free
@@ -169,6 +170,8 @@ class Guard:
         self.keys = [k.get_secret_value().encode() for k in sec.api_keys]
         self.allow_origins = {o.rstrip("/").lower() for o in [*sec.allow_origins, *sec.cors_origins]}
         self.max_body = config.limits.max_body_bytes
+        # routes that take an image upload: the image's own limit on top of the body's
+        self.max_upload = config.limits.max_body_bytes + config.limits.max_image_bytes
         self.max_head = config.http.max_header_bytes
         self.draining = False
         self.sockets: set[_Socket] = set()
@@ -320,8 +323,9 @@ class Guard:
             await respond(r.status, error_json(r.status, r.message, r.code), r.headers, close=True)
             return
         size = headers.get(b"content-length", b"")
-        if size.isdigit() and int(size) > self.max_body:
-            await respond(413, self._too_large(), [], close=True)
+        max_body = self.max_upload if scope.get("path") in UPLOAD_PATHS else self.max_body
+        if size.isdigit() and int(size) > max_body:
+            await respond(413, self._too_large(max_body), [], close=True)
             return
         received, cut, started = 0, False, False
 
@@ -332,10 +336,10 @@ class Guard:
             msg = await receive()
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
-                if received > self.max_body:
+                if received > max_body:
                     cut = True
                     if not started:
-                        await respond(413, self._too_large(), [], close=True)
+                        await respond(413, self._too_large(max_body), [], close=True)
                     return {"type": "http.disconnect"}  # the route sees a client that left
             return msg
 
@@ -360,8 +364,8 @@ class Guard:
             if stream:
                 self._close_stream(who)
 
-    def _too_large(self) -> bytes:
-        return error_json(413, f"request body is larger than the limit of {self.max_body} bytes", "body_too_large")
+    def _too_large(self, limit: int) -> bytes:
+        return error_json(413, f"request body is larger than the limit of {limit} bytes", "body_too_large")
 
     async def _websocket(self, scope, receive, send) -> None:
         headers = dict(scope["headers"])

@@ -8,6 +8,8 @@ WS /v1/stream
 client -> server (text)      ``start`` | ``update`` | ``stop``
 server -> client (text)      ``started`` | ``init`` (fMP4 only: the MSE MIME type) | ``updated`` | ``stats``
                              (every ``stream.stats_interval_s``) | ``error`` | ``stopped``
+client -> server (binary)    with ``"input": "frames"`` only: camera frames, same header (payload type 1 JPEG or
+                             2 WebP, prompt version 0, the client's own frame index and ms clock); newest wins
 server -> client (binary)    one frame (JPEG / WebP) or one fMP4 piece per message:
 
     offset  size  field (little-endian)
@@ -24,8 +26,9 @@ A bad message gets an ``error`` reply and the socket stays usable.
 
 WS /v1/realtime (fal-style)
 ---------------------------
-client -> server: ``{"prompt", "seed"?, "request_id"?, "size"?, "steps"?, "format"?}`` (``"type": "generate"`` may
-be given or left out). The newest input wins: while one input is being generated, a newer one replaces any input
+client -> server: ``{"prompt", "seed"?, "request_id"?, "size"?, "steps"?, "format"?, "image"?, "strength"?}``
+(``"type": "generate"`` may be given or left out; ``image``: base64 or a ``data:image/...;base64,`` URL makes the
+input image-to-image at ``strength``). The newest input wins: while one input is being generated, a newer one replaces any input
 still waiting, and the replaced input is answered ``{"type": "dropped", "request_id", "reason": "superseded"}``.
 server -> client: ``result`` (base64 image, echoing ``request_id``), ``dropped``, ``error`` (with the
 ``request_id`` when the error belongs to an input).
@@ -33,11 +36,13 @@ server -> client: ``result`` (base64 image, echoing ``request_id``), ``dropped``
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import struct
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
@@ -60,6 +65,49 @@ def unpack_frame(data: bytes) -> tuple[dict[str, Any], bytes]:
     names = {v: k for k, v in PAYLOAD_TYPES.items()}
     return ({"version": version, "payload_type": names.get(ptype, str(ptype)), "prompt_version": pversion,
              "index": index, "timestamp_ms": ts}, data[FRAME_HEADER.size:])
+
+
+INPUT_PAYLOADS = {1: "jpeg", 2: "webp"}  # what a client may send as an input frame
+
+
+def unpack_input_frame(data: bytes, max_bytes: int) -> tuple[dict[str, Any], bytes]:
+    """A client's input frame (``"input": "frames"``): the checked header and the encoded image. Raises ValueError
+    with what to send instead (the image itself is decoded later, off the event loop)."""
+    if len(data) < FRAME_HEADER.size:
+        raise ValueError(f"an input frame is a {FRAME_HEADER.size}-byte header plus a JPEG or WebP image; got "
+                         f"{len(data)} bytes")
+    magic, version, ptype, _, index, ts = FRAME_HEADER.unpack_from(data)
+    if magic != FRAME_MAGIC:
+        raise ValueError(f"an input frame starts with {FRAME_MAGIC!r}, got {magic!r}")
+    if version != FRAME_HEADER_VERSION:
+        raise ValueError(f"input frame header version must be {FRAME_HEADER_VERSION}, got {version}")
+    if ptype not in INPUT_PAYLOADS:
+        raise ValueError(f"input frame payload type must be 1 (JPEG) or 2 (WebP), got {ptype}")
+    payload = data[FRAME_HEADER.size:]
+    if len(payload) > max_bytes:
+        raise ValueError(f"the input frame's image is {len(payload)} bytes, more than the limit of {max_bytes}; "
+                         "send smaller frames")
+    if not payload:
+        raise ValueError("the input frame has no image after its header")
+    return {"version": version, "payload_type": INPUT_PAYLOADS[ptype], "index": index, "timestamp_ms": ts}, payload
+
+
+_DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+
+
+def b64_image(value: str, max_bytes: int) -> bytes:
+    """Base64 (or a ``data:image/...;base64,`` URL) -> the image's bytes; raises ValueError."""
+    body = _DATA_URL.sub("", value, count=1)
+    if len(body) > 4 * (max_bytes // 3 + 1) + 4:
+        raise ValueError(f"the image is larger than the limit of {max_bytes} bytes; send a smaller one")
+    try:
+        data = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("image must be base64 (or a data:image/...;base64, URL) of a PNG, JPEG or WebP file") \
+            from None
+    if len(data) > max_bytes:
+        raise ValueError(f"the image is larger than the limit of {max_bytes} bytes; send a smaller one")
+    return data
 
 
 def _check_prompt(v: str) -> str:
@@ -125,6 +173,10 @@ class StartMessage(_Msg):
     format: Literal["jpeg", "webp", "fmp4"] = "jpeg"
     quality: int = Field(85, ge=1, le=100, description="JPEG / WebP quality")
     model: str | None = None
+    input: Literal["text", "frames"] = Field("text", description='"frames": video-to-video from the binary frames '
+                                             "the client sends (newest wins); output starts with the first of them")
+    strength: float = Field(0.6, gt=0, le=1, description='"frames": how far each input frame is noised before '
+                            "denoising (1.0 ignores the input)")
 
 
 
@@ -132,7 +184,14 @@ class UpdateMessage(_Msg):
     """Change the prompt mid-stream: it reaches the next chunk and blends in over one buffer length."""
 
     type: Literal["update"]
-    prompt: PromptField
+    prompt: PromptField | None = None
+    strength: float | None = Field(None, gt=0, le=1, description='"frames" streams: the input\'s new noise level')
+
+    @model_validator(mode="after")
+    def _something(self):
+        if self.prompt is None and self.strength is None:
+            raise ValueError("'update' needs a prompt, a strength or both")
+        return self
 
 
 
@@ -174,6 +233,7 @@ class InitMessage(_Msg):
 class UpdatedMessage(_Msg):
     type: Literal["updated"] = "updated"
     prompt: str
+    strength: float | None = None
 
 
 class StatsMessage(_Msg):
@@ -222,6 +282,9 @@ class RealtimeRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=30)
     format: Literal["jpeg", "png", "webp"] = "jpeg"
     model: str | None = None
+    image: str | None = Field(None, description="image-to-image input: base64 or a data:image/...;base64, URL of a "
+                              "PNG, JPEG or WebP (at most limits.max_image_bytes)")
+    strength: float = Field(0.6, gt=0, le=1, description="with image: how far it is noised (1.0 ignores it)")
 
 
 

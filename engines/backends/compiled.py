@@ -246,10 +246,22 @@ class CompiledPipeline:
     def negative_embeds(self, negative_prompts: list[str]) -> PromptEmbeds:
         return self.pipe.negative_embeds(negative_prompts)
 
+    def img2img_schedule(self, steps: int, strength: float):
+        return self.pipe.img2img_schedule(steps, strength)
+
+    def img2img_steps(self, steps: int, strength: float) -> int:
+        return self.pipe.img2img_steps(steps, strength)
+
+    def img2img_default_steps(self, strength: float) -> int:
+        return self.pipe.img2img_default_steps(strength)
+
     @torch.no_grad()
     def denoise(self, cond: PromptEmbeds, generators: list[torch.Generator], height: int, width: int, steps: int,
-                guidance_scale: float, uncond: PromptEmbeds | None = None) -> torch.Tensor:
+                guidance_scale: float, uncond: PromptEmbeds | None = None, init: torch.Tensor | None = None,
+                strength: float = 1.0) -> torch.Tensor:
         pipe = self.pipe
+        if init is not None:  # image-to-image runs eager: its graphs would be one more per strength
+            return pipe.denoise(cond, generators, height, width, steps, guidance_scale, uncond, init, strength)
         if not pipe.uses_cfg(guidance_scale):
             uncond = None
         n = len(generators)

@@ -265,8 +265,9 @@ class TensorRTRunner:
     @property
     def capabilities(self):
         # a request runs as one batch: EngineCore.validate refuses n above the engines' batch max up front
+        # image-to-image is not offered: the engines stand in for the VAE's decoder only, not its encoder
         return dataclasses.replace(self.pipe.capabilities, backend="tensorrt",
-                                   max_images_per_batch=self.profile.batch[2])
+                                   max_images_per_batch=self.profile.batch[2], img2img=False)
 
     def check_size(self, height: int, width: int) -> None:
         self.pipe.check_size(height, width)  # the model's own rule first
@@ -284,8 +285,20 @@ class TensorRTRunner:
     def negative_embeds(self, negative_prompts: list[str]):
         return self.pipe.negative_embeds(negative_prompts)
 
-    def denoise(self, cond, generators, height, width, steps, guidance_scale, uncond=None):
+    def denoise(self, cond, generators, height, width, steps, guidance_scale, uncond=None, init=None,
+                strength=1.0):
+        if init is not None:
+            raise ValueError("the TensorRT backend does not run image-to-image (capabilities.img2img is False)")
         return self.pipe.denoise(cond, generators, height, width, steps, guidance_scale, uncond)
+
+    def img2img_schedule(self, steps, strength):
+        return self.pipe.img2img_schedule(steps, strength)
+
+    def img2img_steps(self, steps, strength):
+        return self.pipe.img2img_steps(steps, strength)
+
+    def img2img_default_steps(self, strength):
+        return self.pipe.img2img_default_steps(strength)
 
     def decode(self, latents):
         return self.pipe.decode(latents)

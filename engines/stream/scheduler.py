@@ -18,6 +18,23 @@ the levels are staggered (front at K-1) and step K emits the first chunk, fully 
 is therefore K forward passes (+ decode and encode); buffers keep one shape throughout, so ramping sessions batch
 with running ones.
 
+Video-to-video (``"input": "frames"``, SDEdit in the moving buffer)
+--------------------------------------------------------------------
+The client streams frames; the newest one received wins. A session of strength ``s`` runs the same buffer on a
+ladder scaled by ``s`` (``s * sigma_l``: the model is told each frame's own level, so a scaled ladder needs no other
+change), and every chunk that enters the buffer is initialised, instead of from pure noise, from the newest input
+frame noised to the top of that ladder, ``x = (1 - s) x0 + s noise`` (flow matching). The buffer then denoises it
+over its K steps exactly as a text stream's chunk. The noise is drawn once per session and shared by every frame
+that enters (StreamDiffusion's fixed noise): with a still camera consecutive chunks start from the same point, so
+what changes between output frames is what changed in the input, not the noise. A strength change reaches the
+chunks that enter afterwards: each chunk keeps the scale it entered with (``session.scales``).
+
+Why the buffer, not a separate image-to-image pass per frame: output frames keep the moving buffer's temporal
+coupling (every chunk is denoised beside its neighbours in one forward pass), each emitted chunk still costs one
+forward pass, and frames sessions batch with text sessions of the same size. The price is the buffer's latency:
+an input frame shows K chunk periods later (the default video model: 4 chunks of 2 frames at 8 fps, 1 s).
+Pixel-space models only: a latent model would need its VAE's encoder per entering chunk (refused at start).
+
 The policy interface is ``init(session)``, ``warm(session)`` (past its ramp: its steps now emit on schedule),
 ``step(sessions, cond) -> list[Emission | None]`` and ``release(session)``; the checkpoint picks one by name
 (``model_index.json``: ``fewstep.policy``, default ``"moving_buffer"``). A second policy (chunk-wise
@@ -80,16 +97,30 @@ class MovingBufferPolicy:
         # drawn on the CPU from the session's own generator: identical on every device and in every batch
         return torch.randn((c, frames, h, w), generator=s.generator, dtype=torch.float32).to(self.pipe.device)
 
+    def _entering(self, s: StreamSession, frames: int) -> torch.Tensor:
+        """A chunk entering the buffer [C, frames, h, w]: pure noise (text), or the newest input frame noised to
+        the session's strength (frames)."""
+        if s.input != "frames":
+            return self._noise(s, frames)
+        st = s.strength
+        x0 = torch.from_numpy(s.input_frame).to(self.pipe.device).permute(2, 0, 1).float() / 255.0
+        x0 = (2.0 * x0 - 1.0)[:, None]  # [C, 1, h, w] in [-1, 1]: pixel space
+        return ((1.0 - st) * x0 + st * s.frame_noise).expand(-1, frames, -1, -1).contiguous()
+
     def init(self, s: StreamSession) -> None:
-        s.buffer = self._noise(s, self.K * self.F)  # [C, K*F, h, w]
+        if s.input == "frames":
+            s.frame_noise = self._noise(s, 1)  # [C, 1, h, w], drawn once
+        s.buffer = self._entering(s, self.K * self.F)  # [C, K*F, h, w]
         s.levels = [0] * self.K
+        s.scales = [s.strength if s.input == "frames" else 1.0] * self.K
 
     def warm(self, s: StreamSession) -> bool:
         return all(lv == self.K - 1 - j for j, lv in enumerate(s.levels))
 
     def frame_sigmas(self, s: StreamSession) -> torch.Tensor:
         """Per-frame sigma [K*F] of the buffer as it is now."""
-        return torch.tensor([self.sigmas[lv] for lv in s.levels], dtype=torch.float32).repeat_interleave(self.F)
+        return torch.tensor([self.sigmas[lv] * c for lv, c in zip(s.levels, s.scales)],
+                            dtype=torch.float32).repeat_interleave(self.F)
 
     def _advance(self, s: StreamSession) -> list[bool]:
         if self.warm(s):
@@ -102,7 +133,7 @@ class MovingBufferPolicy:
         adv = [self._advance(s) for s in sessions]
         sig = torch.stack([self.frame_sigmas(s) for s in sessions])  # [B, K*F]
         nxt = torch.stack([
-            torch.tensor([self.sigmas[lv + a] for lv, a in zip(s.levels, ad)], dtype=torch.float32)
+            torch.tensor([self.sigmas[lv + a] * c for lv, a, c in zip(s.levels, ad, s.scales)], dtype=torch.float32)
             .repeat_interleave(self.F) for s, ad in zip(sessions, adv)])
         dev = self.pipe.device
         x = self.pipe.denoise_step(x, sig.to(dev), nxt.to(dev), cond)
@@ -111,8 +142,9 @@ class MovingBufferPolicy:
             s.levels = [lv + a for lv, a in zip(s.levels, ad)]
             if s.levels[0] == self.K:  # front chunk reached sigma 0: emit it, slide, append fresh noise
                 out.append(Emission(s, x[i, :, : self.F].clone(), self.sigmas[self.K]))
-                s.buffer = torch.cat([x[i, :, self.F:], self._noise(s, self.F)], dim=1)
+                s.buffer = torch.cat([x[i, :, self.F:], self._entering(s, self.F)], dim=1)
                 s.levels = s.levels[1:] + [0]
+                s.scales = s.scales[1:] + [s.strength if s.input == "frames" else 1.0]
             else:
                 s.buffer = x[i].clone()  # no view into the batch tensor: a closed session frees its share
                 out.append(None)
@@ -121,6 +153,7 @@ class MovingBufferPolicy:
     def release(self, s: StreamSession) -> None:
         s.buffer = None
         s.levels = []
+        s.scales = []
         s.decoder_state = None
 
 
@@ -220,6 +253,27 @@ class StreamScheduler:
             s.prompt = prompt
         return True
 
+    def set_input_frame(self, session_id: str, frame, index: int) -> bool:
+        """The newest input frame of a frames session ([H, W, 3] uint8 at its size); an older index than the one
+        held is ignored (newest wins, never queued). Returns whether the session is open."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None or s.closed:
+                return False
+            s.input_frames += 1
+            if index > s.input_index:
+                s.input_frame, s.input_index = frame, index
+        self.wake()
+        return True
+
+    def set_strength(self, session_id: str, strength: float) -> bool:
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None:
+                return False
+            s.strength = strength  # chunks entering from the next step on
+        return True
+
     def close(self, session_id: str, reason: str = "closed") -> StreamSession | None:
         """Take the session out of the rotation now; its tensors go as soon as no step is using them."""
         with self._lock:
@@ -240,8 +294,8 @@ class StreamScheduler:
 
     # -- schedule --------------------------------------------------------------------------------------------------
     def _runnable(self, s: StreamSession, now: float) -> bool:
-        if s.closed or s.finished:
-            return False
+        if s.closed or s.finished or (s.input == "frames" and s.input_frame is None):
+            return False  # a frames session starts with its first input frame (set_input_frame wakes the engine)
         if s.buffer is None or not self.policy.warm(s):
             return True  # new or ramping: no frame leaves this step, run it as soon as possible
         if s.owner.on_full == "pause" and s.owner.full():
@@ -255,7 +309,8 @@ class StreamScheduler:
             for s in self._sessions.values():
                 if self._runnable(s, now):
                     return 0.0
-                if s.closed or s.finished or s.fps <= 0 or (s.owner.on_full == "pause" and s.owner.full()):
+                if s.closed or s.finished or s.fps <= 0 or (s.owner.on_full == "pause" and s.owner.full()) \
+                        or (s.input == "frames" and s.input_frame is None):
                     continue
                 wait = s.next_due - self.config.coalesce_ms / 1e3 - now
                 best = wait if best is None else min(best, wait)

@@ -48,6 +48,8 @@ class StreamStart:
     on_full: Literal["drop_oldest", "pause"] = "drop_oldest"
     format: str = "jpeg"  # what the engine pre-encodes for the owner: jpeg | webp | raw (no encoding)
     quality: int = 85
+    input: Literal["text", "frames"] = "text"  # "frames": video-to-video from the client's frames (set_input_frame)
+    strength: float = 0.6  # "frames": the noise level each input frame enters the buffer at (1.0 ignores it)
     arrival: float = field(default_factory=time.perf_counter)
 
 
@@ -206,6 +208,15 @@ class StreamSession:
         self.next_due = 0.0  # perf_counter time the next chunk is due (paced sessions)
         self.steps = 0  # forward passes the session took part in
         self.frames_generated = 0
+        # video-to-video ("input": "frames"): the newest input frame wins (set by the transport, under the
+        # scheduler's lock); each chunk entering the buffer starts from it, noised at the strength it entered with
+        self.input = start.input
+        self.strength = start.strength
+        self.input_frame: np.ndarray | None = None  # [H, W, 3] uint8 at the session's size
+        self.input_index = -1  # the client's index of input_frame (an older frame decoded late never replaces it)
+        self.input_frames = 0  # input frames received
+        self.frame_noise: torch.Tensor | None = None  # [C, 1, h, w]: one draw, shared by every entering frame
+        self.scales: list[float] = []  # per chunk: its sigma ladder's scale (its strength; 1.0 for text)
 
     @property
     def owner(self) -> Outbox:
@@ -240,6 +251,7 @@ class StreamSession:
         self.buffer = None
         self.cond = self.cond_from = self.last_cond = None
         self.levels = []
+        self.input_frame = self.frame_noise = None
         for o in self.outboxes:
             o.close("closed")
 

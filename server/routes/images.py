@@ -1,4 +1,6 @@
-"""POST /v1/images/generations: validate, hand to the engine, return the images. Nothing heavy here.
+"""POST /v1/images/generations and POST /v1/images/edits (OpenAI's multipart form: image-to-image from the uploaded
+``image`` at ``strength``): validate, hand to the engine, return the images. Nothing heavy here: both run one path
+(``serve_images``); the upload is decoded in the engine's pool.
 
 Answers:
 * JSON (the default, OpenAI's Images API shape: ``ImageGenerationResponse``): serialised once with orjson and
@@ -19,11 +21,17 @@ import asyncio
 import base64
 import time
 
+from typing import Annotated, Literal
+
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from fewstep.engines.core import EngineError, GenerateOutput, GenerateRequest
+from fewstep.engines.init_image import InputImageError, decode_image
+from fewstep.engines.samplers import MAX_STEPS, MIN_STEPS
 
 from ..disconnect import ClientDisconnected, unless_disconnected
 from ..protocol import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse, error_responses
@@ -148,17 +156,87 @@ def waterfall(request: Request, out: GenerateOutput) -> None:
 
 @router.post("/v1/images/generations", response_class=JSONResponse, responses=RESPONSES)
 async def generate(body: ImageGenerationRequest, request: Request) -> Response:
+    return await serve_images(request, body)
+
+
+EDIT_RESPONSES = {**RESPONSES, **error_responses(413)}
+EDIT_RESPONSES[400] = {"model": ErrorResponse, "description": "Invalid request: a field fails validation or a server "
+                       "limit, or the image is not a PNG/JPEG/WebP the server can read, is larger than "
+                       "limits.max_image_pixels, or has an unsupported mode (16-bit, float); 'param' names the field"}
+EDIT_RESPONSES[413] = {"model": ErrorResponse, "description": "The image is larger than limits.max_image_bytes, or "
+                       "the body than limits.max_body_bytes + limits.max_image_bytes"}
+
+
+@router.post("/v1/images/edits", response_class=JSONResponse, responses=EDIT_RESPONSES)
+async def edit(
+    request: Request,
+    image: Annotated[UploadFile, File(description="the input picture (PNG, JPEG or WebP); center-cropped and "
+                                      "resized to the output size")],
+    prompt: Annotated[str, Form()],
+    model: Annotated[str | None, Form()] = None,
+    n: Annotated[int, Form(ge=1, description="images to generate; at most limits.max_n")] = 1,
+    size: Annotated[str | None, Form(description='"WxH"; default: the model\'s native size',
+                                     # in the schema only: the model's validator words the error
+                                     json_schema_extra={"pattern": r"^(\d{1,5}x\d{1,5}|auto)$"})] = None,
+    response_format: Annotated[Literal["b64_json"], Form()] = "b64_json",
+    output_format: Annotated[Literal["png", "jpeg", "webp"], Form()] = "png",
+    strength: Annotated[float, Form(gt=0.0, le=1.0, description="how far the input is noised before denoising "
+                                    "(SDEdit): 1.0 ignores it")] = 0.6,
+    seed: Annotated[int | None, Form(ge=0, le=2**62)] = None,
+    num_inference_steps: Annotated[int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="Euler-family "
+                                                    "models: the full schedule, of which the last "
+                                                    "int(steps x strength) run; flow models: the steps run")] = None,
+    guidance_scale: Annotated[float | None, Form(ge=0.0, le=30.0)] = None,
+    negative_prompt: Annotated[str | None, Form()] = None,
+    mask: Annotated[UploadFile | None, File(description="not supported (inpainting); leave it out")] = None,
+) -> Response:
+    """OpenAI's image edit (multipart form) as image-to-image: the same answer, limits, deadlines and cancellation as
+    /v1/images/generations."""
     state = request.app.state.fewstep
+    if mask is not None:
+        raise EngineError("mask (inpainting) is not supported; send image and prompt only", 400, "mask",
+                          "mask_unsupported")
+    try:
+        body = ImageGenerationRequest(prompt=prompt, model=model, n=n, size=size, response_format=response_format,
+                                      output_format=output_format, seed=seed,
+                                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                      negative_prompt=negative_prompt)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+    limit = state.config.limits.max_image_bytes
+    data = await image.read(limit + 1)
+    if len(data) > limit:
+        raise EngineError(f"the image is larger than the limit of {limit} bytes; send a smaller file", 413, "image",
+                          "image_too_large")
+    return await serve_images(request, body, data, strength)
+
+
+async def read_image(state, data: bytes):
+    """Decoded input image ([H, W, 3] uint8) off the event loop; a bad one is a 400 naming ``image``."""
+    try:
+        return await asyncio.wrap_future(state.core.encode_submit(decode_image, data,
+                                                                  state.config.limits.max_image_pixels))
+    except InputImageError as e:
+        raise EngineError(str(e), 400, "image", "invalid_image") from None
+
+
+async def serve_images(request: Request, body: ImageGenerationRequest, image: bytes | None = None,
+                       strength: float = 0.6) -> Response:
+    """The one path of both image routes: limits, negotiation, the engine, the answer."""
+    state = request.app.state.fewstep
+    arrival = time.perf_counter()  # the deadline counts the image's decoding too
     w, h = body.dims()
     state.check_limits(prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.n, width=w, height=h)
     raw = negotiate(request.headers.get("accept"), body.n, body.output_format)  # before any work: 406 costs nothing
     if state.engine is None:
         raise EngineError(state.load_error or "the model is still loading; poll GET /ready", 503, None,
                           "not_ready")
+    timeout_s = deadline_header(request)
+    init = None if image is None else await read_image(state, image)
     req = GenerateRequest(prompt=body.prompt, model=body.model, n=body.n, height=h, width=w,
                           steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
                           negative_prompt=body.negative_prompt, seed=body.seed, output_format=raw or body.output_format,
-                          timeout_s=deadline_header(request))
+                          timeout_s=timeout_s, image=init, strength=strength, arrival=arrival)
     try:
         out = await unless_disconnected(request, state.engine.generate(req))
     except ClientDisconnected:  # counted by the engine (fewstep_requests_cancelled); nobody reads this answer

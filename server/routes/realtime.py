@@ -1,7 +1,7 @@
 """WS /v1/realtime: real-time image generation in the style of fal's realtime endpoints.
 
-Each text message is one input ``{"prompt", "seed"?, "request_id"?, "size"?, "steps"?, "format"?}``; each answer
-echoes ``request_id``. Newest wins: a connection has at most one input in the engine and one waiting. An input
+Each text message is one input ``{"prompt", "seed"?, "request_id"?, "size"?, "steps"?, "format"?, "image"?,
+"strength"?}`` (``image``, base64 or a data URL: image-to-image at ``strength``); each answer echoes ``request_id``. Newest wins: a connection has at most one input in the engine and one waiting. An input
 arriving while another waits replaces it, and the replaced (stale) input is answered at once with
 ``{"type": "dropped", "request_id", "reason": "superseded"}``; it never reaches the engine. The input already in
 the engine finishes and its result is sent (it is the freshest image there is until the next one lands).
@@ -20,8 +20,9 @@ from pydantic import BaseModel, ValidationError
 
 from fewstep.engines.core import EngineError, GenerateRequest
 
-from ..stream_protocol import (ErrorMessage, RealtimeDropped, RealtimeRequest, RealtimeResult, parse_size,
-                               validation_message)
+from ..stream_protocol import (ErrorMessage, RealtimeDropped, RealtimeRequest, RealtimeResult, b64_image,
+                               parse_size, validation_message)
+from .images import read_image
 from .stream import internal_error, socket_id
 
 router = APIRouter()
@@ -101,9 +102,17 @@ class RealtimeConnection:
                               "not_ready")
         w, h = parse_size(req.size)
         state.check_limits(prompt=req.prompt, width=w, height=h)
+        image = None
+        if req.image is not None:
+            try:  # base64 of up to max_image_bytes: decoded in the pool, as is the picture
+                data = await asyncio.wrap_future(state.core.encode_submit(b64_image, req.image,
+                                                                          state.config.limits.max_image_bytes))
+            except ValueError as e:
+                raise EngineError(str(e), 400, "image", "invalid_image") from None
+            image = await read_image(state, data)
         out = await state.engine.generate(GenerateRequest(
             prompt=req.prompt, model=req.model, height=h, width=w, steps=req.steps, guidance_scale=req.guidance_scale,
-            seed=req.seed, output_format=req.format))
+            seed=req.seed, output_format=req.format, image=image, strength=req.strength))
         state.metrics.on_request(out.model, 200)
         return out
 

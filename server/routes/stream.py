@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from fewstep.engines.core import AsyncStream, EngineError
+from fewstep.engines.init_image import InputImageError, decode_image, fit_image
 from fewstep.engines.stream import StreamStart
 
 from ..protocol import error_responses
@@ -33,11 +34,17 @@ from ..stream_protocol import (
     pack_frame,
     parse_size,
     schema,
+    unpack_input_frame,
     validation_message,
 )
 
 router = APIRouter()
 log = logging.getLogger("fewstep.server")
+
+
+def decode_frame(payload: bytes, max_pixels: int, height: int, width: int):
+    """An input frame's image -> [height, width, 3] uint8 (center-cropped and resized). Runs in the engine's pool."""
+    return fit_image(decode_image(payload, max_pixels), height, width)
 
 
 class Delivery:
@@ -117,6 +124,8 @@ class StreamConnection:
         self.pump: asyncio.Task | None = None
         self.delivery: Delivery | None = None
         self._send_lock = asyncio.Lock()
+        self.pending_frame: tuple[int, bytes] | None = None  # "frames" streams: the newest input not yet decoded
+        self.decoder: asyncio.Task | None = None
 
     async def send(self, msg: BaseModel) -> None:
         async with self._send_lock:
@@ -137,7 +146,12 @@ class StreamConnection:
                     break
                 text = msg.get("text")
                 if text is None:
-                    await self.error("binary messages are server -> client only; send JSON text", "invalid_message")
+                    await self.input_frame(msg.get("bytes") or b"")
+                    continue
+                limit = self.state.config.http.ws_max_bytes  # uvicorn's own limit leaves room for input images
+                if len(text) > limit:
+                    await self.error(f"control messages are at most {limit} bytes; input frames go as binary "
+                                     "messages", "message_too_big")
                     continue
                 try:
                     parsed = CLIENT_MESSAGE.validate_json(text)
@@ -161,15 +175,50 @@ class StreamConnection:
         finally:
             await self.finish("disconnected", notify=False)
 
+    async def input_frame(self, data: bytes) -> None:
+        """A binary message: an input frame of a ``"frames"`` stream. Checked here (header, size); decoded in the
+        engine's pool. Newest wins: a frame arriving while another decodes replaces the one waiting, never queues."""
+        if self.stream is None or self.stream.session.input != "frames":
+            await self.error('binary messages are input frames: start the stream with "input": "frames" first',
+                             "invalid_message")
+            return
+        try:
+            header, payload = unpack_input_frame(data, self.state.config.limits.max_image_bytes)
+        except ValueError as e:
+            await self.error(str(e), "invalid_frame")
+            return
+        self.pending_frame = (header["index"], payload)
+        if self.decoder is None or self.decoder.done():
+            self.decoder = asyncio.create_task(self.decode_frames(self.stream))
+
+    async def decode_frames(self, stream: AsyncStream) -> None:
+        s = stream.session
+        max_pixels = self.state.config.limits.max_image_pixels
+        while self.pending_frame is not None and self.stream is stream:
+            (index, payload), self.pending_frame = self.pending_frame, None
+            try:
+                frame = await stream.run_in_pool(decode_frame, payload, max_pixels, s.height, s.width)
+                stream.set_input_frame(frame, index)
+            except InputImageError as e:
+                await self.error(f"input frame {index}: {e}", "invalid_frame")
+            except EngineError:  # the session ended meanwhile
+                return
+
     async def handle(self, msg) -> None:
         if isinstance(msg, StartMessage):
             await self.start(msg)
         elif isinstance(msg, UpdateMessage):
             if self.stream is None:
                 raise EngineError("no stream is running; send 'start' first", 400, "type", "not_started")
-            self.state.check_limits(prompt=msg.prompt)
-            self.stream.update(msg.prompt)
-            await self.send(UpdatedMessage(prompt=msg.prompt))
+            if msg.strength is not None:
+                if self.stream.session.input != "frames":
+                    raise EngineError('strength applies to streams started with "input": "frames"', 400,
+                                      "strength", "invalid_strength")
+                self.stream.update_strength(msg.strength)
+            if msg.prompt is not None:
+                self.state.check_limits(prompt=msg.prompt)
+                self.stream.update(msg.prompt)
+            await self.send(UpdatedMessage(prompt=self.stream.session.prompt, strength=msg.strength))
         elif isinstance(msg, StopMessage):
             if self.stream is None:
                 raise EngineError("no stream is running", 400, "type", "not_started")
@@ -184,7 +233,7 @@ class StreamConnection:
         self.state.check_limits(prompt=msg.prompt, width=w, height=h)
         engine_format = "raw" if msg.format == "fmp4" else msg.format
         start = StreamStart(prompt=msg.prompt, model=msg.model, height=h, width=w, seed=msg.seed, fps=msg.fps,
-                            format=engine_format, quality=msg.quality)
+                            format=engine_format, quality=msg.quality, input=msg.input, strength=msg.strength)
         self.stream = self.state.engine.open_stream(start)
         s = self.stream.session
         pipe = core.pipelines[s.model]
@@ -272,6 +321,7 @@ class StreamConnection:
         """Stop the session (if any): leave the engine at once, then tell the client."""
         stream, self.stream = self.stream, None
         pump, self.pump = self.pump, None
+        self.pending_frame = None  # the decoder ends once it sees self.stream changed
         if stream is not None:
             stream.close(reason)
         if pump is not None:

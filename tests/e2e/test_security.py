@@ -70,8 +70,11 @@ def test_long_urls_and_big_websocket_messages_are_refused(guarded):
     except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
         pass
     assert httpx.get(guarded.url + "/v1/models", headers=bearer("k-misc")).status_code == 200
+    from fewstep.server.cli import ws_max_size
+    from fewstep.server.config import HTTPConfig, LimitsConfig
+
     with ws(guarded, "/v1/stream", "k-misc") as sock:
-        sock.send("x" * (256 << 10))
+        sock.send("x" * (ws_max_size(HTTPConfig(), LimitsConfig()) + 1))  # a control message plus an input image
         with pytest.raises(ConnectionClosed) as e:
             sock.recv(timeout=30)
     assert e.value.rcvd.code == 1009  # message too big (uvicorn ws_max_size)

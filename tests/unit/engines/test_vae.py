@@ -106,3 +106,18 @@ def test_the_taesd_config_is_the_published_architecture():
     vae = AutoencoderTiny.from_config(cfg)
     n = sum(p.numel() for p in vae.parameters()) / 1e6
     assert 2.3 < n < 2.6 and cfg["latent_channels"] == 4
+
+
+def test_img2img_encodes_through_a_tiny_vae(tiny_dir, tmp_path):
+    """--vae TAESD: image-to-image encodes with its encoder (deterministic latents, as diffusers takes them)."""
+    from diffusers import AutoencoderTiny
+
+    taesd = tiny_taesd(tmp_path / "taesd")
+    pipe = FewStepPipeline(load_checkpoint(tiny_dir / "sd_turbo", "cpu", torch.float32, vae=taesd), "cpu")
+    img = torch.randint(0, 256, (1, 32, 32, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    z = pipe.encode_image(img, [torch.Generator().manual_seed(0)])
+    with torch.no_grad():
+        ref = AutoencoderTiny.from_pretrained(taesd).eval().encode(img.permute(0, 3, 1, 2).float() / 255 * 2 - 1)
+    assert z.shape == (1, 4, 16, 16) and torch.allclose(z, ref.latents, atol=1e-5)
+    out = pipe(["a red ball"], [0], steps=2, guidance_scale=0.0, init=img, strength=0.5)
+    assert out.shape == (1, 32, 32, 3)
