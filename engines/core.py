@@ -236,7 +236,7 @@ class EngineCore:
             raise EngineError(f"num_frames must be from 1 to {cfg.max_video_frames}", 400, "num_frames",
                               "invalid_num_frames")
         seed = start.seed if start.seed is not None else secrets.randbelow(2**62)
-        session = StreamSession(start, model, h, w, seed, fps, cfg.outbox_chunks)
+        session = StreamSession(start, model, h, w, seed, fps, cfg.outbox_chunks, cfg.session_id_prefix)
         sched.add(session)  # raises EngineError(503) at capacity
         self._report_sessions()
         self._wake()
