@@ -28,7 +28,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from .config import ServerConfig, load_config
-from .ray_routing import QUEUE_STAT
+from .ray_routing import PROXY_CALLBACK, QUEUE_STAT
 
 log = logging.getLogger("fewstep.server")
 APP_NAME = "fewstep"
@@ -223,6 +223,9 @@ def run(options: RayAppConfig, host: str, port: int, address: str | None) -> int
     # the driver's working directory on every worker's sys.path; from a source checkout that directory's kernels/
     # would shadow PyPI's `kernels` (imported by diffusers) in the replicas, so the driver connects from elsewhere.
     cwd = os.getcwd()
+    # the proxies' answer to a replica lost mid-request (ray_routing.LostReplicaMiddleware): read from the
+    # environment by each proxy, which a cluster started here inherits (a joined cluster needs it set on its nodes)
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
     os.chdir(tempfile.gettempdir())
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)

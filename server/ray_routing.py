@@ -90,3 +90,134 @@ class FewstepRouter(RequestRouter):
             return [shuffled]
         ranked = sorted(shuffled, key=lambda r: (r.routing_stats or {}).get(QUEUE_STAT, 0))
         return [ranked[:2], ranked[2:]]
+
+
+# -- at the proxy: requests whose replica died --------------------------------------------------------------------
+RETRY_SAFE = {("POST", "/v1/images/generations")}  # idempotent enough: the client has seen nothing of the first try
+MAX_REPLAY_BYTES = 2 << 20  # bodies above this are not kept for a retry (the replicas refuse them at 1 MiB anyway)
+LOST_MESSAGE = "the replica serving this request stopped before answering; retry it"
+LOST_STREAM_MESSAGE = "the replica holding this stream stopped; reconnect to start a new session"
+
+
+class LostReplicaMiddleware:
+    """ASGI middleware of Ray's HTTP proxy (installed by ``proxy_middlewares`` below): what a client gets when the
+    replica serving it dies (killed, out of memory, its node lost), where Ray's proxy alone answers a bare 500 or
+    drops the socket.
+
+    * An HTTP request that got no response start: an image generation is sent once more (Ray routes it to a live
+      replica); any other request, or a second loss, gets 503 with ``Retry-After: 1`` and OpenAI's error body (code
+      ``replica_lost``).
+    * A WebSocket that was accepted and not closed by the app: the client gets an ``error`` message (code
+      ``replica_lost``) that says to reconnect, then close code 1012 (service restart).
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope, receive, send):
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        replay = None
+        if (scope.get("method"), scope.get("path")) in RETRY_SAFE:
+            replay = await _buffered_body(scope, receive)
+        attempts = 2 if replay is not None else 1
+        for attempt in range(attempts):
+            source = _replaying(replay, receive) if replay is not None else receive
+            try:
+                await self.app(scope, source, tracking_send)
+            except Exception:  # noqa: BLE001 - the proxy's own failure; answered below unless a response started
+                if started:
+                    raise
+            if started:
+                return
+            if attempt + 1 < attempts:
+                log.warning("%s %s: its replica stopped before answering; sent once more", scope.get("method"),
+                            scope.get("path"))
+        await _json(send, 503, {"error": {"message": LOST_MESSAGE, "type": "server_error", "param": None,
+                                          "code": "replica_lost"}}, [(b"retry-after", b"1")])
+
+    async def _websocket(self, scope, receive, send):
+        accepted = closed = False
+
+        async def tracking_send(message):
+            nonlocal accepted, closed
+            if message["type"] == "websocket.accept":
+                accepted = True
+            elif message["type"] == "websocket.close":
+                closed = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:  # noqa: BLE001 - the proxy's own failure: the client is told below
+            pass
+        if accepted and not closed:
+            import json
+
+            try:
+                await send({"type": "websocket.send", "text": json.dumps(
+                    {"type": "error", "message": LOST_STREAM_MESSAGE, "code": "replica_lost", "param": None})})
+                await send({"type": "websocket.close", "code": 1012, "reason": "replica lost"})
+            except Exception:  # noqa: BLE001 - the client left meanwhile
+                pass
+
+
+async def _buffered_body(scope, receive) -> list[dict] | None:
+    """The request's body messages, kept for one replay; None when it is too large to keep (then it is not retried,
+    and its messages are lost to a replay, so the caller must not buffer: it reads them only below the bound)."""
+    headers = dict(scope.get("headers") or ())
+    try:
+        length = int(headers.get(b"content-length", b""))
+    except ValueError:
+        return None  # chunked or malformed: streamed through, never retried
+    if length > MAX_REPLAY_BYTES:
+        return None
+    messages, more = [], True
+    while more:
+        message = await receive()
+        messages.append(message)
+        more = message.get("type") == "http.request" and message.get("more_body", False)
+    return messages
+
+
+def _replaying(messages: list[dict], receive):
+    pending = list(messages)
+
+    async def replay():
+        return pending.pop(0) if pending else await receive()
+
+    return replay
+
+
+async def _json(send, status: int, body: dict, headers: list) -> None:
+    import json
+
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def proxy_middlewares() -> list:
+    """What RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=fewstep.server.ray_routing:proxy_middlewares gives Ray's HTTP
+    proxies (set on every node: ``fewstep serve --replicas`` does for the cluster it starts; deploy/ray/ for others)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(LostReplicaMiddleware)]
+
+
+PROXY_CALLBACK = "fewstep.server.ray_routing:proxy_middlewares"

@@ -123,6 +123,9 @@ def ray_cluster():
     logical CPUs (one per replica, spare for restarts) on whatever cores the machine has; no dashboard."""
     import ray
 
+    from fewstep.server.ray_routing import PROXY_CALLBACK
+
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)  # inherited by the proxies
     ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                    namespace="fewstep-tests")
     try:

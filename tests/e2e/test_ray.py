@@ -104,15 +104,42 @@ def test_realtime_socket_through_the_proxy(ray_defaults):
             assert msg["request_id"] == str(i) and msg.get("type") != "error", msg
 
 
+def open_stream_on(srv, replica: str):
+    """A stream socket whose session lives on ``replica`` (new sockets go by load: open until one lands there)."""
+    import json
+
+    from websockets.sync.client import connect
+
+    for _ in range(20):
+        ws = connect(srv.url.replace("http", "ws") + "/v1/stream", open_timeout=30)
+        ws.send(json.dumps({"type": "start", "prompt": "a red circle moving right", "fps": 2}))
+        while True:
+            msg = ws.recv(timeout=60)
+            if isinstance(msg, str):
+                break
+        started = json.loads(msg)
+        assert started["type"] == "started", started
+        if started["session_id"].split(".")[0] == replica:
+            return ws
+        ws.close()
+    raise AssertionError(f"no stream landed on {replica} in 20 tries")
+
+
 def test_replica_killed_mid_load(ray_defaults):
-    """One replica is killed (ray.kill on its actor) while 4 clients keep sending image requests. Every request ends
-    either completed or with an HTTP error answer (failed cleanly); none is lost (no answer, a reset, a hang). Ray
-    starts a new replica; the figure printed is the time until two replicas answer again."""
+    """One replica is killed (ray.kill on its actor) while 4 clients keep sending image requests and a stream runs on
+    it. Every request ends completed (an image request lost with its replica is sent once more, at the proxy) or
+    failed cleanly (503, Retry-After, code replica_lost); none is lost (no answer, a reset, a hang). The stream gets
+    an error message saying to reconnect. Ray starts a new replica; the figure printed is the time until two replicas
+    answer again."""
+    import json
+
     import ray
+    from websockets.exceptions import ConnectionClosed
 
     srv = ray_defaults
     replicas = sorted(srv.replica_ids())
     victim = replicas[0]
+    ws = open_stream_on(srv, victim)
     stop = threading.Event()
     outcomes = {"completed": 0, "failed_cleanly": 0, "lost": 0}
     statuses: dict[int, int] = {}
@@ -125,7 +152,9 @@ def test_replica_killed_mid_load(ray_defaults):
             try:
                 r = httpx.post(srv.url + "/v1/images/generations",
                                json={"prompt": "a red circle", "seed": 1000 * k + i}, timeout=60)
-                kind = "completed" if r.status_code == 200 else "failed_cleanly"
+                clean = r.status_code == 503 and r.headers.get("retry-after") and \
+                    r.json()["error"]["code"] == "replica_lost"
+                kind = "completed" if r.status_code == 200 else "failed_cleanly" if clean else "lost"
                 with lock:
                     statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             except httpx.HTTPError:
@@ -140,6 +169,16 @@ def test_replica_killed_mid_load(ray_defaults):
     actor = ray.get_actor(f"SERVE_REPLICA::fewstep#FewstepReplica#{victim}", namespace="serve")
     t_kill = time.perf_counter()
     ray.kill(actor)
+    stream_end = None
+    try:
+        while True:  # frames until the error message, then the close
+            msg = ws.recv(timeout=30)
+            if isinstance(msg, str) and json.loads(msg)["type"] == "error":
+                stream_end = json.loads(msg)
+    except ConnectionClosed:
+        pass
+    close_code = ws.close_code
+    ws.close()
     back = None
     while time.perf_counter() - t_kill < 120:
         ids = srv.replica_ids(want=2, timeout=5)
@@ -151,6 +190,9 @@ def test_replica_killed_mid_load(ray_defaults):
         t.join(90)
     print(f"\nreplica {victim} killed under 4 clients: {outcomes}, statuses {statuses}; two replicas serve again "
           f"after {back and round(back, 1)} s")
+    print(f"the stream on it ended with {stream_end} and close code {close_code}")
+    assert stream_end is not None and stream_end["code"] == "replica_lost" and "reconnect" in stream_end["message"]
+    assert close_code == 1012
     assert back is not None, "no second replica came back within 120 s"
     assert outcomes["lost"] == 0, outcomes
     assert outcomes["completed"] > 0
