@@ -177,8 +177,8 @@ class LostReplicaMiddleware:
 
 
 async def _buffered_body(scope, receive) -> list[dict] | None:
-    """The request's body messages, kept for one replay; None when it is too large to keep (then it is not retried,
-    and its messages are lost to a replay, so the caller must not buffer: it reads them only below the bound)."""
+    """The request's body messages, read in full and kept for one replay; None (nothing read: the body streams
+    through and the request is not retried) when its declared length is over MAX_REPLAY_BYTES or not declared."""
     headers = dict(scope.get("headers") or ())
     try:
         length = int(headers.get(b"content-length", b""))
