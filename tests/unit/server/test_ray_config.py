@@ -68,3 +68,17 @@ def test_bad_options_are_refused_with_their_name(args, message):
 
     with pytest.raises(ValidationError, match=message):
         RayAppConfig.model_validate(args)
+
+
+def test_autoscaling_and_gpus_become_ray_deployment_options():
+    from fewstep.server.ray import RayAppConfig
+
+    fixed = RayAppConfig.model_validate({"replicas": 3, "server": {"engine.device": "cuda"}}).deployment_options()
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"]["num_gpus"] == 1.0  # one GPU per replica on a GPU host
+    scaled = RayAppConfig.model_validate({"autoscaling": {"min_replicas": 2, "max_replicas": 6},
+                                          "server": {"engine": {"device": "cpu"}}}).deployment_options()
+    a = scaled["autoscaling_config"]
+    assert (a.min_replicas, a.max_replicas, a.initial_replicas) == (2, 6, 2) and "num_replicas" not in scaled
+    assert scaled["ray_actor_options"]["num_gpus"] == 0.0  # CPU replicas
+    assert scaled["request_router_config"].request_router_class.endswith("ray_routing:FewstepRouter")
