@@ -116,6 +116,11 @@ def stream_server(tiny_dir):
     srv.stop()
 
 
+class RayCluster:
+    def __init__(self, address: str, metrics_url: str):
+        self.address, self.metrics_url = address, metrics_url  # metrics_url: Ray's Prometheus port (ray_serve_*)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster owned by the test process (stopped at the end of the session, whatever happened): the
@@ -126,10 +131,11 @@ def ray_cluster():
     from fewstep.server.ray_routing import PROXY_CALLBACK
 
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)  # inherited by the proxies
+    metrics_port = free_port()
     ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                   namespace="fewstep-tests")
+                   namespace="fewstep-tests", _metrics_export_port=metrics_port)
     try:
-        yield ctx.address_info["gcs_address"]
+        yield RayCluster(ctx.address_info["gcs_address"], f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         ray.shutdown()
 
@@ -138,8 +144,9 @@ class RayServeProcess(ServerProcess):
     """`fewstep serve --replicas N --ray-address ...` on the test's cluster; stop() also removes Serve from the
     cluster in case the CLI could not (it was killed), so the next app starts on a clean cluster."""
 
-    def __init__(self, address: str, replicas: int, args: list[str], timeout: float = 240.0):
-        super().__init__(["--replicas", str(replicas), "--ray-address", address, *args], timeout=timeout)
+    def __init__(self, cluster: RayCluster, replicas: int, args: list[str], timeout: float = 240.0):
+        super().__init__(["--replicas", str(replicas), "--ray-address", cluster.address, *args], timeout=timeout)
+        self.cluster = cluster
         self.replicas = replicas
 
     def replica_ids(self, want: int | None = None, timeout: float = 60.0) -> set[str]:

@@ -58,6 +58,18 @@ def test_requests_spread_over_both_replicas(ray_defaults):
     # the same seed draws the same image whichever replica serves it
     a, b = one(7), one(7)
     assert a.json()["data"][0]["b64_json"] == b.json()["data"][0]["b64_json"]
+    # Ray Serve's own metrics (Ray's Prometheus port) count the same requests per replica as ours
+    ours = {r: ok_count(srv, r) for r in replicas}
+    deadline, theirs = time.time() + 60, {}
+    while time.time() < deadline:  # Ray exports every few seconds
+        text = httpx.get(srv.cluster.metrics_url, timeout=30).text
+        theirs = {r: sum(float(m.group(1)) for m in re.finditer(
+            rf'^ray_serve_deployment_request_counter_total\{{[^}}]*replica="{r}"[^}}]*'
+            rf'route="/v1/images/generations"[^}}]*\}} ([0-9.e+]+)$', text, re.M)) for r in replicas}
+        if theirs == ours:
+            break
+        time.sleep(2)
+    assert theirs == ours
 
 
 def test_stream_and_its_viewers_stay_on_their_replica(ray_defaults):
