@@ -128,6 +128,8 @@ def _serve(args) -> int:
 
 def _serve_ray(args, cfg) -> int:
     """`fewstep serve --replicas N`: the same app, N times, behind Ray Serve's proxy (server/ray.py)."""
+    from pydantic import ValidationError
+
     try:
         from .ray import RayAppConfig, run
     except ImportError as e:
@@ -142,11 +144,19 @@ def _serve_ray(args, cfg) -> int:
         autoscaling = {"min_replicas": args.replicas if args.replicas is not None else 1,
                        "max_replicas": args.max_replicas}
     try:
-        options = RayAppConfig(server=server, replicas=args.replicas or 1, autoscaling=autoscaling)
-    except ValueError as e:
-        print(f"fewstep: {e}", file=sys.stderr)
+        options = RayAppConfig(server=server, replicas=1 if autoscaling or args.replicas is None else args.replicas,
+                               autoscaling=autoscaling)
+    except ValidationError as e:  # one line per refused option, e.g. "replicas: Input should be >= 1"
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "options"
+            print(f"fewstep: --replicas/--max-replicas: {where}: {err['msg'].removeprefix('Value error, ')}",
+                  file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not cfg.security.api_keys and cfg.http.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("fewstep.server").warning(
+            "serving on %s without API keys: anyone who reaches this address can use it (pass --api-key, or set "
+            "FEWSTEP_API_KEYS on every node)", cfg.http.host)
     return run(options, cfg.http.host, cfg.http.port, args.ray_address)
 
 

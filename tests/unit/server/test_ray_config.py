@@ -82,3 +82,16 @@ def test_autoscaling_and_gpus_become_ray_deployment_options():
     assert (a.min_replicas, a.max_replicas, a.initial_replicas) == (2, 6, 2) and "num_replicas" not in scaled
     assert scaled["ray_actor_options"]["num_gpus"] == 0.0  # CPU replicas
     assert scaled["request_router_config"].request_router_class.endswith("ray_routing:FewstepRouter")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--replicas", "0"], "replicas: Input should be greater than or equal to 1"),
+    (["--replicas", "3", "--max-replicas", "2"], "min_replicas (3) must not exceed max_replicas (2)"),
+])
+def test_cli_refuses_bad_replica_counts_before_starting_ray(flags, message):
+    import subprocess
+
+    from tests.conftest import FEWSTEP
+
+    p = subprocess.run([*FEWSTEP, "serve", *flags], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
