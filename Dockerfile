@@ -13,7 +13,9 @@ COPY kernels ./kernels
 COPY clients ./clients
 COPY benchmarks ./benchmarks
 COPY training ./training
-RUN pip install ".[triton]" && python -c "import fewstep.server, fewstep.engines, fewstep.kernels, fewstep.clients"
+# [ray]: the same image runs the Ray Serve app (fewstep serve --replicas N, or as a KubeRay RayService's head and
+# worker image: deploy/ray/rayservice.yaml)
+RUN pip install ".[triton,ray]" && python -c "import fewstep.server, fewstep.engines, fewstep.kernels, fewstep.clients, fewstep.server.ray"
 
 EXPOSE 8000
 # fewstep binds 127.0.0.1 unless told otherwise; in a container it must listen on 0.0.0.0 to be reachable through
@@ -21,4 +23,5 @@ EXPOSE 8000
 # KEY): without them anyone who can reach it can generate. After SIGTERM the server exits within --shutdown-grace
 # (10 s) + 5 s: stop it with `docker stop -t 20`, or Docker's default 10 s ends in SIGKILL.
 # No model downloads at run time: mount a diffusers-format directory and pass --model, or use the embedded default.
+# One GPU per replica across the container's GPUs: docker run --gpus all ... fewstep serve --replicas 2 --host 0.0.0.0
 CMD ["fewstep", "serve", "--host", "0.0.0.0", "--port", "8000"]

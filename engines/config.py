@@ -100,6 +100,10 @@ class StreamConfig(BaseModel):
     reserve_gib: float = Field(2.0, ge=0, description="CUDA only: a new session is refused (503) unless the GPU's "
                                "free memory covers the state the open sessions have yet to allocate, plus this; "
                                "a Wan session's causal-VAE cache is 1.76 GiB at 832x480 bf16")
+    session_id_prefix: str = Field("", pattern=r"^[A-Za-z0-9]*$", max_length=64,
+                                   description="written before every session id with a '.' (a Ray Serve replica "
+                                   "sets its own id, so that MJPEG viewers of a session are routed to the replica "
+                                   "that holds its buffer: server/ray_routing.py); empty: no prefix")
 
 
 class EngineConfig(BaseModel):

@@ -264,7 +264,7 @@ class EngineCore:
                 raise EngineError(f'model {model!r} is a latent video model; "input": "frames" needs a pixel-space '
                                   "one (the embedded default video model)", 400, "input", "frames_unsupported")
         seed = start.seed if start.seed is not None else secrets.randbelow(2**62)
-        session = StreamSession(start, model, h, w, seed, fps, cfg.outbox_chunks)
+        session = StreamSession(start, model, h, w, seed, fps, cfg.outbox_chunks, cfg.session_id_prefix)
         sched.add(session)  # raises EngineError(503) at capacity
         self._report_sessions()
         self._wake()

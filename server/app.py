@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from contextlib import asynccontextmanager
@@ -83,8 +84,8 @@ def create_app(config: ServerConfig, load_async: bool = True) -> FastAPI:
     async def lifespan(app: FastAPI):
         if load_async:
             threading.Thread(target=state.load, name="fewstep-load", daemon=True).start()
-        else:
-            state.load()
+        else:  # loaded before the app takes requests, off the event loop (a Ray Serve replica keeps answering
+            await asyncio.to_thread(state.load)  # its controller's health checks meanwhile)
         yield
         state.shutdown()
 

@@ -72,30 +72,34 @@ def _serve_config(args):
     """`fewstep serve`'s flags over the environment and the defaults."""
     from .config import load_config
 
-    return load_config({"model": args.model, "model_name": args.model_name, "engine.device": args.device,
-                       "engine.dtype": args.dtype, "engine.vae": args.vae,
-                       "http.host": args.host, "http.port": args.port,
-                       "engine.batching.max_batch_size": args.max_batch_size,
-                       "engine.batching.max_wait_ms": args.max_wait_ms,
-                       "engine.batching.max_queue_seconds": args.max_queue_seconds,
-                       "engine.attention": args.attention,
-                       "engine.backend": args.backend, "engine.threads": args.threads,
-                       "engine.stream.max_sessions": args.max_sessions,
-                       "engine.stream.max_batch_sessions": args.max_batch_sessions,
-                       "engine.stream.outbox_chunks": args.outbox_chunks,
-                       "engine.compiled.batch_buckets": args.compile_buckets,
-                       "engine.sizes": args.sizes,
-                       "engine.compiled.sizes": args.compile_sizes, "engine.compiled.mode": args.compile_mode,
-                       "engine.compiled.dynamic_batch": args.compile_dynamic_batch,
-                       "engine.compiled.channels_last": args.compile_channels_last,
-                       "limits.max_n": args.max_n, "limits.max_side": args.max_side,
-                       "limits.max_prompt_chars": args.max_prompt_chars,
-                       "http.shutdown_grace_s": args.shutdown_grace,
-                       "security.api_keys": args.api_key, "security.allow_origins": args.allow_origin,
-                       "security.cors_origins": args.cors_origin, "security.protect_metrics": args.protect_metrics,
-                       "security.max_streams_per_client": args.max_streams_per_client,
-                       "security.requests_per_second": args.rate_limit,
-                       "security.idle_timeout_s": args.idle_timeout})
+    return load_config(_serve_overrides(args))
+
+
+def _serve_overrides(args) -> dict:
+    """`fewstep serve`'s flags as ServerConfig paths (None: not given)."""
+    return {"model": args.model, "model_name": args.model_name, "engine.device": args.device,
+            "engine.dtype": args.dtype, "engine.vae": args.vae,
+            "http.host": args.host, "http.port": args.port,
+            "engine.batching.max_batch_size": args.max_batch_size,
+            "engine.batching.max_wait_ms": args.max_wait_ms,
+            "engine.batching.max_queue_seconds": args.max_queue_seconds, "engine.attention": args.attention,
+            "engine.backend": args.backend, "engine.threads": args.threads,
+            "engine.stream.max_sessions": args.max_sessions,
+            "engine.stream.max_batch_sessions": args.max_batch_sessions,
+            "engine.stream.outbox_chunks": args.outbox_chunks,
+            "engine.compiled.batch_buckets": args.compile_buckets,
+            "engine.sizes": args.sizes,
+            "engine.compiled.sizes": args.compile_sizes, "engine.compiled.mode": args.compile_mode,
+            "engine.compiled.dynamic_batch": args.compile_dynamic_batch,
+            "engine.compiled.channels_last": args.compile_channels_last,
+            "limits.max_n": args.max_n, "limits.max_side": args.max_side,
+            "limits.max_prompt_chars": args.max_prompt_chars,
+            "http.shutdown_grace_s": args.shutdown_grace,
+            "security.api_keys": args.api_key, "security.allow_origins": args.allow_origin,
+            "security.cors_origins": args.cors_origin, "security.protect_metrics": args.protect_metrics,
+            "security.max_streams_per_client": args.max_streams_per_client,
+            "security.requests_per_second": args.rate_limit,
+            "security.idle_timeout_s": args.idle_timeout}
 
 
 def _serve(args) -> int:
@@ -104,6 +108,8 @@ def _serve(args) -> int:
 
     cfg = _serve_config(args)
     models = cfg.served_models()  # fail fast, with a one-line message, before the server starts
+    if args.replicas is not None or args.max_replicas is not None:
+        return _serve_ray(args, cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = create_app(cfg)
@@ -129,6 +135,40 @@ def ws_max_size(http, limits=None) -> int:
     if limits is None:
         return http.ws_max_bytes
     return http.ws_max_bytes + 4 * math.ceil(limits.max_image_bytes / 3)
+
+
+def _serve_ray(args, cfg) -> int:
+    """`fewstep serve --replicas N`: the same app, N times, behind Ray Serve's proxy (server/ray.py)."""
+    from pydantic import ValidationError
+
+    try:
+        from .ray import RayAppConfig, run
+    except ImportError as e:
+        print(f"fewstep: --replicas needs Ray Serve ({e}); pip install 'fewstep[ray]'", file=sys.stderr)
+        return 2
+    server = {k: v for k, v in _serve_overrides(args).items() if v is not None and not k.startswith("http.")}
+    for key in ("model", "engine.vae"):  # replicas run in other directories (and on other hosts: same paths there)
+        if key in server and Path(server[key]).exists():
+            server[key] = str(Path(server[key]).resolve())
+    autoscaling = None
+    if args.max_replicas is not None:
+        autoscaling = {"min_replicas": args.replicas if args.replicas is not None else 1,
+                       "max_replicas": args.max_replicas}
+    try:
+        options = RayAppConfig(server=server, replicas=1 if autoscaling or args.replicas is None else args.replicas,
+                               autoscaling=autoscaling)
+    except ValidationError as e:  # one line per refused option, e.g. "replicas: Input should be >= 1"
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "options"
+            print(f"fewstep: --replicas/--max-replicas: {where}: {err['msg'].removeprefix('Value error, ')}",
+                  file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not cfg.security.api_keys and cfg.http.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("fewstep.server").warning(
+            "serving on %s without API keys: anyone who reaches this address can use it (pass --api-key, or set "
+            "FEWSTEP_API_KEYS on every node)", cfg.http.host)
+    return run(options, cfg.http.host, cfg.http.port, args.ray_address)
 
 
 def uvicorn_config(app, http, limits=None) -> uvicorn.Config:
@@ -447,6 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="close WebSockets unused by either side for S seconds (default 60)")
     sec.add_argument("--shutdown-grace", type=float, default=None, metavar="S",
                      help="after SIGTERM, seconds for in-flight work before it is cancelled (default 10)")
+    ray = s.add_argument_group("scale-out on Ray Serve (pip install 'fewstep[ray]'; docs/serving.md)")
+    ray.add_argument("--replicas", type=int, default=None, metavar="N",
+                     help="serve through Ray Serve with N replicas, one engine each (one GPU each on a GPU host); "
+                          "with --max-replicas, the fewest the autoscaler keeps")
+    ray.add_argument("--max-replicas", type=int, default=None, metavar="N",
+                     help="autoscale on ongoing requests between --replicas (default 1) and N replicas")
+    ray.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="join this Ray cluster (e.g. 10.0.0.5:6379, or 'auto' for the local one); default: start "
+                          "a Ray cluster of this machine for the server's lifetime")
     s.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="generate images in-process, without a server")

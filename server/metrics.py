@@ -100,5 +100,19 @@ class Metrics:
         if status >= 400:
             self.errors.labels(model, code or str(status)).inc()
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, labels: dict[str, str] | None = None) -> bytes:
+        """The text exposition; ``labels`` (e.g. {"replica": id} on a Ray Serve replica) are added to every sample,
+        so that one scrape target per replica, or their concatenation, keeps the replicas apart."""
+        return generate_latest(_Labelled(self.registry, labels) if labels else self.registry)
+
+
+class _Labelled:
+    """A registry view whose samples carry extra labels (prometheus_client has no constant labels per registry)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]):
+        self.registry, self.labels = registry, labels
+
+    def collect(self):
+        for family in self.registry.collect():
+            family.samples = [s._replace(labels={**s.labels, **self.labels}) for s in family.samples]
+            yield family

@@ -52,6 +52,8 @@ class AppState:
         # per model, for /ready: queued -> loading -> warming (all loaded, warm-up running) -> ready | failed
         self.model_states: dict[str, str] = {name: "queued" for name, _ in self.models}
         self.compile_seconds: float | None = None
+        # the Ray Serve replica this app runs in (server/ray.py sets it), or None: /metrics labels its samples with it
+        self.replica: str | None = None
 
     def check_limits(self, *, prompt: str | None = None, negative_prompt: str | None = None, n: int | None = None,
                      width: int | None = None, height: int | None = None) -> None:

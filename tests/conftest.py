@@ -76,7 +76,8 @@ class ServerProcess:
                 r = httpx.get(self.url + "/ready", timeout=2)
                 if r.status_code == 200:
                     return
-                if r.json().get("error"):
+                # (Ray Serve's proxy answers in plain text until the app's first replica is up)
+                if r.headers.get("content-type", "").startswith("application/json") and r.json().get("error"):
                     self.stop()
                     raise RuntimeError(f"model failed to load: {r.json()['error']}")
             except httpx.TransportError:
@@ -113,3 +114,61 @@ def stream_server(tiny_dir):
     srv = ServerProcess(["--model", str(tiny_dir / "stream_dit"), "--device", "cpu", "--threads", "1"])
     yield srv
     srv.stop()
+
+
+class RayCluster:
+    def __init__(self, address: str, metrics_url: str):
+        self.address, self.metrics_url = address, metrics_url  # metrics_url: Ray's Prometheus port (ray_serve_*)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster owned by the test process (stopped at the end of the session, whatever happened): the
+    Ray Serve tests run `fewstep serve --replicas N --ray-address` against it, and kill replicas through it. Four
+    logical CPUs (one per replica, spare for restarts) on whatever cores the machine has; no dashboard."""
+    import ray
+
+    from fewstep.server.ray_routing import PROXY_CALLBACK
+
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)  # inherited by the proxies
+    metrics_port = free_port()
+    ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                   namespace="fewstep-tests", _metrics_export_port=metrics_port)
+    try:
+        yield RayCluster(ctx.address_info["gcs_address"], f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        ray.shutdown()
+
+
+class RayServeProcess(ServerProcess):
+    """`fewstep serve --replicas N --ray-address ...` on the test's cluster; stop() also removes Serve from the
+    cluster in case the CLI could not (it was killed), so the next app starts on a clean cluster."""
+
+    def __init__(self, cluster: RayCluster, replicas: int, args: list[str], timeout: float = 240.0):
+        super().__init__(["--replicas", str(replicas), "--ray-address", cluster.address, *args], timeout=timeout)
+        self.cluster = cluster
+        self.replicas = replicas
+
+    def replica_ids(self, want: int | None = None, timeout: float = 60.0) -> set[str]:
+        """The ids of the replicas answering (X-Fewstep-Replica), polled until ``want`` (default: all) are seen."""
+        import httpx
+
+        want = want or self.replicas
+        seen: set[str] = set()
+        deadline = time.time() + timeout
+        while len(seen) < want and time.time() < deadline:
+            r = httpx.get(self.url + "/health", timeout=10)
+            if r.status_code == 200 and "x-fewstep-replica" in r.headers:
+                seen.add(r.headers["x-fewstep-replica"])
+        return seen
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # the CLI drains the replicas and removes the app (serve.shutdown)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        from ray import serve
+
+        serve.shutdown()

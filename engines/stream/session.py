@@ -176,8 +176,10 @@ class StreamSession:
     """One client's stream. Fields below the marker belong to the engine thread (the stream policy)."""
 
     def __init__(self, start: StreamStart, model: str, height: int, width: int, seed: int, fps: float,
-                 outbox_capacity: int):
-        self.id = secrets.token_urlsafe(16)  # 128 random bits: the id is the capability to read the frames
+                 outbox_capacity: int, id_prefix: str = ""):
+        # 128 random bits: the id is the capability to read the frames; the prefix (a replica's id, or none) says
+        # where the buffer lives and is no secret
+        self.id = (f"{id_prefix}." if id_prefix else "") + secrets.token_urlsafe(16)
         self.start = start
         self.model = model
         self.height, self.width = height, width

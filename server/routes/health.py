@@ -11,7 +11,7 @@ router = APIRouter()
 _DRAINING = "; or OpenAI's error body while the server shuts down"
 
 
-def _dead(state) -> str | None:
+def dead_reason(state) -> str | None:
     """Why this process can no longer serve (an orchestrator should restart it), or None."""
     if state.load_error:
         return "the model failed to load; see the server log"
@@ -29,7 +29,7 @@ def _dead(state) -> str | None:
     **error_responses(401, 403), 503: {"model": HealthResponse | ErrorResponse, "description": "As GET /health"}})
 async def health(request: Request) -> JSONResponse:
     """200 while loading and serving; 503 once the process cannot serve again (load failed, engine thread died)."""
-    reason = _dead(request.app.state.fewstep)
+    reason = dead_reason(request.app.state.fewstep)
     if reason:
         return JSONResponse({"status": "dead", "error": reason}, status_code=503)
     return JSONResponse({"status": "ok"})
@@ -57,4 +57,6 @@ async def ready(request: Request) -> JSONResponse:
     200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
     **error_responses(401, 403, 503)})
 async def metrics(request: Request) -> Response:
-    return Response(request.app.state.fewstep.metrics.render(), media_type="text/plain; version=0.0.4")
+    state = request.app.state.fewstep
+    labels = {"replica": state.replica} if state.replica else None  # a Ray Serve replica names itself
+    return Response(state.metrics.render(labels), media_type="text/plain; version=0.0.4")

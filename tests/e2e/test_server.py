@@ -1,4 +1,9 @@
-"""`fewstep serve` as a real subprocess, driven through the official openai SDK and raw HTTP."""
+"""`fewstep serve` as a real subprocess, driven through the official openai SDK and raw HTTP.
+
+The API tests taking ``server`` run twice: against the single-process server (``tiny_server``) and against the Ray
+Serve app with 2 replicas of the same model (``fewstep serve --replicas 2``, server/ray.py), so that a client cannot
+tell them apart. The metrics, batching and default-model tests use the single-process server only (the Ray app's
+metrics are per replica: tests/e2e/test_ray.py)."""
 
 import base64
 import io
@@ -10,13 +15,28 @@ import pytest
 
 from PIL import Image
 
-from tests.conftest import FEWSTEP
+from tests.conftest import FEWSTEP, RayServeProcess
 
 
-def test_openai_sdk_gets_a_png(tiny_server):
+@pytest.fixture(scope="module")
+def ray_tiny_server(tiny_dir, ray_cluster):
+    """The tiny_server's model and flags, as 2 Ray Serve replicas (stopped with this module, so that another module
+    can run its own app on the session's cluster)."""
+    srv = RayServeProcess(ray_cluster, 2, ["--model", str(tiny_dir / "sd_turbo"), "--device", "cpu",
+                                           "--max-wait-ms", "20", "--threads", "1"])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(params=["single", pytest.param("ray", marks=pytest.mark.slow)])
+def server(request):
+    return request.getfixturevalue("tiny_server" if request.param == "single" else "ray_tiny_server")
+
+
+def test_openai_sdk_gets_a_png(server):
     from openai import OpenAI
 
-    client = OpenAI(base_url=tiny_server.url + "/v1", api_key="unused")
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
     res = client.images.generate(prompt="a red circle above a blue square", size="64x64", n=2,
                                  response_format="b64_json", extra_body={"seed": 5, "num_inference_steps": 1})
     assert len(res.data) == 2
@@ -29,8 +49,8 @@ def test_openai_sdk_gets_a_png(tiny_server):
     assert again.data[0].b64_json == res.data[0].b64_json
 
 
-def test_timings_and_formats(tiny_server):
-    r = httpx.post(tiny_server.url + "/v1/images/generations",
+def test_timings_and_formats(server):
+    r = httpx.post(server.url + "/v1/images/generations",
                    json={"prompt": "a green star", "size": "64x64", "output_format": "jpeg", "seed": 1}, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -59,36 +79,36 @@ BAD = [
 
 
 @pytest.mark.parametrize("body,param,message", BAD, ids=[b[1] + "-" + str(i) for i, b in enumerate(BAD)])
-def test_bad_input_gets_a_helpful_4xx_and_the_server_keeps_serving(tiny_server, body, param, message):
-    r = httpx.post(tiny_server.url + "/v1/images/generations", json=body, timeout=60)
+def test_bad_input_gets_a_helpful_4xx_and_the_server_keeps_serving(server, body, param, message):
+    r = httpx.post(server.url + "/v1/images/generations", json=body, timeout=60)
     assert 400 <= r.status_code < 500, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["param"] == param and message in err["message"], err
-    ok = httpx.post(tiny_server.url + "/v1/images/generations", json={"prompt": "ok", "size": "64x64"}, timeout=60)
+    ok = httpx.post(server.url + "/v1/images/generations", json={"prompt": "ok", "size": "64x64"}, timeout=60)
     assert ok.status_code == 200
 
 
-def test_malformed_json(tiny_server):
-    r = httpx.post(tiny_server.url + "/v1/images/generations", content=b"{not json",
+def test_malformed_json(server):
+    r = httpx.post(server.url + "/v1/images/generations", content=b"{not json",
                    headers={"content-type": "application/json"}, timeout=10)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
-def test_openai_sdk_raises_with_the_message(tiny_server):
+def test_openai_sdk_raises_with_the_message(server):
     from openai import BadRequestError, OpenAI
 
-    client = OpenAI(base_url=tiny_server.url + "/v1", api_key="unused")
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
     with pytest.raises(BadRequestError, match="num_inference_steps"):
         client.images.generate(prompt="x", size="64x64", extra_body={"num_inference_steps": 99})
 
 
-def test_models_health_ready(tiny_server):
-    models = httpx.get(tiny_server.url + "/v1/models").json()
+def test_models_health_ready(server):
+    models = httpx.get(server.url + "/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "sd_turbo"
-    assert httpx.get(tiny_server.url + "/health").json() == {"status": "ok"}
-    assert httpx.get(tiny_server.url + "/ready").json()["ready"] is True
-    assert httpx.get(tiny_server.url + "/v2/health/ready").status_code == 200
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/ready").json()["ready"] is True
+    assert httpx.get(server.url + "/v2/health/ready").status_code == 200
 
 
 def test_metrics_have_nonzero_histograms(tiny_server):
@@ -124,20 +144,20 @@ def test_concurrent_requests_share_batches(tiny_server):
     assert max(r["timings"]["batch_size"] for r in res) > 1
 
 
-def test_bench_images_smoke(tiny_server, tmp_path):
+def test_bench_images_smoke(server, tmp_path):
     import json
     import subprocess
     import sys
 
     out = tmp_path / "bench.json"
-    p = subprocess.run([*FEWSTEP, "bench", "images", tiny_server.url,
+    p = subprocess.run([*FEWSTEP, "bench", "images", server.url,
                         "--num-requests", "20", "--concurrency", "4", "--size", "64x64", "--steps", "1",
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     rep = json.loads(out.read_text())
     assert rep["completed"] == 20
     # the report names what it measured (GET /v1/models), so a result copied off another machine still says so
-    listed = httpx.get(tiny_server.url + "/v1/models").json()["data"]
+    listed = httpx.get(server.url + "/v1/models").json()["data"]
     assert [m["id"] for m in rep["server_models"]] == [m["id"] for m in listed]
     lat = rep["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
