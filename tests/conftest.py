@@ -102,7 +102,10 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_dir):
-    srv = ServerProcess(["--model", str(tiny_dir / "sd_turbo"), "--device", "cpu", "--max-wait-ms", "20"])
+    # A queue bound far above these tests' work: on a loaded 2-core host the warm-up timing can make a handful of
+    # concurrent requests look like seconds of work; admission has its own tests (test_admission*.py).
+    srv = ServerProcess(["--model", str(tiny_dir / "sd_turbo"), "--device", "cpu", "--max-wait-ms", "20",
+                         "--max-queue-seconds", "120"])
     yield srv
     srv.stop()
 
