@@ -17,7 +17,9 @@ _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
 class ImageGenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (quality, style, user)
+    # OpenAI clients send fields we do not use (quality, style, user): accepted, kept aside in model_extra, and named
+    # back to the client in the X-Fewstep-Ignored-Fields header (server/routes/images.py), never silently dropped
+    model_config = ConfigDict(extra="allow")
 
     prompt: str
     model: str | None = None

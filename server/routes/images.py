@@ -10,6 +10,8 @@ Answers:
   (``image/*`` takes the body's ``output_format``): the format named by Accept wins over ``output_format``. The
   seed is in ``X-Fewstep-Seed``, the stage timings in ``Server-Timing`` (``denoise;dur=12.3``, ...) and the batch
   size in ``X-Fewstep-Batch-Size``.
+* Either way, fields the request carried that this server does not use (OpenAI's ``quality``, ``style``, ``user``)
+  are named in ``X-Fewstep-Ignored-Fields``.
 * ``n>1`` with an Accept that admits only images: 406 (one image per response body; ask for JSON, or n=1). When
   the Accept admits JSON too (``image/png, application/json;q=0.5``), n>1 answers JSON. An Accept that names neither
   (``text/html``) is ignored: JSON, as before.
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import re
 import time
 
 from typing import Annotated, Literal
@@ -37,6 +41,8 @@ from ..disconnect import ClientDisconnected, unless_disconnected
 from ..protocol import ErrorResponse, ImageGenerationRequest, ImageGenerationResponse, error_responses
 
 router = APIRouter()
+log = logging.getLogger("fewstep.server")
+
 DEADLINE_HEADER = "X-Fewstep-Deadline-Ms"
 SEED_HEADER = "X-Fewstep-Seed"
 BATCH_HEADER = "X-Fewstep-Batch-Size"
@@ -220,6 +226,27 @@ async def read_image(state, data: bytes):
         raise EngineError(str(e), 400, "image", "invalid_image") from None
 
 
+IGNORED_HEADER = "X-Fewstep-Ignored-Fields"
+_FIELD_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_logged_ignored: set[str] = set()
+
+
+def ignored_fields(body: ImageGenerationRequest) -> str | None:
+    """The request's fields that this server accepts but does not use (OpenAI's ``quality``, ``style``, ``user``,
+    ...), as a header value; each new name is also logged once. Names that could not be a field (odd characters,
+    very long) are counted, not echoed."""
+    names = sorted(body.model_extra or {})
+    if not names:
+        return None
+    shown = [n for n in names if _FIELD_NAME.match(n)]
+    new = [n for n in shown if n not in _logged_ignored]
+    if new and len(_logged_ignored) < 1000:
+        _logged_ignored.update(new)
+        log.info("image requests carry fields this server ignores: %s", ", ".join(new))
+    odd = len(names) - len(shown)
+    return ", ".join(shown + ([f"({odd} more with unusual names)"] if odd else []))
+
+
 async def serve_images(request: Request, body: ImageGenerationRequest, image: bytes | None = None,
                        strength: float = 0.6) -> Response:
     """The one path of both image routes: limits, negotiation, the engine, the answer."""
@@ -244,6 +271,9 @@ async def serve_images(request: Request, body: ImageGenerationRequest, image: by
     state.metrics.on_request(out.model, 200)
     waterfall(request, out)
     headers = {"Server-Timing": server_timing(out.timings), "Vary": "Accept"}
+    ignored = ignored_fields(body)
+    if ignored:
+        headers[IGNORED_HEADER] = ignored
     if raw:
         headers[SEED_HEADER] = str(out.seeds[0])
         headers[BATCH_HEADER] = str(int(out.timings.get("batch_size", 1)))

@@ -157,3 +157,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_ignored_openai_fields_are_named_in_a_header(client, caplog):
+    """OpenAI's SDK sends fields that fewstep does not use: the request still succeeds, and the answer names them
+    (a name that could smuggle characters into a header is counted, not echoed); a clean request has no header."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fewstep.server"):
+        r = client.post(GEN, json={"prompt": "a red circle", "seed": 1, "quality": "hd", "style": "vivid",
+                                   "user": "u-1", "bad\r\nname": 1})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-fewstep-ignored-fields"] == "quality, style, user, (1 more with unusual names)"
+    assert "quality, style, user" in caplog.text
+    r = client.post(GEN, json={"prompt": "a red circle", "seed": 1})
+    assert r.status_code == 200 and "x-fewstep-ignored-fields" not in r.headers
