@@ -84,6 +84,7 @@
     chips.textContent = "";
     if (!card) {
       $("model-info").textContent = S.modelsLoaded ? `no ${S.mode === "image" ? "image" : "video"} model served` : "";
+      if (!promptEdited && !$("prompt").value) $("prompt").value = FALLBACK_PROMPT;
       return;
     }
     $("model-info").textContent = `${card.id} · ${card.default_size} px` +

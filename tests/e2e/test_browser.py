@@ -22,13 +22,24 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM
 
 
 @pytest.fixture(scope="module")
-def browser():
+def playwright():
     from playwright.sync_api import sync_playwright  # in the test extra; never `playwright install`
 
-    with tempfile.TemporaryDirectory(prefix="fewstep-chromium-") as profile, sync_playwright() as p:
-        # a persistent context on a fresh directory is Chromium's --user-data-dir (Playwright refuses the raw flag)
-        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
-                                                   viewport={"width": 1000, "height": 800})
+    with sync_playwright() as p:
+        yield p
+
+
+def launch(playwright, profile: str, extra_flags: tuple[str, ...] = ()):
+    # a persistent context on a fresh directory is Chromium's --user-data-dir (Playwright refuses the raw flag)
+    return playwright.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                         args=[*FLAGS, *extra_flags],
+                                                         viewport={"width": 1000, "height": 800})
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    with tempfile.TemporaryDirectory(prefix="fewstep-chromium-") as profile:
+        ctx = launch(playwright, profile)
         try:
             yield ctx
         finally:
@@ -324,13 +335,12 @@ RED_CENTROID_JS = """() => {
 }"""
 
 
-def test_camera_stream_follows_the_input(embedded_server, tmp_path):
+def test_camera_stream_follows_the_input(embedded_server, playwright, tmp_path):
     """Chromium's fake camera plays a red square that jumps between the left and the right of the picture every 2 s;
     the page sends it through WS /v1/stream ("input": "frames") and the frames that come back show the red square on
     both sides in turn. Ignoring the input, the model would draw one red square that stays where it is (the prompt
     names no motion and no side)."""
     import numpy as np
-    from playwright.sync_api import sync_playwright
 
     w, h, side = 160, 120, 44  # the page crops the middle 120 x 120 and scales it to the stream's 32 x 32
     frames = []
@@ -340,11 +350,10 @@ def test_camera_stream_follows_the_input(embedded_server, tmp_path):
         frames.append(f)
     y4m = tmp_path / "camera.y4m"
     write_y4m(y4m, frames)
-    flags = [*FLAGS, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-             f"--use-file-for-fake-video-capture={y4m}"]
-    with tempfile.TemporaryDirectory(prefix="fewstep-chromium-") as profile, sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=flags,
-                                                   viewport={"width": 1000, "height": 800})
+    flags = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+             f"--use-file-for-fake-video-capture={y4m}")
+    with tempfile.TemporaryDirectory(prefix="fewstep-chromium-") as profile:
+        ctx = launch(playwright, profile, flags)
         try:
             page = ctx.new_page()
             open_page(page, embedded_server.url, "stream")
