@@ -376,7 +376,9 @@ def test_camera_stream_follows_the_input(embedded_server, playwright, tmp_path):
                 page.wait_for_timeout(150)
                 samples.append(page.evaluate(RED_CENTROID_JS))
             xs = [x for share, x in samples if share > 0.03 and x is not None]
-            left, right = sum(x < 0.42 for x in xs), sum(x > 0.58 for x in xs)
+            # where the input puts it: 0.25 and 0.75 (measured 2026-12-07 on the CPU: every sample within 0.02 of
+            # one of them; with strength 1, which ignores the input, the square stayed at 0.40 in all 80)
+            left, right = sum(x < 0.35 for x in xs), sum(x > 0.65 for x in xs)
             assert left >= 5 and right >= 5, (left, right, samples)
             assert state(page)["errors"] == []
         finally:

@@ -178,6 +178,9 @@ def test_ws_protocol_errors_keep_the_socket_usable(stream_server):
         assert stopped["reason"] == "stopped" and stopped["frames_sent"] > 0
         ws.send(json.dumps({"type": "start", "prompt": "again", "fps": 0}))  # the socket is reusable
         assert recv_json(ws, "started")["session_id"] != started["session_id"]
+        while not isinstance(msg := ws.recv(timeout=30), bytes):
+            pass
+        assert parse_frame(msg).index == 0  # the new session's frames, counted from 0
 
 
 def test_stats_messages(stream_server):
