@@ -156,6 +156,9 @@
   }
 
   // -- image mode --------------------------------------------------------------------------------------------------
+  // Seeds the page leaves blank are drawn here, below 2^31: the server's own go up to 2^62, which a JavaScript number
+  // cannot hold exactly, and a seed shown on the page must reproduce its image.
+  const randomSeed = () => crypto.getRandomValues(new Uint32Array(1))[0] >>> 1;
   const slug = (text) => text.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "").slice(0, 48);
 
   function b64ToBlob(b64, type) {
@@ -200,7 +203,7 @@
     const body = { prompt, n: Number($("img-n").value) || 1, output_format: "png" };
     if (card) body.model = card.id;
     if ($("img-size").value) body.size = $("img-size").value;
-    if ($("img-seed").value !== "") body.seed = Number($("img-seed").value);
+    body.seed = $("img-seed").value !== "" ? Number($("img-seed").value) : randomSeed();
     const steps = $("img-steps").value;
     if (steps !== "" && (!card || Number(steps) !== card.default_steps)) body.num_inference_steps = Number(steps);
     const g = $("img-guidance").value;
@@ -406,7 +409,7 @@
     const card = selectedModel();
     if (card) msg.model = card.id;
     const seed = $("seed").value, size = $("size").value.trim(), fps = $("fps").value;
-    if (seed !== "") msg.seed = Number(seed);
+    msg.seed = seed !== "" ? Number(seed) : randomSeed();
     if (size !== "") msg.size = /^\d+$/.test(size) ? Number(size) : size;
     if (fps !== "") msg.fps = Number(fps);
     if (camera) {  // camera/image input protocol: fields sent only with it, so text streams work on any server
