@@ -376,7 +376,7 @@
     } else if (msg.type === "stats") {
       S.stats = msg;
     } else if (msg.type === "updated") {
-      setStatus(`prompt updated: ${msg.prompt}`);
+      setStatus(`prompt updated: ${msg.prompt}` + (msg.strength != null ? `, strength ${msg.strength}` : ""));
     } else if (msg.type === "error") {
       S.errors.push(msg.message);
       setStatus(`error: ${msg.message}`, true);
@@ -495,7 +495,11 @@
   $("strength").addEventListener("input", () => {
     $("strength-value").textContent = Number($("strength").value).toFixed(2);
   });
-  $("strength").addEventListener("change", update);
+  $("strength").addEventListener("change", () => {  // mid-stream, the strength alone (the prompt stays as it is)
+    if (ws && ws.readyState === 1 && S.state === "running" && S.input === "frames") {
+      ws.send(JSON.stringify({ type: "update", strength: Number($("strength").value) }));
+    }
+  });
 
   // Input frames at the stream's rate: the server uses the newest and drops the rest, so sending faster only costs
   // bandwidth; a frame is skipped while the previous one is still encoding or the socket is backed up.

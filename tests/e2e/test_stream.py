@@ -326,6 +326,8 @@ def test_schema_and_page(stream_server):
     page = httpx.get(stream_server.url + "/")
     assert page.status_code == 200 and 'id="canvas"' in page.text and "/web/app.js" in page.text
     assert httpx.get(stream_server.url + "/web/app.js").headers["content-type"].startswith("text/javascript")
+    assert "/web/style.css" in page.text  # the page's one stylesheet, served from the package (no CDN)
+    assert httpx.get(stream_server.url + "/web/style.css").headers["content-type"].startswith("text/css")
     assert httpx.get(stream_server.url + "/web/..%2Fpython.py").status_code == 404
 
 
