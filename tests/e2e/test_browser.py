@@ -380,6 +380,10 @@ def test_camera_stream_follows_the_input(embedded_server, playwright, tmp_path):
             # one of them; with strength 1, which ignores the input, the square stayed at 0.40 in all 80)
             left, right = sum(x < 0.35 for x in xs), sum(x > 0.65 for x in xs)
             assert left >= 5 and right >= 5, (left, right, samples)
-            assert state(page)["errors"] == []
+            # the strength slider changes the running stream (an 'update' with the strength alone)
+            page.eval_on_selector("#strength", "el => { el.value = '0.5'; el.dispatchEvent(new Event('change')); }")
+            page.wait_for_function("document.getElementById('status').textContent.includes('strength 0.5')",
+                                   timeout=30_000)
+            assert state(page)["errors"] == [] and state(page)["state"] == "running"
         finally:
             ctx.close()
