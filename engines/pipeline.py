@@ -99,6 +99,17 @@ def _prompt_completion(ckpt: Checkpoint, spec) -> tuple[re.Pattern, str] | None:
         raise CheckpointError(f"{where}: fewstep.prompt_completion.unless is not a regular expression: {e}") from None
 
 
+def _example_prompts(ckpt: Checkpoint, spec) -> tuple[str, ...]:
+    """``fewstep.example_prompts`` = a list of prompts the checkpoint draws well, for clients to offer (the page's
+    chips and default prompt). A model trained on a narrow grammar draws little else, and only its checkpoint knows."""
+    if spec is None:
+        return ()
+    if not isinstance(spec, list) or not all(isinstance(p, str) and p.strip() for p in spec):
+        raise CheckpointError(f"{ckpt.path / 'model_index.json'}: fewstep.example_prompts must be a list of "
+                              f"non-empty strings, got {spec!r}")
+    return tuple(spec)
+
+
 class FewStepPipeline:
     """The eager ``Runner`` (engines/runner.py); the compiled and TensorRT backends wrap one."""
 
@@ -148,6 +159,7 @@ class FewStepPipeline:
                                   "sample_size; set fewstep.default_size")
         self.default_size = int(meta.get("default_size") or sample * self.vae_scale_factor)
         self.prompt_completion = _prompt_completion(ckpt, meta.get("prompt_completion"))
+        self.example_prompts = _example_prompts(ckpt, meta.get("example_prompts"))
         patch = cfg.get("patch_size", 1)
         patch = max(patch[1:]) if isinstance(patch, (list, tuple)) else patch  # Wan: (t, h, w)
         self.size_multiple = self.vae_scale_factor * (2 ** max(0, len(cfg.get("block_out_channels", [0])) - 1)
@@ -171,7 +183,8 @@ class FewStepPipeline:
     def capabilities(self) -> Capabilities:
         return Capabilities(kind=self.kind, backend="eager", sizes=self.served_sizes, default_size=self.default_size,
                             default_steps=self.default_steps, default_guidance=self.default_guidance,
-                            sampler=self.sampler, prompt_completion=self.prompt_completion)
+                            sampler=self.sampler, prompt_completion=self.prompt_completion,
+                            example_prompts=self.example_prompts)
 
     # -- stage 1 ---------------------------------------------------------------------------------------------
     def _tokenize(self, tokenizer, prompts: list[str], max_length: int):

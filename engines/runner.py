@@ -37,6 +37,7 @@ class Capabilities:
     sampler: str  # the checkpoint's schedule kind: "euler", "consistency", "flow", ...
     max_images_per_batch: int | None = None  # None: any batch size runs (eager pads nothing; compiled falls back)
     prompt_completion: tuple[re.Pattern, str] | None = None  # checkpoint's fewstep.prompt_completion
+    example_prompts: tuple[str, ...] = ()  # checkpoint's fewstep.example_prompts: prompts it is known to draw
     frames_per_chunk: int | None = None  # video: frames a client receives per emitted chunk (steady state)
     fps: float | None = None  # video: default frame rate
     img2img: bool = True  # whether ``denoise`` takes ``init`` images (image-to-image)

@@ -93,6 +93,7 @@ class ModelCard(BaseModel):
     default_size: int | None = None
     sizes: str | None = None  # the sizes admission accepts, e.g. "64x64" (engines/sizes.py)
     default_steps: int | None = None
+    default_guidance_scale: float | None = None  # 0: guidance-distilled (no second branch unless asked for)
     sampler: str | None = None
     kind: Literal["image", "video"] = "image"
     chunk_frames: int | None = None  # video models: frames per emitted chunk
@@ -100,6 +101,9 @@ class ModelCard(BaseModel):
     # what the engine appends to prompts that do not match "unless" (the checkpoint's fewstep.prompt_completion;
     # the embedded models: " on a white background" to prompts that name no background)
     prompt_completion: dict[str, str] | None = None
+    # prompts the model is known to draw (the checkpoint's fewstep.example_prompts); clients offer them, the page
+    # starts with the first
+    example_prompts: list[str] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

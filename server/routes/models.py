@@ -17,8 +17,10 @@ async def list_models(request: Request) -> ModelList:
             spec = caps.prompt_completion
             cards.append(ModelCard(id=name, created=state.started, default_size=caps.default_size,
                                    sizes=state.core.sizes[name].describe(), default_steps=caps.default_steps,
+                                   default_guidance_scale=caps.default_guidance,
                                    sampler=caps.sampler, kind=caps.kind, chunk_frames=caps.frames_per_chunk,
                                    fps=caps.fps,
                                    prompt_completion=None if spec is None else {"unless": spec[0].pattern,
-                                                                                "append": spec[1]}))
+                                                                                "append": spec[1]},
+                                   example_prompts=list(caps.example_prompts)))
     return ModelList(data=cards)

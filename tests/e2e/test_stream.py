@@ -178,6 +178,9 @@ def test_ws_protocol_errors_keep_the_socket_usable(stream_server):
         assert stopped["reason"] == "stopped" and stopped["frames_sent"] > 0
         ws.send(json.dumps({"type": "start", "prompt": "again", "fps": 0}))  # the socket is reusable
         assert recv_json(ws, "started")["session_id"] != started["session_id"]
+        while not isinstance(msg := ws.recv(timeout=30), bytes):
+            pass
+        assert parse_frame(msg).index == 0  # the new session's frames, counted from 0
 
 
 def test_stats_messages(stream_server):
@@ -323,6 +326,8 @@ def test_schema_and_page(stream_server):
     page = httpx.get(stream_server.url + "/")
     assert page.status_code == 200 and 'id="canvas"' in page.text and "/web/app.js" in page.text
     assert httpx.get(stream_server.url + "/web/app.js").headers["content-type"].startswith("text/javascript")
+    assert "/web/style.css" in page.text  # the page's one stylesheet, served from the package (no CDN)
+    assert httpx.get(stream_server.url + "/web/style.css").headers["content-type"].startswith("text/css")
     assert httpx.get(stream_server.url + "/web/..%2Fpython.py").status_code == 404
 
 

@@ -93,6 +93,25 @@ def test_vae_upcast_follows_diffusers_pipelines(tiny_dir, name, upcast):
         assert next(pipe.vae.parameters()).dtype == torch.float32
 
 
+def test_example_prompts_come_from_the_checkpoint(tiny_dir, tmp_path):
+    """fewstep.example_prompts reaches the runner's capabilities as given; none when absent; a malformed entry is a
+    CheckpointError that says what to write."""
+    from fewstep.engines.pipeline import FewStepPipeline
+
+    assert FewStepPipeline(load_checkpoint(tiny_dir / "pixel_dit")).capabilities.example_prompts == ()
+    d = _copy(tiny_dir, tmp_path, "pixel_dit")
+    idx = json.loads((d / "model_index.json").read_text())
+    idx["fewstep"]["example_prompts"] = ["a red circle", "a blue square on a navy background"]
+    (d / "model_index.json").write_text(json.dumps(idx))
+    caps = FewStepPipeline(load_checkpoint(d)).capabilities
+    assert caps.example_prompts == ("a red circle", "a blue square on a navy background")
+    for bad in ("a red circle", ["a red circle", " "], [3]):
+        idx["fewstep"]["example_prompts"] = bad
+        (d / "model_index.json").write_text(json.dumps(idx))
+        with pytest.raises(CheckpointError, match="example_prompts must be a list of non-empty strings"):
+            FewStepPipeline(load_checkpoint(d))
+
+
 def test_prompt_completion_appends_only_where_the_checkpoint_says(tiny_dir, tmp_path):
     """fewstep.prompt_completion: a prompt without the phrase is encoded as the completed prompt; a prompt with it,
     the empty (unconditional) prompt and negative prompts are not touched; other checkpoints complete nothing; a
