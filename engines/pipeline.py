@@ -27,6 +27,7 @@ from .samplers import (
     euler_step,
     make_schedule,
     rectified_flow_step,
+    step_coefficients,
     x0_from_model_output,
 )
 from .sizes import ServedSizes
@@ -157,6 +158,12 @@ class FewStepPipeline:
         except ValueError as e:
             raise CheckpointError(str(e)) from None
         self._schedules: dict[int, Schedule] = {}
+        # Lin et al.'s guidance rescale (phi) for CFG checkpoints whose card recommends it; 0: plain CFG
+        self.guidance_rescale = float(meta.get("guidance_rescale", 0.0))
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise CheckpointError(f"{ckpt.path / 'model_index.json'}: fewstep.guidance_rescale must be in [0, 1], "
+                                  f"got {self.guidance_rescale}")
+        self.fused_cfg = True  # CFG steps through kernels/fused_cfg.py on CUDA (benchmarks switch it off to compare)
         self.attention = attention
         if attention != "dense":
             from fewstep.kernels.attention_processor import BlockSparseConfig, enable_block_sparse_attention
@@ -309,12 +316,37 @@ class FewStepPipeline:
         return out
 
     def _predict(self, x_in, t, cond, uncond, consts):
-        """Denoiser output with classifier-free guidance when an unconditional branch is given."""
+        """Denoiser output with classifier-free guidance when an unconditional branch is given (the torch path;
+        ``_fused_guided_step`` is the same arithmetic in one Triton pass on CUDA)."""
         if uncond is None:
             return self._model(x_in, t, cond, consts).float()
         both = self._model(torch.cat([x_in, x_in]), t, PromptEmbeds.cat([uncond, cond]), consts).float()
         u, c = both.chunk(2)
+        if self.guidance_rescale > 0:
+            from fewstep.kernels.reference import cfg_combine_ref
+
+            return cfg_combine_ref(u, c, consts["guidance"], self.guidance_rescale)
         return u + consts["guidance"] * (c - u)
+
+    def _fuses_cfg(self, x: torch.Tensor) -> bool:
+        """Whether CFG steps run as kernels/fused_cfg.py's single pass: CUDA with triton, eager only (under
+        torch.compile inductor fuses the torch path's elementwise ops itself)."""
+        if not (self.fused_cfg and x.is_cuda) or torch.compiler.is_compiling():
+            return False
+        from fewstep.kernels.fused_cfg import HAS_TRITON
+
+        return HAS_TRITON
+
+    def _fused_guided_step(self, sched: Schedule, i: int, x: torch.Tensor, x_in: torch.Tensor, t: float,
+                           cond: PromptEmbeds, uncond: PromptEmbeds, consts: dict[str, torch.Tensor],
+                           fresh: torch.Tensor | None) -> torch.Tensor:
+        """One CFG step as model call + one fused combine/rescale/update pass (matches the torch path within fp32
+        rounding: tests/kernels/test_fused_cfg.py)."""
+        from fewstep.kernels.fused_cfg import fused_cfg_step
+
+        both = self._model(torch.cat([x_in, x_in]), t, PromptEmbeds.cat([uncond, cond]), consts)
+        a, b, n = step_coefficients(sched, i, fresh is not None)
+        return fused_cfg_step(both, x, consts["guidance"], a, b, fresh if n else None, n, self.guidance_rescale)
 
     def batch_plan(self, n: int, height: int, width: int, steps: int) -> list[int]:
         """Rows per sub-batch for ``n`` waiting images: eager runs any batch size as one (the compiled backend
@@ -330,9 +362,13 @@ class FewStepPipeline:
         noise: [B, C, h, w] fp32; step_noise: one [B, C, h, w] per re-noised step."""
         sched = self.schedule(steps)
         x = noise * sched.init_noise_sigma
+        fused = uncond is not None and self._fuses_cfg(x)
         for i, t in enumerate(sched.timesteps):
             fresh = step_noise[i] if i < len(step_noise) else None
-            if sched.kind in ("euler", "euler_ancestral"):
+            if fused and (fresh is not None or step_coefficients(sched, i)[2] == 0.0):
+                x_in = x / (sched.sigmas[i] ** 2 + 1) ** 0.5 if sched.kind in ("euler", "euler_ancestral") else x
+                x = self._fused_guided_step(sched, i, x, x_in, t, cond, uncond, consts, fresh)
+            elif sched.kind in ("euler", "euler_ancestral"):
                 sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
                 out = self._predict(x / (sigma**2 + 1) ** 0.5, t, cond, uncond, consts)
                 x0 = x0_from_model_output(out, x, sigma, sched.prediction_type)
