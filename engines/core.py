@@ -40,7 +40,7 @@ import torch
 from .config import EngineConfig
 from .encode import encode_image, encode_jpeg_gpu, gpu_jpeg_available
 from .errors import EngineError, model_not_found
-from .pipeline import PromptEmbeds
+from .pipeline import NasaInput, PromptEmbeds
 from .request import GenerateOutput, GenerateRequest
 from .runner import Runner
 from .scheduler import ImageScheduler, ImageWork
@@ -172,8 +172,38 @@ class EngineCore:
         if not 0 < timeout <= bcfg.max_request_timeout_s:
             raise EngineError(f"the deadline must be from 1 ms to {bcfg.max_request_timeout_s * 1e3:.0f} ms, got "
                               f"{timeout * 1e3:g} ms", 400, "deadline", "invalid_deadline")
+        nasa_scale = self.check_guidance(model, guidance, req.negative_prompt, req.nasa_scale)
         return ImageWork(req, seeds, steps, guidance, h, w, Future(), self.cost(model, h, w, steps, guidance, req.n),
-                         req.arrival + timeout)
+                         req.arrival + timeout, nasa_scale)
+
+    def check_guidance(self, model: str, guidance: float, negative_prompt: str | None,
+                       nasa_scale: float | None) -> float | None:
+        """Admission by guidance mode: a negative prompt goes to CFG where this guidance scale runs CFG, else to
+        NASA where the model has it; anything else is a 400 naming what the model supports. Returns the NASA scale
+        the request runs with (None: no NASA)."""
+        runner = self.pipelines[model]
+        modes = runner.capabilities.guidance_modes
+        has_neg = bool(negative_prompt and negative_prompt.strip())
+        cfg = runner.uses_cfg(guidance)
+        what = f"model {model!r} supports guidance modes {', '.join(modes)}"
+        if nasa_scale is not None:
+            if not has_neg:
+                raise EngineError("nasa_scale needs a negative_prompt", 400, "nasa_scale", "invalid_guidance")
+            if cfg:
+                raise EngineError(f"nasa_scale applies to NASA, but at guidance_scale {guidance:g} the negative prompt "
+                                  f"runs through CFG; use guidance_scale <= 1 for NASA ({what})", 400, "nasa_scale",
+                                  "invalid_guidance")
+            if "nasa" not in modes:
+                raise EngineError(f"nasa_scale is not supported: {what}", 400, "nasa_scale", "invalid_guidance")
+        if not has_neg or cfg:
+            return None
+        if "nasa" in modes:
+            from .pipeline import DEFAULT_NASA_SCALE
+
+            return DEFAULT_NASA_SCALE if nasa_scale is None else float(nasa_scale)
+        hint = "a guidance_scale above 1 (CFG)" if "cfg" in modes else "no negative_prompt"
+        raise EngineError(f"negative_prompt is not supported at guidance_scale {guidance:g}: {what}; use {hint}",
+                          400, "negative_prompt", "invalid_guidance")
 
     def check_size(self, model: str, height: int, width: int) -> None:
         """Admission by size: what the model's architecture can run, then the sizes it serves (engines/sizes.py)."""
@@ -378,14 +408,20 @@ class EngineCore:
             prompts = [w.req.prompt for w in batch for _ in w.seeds]
             t0 = time.perf_counter()
             cond = self.cache.get_many(model, pipe, prompts)
-            uncond = None
+            uncond = nasa = None
             if pipe.uses_cfg(head.guidance):
                 neg = [w.req.negative_prompt or "" for w in batch for _ in w.seeds]
                 uncond = self.cache.get_many(model + "\0neg", pipe, neg, pipe.negative_embeds)
+            elif any(w.nasa_scale is not None for w in batch):
+                # NASA per image: requests without a negative prompt ride along with alpha 0 (no steering)
+                neg = [w.req.negative_prompt if w.nasa_scale is not None else "" for w in batch for _ in w.seeds]
+                alpha = torch.tensor([w.nasa_scale or 0.0 for w in batch for _ in w.seeds])
+                nasa = NasaInput(self.cache.get_many(model + "\0neg", pipe, neg, pipe.negative_embeds), alpha)
             self._sync(pipe)
             t1 = time.perf_counter()
             gens = [torch.Generator("cpu").manual_seed(s) for w in batch for s in w.seeds]
-            latents = pipe.denoise(cond, gens, head.height, head.width, head.steps, head.guidance, uncond)
+            extra = {} if nasa is None else {"nasa": nasa}
+            latents = pipe.denoise(cond, gens, head.height, head.width, head.steps, head.guidance, uncond, **extra)
             self._sync(pipe)
             t2 = time.perf_counter()
             decoded = pipe.decode(latents)  # [B, H, W, 3] uint8 on the pipeline's device

@@ -11,6 +11,7 @@ images its members would produce alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -56,6 +57,18 @@ class PromptEmbeds:
         def c(xs):
             return None if xs[0] is None else torch.cat(xs)
         return PromptEmbeds(c([p.embeds for p in items]), c([p.mask for p in items]), c([p.pooled for p in items]))
+
+
+@dataclass
+class NasaInput:
+    """Negative prompts for NASA: one embedding row and one scale (alpha, 0 = no steering) per image."""
+
+    negative: PromptEmbeds
+    alpha: torch.Tensor  # [B] fp32
+
+
+#: NASA's default alpha (nasa_scale) when a request gives a negative prompt but no scale
+DEFAULT_NASA_SCALE = 0.5
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -106,7 +119,7 @@ class FewStepPipeline:
     compile_seconds = 0.0  # eager: nothing to compile
 
     def __init__(self, ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 attention: str = "dense"):
+                 attention: str = "dense", adapters: str | None = None):
         self.ckpt = ckpt
         self.device = torch.device(device)
         self.dtype = dtype
@@ -171,12 +184,48 @@ class FewStepPipeline:
             n = enable_block_sparse_attention(self.denoiser, BlockSparseConfig.parse(attention))
             log.info("attention %s installed on %d self-attention modules of the %s", attention, n,
                      self.denoiser_name)
+        self._setup_guidance(adapters)
+
+    # -- guidance modes ----------------------------------------------------------------------------------------------
+    def _setup_guidance(self, adapters: str | None) -> None:
+        """NASA on the cross-attention modules (negative prompts without CFG) and, when given or found beside the
+        checkpoint, AGD-style guidance adapters (engines/adapters.py: guidance > 1 in one pass)."""
+        from fewstep.kernels.nasa_processor import enable_nasa
+
+        from .adapters import AdapterError, find_adapters, load_adapters
+
+        # Wan's cross-attention runs its own processor (not replaced): video streams of Wan take no negative prompt
+        self.nasa = enable_nasa(self.denoiser)
+        self.adapters = None
+        folder = adapters or find_adapters(self.ckpt.path)
+        if folder is not None:
+            try:
+                self.adapters = load_adapters(self.denoiser, folder)
+            except AdapterError as e:
+                raise CheckpointError(str(e)) from None
+            log.info("guidance adapters (rank %d) on %d projections from %s", self.adapters.rank,
+                     len(self.adapters.names), folder)
+
+    @property
+    def guidance_modes(self) -> tuple[str, ...]:
+        """How this model takes guidance: none (one plain pass), cfg (a doubled batch; also negative prompts at
+        guidance_scale > 1), agd (guidance adapters: guidance_scale > 1 in one pass), nasa (negative prompts at
+        guidance_scale <= 1, in the cross-attention)."""
+        modes = ["none"]
+        if not self.time_cond_dim:
+            modes.append("cfg")
+        if self.adapters is not None:
+            modes.append("agd")
+        if self.nasa is not None:
+            modes.append("nasa")
+        return tuple(modes)
 
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(kind=self.kind, backend="eager", sizes=self.served_sizes, default_size=self.default_size,
                             default_steps=self.default_steps, default_guidance=self.default_guidance,
-                            sampler=self.sampler, prompt_completion=self.prompt_completion)
+                            sampler=self.sampler, prompt_completion=self.prompt_completion,
+                            guidance_modes=self.guidance_modes)
 
     # -- stage 1 ---------------------------------------------------------------------------------------------
     def _tokenize(self, tokenizer, prompts: list[str], max_length: int):
@@ -284,6 +333,9 @@ class FewStepPipeline:
         """Constant extra inputs of the denoiser for one request shape (built once, outside any CUDA graph).
         ``batch`` counts the CFG-doubled batch."""
         c: dict[str, torch.Tensor] = {"guidance": torch.tensor(float(guidance_scale), device=self.device)}
+        if self.adapters is not None and guidance_scale > 1.0:
+            # AGD: the adapters' per-sample scale is guidance - 1 (0 at guidance 1: the plain conditional model)
+            c["adapter_scale"] = torch.full((batch,), guidance_scale - 1.0, device=self.device)
         if self.denoiser_name == "unet":
             if self.time_cond_dim:
                 w = torch.full((batch,), guidance_scale - 1.0)
@@ -298,6 +350,26 @@ class FewStepPipeline:
         return c
 
     def _model(self, x: torch.Tensor, t: float, cond: PromptEmbeds, consts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One denoiser call, with the request's adapter scale (AGD) and negative conditioning (NASA) in force for
+        this call only."""
+        with contextlib.ExitStack() as stack:
+            if self.adapters is not None:
+                stack.enter_context(self._adapter_scale(consts.get("adapter_scale")))
+            if "nasa_alpha" in consts:
+                stack.enter_context(self.nasa.active(consts["nasa_neg_embeds"], consts["nasa_alpha"],
+                                                     consts.get("nasa_neg_mask"), cond.mask))
+            return self._denoiser_call(x, t, cond, consts)
+
+    @contextlib.contextmanager
+    def _adapter_scale(self, scale: torch.Tensor | None):
+        self.adapters.scale = scale
+        try:
+            yield
+        finally:
+            self.adapters.scale = None
+
+    def _denoiser_call(self, x: torch.Tensor, t: float, cond: PromptEmbeds,
+                       consts: dict[str, torch.Tensor]) -> torch.Tensor:
         b = x.shape[0]
         x = x.to(self.dtype)
         tt = torch.full((b,), t, device=self.device, dtype=torch.float32)
@@ -354,7 +426,9 @@ class FewStepPipeline:
         return [n]
 
     def uses_cfg(self, guidance_scale: float) -> bool:
-        return guidance_scale > 1.0 and not self.time_cond_dim
+        """Whether this guidance scale runs a second (unconditional) branch: not with a guidance embedding
+        (time_cond_dim) nor with guidance adapters, which take the scale in one pass."""
+        return guidance_scale > 1.0 and not self.time_cond_dim and self.adapters is None
 
     def denoise_latents(self, noise: torch.Tensor, step_noise: list[torch.Tensor], cond: PromptEmbeds,
                         uncond: PromptEmbeds | None, steps: int, consts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -387,13 +461,31 @@ class FewStepPipeline:
 
     @torch.no_grad()
     def denoise(self, cond: PromptEmbeds, generators: list[torch.Generator], height: int, width: int, steps: int,
-                guidance_scale: float, uncond: PromptEmbeds | None = None) -> torch.Tensor:
-        """Sample clean latents [B, C, h, w] (fp32) for B images; generators[i] drives image i."""
+                guidance_scale: float, uncond: PromptEmbeds | None = None,
+                nasa: NasaInput | None = None) -> torch.Tensor:
+        """Sample clean latents [B, C, h, w] (fp32) for B images; generators[i] drives image i. ``nasa``: negative
+        prompts steered away from in the cross-attention (guidance modes "nasa"; not together with CFG)."""
         if not self.uses_cfg(guidance_scale):
             uncond = None
         noise, step_noise = self.draw_noise(generators, height, width, steps)
         consts = self.conditioning(len(cond) * (2 if uncond is not None else 1), height, width, guidance_scale)
+        if nasa is not None:
+            consts.update(self.nasa_consts(nasa, len(cond), uncond is not None))
         return self.denoise_latents(noise, step_noise, cond, uncond, steps, consts)
+
+    def nasa_consts(self, nasa: NasaInput, rows: int, cfg: bool) -> dict[str, torch.Tensor]:
+        """The denoiser inputs of NASA: negative text embeddings and the per-image scale alpha."""
+        if self.nasa is None:
+            raise ValueError("this model has no cross-attention for NASA (guidance modes: "
+                             f"{', '.join(self.guidance_modes)})")
+        if cfg:
+            raise ValueError("NASA and CFG do not combine: a negative prompt goes to CFG at guidance_scale > 1")
+        if len(nasa.negative) != rows or nasa.alpha.shape != (rows,):
+            raise ValueError(f"NASA needs one negative row and one alpha per image ({rows})")
+        c = {"nasa_neg_embeds": nasa.negative.embeds, "nasa_alpha": nasa.alpha.to(self.device, torch.float32)}
+        if nasa.negative.mask is not None:
+            c["nasa_neg_mask"] = nasa.negative.mask
+        return c
 
     # -- stage 3 ---------------------------------------------------------------------------------------------
     def upcasts_vae(self, dtype: torch.dtype) -> bool:
@@ -424,14 +516,19 @@ class FewStepPipeline:
     # -- convenience (tests, `fewstep generate`) ---------------------------------------------------------------
     def __call__(self, prompts: list[str], seeds: list[int], height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance_scale: float | None = None,
-                 negative_prompts: list[str] | None = None) -> torch.Tensor:
+                 negative_prompts: list[str] | None = None, nasa_scale: float | None = None) -> torch.Tensor:
         height = height or self.default_size
         width = width or self.default_size
         steps = steps or self.default_steps
         guidance_scale = self.default_guidance if guidance_scale is None else guidance_scale
         self.check_size(height, width)
         cond = self.encode_prompt(prompts)
-        uncond = (self.negative_embeds(negative_prompts or [""] * len(prompts))
-                  if self.uses_cfg(guidance_scale) else None)
+        uncond = nasa = None
+        if self.uses_cfg(guidance_scale):
+            uncond = self.negative_embeds(negative_prompts or [""] * len(prompts))
+        elif negative_prompts and any(negative_prompts):
+            scale = DEFAULT_NASA_SCALE if nasa_scale is None else nasa_scale
+            nasa = NasaInput(self.negative_embeds(negative_prompts),
+                             torch.tensor([scale if p else 0.0 for p in negative_prompts]))
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        return self.decode(self.denoise(cond, gens, height, width, steps, guidance_scale, uncond)).cpu()
+        return self.decode(self.denoise(cond, gens, height, width, steps, guidance_scale, uncond, nasa)).cpu()

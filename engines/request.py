@@ -20,6 +20,7 @@ class GenerateRequest:
     steps: int | None = None
     guidance_scale: float | None = None
     negative_prompt: str | None = None
+    nasa_scale: float | None = None  # NASA's alpha (guidance modes "nasa"); None: DEFAULT_NASA_SCALE
     seed: int | None = None
     output_format: str = "png"  # png | jpeg | webp | raw (uint8 arrays, no encoding)
     timeout_s: float | None = None  # deadline from arrival; None: batching.request_timeout_s

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from .pipeline import PromptEmbeds
+    from .pipeline import NasaInput, PromptEmbeds
     from .sizes import ServedSizes
 
 
@@ -39,6 +39,8 @@ class Capabilities:
     prompt_completion: tuple[re.Pattern, str] | None = None  # checkpoint's fewstep.prompt_completion
     frames_per_chunk: int | None = None  # video: frames a client receives per emitted chunk (steady state)
     fps: float | None = None  # video: default frame rate
+    # how the model takes guidance (FewStepPipeline.guidance_modes): "none", "cfg", "agd", "nasa"
+    guidance_modes: tuple[str, ...] = ("none",)
 
 
 @runtime_checkable
@@ -66,8 +68,10 @@ class Runner(Protocol):
     def negative_embeds(self, negative_prompts: list[str]) -> PromptEmbeds: ...
 
     def denoise(self, cond: PromptEmbeds, generators: list[torch.Generator], height: int, width: int, steps: int,
-                guidance_scale: float, uncond: PromptEmbeds | None = None) -> torch.Tensor:
-        """Clean latents [B, C, h, w]; generators[i] drives image i (so batching never changes a result)."""
+                guidance_scale: float, uncond: PromptEmbeds | None = None,
+                nasa: NasaInput | None = None) -> torch.Tensor:
+        """Clean latents [B, C, h, w]; generators[i] drives image i (so batching never changes a result).
+        ``nasa`` only where ``capabilities.guidance_modes`` lists "nasa"."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> uint8 images [B, H, W, 3] on ``device``."""

@@ -47,6 +47,7 @@ class ImageWork:
     future: Future = field(default_factory=Future)
     cost: float = 1.0  # native-size 1-step images of work (EngineCore.cost)
     deadline: float = float("inf")  # perf_counter time past which it is dropped unrun
+    nasa_scale: float | None = None  # NASA's alpha for this request's negative prompt (None: no NASA)
 
     @property
     def key(self):

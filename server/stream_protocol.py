@@ -39,6 +39,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from .protocol import NASA_MAX
+
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 # -- binary frames ---------------------------------------------------------------------------------------------
@@ -220,6 +222,8 @@ class RealtimeRequest(BaseModel):
     size: SizeField = None
     steps: int | None = Field(None, ge=1, le=8)
     guidance_scale: float | None = Field(None, ge=0, le=30)
+    negative_prompt: str | None = Field(None, description="CFG's negative at guidance_scale > 1, else NASA's")
+    nasa_scale: float | None = Field(None, ge=0, le=NASA_MAX, description="NASA's alpha (default 0.5)")
     format: Literal["jpeg", "png", "webp"] = "jpeg"
     model: str | None = None
 

@@ -265,8 +265,10 @@ class TensorRTRunner:
     @property
     def capabilities(self):
         # a request runs as one batch: EngineCore.validate refuses n above the engines' batch max up front
+        # the engines replace the denoiser module, whose NASA processors and adapters are not exported
+        modes = tuple(m for m in self.pipe.capabilities.guidance_modes if m not in ("nasa", "agd"))
         return dataclasses.replace(self.pipe.capabilities, backend="tensorrt",
-                                   max_images_per_batch=self.profile.batch[2])
+                                   max_images_per_batch=self.profile.batch[2], guidance_modes=modes)
 
     def check_size(self, height: int, width: int) -> None:
         self.pipe.check_size(height, width)  # the model's own rule first
@@ -284,7 +286,10 @@ class TensorRTRunner:
     def negative_embeds(self, negative_prompts: list[str]):
         return self.pipe.negative_embeds(negative_prompts)
 
-    def denoise(self, cond, generators, height, width, steps, guidance_scale, uncond=None):
+    def denoise(self, cond, generators, height, width, steps, guidance_scale, uncond=None, nasa=None):
+        if nasa is not None:
+            raise ValueError("the TensorRT backend runs no NASA (guidance modes: "
+                             f"{', '.join(self.capabilities.guidance_modes)})")
         return self.pipe.denoise(cond, generators, height, width, steps, guidance_scale, uncond)
 
     def decode(self, latents):

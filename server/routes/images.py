@@ -140,8 +140,8 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
                           "not_ready")
     req = GenerateRequest(prompt=body.prompt, model=body.model, n=body.n, height=h, width=w,
                           steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-                          negative_prompt=body.negative_prompt, seed=body.seed, output_format=raw or body.output_format,
-                          timeout_s=deadline_header(request))
+                          negative_prompt=body.negative_prompt, nasa_scale=body.nasa_scale, seed=body.seed,
+                          output_format=raw or body.output_format, timeout_s=deadline_header(request))
     try:
         out = await unless_disconnected(request, state.engine.generate(req))
     except ClientDisconnected:  # counted by the engine (fewstep_requests_cancelled); nobody reads this answer

@@ -18,7 +18,7 @@ async def list_models(request: Request) -> ModelList:
             cards.append(ModelCard(id=name, created=state.started, default_size=caps.default_size,
                                    sizes=state.core.sizes[name].describe(), default_steps=caps.default_steps,
                                    sampler=caps.sampler, kind=caps.kind, chunk_frames=caps.frames_per_chunk,
-                                   fps=caps.fps,
+                                   fps=caps.fps, guidance_modes=list(caps.guidance_modes),
                                    prompt_completion=None if spec is None else {"unless": spec[0].pattern,
                                                                                 "append": spec[1]}))
     return ModelList(data=cards)
