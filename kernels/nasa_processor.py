@@ -45,6 +45,9 @@ class NasaState:
     neg_mask: torch.Tensor | None = None  # [B, L] bool / 0-1, or None (attend to all)
     pos_mask: torch.Tensor | None = None  # [B, L] the positive prompt's mask as the pipeline passed it
     alpha: torch.Tensor | None = None  # [B] fp32
+    # the model's own text-side projection before its cross-attention (PixArt's caption_projection, a UNet's
+    # encoder_hid_proj): the negative embedding takes the same path as the prompt's
+    project: object | None = None
     use_kernel: bool = True  # the Triton kernel where it applies (tests switch it off to compare)
     allow_cpu_interpreter: bool = False
     calls: int = field(default=0, compare=False)  # NASA forwards run (tests check the processors ran)
@@ -52,8 +55,10 @@ class NasaState:
     @contextlib.contextmanager
     def active(self, neg: torch.Tensor, alpha: torch.Tensor, neg_mask: torch.Tensor | None = None,
                pos_mask: torch.Tensor | None = None):
-        """Condition the forwards inside the block on ``neg`` (rows aligned with the batch, repeated to it when the
-        model sees a CFG-doubled or otherwise larger batch is not supported: sizes must match)."""
+        """Condition the forwards inside the block on ``neg`` ([B, L, D] text embedding, one row per image of the
+        batch: the processors refuse a batch of another size)."""
+        if self.project is not None:
+            neg = self.project(neg).view(neg.shape[0], neg.shape[1], -1)
         self.neg, self.alpha, self.neg_mask, self.pos_mask = neg, alpha.float(), neg_mask, pos_mask
         try:
             yield self
@@ -184,7 +189,8 @@ def enable_nasa(model: torch.nn.Module, allow_cpu_interpreter: bool = False) -> 
     state = nasa_state(model)
     if state is not None:
         return state
-    state = NasaState(allow_cpu_interpreter=allow_cpu_interpreter)
+    project = getattr(model, "caption_projection", None) or getattr(model, "encoder_hid_proj", None)
+    state = NasaState(allow_cpu_interpreter=allow_cpu_interpreter, project=project)
     for name, module in model.named_modules():
         if not hasattr(module, "set_processor") or not _is_cross_attention(name, module):
             continue

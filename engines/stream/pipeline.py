@@ -36,8 +36,8 @@ class StreamPipeline(FewStepPipeline):
     kind = "video"
 
     def __init__(self, ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 attention: str = "dense"):
-        super().__init__(ckpt, device, dtype, attention)
+                 attention: str = "dense", adapters: str | None = None):
+        super().__init__(ckpt, device, dtype, attention, adapters)
         meta = ckpt.meta
         if self.sampler != "flow":
             raise CheckpointError(f"{ckpt.path}: a video (stream) model needs a flow-matching scheduler "
