@@ -88,7 +88,7 @@ if HAS_TRITON:
             sq_c = tl.sum(tl.load(s_base + 1, mask=s_mask, other=0.0), 0)
             sum_g = tl.sum(tl.load(s_base + 2, mask=s_mask, other=0.0), 0)
             sq_g = tl.sum(tl.load(s_base + 3, mask=s_mask, other=0.0), 0)
-            n = n_per_sample.to(tl.float32)
+            n = n_per_sample * 1.0  # fp32 (a scalar int argument may arrive specialised as a constant)
             var_c = tl.maximum(sq_c - sum_c * sum_c / n, 0.0) / (n - 1.0)
             var_g = tl.maximum(sq_g - sum_g * sum_g / n, 0.0) / (n - 1.0)
             factor = tl.sqrt(var_c) / tl.sqrt(var_g)

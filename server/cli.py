@@ -313,6 +313,8 @@ BENCH_TOOLS = {
     "report": ("fewstep.benchmarks.report", "tables and plots regenerated from benchmarks/results"),
     "kernels": ("fewstep.benchmarks.kernels.bench_block_sparse_attention",
                 "block-sparse attention kernel against cuDNN SDPA and FlexAttention"),
+    "guidance": ("fewstep.benchmarks.kernels.bench_guidance",
+                 "fused CFG step, adapter linear and NASA attention kernels against torch (unfused)"),
     "kernels-quality": ("fewstep.benchmarks.kernels.quality_block_sparse",
                         "adherence of the embedded models with block-sparse attention"),
     "random-weights": ("fewstep.benchmarks.random_weights",
