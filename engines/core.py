@@ -265,6 +265,7 @@ class EngineCore:
         if start.max_frames is not None and not 1 <= start.max_frames <= cfg.max_video_frames:
             raise EngineError(f"num_frames must be from 1 to {cfg.max_video_frames}", 400, "num_frames",
                               "invalid_num_frames")
+        self._check_stream_guidance(model, start.negative_prompt, start.nasa_scale)
         seed = start.seed if start.seed is not None else secrets.randbelow(2**62)
         session = StreamSession(start, model, h, w, seed, fps, cfg.outbox_chunks)
         sched.add(session)  # raises EngineError(503) at capacity
@@ -292,15 +293,33 @@ class EngineCore:
         found = self._find_stream(session_id)
         return found[1] if found else None
 
-    def update_prompt(self, session_id: str, prompt: str) -> None:
+    def update_prompt(self, session_id: str, prompt: str | None, negative_prompt: str | None = None,
+                      nasa_scale: float | None = None) -> None:
         """The new prompt conditions the session's next step (its next chunk) and blends in over
-        ``stream.transition_steps`` steps. Several updates before that step: the newest wins."""
-        if not prompt or not prompt.strip():
+        ``stream.transition_steps`` steps; a new negative prompt ("" clears it) and NASA scale apply from that step
+        on. None leaves a field as it is. Several updates before that step: the newest wins."""
+        if prompt is not None and not prompt.strip():
             raise EngineError("prompt must be a non-empty string", 400, "prompt", "invalid_prompt")
         found = self._find_stream(session_id)
-        if found is None or not found[0].update_prompt(session_id, prompt):
+        if found is None:
+            raise EngineError("no such stream session", 404, "session_id", "session_not_found")
+        if negative_prompt or nasa_scale is not None:
+            session = found[1]
+            neg = session.negative_prompt if negative_prompt is None else negative_prompt
+            self._check_stream_guidance(session.model, neg, nasa_scale)
+        if not found[0].update_prompt(session_id, prompt, negative_prompt, nasa_scale):
             raise EngineError("no such stream session", 404, "session_id", "session_not_found")
         self._wake()
+
+    def _check_stream_guidance(self, model: str, negative_prompt: str | None, nasa_scale: float | None) -> None:
+        """Streams take negative prompts through NASA only (one pass per step, no CFG)."""
+        modes = self.pipelines[model].capabilities.guidance_modes
+        what = f"model {model!r} supports guidance modes {', '.join(modes)}"
+        if nasa_scale is not None and not (negative_prompt and negative_prompt.strip()):
+            raise EngineError("nasa_scale needs a negative_prompt", 400, "nasa_scale", "invalid_guidance")
+        if negative_prompt and negative_prompt.strip() and "nasa" not in modes:
+            raise EngineError(f"negative_prompt is not supported on streams of this model: {what}", 400,
+                              "negative_prompt", "invalid_guidance")
 
     def close_stream(self, session_id: str, reason: str = "closed") -> bool:
         """Stop a session: it leaves the rotation before the next step, its tensors are freed as soon as no step
@@ -653,8 +672,8 @@ class AsyncStream:
     async def run_in_pool(self, fn, *args):
         return await asyncio.wrap_future(self.core.encode_submit(fn, *args))
 
-    def update(self, prompt: str) -> None:
-        self.core.update_prompt(self.session.id, prompt)
+    def update(self, prompt: str | None, negative_prompt: str | None = None, nasa_scale: float | None = None) -> None:
+        self.core.update_prompt(self.session.id, prompt, negative_prompt, nasa_scale)
 
     def close(self, reason: str = "closed") -> None:
         """Owner: end the session. Viewer: detach from it."""

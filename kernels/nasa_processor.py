@@ -104,8 +104,15 @@ class NasaAttnProcessor:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         batch, seq_len, _ = hidden_states.shape
-        if st.neg.shape[0] != batch:
-            raise ValueError(f"NASA negative conditioning has {st.neg.shape[0]} rows for a batch of {batch}")
+        neg, alpha, neg_mask = st.neg, st.alpha, st.neg_mask
+        if batch != neg.shape[0]:
+            # models that fold frames into the batch (StreamUNet: [B*T] rows, text repeated per frame) see each
+            # image's conditioning repeated; the negative follows the same order
+            if batch % neg.shape[0]:
+                raise ValueError(f"NASA negative conditioning has {neg.shape[0]} rows for a batch of {batch}")
+            rep = batch // neg.shape[0]
+            neg, alpha = neg.repeat_interleave(rep, 0), alpha.repeat_interleave(rep, 0)
+            neg_mask = None if neg_mask is None else neg_mask.repeat_interleave(rep, 0)
         pos_bias = None
         if attention_mask is not None:
             pos_bias = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
@@ -114,7 +121,7 @@ class NasaAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
-        neg = st.neg.to(encoder_hidden_states.dtype)
+        neg = neg.to(encoder_hidden_states.dtype)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             neg = attn.norm_encoder_hidden_states(neg)
@@ -131,14 +138,14 @@ class NasaAttnProcessor:
         if attn.norm_k is not None:
             key, key_n = attn.norm_k(key), attn.norm_k(key_n)
 
-        alpha = st.alpha.to(query.device)
-        out = self._kernel(query, key, value, key_n, value_n, alpha, attention_mask)
+        alpha = alpha.to(query.device)
+        out = self._kernel(query, key, value, key_n, value_n, alpha, attention_mask, neg_mask)
         if out is None:
             pos = F.scaled_dot_product_attention(query, key, value, attn_mask=pos_bias, dropout_p=0.0,
                                                  is_causal=False)
             neg_bias = None
-            if st.neg_mask is not None:
-                neg_bias = st.neg_mask.bool().to(query.device)[:, None, None, :]
+            if neg_mask is not None:
+                neg_bias = neg_mask.bool().to(query.device)[:, None, None, :]
             negative = F.scaled_dot_product_attention(query, key_n, value_n, attn_mask=neg_bias, dropout_p=0.0,
                                                       is_causal=False)
             out = pos - alpha.to(pos.dtype).view(-1, 1, 1, 1) * negative
@@ -152,7 +159,7 @@ class NasaAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _kernel(self, q, k, v, kn, vn, alpha, attention_mask) -> torch.Tensor | None:
+    def _kernel(self, q, k, v, kn, vn, alpha, attention_mask, neg_mask) -> torch.Tensor | None:
         """The fused kernel's output, or None where it does not apply (the caller runs two SDPA calls)."""
         st = self.state
         if not st.use_kernel or q.dtype not in (torch.float16, torch.bfloat16):
@@ -166,12 +173,12 @@ class NasaAttnProcessor:
         len_pos = None
         if attention_mask is not None:
             # the kernel takes key counts: only the pipeline's own right-padded text mask qualifies
-            if st.pos_mask is None:
+            if st.pos_mask is None or st.pos_mask.shape[0] != q.shape[0]:
                 return None
             len_pos = _prefix_lengths(st.pos_mask, k.shape[2])
             if len_pos is False:
                 return None
-        len_neg = _prefix_lengths(st.neg_mask, kn.shape[2])
+        len_neg = _prefix_lengths(neg_mask, kn.shape[2])
         if len_neg is False:
             return None
         return na.nasa_attention(q, k, v, kn, vn, alpha, len_pos=len_pos, len_neg=len_neg)

@@ -37,7 +37,7 @@ import re
 import struct
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from .protocol import NASA_MAX
 
@@ -127,14 +127,26 @@ class StartMessage(_Msg):
     format: Literal["jpeg", "webp", "fmp4"] = "jpeg"
     quality: int = Field(85, ge=1, le=100, description="JPEG / WebP quality")
     model: str | None = None
+    negative_prompt: str | None = Field(None, description="steered away from in the cross-attention (NASA; video "
+                                        "models whose guidance_modes list nasa)")
+    nasa_scale: float | None = Field(None, ge=0, le=NASA_MAX, description="NASA's alpha (default 0.5)")
 
 
 
 class UpdateMessage(_Msg):
-    """Change the prompt mid-stream: it reaches the next chunk and blends in over one buffer length."""
+    """Change the prompt mid-stream: it reaches the next chunk and blends in over one buffer length. The negative
+    prompt ("" clears it) and NASA scale change from the next step; a field left out stays as it is."""
 
     type: Literal["update"]
-    prompt: PromptField
+    prompt: PromptField | None = None
+    negative_prompt: str | None = None
+    nasa_scale: float | None = Field(None, ge=0, le=NASA_MAX)
+
+    @model_validator(mode="after")
+    def _something(self):
+        if self.prompt is None and self.negative_prompt is None and self.nasa_scale is None:
+            raise ValueError("an update needs a prompt, a negative_prompt or a nasa_scale")
+        return self
 
 
 
@@ -176,6 +188,7 @@ class InitMessage(_Msg):
 class UpdatedMessage(_Msg):
     type: Literal["updated"] = "updated"
     prompt: str
+    negative_prompt: str | None = None
 
 
 class StatsMessage(_Msg):

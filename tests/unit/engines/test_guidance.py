@@ -200,3 +200,49 @@ def test_engine_admission_by_guidance_mode(tiny_dir):
         assert e.value.status == 400 and e.value.param == "negative_prompt"
     finally:
         core.shutdown()
+
+
+# -- streams -----------------------------------------------------------------------------------------------------
+def _frames(core, session, steps):
+    for _ in range(steps):
+        core.stream_step()
+    out = []
+    while (c := session.owner.take()) is not None:
+        out.append(c.frames.astype(int))
+    return out
+
+
+@pytest.mark.parametrize("model", ["stream_dit", "default_video"])
+def test_stream_negative_prompt_and_mid_stream_change(tiny_dir, model):
+    import numpy as np
+
+    from fewstep.engines.config import EngineConfig, StreamConfig
+    from fewstep.engines.stream import StreamPipeline, StreamStart
+    from fewstep.server.config import DEFAULT_VIDEO_MODEL_DIR
+
+    path = DEFAULT_VIDEO_MODEL_DIR if model == "default_video" else tiny_dir / "stream_dit"
+    pipe = StreamPipeline(load_checkpoint(path))
+    assert pipe.capabilities.guidance_modes == ("none", "nasa")
+    core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig()))
+    steps = pipe.buffer_chunks + 2
+    start = dict(prompt="a red ball rolling", seed=4, fps=0, format="raw")
+    try:
+        plain = core.open_stream(StreamStart(**start))
+        steered = core.open_stream(StreamStart(**start, negative_prompt="red", nasa_scale=1.5))
+        zero = core.open_stream(StreamStart(**start, negative_prompt="red", nasa_scale=0.0))
+        # three sessions in one forward pass: alpha is per session
+        fp, fs, fz = _frames(core, plain, steps), _frames(core, steered, 0), _frames(core, zero, 0)
+        assert fp and len(fp) == len(fs) == len(fz)
+        assert all(np.array_equal(a, b) for a, b in zip(fp, fz))  # alpha 0: exactly the plain stream
+        assert np.abs(fp[-1] - fs[-1]).mean() > 0.5
+        # clearing the negative prompt mid-stream: from the next step on the two streams see the same conditioning
+        core.update_prompt(steered.id, None, negative_prompt="")
+        assert steered.negative_prompt is None
+        core.update_prompt(plain.id, None, negative_prompt="red", nasa_scale=1.5)
+        for _ in range(steps):
+            core.stream_step()
+        assert steered.neg_cond is None and plain.neg_cond is not None
+        with pytest.raises(EngineError, match="nasa_scale needs a negative_prompt"):
+            core.open_stream(StreamStart(**start, nasa_scale=1.0))
+    finally:
+        core.shutdown()
