@@ -315,6 +315,8 @@ BENCH_TOOLS = {
                 "block-sparse attention kernel against cuDNN SDPA and FlexAttention"),
     "guidance": ("fewstep.benchmarks.kernels.bench_guidance",
                  "fused CFG step, adapter linear and NASA attention kernels against torch (unfused)"),
+    "nasa-quality": ("fewstep.benchmarks.kernels.quality_nasa",
+                     "whether NASA steers the embedded student away from a negative prompt (colour detector)"),
     "kernels-quality": ("fewstep.benchmarks.kernels.quality_block_sparse",
                         "adherence of the embedded models with block-sparse attention"),
     "random-weights": ("fewstep.benchmarks.random_weights",
