@@ -13,7 +13,7 @@ phrase as served):
 
 Settings: no negative prompt; NASA ("red") at each ``--alphas``; CFG with negative "red" at ``--cfg`` (two
 passes, for comparison). Same prompts and seeds for every setting. Writes OUT.json (rows) and, with ``--grid``,
-a picture grid (rows: colour-free prompts; columns: settings).
+a picture grid (rows: colour-free prompts, then red-named prompts; columns: settings).
 
     fewstep bench nasa-quality --out benchmarks/results/kernels/quality_nasa_cpu.json --grid docs/images/nasa_red.png
 """
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", default="0.25,0.5,1.0,1.5", help="NASA scales to run (default 0.25,0.5,1.0,1.5)")
     p.add_argument("--cfg", type=float, default=2.0, help="CFG guidance scale of the comparison run (0: none)")
     p.add_argument("--out", type=Path, default=None, help="JSON file for the rows")
-    p.add_argument("--grid", type=Path, default=None, help="PNG picture grid (colour-free prompts x settings)")
+    p.add_argument("--grid", type=Path, default=None, help="PNG picture grid (colour-free, then red-named prompts x settings)")
     p.add_argument("--grid-rows", type=int, default=8, help="prompts in the grid (default 8)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     return p
@@ -132,13 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         share, any_red, per_image = red_share(imgs_free, args.negative)
         imgs_named = run(named, alpha, cfg)
         adh = adherence(list(imgs_named), [pipe.complete_prompt(c) for c in named])
-        conflict_share = red_share(run(conflict, alpha, cfg), args.negative)[0]
+        imgs_conflict = run(conflict, alpha, cfg)
+        conflict_share = red_share(imgs_conflict, args.negative)[0]
         row = {"setting": name, "nasa_scale": alpha, "guidance_scale": cfg or 0.0, "negative": args.negative,
                "red_object_share": share, "images_with_red": any_red, "objects_per_image": per_image,
                "adherence": adh, "conflict_red_object_share": conflict_share, "conflict_n": len(conflict),
                "seconds": time.perf_counter() - t}
         rows.append(row)
-        grid_cols.append((name, imgs_free[: args.grid_rows]))
+        half = args.grid_rows // 2
+        grid_cols.append((name, np.concatenate([imgs_free[:half], imgs_conflict[: args.grid_rows - half]])))
         print(f"{name:10s} red objects {share:6.1%}  images with red {any_red:6.1%}  objects/image {per_image:4.2f}  "
               f"strict adherence {adh['accuracy']:6.1%}  colours {adh['colors']:6.1%}  shapes {adh['shapes']:6.1%}  "
               f"red-named prompts: red objects {conflict_share:6.1%}  ({row['seconds']:.0f} s)", flush=True)
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         print(f"wrote {args.out}")
     if args.grid:
-        _grid(args.grid, grid_cols, free[: args.grid_rows])
+        half = args.grid_rows // 2
+        _grid(args.grid, grid_cols, free[:half] + conflict[: args.grid_rows - half])
         print(f"wrote {args.grid}")
     return 0
 
