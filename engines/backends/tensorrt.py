@@ -892,6 +892,10 @@ def enable(pipe, engine_cfg, progress: Callable[[str], None] | None = None) -> T
     opts = engine_cfg.tensorrt
     if pipe.device.type != "cuda":
         raise ValueError("backend 'tensorrt' needs device cuda (the engines run on the GPU)")
+    if getattr(pipe, "adapters", None) is not None:
+        # the exported denoiser would run without its per-request adapter scale: refuse rather than serve plain
+        raise ValueError("guidance adapters (--adapters) are not exported to TensorRT; use the eager or compiled "
+                         "backend")
     profile = (Profile.parse(opts.profile) if opts.profile
                else Profile.native(pipe, engine_cfg.batching.max_batch_size))
     check_batching(profile, engine_cfg.batching.max_batch_size)  # before the (long) build: fail fast
