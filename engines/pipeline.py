@@ -352,6 +352,8 @@ class FewStepPipeline:
     def _model(self, x: torch.Tensor, t: float, cond: PromptEmbeds, consts: dict[str, torch.Tensor]) -> torch.Tensor:
         """One denoiser call, with the request's adapter scale (AGD) and negative conditioning (NASA) in force for
         this call only."""
+        if self.adapters is None and "nasa_alpha" not in consts:
+            return self._denoiser_call(x, t, cond, consts)  # the plain path: nothing for torch.compile to trace
         with contextlib.ExitStack() as stack:
             if self.adapters is not None:
                 stack.enter_context(self._adapter_scale(consts.get("adapter_scale")))
