@@ -519,6 +519,8 @@ class FewStepPipeline:
     def __call__(self, prompts: list[str], seeds: list[int], height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance_scale: float | None = None,
                  negative_prompts: list[str] | None = None, nasa_scale: float | None = None) -> torch.Tensor:
+        """Images [B, H, W, 3] uint8. Negative prompts go to CFG where the guidance scale runs it, else through NASA
+        where the model has it (alpha ``nasa_scale``), else nowhere (EngineCore refuses that case with a 400)."""
         height = height or self.default_size
         width = width or self.default_size
         steps = steps or self.default_steps
@@ -528,7 +530,7 @@ class FewStepPipeline:
         uncond = nasa = None
         if self.uses_cfg(guidance_scale):
             uncond = self.negative_embeds(negative_prompts or [""] * len(prompts))
-        elif negative_prompts and any(negative_prompts):
+        elif negative_prompts and any(negative_prompts) and self.nasa is not None:
             scale = DEFAULT_NASA_SCALE if nasa_scale is None else nasa_scale
             nasa = NasaInput(self.negative_embeds(negative_prompts),
                              torch.tensor([scale if p else 0.0 for p in negative_prompts]))

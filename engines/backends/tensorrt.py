@@ -883,6 +883,8 @@ def install(pipe, engines: dict[str, Any]) -> None:
         ckpt_name = pipe.denoiser_name if comp == "denoiser" else comp
         if pipe.ckpt.components.get(ckpt_name) is original:
             pipe.ckpt.components[ckpt_name] = standin  # drop the torch weights' last reference
+        if comp == "denoiser":
+            pipe.nasa = None  # the engine has no attention processors: no NASA (guidance modes drop "nasa")
 
 
 def enable(pipe, engine_cfg, progress: Callable[[str], None] | None = None) -> TensorRTRunner:
