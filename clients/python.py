@@ -207,6 +207,7 @@ def build_images_body(
     steps: int | None = None,
     guidance_scale: float | None = None,
     negative_prompt: str | None = None,
+    nasa_scale: float | None = None,
     output_format: str = "png",
     model: str | None = None,
     extra_body: dict[str, Any] | None = None,
@@ -231,6 +232,8 @@ def build_images_body(
         body["guidance_scale"] = float(guidance_scale)
     if negative_prompt is not None:
         body["negative_prompt"] = negative_prompt
+    if nasa_scale is not None:  # NASA's alpha (models whose guidance_modes list nasa)
+        body["nasa_scale"] = float(nasa_scale)
     if extra_body:
         body.update(extra_body)
     return body
@@ -305,13 +308,14 @@ class Images:
         steps: int | None = None,
         guidance_scale: float | None = None,
         negative_prompt: str | None = None,
+        nasa_scale: float | None = None,
         output_format: str = "png",
         model: str | None = None,
         extra_body: dict[str, Any] | None = None,
     ) -> ImagesResult:
         body = build_images_body(
             prompt, n=n, size=size, seed=seed, steps=steps, guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt, output_format=output_format, model=model,
+            negative_prompt=negative_prompt, nasa_scale=nasa_scale, output_format=output_format, model=model,
             extra_body=extra_body,
         )
         resp = self._client._request("POST", IMAGES_PATH, json=body)
@@ -428,13 +432,14 @@ class AsyncImages:
         steps: int | None = None,
         guidance_scale: float | None = None,
         negative_prompt: str | None = None,
+        nasa_scale: float | None = None,
         output_format: str = "png",
         model: str | None = None,
         extra_body: dict[str, Any] | None = None,
     ) -> ImagesResult:
         body = build_images_body(
             prompt, n=n, size=size, seed=seed, steps=steps, guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt, output_format=output_format, model=model,
+            negative_prompt=negative_prompt, nasa_scale=nasa_scale, output_format=output_format, model=model,
             extra_body=extra_body,
         )
         resp = await self._client._request("POST", IMAGES_PATH, json=body)

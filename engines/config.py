@@ -123,6 +123,9 @@ class EngineConfig(BaseModel):
     warmup: bool = True
     vae: str | None = Field(None, description="a diffusers VAE directory (AutoencoderKL, or AutoencoderTiny: TAESD's "
                             "format) that replaces the image model's own decoder")
+    adapters: str | None = Field(None, description="a guidance-adapters folder (engines/adapters.py) loaded onto the "
+                                 "image model: guidance_scale > 1 in one pass; None: an adapters/ folder beside the "
+                                 "checkpoint's components, if any")
     sizes: list[tuple[int, int]] | None = Field(None, description="(height, width) sizes every served model accepts, "
                                                 "replacing the checkpoint's fewstep.sizes / size_range; None: the "
                                                 "checkpoint's declaration, else its native size (engines/sizes.py)")

@@ -42,7 +42,7 @@ from .config import EngineConfig
 from .encode import encode_image, encode_jpeg_gpu, gpu_jpeg_available
 from .errors import EngineError, model_not_found
 from .init_image import fit_image
-from .pipeline import PromptEmbeds
+from .pipeline import NasaInput, PromptEmbeds
 from .request import GenerateOutput, GenerateRequest
 from .runner import Runner
 from .scheduler import ImageScheduler, ImageWork
@@ -190,9 +190,39 @@ class EngineCore:
         if not 0 < timeout <= bcfg.max_request_timeout_s:
             raise EngineError(f"the deadline must be from 1 ms to {bcfg.max_request_timeout_s * 1e3:.0f} ms, got "
                               f"{timeout * 1e3:g} ms", 400, "deadline", "invalid_deadline")
+        nasa_scale = self.check_guidance(model, guidance, req.negative_prompt, req.nasa_scale)
         run = steps if strength is None else pipe.img2img_steps(steps, strength)  # denoiser steps that run
         return ImageWork(req, seeds, steps, guidance, h, w, Future(), self.cost(model, h, w, run, guidance, req.n),
-                         req.arrival + timeout, strength)
+                         req.arrival + timeout, strength=strength, nasa_scale=nasa_scale)
+
+    def check_guidance(self, model: str, guidance: float, negative_prompt: str | None,
+                       nasa_scale: float | None) -> float | None:
+        """Admission by guidance mode: a negative prompt goes to CFG where this guidance scale runs CFG, else to
+        NASA where the model has it; anything else is a 400 naming what the model supports. Returns the NASA scale
+        the request runs with (None: no NASA)."""
+        runner = self.pipelines[model]
+        modes = runner.capabilities.guidance_modes
+        has_neg = bool(negative_prompt and negative_prompt.strip())
+        cfg = runner.uses_cfg(guidance)
+        what = f"model {model!r} supports guidance modes {', '.join(modes)}"
+        if nasa_scale is not None:
+            if not has_neg:
+                raise EngineError("nasa_scale needs a negative_prompt", 400, "nasa_scale", "invalid_guidance")
+            if cfg:
+                raise EngineError(f"nasa_scale applies to NASA, but at guidance_scale {guidance:g} the negative prompt "
+                                  f"runs through CFG; use guidance_scale <= 1 for NASA ({what})", 400, "nasa_scale",
+                                  "invalid_guidance")
+            if "nasa" not in modes:
+                raise EngineError(f"nasa_scale is not supported: {what}", 400, "nasa_scale", "invalid_guidance")
+        if not has_neg or cfg:
+            return None
+        if "nasa" in modes:
+            from .pipeline import DEFAULT_NASA_SCALE
+
+            return DEFAULT_NASA_SCALE if nasa_scale is None else float(nasa_scale)
+        hint = "a guidance_scale above 1 (CFG)" if "cfg" in modes else "no negative_prompt"
+        raise EngineError(f"negative_prompt is not supported at guidance_scale {guidance:g}: {what}; use {hint}",
+                          400, "negative_prompt", "invalid_guidance")
 
     def check_size(self, model: str, height: int, width: int) -> None:
         """Admission by size: what the model's architecture can run, then the sizes it serves (engines/sizes.py)."""
@@ -263,6 +293,7 @@ class EngineCore:
             if sched.pipe.vae is not None:
                 raise EngineError(f'model {model!r} is a latent video model; "input": "frames" needs a pixel-space '
                                   "one (the embedded default video model)", 400, "input", "frames_unsupported")
+        self._check_stream_guidance(model, start.negative_prompt, start.nasa_scale)
         seed = start.seed if start.seed is not None else secrets.randbelow(2**62)
         session = StreamSession(start, model, h, w, seed, fps, cfg.outbox_chunks, cfg.session_id_prefix)
         sched.add(session)  # raises EngineError(503) at capacity
@@ -290,13 +321,21 @@ class EngineCore:
         found = self._find_stream(session_id)
         return found[1] if found else None
 
-    def update_prompt(self, session_id: str, prompt: str) -> None:
+    def update_prompt(self, session_id: str, prompt: str | None, negative_prompt: str | None = None,
+                      nasa_scale: float | None = None) -> None:
         """The new prompt conditions the session's next step (its next chunk) and blends in over
-        ``stream.transition_steps`` steps. Several updates before that step: the newest wins."""
-        if not prompt or not prompt.strip():
+        ``stream.transition_steps`` steps; a new negative prompt ("" clears it) and NASA scale apply from that step
+        on. None leaves a field as it is. Several updates before that step: the newest wins."""
+        if prompt is not None and not prompt.strip():
             raise EngineError("prompt must be a non-empty string", 400, "prompt", "invalid_prompt")
         found = self._find_stream(session_id)
-        if found is None or not found[0].update_prompt(session_id, prompt):
+        if found is None:
+            raise EngineError("no such stream session", 404, "session_id", "session_not_found")
+        if negative_prompt or nasa_scale is not None:
+            session = found[1]
+            neg = session.negative_prompt if negative_prompt is None else negative_prompt
+            self._check_stream_guidance(session.model, neg, nasa_scale)
+        if not found[0].update_prompt(session_id, prompt, negative_prompt, nasa_scale):
             raise EngineError("no such stream session", 404, "session_id", "session_not_found")
         self._wake()
 
@@ -314,6 +353,16 @@ class EngineCore:
         found = self._find_stream(session_id)
         if found is None or not found[0].set_strength(session_id, strength):
             raise EngineError("no such stream session", 404, "session_id", "session_not_found")
+
+    def _check_stream_guidance(self, model: str, negative_prompt: str | None, nasa_scale: float | None) -> None:
+        """Streams take negative prompts through NASA only (one pass per step, no CFG)."""
+        modes = self.pipelines[model].capabilities.guidance_modes
+        what = f"model {model!r} supports guidance modes {', '.join(modes)}"
+        if nasa_scale is not None and not (negative_prompt and negative_prompt.strip()):
+            raise EngineError("nasa_scale needs a negative_prompt", 400, "nasa_scale", "invalid_guidance")
+        if negative_prompt and negative_prompt.strip() and "nasa" not in modes:
+            raise EngineError(f"negative_prompt is not supported on streams of this model: {what}", 400,
+                              "negative_prompt", "invalid_guidance")
 
     def close_stream(self, session_id: str, reason: str = "closed") -> bool:
         """Stop a session: it leaves the rotation before the next step, its tensors are freed as soon as no step
@@ -421,10 +470,15 @@ class EngineCore:
             prompts = [w.req.prompt for w in batch for _ in w.seeds]
             t0 = time.perf_counter()
             cond = self.cache.get_many(model, pipe, prompts)
-            uncond = None
+            uncond = nasa = None
             if pipe.uses_cfg(head.guidance):
                 neg = [w.req.negative_prompt or "" for w in batch for _ in w.seeds]
                 uncond = self.cache.get_many(model + "\0neg", pipe, neg, pipe.negative_embeds)
+            elif any(w.nasa_scale is not None for w in batch):
+                # NASA per image: requests without a negative prompt ride along with alpha 0 (no steering)
+                neg = [w.req.negative_prompt if w.nasa_scale is not None else "" for w in batch for _ in w.seeds]
+                alpha = torch.tensor([w.nasa_scale or 0.0 for w in batch for _ in w.seeds])
+                nasa = NasaInput(self.cache.get_many(model + "\0neg", pipe, neg, pipe.negative_embeds), alpha)
             self._sync(pipe)
             t1 = time.perf_counter()
             gens = [torch.Generator("cpu").manual_seed(s) for w in batch for s in w.seeds]
@@ -432,8 +486,10 @@ class EngineCore:
             if head.strength is not None:  # image-to-image: every request of the batch carries an image
                 init = torch.from_numpy(np.stack([fit_image(w.req.image, head.height, head.width)
                                                   for w in batch for _ in w.seeds]))
-            latents = pipe.denoise(cond, gens, head.height, head.width, head.steps, head.guidance, uncond,
-                                   **({} if init is None else {"init": init, "strength": head.strength}))
+            extra = {} if nasa is None else {"nasa": nasa}
+            if init is not None:
+                extra.update(init=init, strength=head.strength)
+            latents = pipe.denoise(cond, gens, head.height, head.width, head.steps, head.guidance, uncond, **extra)
             self._sync(pipe)
             t2 = time.perf_counter()
             decoded = pipe.decode(latents)  # [B, H, W, 3] uint8 on the pipeline's device
@@ -666,8 +722,8 @@ class AsyncStream:
     async def run_in_pool(self, fn, *args):
         return await asyncio.wrap_future(self.core.encode_submit(fn, *args))
 
-    def update(self, prompt: str) -> None:
-        self.core.update_prompt(self.session.id, prompt)
+    def update(self, prompt: str | None, negative_prompt: str | None = None, nasa_scale: float | None = None) -> None:
+        self.core.update_prompt(self.session.id, prompt, negative_prompt, nasa_scale)
 
     def update_strength(self, strength: float) -> None:
         self.core.update_strength(self.session.id, strength)

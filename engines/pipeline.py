@@ -11,6 +11,7 @@ images its members would produce alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -28,6 +29,7 @@ from .samplers import (
     euler_step,
     make_schedule,
     rectified_flow_step,
+    step_coefficients,
     x0_from_model_output,
 )
 from .sizes import ServedSizes
@@ -56,6 +58,18 @@ class PromptEmbeds:
         def c(xs):
             return None if xs[0] is None else torch.cat(xs)
         return PromptEmbeds(c([p.embeds for p in items]), c([p.mask for p in items]), c([p.pooled for p in items]))
+
+
+@dataclass
+class NasaInput:
+    """Negative prompts for NASA: one embedding row and one scale (alpha, 0 = no steering) per image."""
+
+    negative: PromptEmbeds
+    alpha: torch.Tensor  # [B] fp32
+
+
+#: NASA's default alpha (nasa_scale) when a request gives a negative prompt but no scale
+DEFAULT_NASA_SCALE = 0.5
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -117,7 +131,7 @@ class FewStepPipeline:
     compile_seconds = 0.0  # eager: nothing to compile
 
     def __init__(self, ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 attention: str = "dense"):
+                 attention: str = "dense", adapters: str | None = None):
         self.ckpt = ckpt
         self.device = torch.device(device)
         self.dtype = dtype
@@ -171,6 +185,12 @@ class FewStepPipeline:
             raise CheckpointError(str(e)) from None
         self._schedules: dict[int, Schedule] = {}
         self._schedules_i2i: dict[tuple[int, float], Schedule] = {}
+        # Lin et al.'s guidance rescale (phi) for CFG checkpoints whose card recommends it; 0: plain CFG
+        self.guidance_rescale = float(meta.get("guidance_rescale", 0.0))
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise CheckpointError(f"{ckpt.path / 'model_index.json'}: fewstep.guidance_rescale must be in [0, 1], "
+                                  f"got {self.guidance_rescale}")
+        self.fused_cfg = True  # CFG steps through kernels/fused_cfg.py on CUDA (benchmarks switch it off to compare)
         self.attention = attention
         if attention != "dense":
             from fewstep.kernels.attention_processor import BlockSparseConfig, enable_block_sparse_attention
@@ -178,13 +198,49 @@ class FewStepPipeline:
             n = enable_block_sparse_attention(self.denoiser, BlockSparseConfig.parse(attention))
             log.info("attention %s installed on %d self-attention modules of the %s", attention, n,
                      self.denoiser_name)
+        self._setup_guidance(adapters)
+
+    # -- guidance modes ----------------------------------------------------------------------------------------------
+    def _setup_guidance(self, adapters: str | None) -> None:
+        """NASA on the cross-attention modules (negative prompts without CFG) and, when given or found beside the
+        checkpoint, AGD-style guidance adapters (engines/adapters.py: guidance > 1 in one pass)."""
+        from fewstep.kernels.nasa_processor import enable_nasa
+
+        from .adapters import AdapterError, find_adapters, load_adapters
+
+        # Wan's cross-attention runs its own processor (not replaced): video streams of Wan take no negative prompt
+        self.nasa = enable_nasa(self.denoiser)
+        self.adapters = None
+        folder = adapters or find_adapters(self.ckpt.path)
+        if folder is not None:
+            try:
+                self.adapters = load_adapters(self.denoiser, folder)
+            except AdapterError as e:
+                raise CheckpointError(str(e)) from None
+            log.info("guidance adapters (rank %d) on %d projections from %s", self.adapters.rank,
+                     len(self.adapters.names), folder)
+
+    @property
+    def guidance_modes(self) -> tuple[str, ...]:
+        """How this model takes guidance: none (one plain pass), cfg (a doubled batch; also negative prompts at
+        guidance_scale > 1), agd (guidance adapters: guidance_scale > 1 in one pass), nasa (negative prompts at
+        guidance_scale <= 1, in the cross-attention)."""
+        modes = ["none"]
+        if not self.time_cond_dim:
+            modes.append("cfg")
+        if self.adapters is not None:
+            modes.append("agd")
+        if self.nasa is not None:
+            modes.append("nasa")
+        return tuple(modes)
 
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(kind=self.kind, backend="eager", sizes=self.served_sizes, default_size=self.default_size,
                             default_steps=self.default_steps, default_guidance=self.default_guidance,
                             sampler=self.sampler, prompt_completion=self.prompt_completion,
-                            example_prompts=self.example_prompts)
+                            example_prompts=self.example_prompts,
+                            guidance_modes=self.guidance_modes)
 
     # -- stage 1 ---------------------------------------------------------------------------------------------
     def _tokenize(self, tokenizer, prompts: list[str], max_length: int):
@@ -292,6 +348,9 @@ class FewStepPipeline:
         """Constant extra inputs of the denoiser for one request shape (built once, outside any CUDA graph).
         ``batch`` counts the CFG-doubled batch."""
         c: dict[str, torch.Tensor] = {"guidance": torch.tensor(float(guidance_scale), device=self.device)}
+        if self.adapters is not None and guidance_scale > 1.0:
+            # AGD: the adapters' per-sample scale is guidance - 1 (0 at guidance 1: the plain conditional model)
+            c["adapter_scale"] = torch.full((batch,), guidance_scale - 1.0, device=self.device)
         if self.denoiser_name == "unet":
             if self.time_cond_dim:
                 w = torch.full((batch,), guidance_scale - 1.0)
@@ -306,6 +365,28 @@ class FewStepPipeline:
         return c
 
     def _model(self, x: torch.Tensor, t: float, cond: PromptEmbeds, consts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One denoiser call, with the request's adapter scale (AGD) and negative conditioning (NASA) in force for
+        this call only."""
+        if self.adapters is None and "nasa_alpha" not in consts:
+            return self._denoiser_call(x, t, cond, consts)  # the plain path: nothing for torch.compile to trace
+        with contextlib.ExitStack() as stack:
+            if self.adapters is not None:
+                stack.enter_context(self._adapter_scale(consts.get("adapter_scale")))
+            if "nasa_alpha" in consts:
+                stack.enter_context(self.nasa.active(consts["nasa_neg_embeds"], consts["nasa_alpha"],
+                                                     consts.get("nasa_neg_mask"), cond.mask))
+            return self._denoiser_call(x, t, cond, consts)
+
+    @contextlib.contextmanager
+    def _adapter_scale(self, scale: torch.Tensor | None):
+        self.adapters.scale = scale
+        try:
+            yield
+        finally:
+            self.adapters.scale = None
+
+    def _denoiser_call(self, x: torch.Tensor, t: float, cond: PromptEmbeds,
+                       consts: dict[str, torch.Tensor]) -> torch.Tensor:
         b = x.shape[0]
         x = x.to(self.dtype)
         tt = torch.full((b,), t, device=self.device, dtype=torch.float32)
@@ -324,12 +405,37 @@ class FewStepPipeline:
         return out
 
     def _predict(self, x_in, t, cond, uncond, consts):
-        """Denoiser output with classifier-free guidance when an unconditional branch is given."""
+        """Denoiser output with classifier-free guidance when an unconditional branch is given (the torch path;
+        ``_fused_guided_step`` is the same arithmetic in one Triton pass on CUDA)."""
         if uncond is None:
             return self._model(x_in, t, cond, consts).float()
         both = self._model(torch.cat([x_in, x_in]), t, PromptEmbeds.cat([uncond, cond]), consts).float()
         u, c = both.chunk(2)
+        if self.guidance_rescale > 0:
+            from fewstep.kernels.reference import cfg_combine_ref
+
+            return cfg_combine_ref(u, c, consts["guidance"], self.guidance_rescale)
         return u + consts["guidance"] * (c - u)
+
+    def _fuses_cfg(self, x: torch.Tensor) -> bool:
+        """Whether CFG steps run as kernels/fused_cfg.py's single pass: CUDA with triton, eager only (under
+        torch.compile inductor fuses the torch path's elementwise ops itself)."""
+        if not (self.fused_cfg and x.is_cuda) or torch.compiler.is_compiling():
+            return False
+        from fewstep.kernels.fused_cfg import HAS_TRITON
+
+        return HAS_TRITON
+
+    def _fused_guided_step(self, sched: Schedule, i: int, x: torch.Tensor, x_in: torch.Tensor, t: float,
+                           cond: PromptEmbeds, uncond: PromptEmbeds, consts: dict[str, torch.Tensor],
+                           fresh: torch.Tensor | None) -> torch.Tensor:
+        """One CFG step as model call + one fused combine/rescale/update pass (matches the torch path within fp32
+        rounding: tests/kernels/test_fused_cfg.py)."""
+        from fewstep.kernels.fused_cfg import fused_cfg_step
+
+        both = self._model(torch.cat([x_in, x_in]), t, PromptEmbeds.cat([uncond, cond]), consts)
+        a, b, n = step_coefficients(sched, i, fresh is not None)
+        return fused_cfg_step(both, x, consts["guidance"], a, b, fresh if n else None, n, self.guidance_rescale)
 
     def batch_plan(self, n: int, height: int, width: int, steps: int) -> list[int]:
         """Rows per sub-batch for ``n`` waiting images: eager runs any batch size as one (the compiled backend
@@ -337,7 +443,9 @@ class FewStepPipeline:
         return [n]
 
     def uses_cfg(self, guidance_scale: float) -> bool:
-        return guidance_scale > 1.0 and not self.time_cond_dim
+        """Whether this guidance scale runs a second (unconditional) branch: not with a guidance embedding
+        (time_cond_dim) nor with guidance adapters, which take the scale in one pass."""
+        return guidance_scale > 1.0 and not self.time_cond_dim and self.adapters is None
 
     def denoise_latents(self, noise: torch.Tensor, step_noise: list[torch.Tensor], cond: PromptEmbeds,
                         uncond: PromptEmbeds | None, steps: int, consts: dict[str, torch.Tensor],
@@ -348,10 +456,14 @@ class FewStepPipeline:
         sched = sched or self.schedule(steps)
         if x is None:
             x = noise * sched.init_noise_sigma
+        fused = uncond is not None and self._fuses_cfg(x)
         for i in range(start, sched.steps):
             t = sched.timesteps[i]
             fresh = step_noise[i - start] if i - start < len(step_noise) else None
-            if sched.kind in ("euler", "euler_ancestral"):
+            if fused and (fresh is not None or step_coefficients(sched, i)[2] == 0.0):
+                x_in = x / (sched.sigmas[i] ** 2 + 1) ** 0.5 if sched.kind in ("euler", "euler_ancestral") else x
+                x = self._fused_guided_step(sched, i, x, x_in, t, cond, uncond, consts, fresh)
+            elif sched.kind in ("euler", "euler_ancestral"):
                 sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
                 out = self._predict(x / (sigma**2 + 1) ** 0.5, t, cond, uncond, consts)
                 x0 = x0_from_model_output(out, x, sigma, sched.prediction_type)
@@ -371,12 +483,15 @@ class FewStepPipeline:
     @torch.no_grad()
     def denoise(self, cond: PromptEmbeds, generators: list[torch.Generator], height: int, width: int, steps: int,
                 guidance_scale: float, uncond: PromptEmbeds | None = None, init: torch.Tensor | None = None,
-                strength: float = 1.0) -> torch.Tensor:
+                strength: float = 1.0, nasa: NasaInput | None = None) -> torch.Tensor:
         """Sample clean latents [B, C, h, w] (fp32) for B images; generators[i] drives image i. ``init`` (uint8
-        [B, H, W, 3]): image-to-image from these pictures at ``strength`` (see ``img2img_schedule``)."""
+        [B, H, W, 3]): image-to-image from these pictures at ``strength`` (see ``img2img_schedule``). ``nasa``:
+        negative prompts steered away from in the cross-attention (guidance modes "nasa"; not together with CFG)."""
         if not self.uses_cfg(guidance_scale):
             uncond = None
         consts = self.conditioning(len(cond) * (2 if uncond is not None else 1), height, width, guidance_scale)
+        if nasa is not None:
+            consts.update(self.nasa_consts(nasa, len(cond), uncond is not None))
         if init is None:
             noise, step_noise = self.draw_noise(generators, height, width, steps)
             return self.denoise_latents(noise, step_noise, cond, uncond, steps, consts)
@@ -475,6 +590,20 @@ class FewStepPipeline:
             return (1.0 - s) * x0 + s * noise
         return x0 + s * noise
 
+    def nasa_consts(self, nasa: NasaInput, rows: int, cfg: bool) -> dict[str, torch.Tensor]:
+        """The denoiser inputs of NASA: negative text embeddings and the per-image scale alpha."""
+        if self.nasa is None:
+            raise ValueError("this model has no cross-attention for NASA (guidance modes: "
+                             f"{', '.join(self.guidance_modes)})")
+        if cfg:
+            raise ValueError("NASA and CFG do not combine: a negative prompt goes to CFG at guidance_scale > 1")
+        if len(nasa.negative) != rows or nasa.alpha.shape != (rows,):
+            raise ValueError(f"NASA needs one negative row and one alpha per image ({rows})")
+        c = {"nasa_neg_embeds": nasa.negative.embeds, "nasa_alpha": nasa.alpha.to(self.device, torch.float32)}
+        if nasa.negative.mask is not None:
+            c["nasa_neg_mask"] = nasa.negative.mask
+        return c
+
     # -- stage 3 ---------------------------------------------------------------------------------------------
     def upcasts_vae(self, dtype: torch.dtype) -> bool:
         """Whether the VAE decodes in fp32 under an fp16 pipeline, following diffusers' own pipelines.
@@ -504,9 +633,11 @@ class FewStepPipeline:
     # -- convenience (tests, `fewstep generate`) ---------------------------------------------------------------
     def __call__(self, prompts: list[str], seeds: list[int], height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance_scale: float | None = None,
-                 negative_prompts: list[str] | None = None, init: torch.Tensor | None = None,
-                 strength: float = 1.0) -> torch.Tensor:
-        """``init``: uint8 [B, H, W, 3] input images for image-to-image at ``strength``."""
+                 negative_prompts: list[str] | None = None, nasa_scale: float | None = None,
+                 init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+        """Images [B, H, W, 3] uint8. Negative prompts go to CFG where the guidance scale runs it, else through NASA
+        where the model has it (alpha ``nasa_scale``), else nowhere (EngineCore refuses that case with a 400).
+        ``init``: uint8 [B, H, W, 3] input images for image-to-image at ``strength``."""
         if init is not None:
             height, width = init.shape[1], init.shape[2]
         height = height or self.default_size
@@ -515,8 +646,13 @@ class FewStepPipeline:
         guidance_scale = self.default_guidance if guidance_scale is None else guidance_scale
         self.check_size(height, width)
         cond = self.encode_prompt(prompts)
-        uncond = (self.negative_embeds(negative_prompts or [""] * len(prompts))
-                  if self.uses_cfg(guidance_scale) else None)
+        uncond = nasa = None
+        if self.uses_cfg(guidance_scale):
+            uncond = self.negative_embeds(negative_prompts or [""] * len(prompts))
+        elif negative_prompts and any(negative_prompts) and self.nasa is not None:
+            scale = DEFAULT_NASA_SCALE if nasa_scale is None else nasa_scale
+            nasa = NasaInput(self.negative_embeds(negative_prompts),
+                             torch.tensor([scale if p else 0.0 for p in negative_prompts]))
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        return self.decode(self.denoise(cond, gens, height, width, steps, guidance_scale, uncond, init,
-                                        strength)).cpu()
+        return self.decode(self.denoise(cond, gens, height, width, steps, guidance_scale, uncond, init=init,
+                                        strength=strength, nasa=nasa)).cpu()

@@ -20,6 +20,7 @@ class GenerateRequest:
     steps: int | None = None
     guidance_scale: float | None = None
     negative_prompt: str | None = None
+    nasa_scale: float | None = None  # NASA's alpha (guidance modes "nasa"); None: DEFAULT_NASA_SCALE
     seed: int | None = None
     # image-to-image: the input picture ([H, W, 3] uint8, any size: center-cropped and resized to the output's) and
     # how far it is noised before denoising (1.0: to pure noise, the input ignored)

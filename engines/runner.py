@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from .pipeline import PromptEmbeds
+    from .pipeline import NasaInput, PromptEmbeds
     from .sizes import ServedSizes
 
 
@@ -41,6 +41,8 @@ class Capabilities:
     frames_per_chunk: int | None = None  # video: frames a client receives per emitted chunk (steady state)
     fps: float | None = None  # video: default frame rate
     img2img: bool = True  # whether ``denoise`` takes ``init`` images (image-to-image)
+    # how the model takes guidance (FewStepPipeline.guidance_modes): "none", "cfg", "agd", "nasa"
+    guidance_modes: tuple[str, ...] = ("none",)
 
 
 @runtime_checkable
@@ -69,9 +71,10 @@ class Runner(Protocol):
 
     def denoise(self, cond: PromptEmbeds, generators: list[torch.Generator], height: int, width: int, steps: int,
                 guidance_scale: float, uncond: PromptEmbeds | None = None, init: torch.Tensor | None = None,
-                strength: float = 1.0) -> torch.Tensor:
+                strength: float = 1.0, nasa: NasaInput | None = None) -> torch.Tensor:
         """Clean latents [B, C, h, w]; generators[i] drives image i (so batching never changes a result).
-        ``init``: uint8 [B, H, W, 3] input images for image-to-image at ``strength`` (``capabilities.img2img``)."""
+        ``init``: uint8 [B, H, W, 3] input images for image-to-image at ``strength`` (``capabilities.img2img``).
+        ``nasa`` only where ``capabilities.guidance_modes`` lists "nasa"."""
 
     # image-to-image (runners whose capabilities say img2img): see FewStepPipeline.img2img_schedule
     def img2img_schedule(self, steps: int, strength: float): ...

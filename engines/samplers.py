@@ -113,6 +113,52 @@ def rectified_flow_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_ne
     return x + (sigma_next - sigma) * (sign * v)
 
 
+def step_coefficients(sched: Schedule, i: int, last_noise: bool = False) -> tuple[float, float, float]:
+    """Step ``i`` of ``sched`` as ``x_next = a * x + b * model_output + n * noise``: every update rule above is affine
+    in the sample, the model output and the fresh noise once the schedule is fixed, which lets the guidance combine
+    and the step run as one fused pass (kernels/fused_cfg.py). ``x`` is the sample the loop carries (VE space for
+    euler*, the model input for consistency and flow). ``n`` is 0 where the step draws no noise (``last_noise``:
+    whether a consistency/ancestral step at ``i`` receives noise)."""
+    kind, pt = sched.kind, sched.prediction_type
+    if kind in ("euler", "euler_ancestral"):
+        sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
+        # x0 = p * out + q * x for each prediction type (x0_from_model_output)
+        if pt == "epsilon":
+            p, q = -sigma, 1.0
+        elif pt == "v_prediction":
+            p, q = -sigma / (sigma**2 + 1) ** 0.5, 1.0 / (sigma**2 + 1)
+        elif pt == "sample":
+            p, q = 1.0, 0.0
+        else:
+            raise ValueError(f"unsupported prediction_type {pt!r}")
+        target, noise = sigma_next, 0.0
+        if kind == "euler_ancestral":
+            sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+            target = (sigma_next**2 - sigma_up**2) ** 0.5
+            noise = sigma_up if sigma_up > 0 else 0.0
+        d = (target - sigma) / sigma  # x + (x - x0) / sigma * (target - sigma)
+        return 1.0 + d * (1.0 - q), -d * p, noise
+    if kind == "consistency":
+        alpha = sched.alphas[i]
+        if pt == "epsilon":
+            p, q = -((1 - alpha) ** 0.5) / alpha**0.5, 1.0 / alpha**0.5
+        elif pt == "v_prediction":
+            p, q = -((1 - alpha) ** 0.5), alpha**0.5
+        elif pt == "sample":
+            p, q = 1.0, 0.0
+        else:
+            raise ValueError(f"unsupported prediction_type {pt!r}")
+        a, b = sched.c_out[i] * q + sched.c_skip[i], sched.c_out[i] * p  # denoised = c_out x0 + c_skip x
+        if not last_noise:
+            return a, b, 0.0
+        s = sched.alphas_next[i] ** 0.5
+        return s * a, s * b, (1 - sched.alphas_next[i]) ** 0.5
+    if kind == "flow":
+        h = sched.sigmas[i + 1] - sched.sigmas[i]
+        return 1.0, h * sched.flow_sign, 0.0
+    raise ValueError(f"unknown schedule kind {kind!r}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Schedules from a checkpoint's scheduler config.
 

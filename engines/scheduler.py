@@ -49,6 +49,7 @@ class ImageWork:
     cost: float = 1.0  # native-size 1-step images of work (EngineCore.cost)
     deadline: float = float("inf")  # perf_counter time past which it is dropped unrun
     strength: float | None = None  # image-to-image: the input's noise level; None: text-to-image
+    nasa_scale: float | None = None  # NASA's alpha for this request's negative prompt (None: no NASA)
 
     @property
     def key(self):

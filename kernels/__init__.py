@@ -21,6 +21,14 @@ _EXPORTS = {
     "disable_block_sparse_attention": ".attention_processor",
     "attention_ref": ".reference",
     "block_sparse_attention_ref": ".reference",
+    "cfg_combine_ref": ".reference",
+    "fused_cfg_step_ref": ".reference",
+    "adapter_linear_ref": ".reference",
+    "nasa_attention_ref": ".reference",
+    "NasaAttnProcessor": ".nasa_processor",
+    "NasaState": ".nasa_processor",
+    "enable_nasa": ".nasa_processor",
+    "disable_nasa": ".nasa_processor",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,7 +6,15 @@ import math
 
 import torch
 
-__all__ = ["attention_ref", "block_sparse_attention_ref", "expand_block_mask"]
+__all__ = [
+    "adapter_linear_ref",
+    "attention_ref",
+    "block_sparse_attention_ref",
+    "cfg_combine_ref",
+    "expand_block_mask",
+    "fused_cfg_step_ref",
+    "nasa_attention_ref",
+]
 
 
 def attention_ref(
@@ -53,3 +61,81 @@ def block_sparse_attention_ref(
     """Dense fp32 attention with the expanded block mask; rows with no key give zeros."""
     mask = expand_block_mask(block_mask, q.shape[-2], k.shape[-2], block_m, block_n)
     return attention_ref(q, k, v, scale=scale, mask=mask)
+
+
+def cfg_combine_ref(
+    u: torch.Tensor,  # u: [B, ...] unconditional prediction
+    c: torch.Tensor,  # c: [B, ...] conditional prediction
+    guidance: torch.Tensor | float,  # 0-dim or [B]
+    guidance_rescale: float = 0.0,
+) -> torch.Tensor:
+    """``u + g (c - u)`` in fp32, then Lin et al.'s rescale (diffusers' ``rescale_noise_cfg``) when phi > 0."""
+    u, c = u.float(), c.float()
+    g = torch.as_tensor(guidance, dtype=torch.float32, device=u.device)
+    if g.dim() == 1:
+        g = g.view(-1, *([1] * (u.dim() - 1)))
+    guided = u + g * (c - u)
+    if guidance_rescale > 0:
+        dims = list(range(1, u.dim()))
+        std_c = c.std(dim=dims, keepdim=True)
+        std_g = guided.std(dim=dims, keepdim=True)
+        guided = guidance_rescale * (guided * (std_c / std_g)) + (1 - guidance_rescale) * guided
+    return guided
+
+
+def fused_cfg_step_ref(
+    both: torch.Tensor,  # both: [2B, ...] unconditional rows first
+    x: torch.Tensor,  # x: [B, ...]
+    guidance: torch.Tensor | float,
+    coef_x: float,
+    coef_out: float,
+    noise: torch.Tensor | None = None,
+    coef_noise: float = 0.0,
+    guidance_rescale: float = 0.0,
+) -> torch.Tensor:
+    """``coef_x x + coef_out cfg(u, c) + coef_noise noise`` in fp32 (the oracle of ``fused_cfg.fused_cfg_step``)."""
+    u, c = both.chunk(2)
+    out = coef_x * x.float() + coef_out * cfg_combine_ref(u, c, guidance, guidance_rescale)
+    if noise is not None:
+        out = out + coef_noise * noise.float()
+    return out
+
+
+def adapter_linear_ref(
+    x: torch.Tensor,  # x: [M, K] (or [..., K])
+    weight: torch.Tensor,  # weight: [N, K]
+    bias: torch.Tensor | None,  # bias: [N]
+    a: torch.Tensor,  # a: [R, K]
+    b: torch.Tensor,  # b: [N, R]
+    scale: torch.Tensor | float,  # per row of x ([M]) or a scalar
+) -> torch.Tensor:
+    """``x W^T + bias + s * ((x A^T) B^T)`` in fp32."""
+    xf = x.float()
+    y = xf @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    low = (xf @ a.float().t()) @ b.float().t()
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    if s.dim() >= 1 and s.numel() > 1:
+        s = s.reshape(*x.shape[:-1], 1)
+    return y + s * low
+
+
+def nasa_attention_ref(
+    q: torch.Tensor,  # q: [B, H, Nq, D]
+    k_pos: torch.Tensor,  # k_pos: [B, H, Nk, D]
+    v_pos: torch.Tensor,  # v_pos: [B, H, Nk, D]
+    k_neg: torch.Tensor,  # k_neg: [B, H, Mk, D]
+    v_neg: torch.Tensor,  # v_neg: [B, H, Mk, D]
+    alpha: torch.Tensor | float,  # 0-dim or [B]: the NASA scale per sample
+    scale: float | None = None,
+    mask_pos: torch.Tensor | None = None,  # mask_pos: [B, 1, 1, Nk] bool (True = attend)
+    mask_neg: torch.Tensor | None = None,  # mask_neg: [B, 1, 1, Mk] bool
+) -> torch.Tensor:
+    """SNOOPI's Negative-Away Steer Attention in fp32: ``attn(q, K+, V+) - alpha * attn(q, K-, V-)``."""
+    pos = attention_ref(q, k_pos, v_pos, scale=scale, mask=mask_pos)
+    neg = attention_ref(q, k_neg, v_neg, scale=scale, mask=mask_neg)
+    a = torch.as_tensor(alpha, dtype=torch.float32, device=q.device)
+    if a.dim() == 1:
+        a = a.view(-1, 1, 1, 1)
+    return pos - a * neg

@@ -32,6 +32,10 @@ def _common_model_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
                    help="weights and activations (default auto: float16 on CUDA, float32 on the CPU)")
     p.add_argument("--vae", default=None, help="a diffusers VAE directory that replaces the image model's decoder: "
                    "AutoencoderKL, or AutoencoderTiny (TAESD's format, faster)")
+    p.add_argument("--adapters", default=None, metavar="DIR",
+                   help="guidance adapters (AGD-style; config.json + diffusion_pytorch_model.safetensors) for the "
+                        "image model: guidance_scale > 1 then runs one pass instead of CFG's two (default: an "
+                        "adapters/ folder beside the checkpoint's components, if any)")
 
 
 def _int_list(text: str) -> list[int]:
@@ -78,7 +82,7 @@ def _serve_config(args):
 def _serve_overrides(args) -> dict:
     """`fewstep serve`'s flags as ServerConfig paths (None: not given)."""
     return {"model": args.model, "model_name": args.model_name, "engine.device": args.device,
-            "engine.dtype": args.dtype, "engine.vae": args.vae,
+            "engine.dtype": args.dtype, "engine.vae": args.vae, "engine.adapters": args.adapters,
             "http.host": args.host, "http.port": args.port,
             "engine.batching.max_batch_size": args.max_batch_size,
             "engine.batching.max_wait_ms": args.max_wait_ms,
@@ -278,7 +282,8 @@ def _generate(args) -> int:
             print(f"fewstep: {path} is a video model; serve it (fewstep serve --model ...) and use the WebSocket "
                   "/v1/stream or POST /v1/videos", file=sys.stderr)
             return 2
-        pipe = FewStepPipeline(load_checkpoint(path, device, dtype, vae=args.vae), device, dtype)
+        pipe = FewStepPipeline(load_checkpoint(path, device, dtype, vae=args.vae), device, dtype,
+                               adapters=args.adapters)
     except CheckpointError as e:
         print(f"fewstep: {e}", file=sys.stderr)
         return 2
@@ -287,7 +292,8 @@ def _generate(args) -> int:
         h, w = args.size
     core = EngineCore({"model": pipe}, cfg.engine.model_copy(update={"prompt_cache_size": 0}))
     req = GenerateRequest(prompt=args.prompt, n=args.n, height=h, width=w, steps=args.steps,
-                          guidance_scale=args.guidance_scale, seed=args.seed, output_format=fmt)
+                          guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                          nasa_scale=args.nasa_scale, seed=args.seed, output_format=fmt)
     try:
         fut = core.add_request(req)
     except EngineError as e:  # bad size, n above the engine's batch limit, ...
@@ -377,6 +383,10 @@ BENCH_TOOLS = {
     "report": ("fewstep.benchmarks.report", "tables and plots regenerated from benchmarks/results"),
     "kernels": ("fewstep.benchmarks.kernels.bench_block_sparse_attention",
                 "block-sparse attention kernel against cuDNN SDPA and FlexAttention"),
+    "guidance": ("fewstep.benchmarks.kernels.bench_guidance",
+                 "fused CFG step, adapter linear and NASA attention kernels against torch (unfused)"),
+    "nasa-quality": ("fewstep.benchmarks.kernels.quality_nasa",
+                     "whether NASA steers the embedded student away from a negative prompt (colour detector)"),
     "kernels-quality": ("fewstep.benchmarks.kernels.quality_block_sparse",
                         "adherence of the embedded models with block-sparse attention"),
     "random-weights": ("fewstep.benchmarks.random_weights",
@@ -510,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WxH, e.g. 512x512 (default: the model's native size)")
     g.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance; above 1 doubles the work (default: the model's own)")
+    g.add_argument("--negative-prompt", default=None,
+                   help="what to steer away from: through CFG above guidance 1, else through NASA in the "
+                        "cross-attention (models with guidance mode nasa)")
+    g.add_argument("--nasa-scale", type=float, default=None,
+                   help="NASA's alpha, how strongly the negative prompt is subtracted (default 0.5)")
     g.add_argument("-n", type=int, default=1, help="images to generate: -o x.png writes x-0.png, x-1.png, ...")
     g.set_defaults(func=_generate)
 

@@ -122,6 +122,7 @@ _ENV = {  # variable -> (path in the tree, type)
     "FEWSTEP_DEVICE": ("engine.device", str),
     "FEWSTEP_DTYPE": ("engine.dtype", str),
     "FEWSTEP_VAE": ("engine.vae", str),
+    "FEWSTEP_ADAPTERS": ("engine.adapters", str),
     "FEWSTEP_MAX_BATCH_SIZE": ("engine.batching.max_batch_size", int),
     "FEWSTEP_MAX_WAIT_MS": ("engine.batching.max_wait_ms", float),
     "FEWSTEP_MAX_QUEUE_SECONDS": ("engine.batching.max_queue_seconds", float),

@@ -13,6 +13,7 @@ from fewstep.engines.samplers import MAX_STEPS, MIN_STEPS
 # Prompt length, n and the largest side are bounded by the live config (LimitsConfig), checked in one place:
 # AppState.check_limits. The models here check only what no config changes (types, formats, the smallest side).
 MIN_SIDE = 64
+NASA_MAX = 4.0  # nasa_scale's ceiling: beyond ~1 the subtracted attention dominates the prompt's own
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
@@ -32,8 +33,14 @@ class ImageGenerationRequest(BaseModel):
     # strict: JSON true is not 1 (pydantic's lax mode would take it), as for n
     seed: int | None = Field(None, ge=0, le=2**62, strict=True)
     num_inference_steps: int | None = Field(None, ge=MIN_STEPS, le=MAX_STEPS, strict=True)
-    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
-    negative_prompt: str | None = None
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0, description="above 1: CFG (or guidance adapters, "
+                                         "guidance mode agd) on models that take it; default: the model's")
+    negative_prompt: str | None = Field(None, description="what to steer away from: through CFG where "
+                                        "guidance_scale runs CFG, else through NASA (guidance mode nasa); a 400 on "
+                                        "models with neither (GET /v1/models lists guidance_modes)")
+    nasa_scale: float | None = Field(None, ge=0.0, le=NASA_MAX, description="NASA's alpha: how strongly the "
+                                     "negative prompt's cross-attention is subtracted (default 0.5; needs a "
+                                     "negative_prompt and guidance mode nasa)")
 
     @field_validator("prompt")
     @classmethod
@@ -104,6 +111,9 @@ class ModelCard(BaseModel):
     # prompts the model is known to draw (the checkpoint's fewstep.example_prompts); clients offer them, the page
     # starts with the first
     example_prompts: list[str] = Field(default_factory=list)
+    # how the model takes guidance: none (plain pass), cfg (doubled batch at guidance_scale > 1; negative prompts
+    # there), agd (guidance adapters: guidance_scale > 1 in one pass), nasa (negative prompts at guidance_scale <= 1)
+    guidance_modes: list[Literal["none", "cfg", "agd", "nasa"]] = Field(default_factory=lambda: ["none"])
 
 
 class ModelList(BaseModel):

@@ -44,6 +44,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from .protocol import NASA_MAX
+
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 # -- binary frames ---------------------------------------------------------------------------------------------
@@ -177,20 +179,26 @@ class StartMessage(_Msg):
                                              "the client sends (newest wins); output starts with the first of them")
     strength: float = Field(0.6, gt=0, le=1, description='"frames": how far each input frame is noised before '
                             "denoising (1.0 ignores the input)")
+    negative_prompt: str | None = Field(None, description="steered away from in the cross-attention (NASA; video "
+                                        "models whose guidance_modes list nasa)")
+    nasa_scale: float | None = Field(None, ge=0, le=NASA_MAX, description="NASA's alpha (default 0.5)")
 
 
 
 class UpdateMessage(_Msg):
-    """Change the prompt mid-stream: it reaches the next chunk and blends in over one buffer length."""
+    """Change the prompt mid-stream: it reaches the next chunk and blends in over one buffer length. The negative
+    prompt ("" clears it) and NASA scale change from the next step; a field left out stays as it is."""
 
     type: Literal["update"]
     prompt: PromptField | None = None
     strength: float | None = Field(None, gt=0, le=1, description='"frames" streams: the input\'s new noise level')
+    negative_prompt: str | None = None
+    nasa_scale: float | None = Field(None, ge=0, le=NASA_MAX)
 
     @model_validator(mode="after")
     def _something(self):
-        if self.prompt is None and self.strength is None:
-            raise ValueError("'update' needs a prompt, a strength or both")
+        if self.prompt is None and self.strength is None and self.negative_prompt is None and self.nasa_scale is None:
+            raise ValueError("an update needs a prompt, a strength, a negative_prompt or a nasa_scale")
         return self
 
 
@@ -234,6 +242,7 @@ class UpdatedMessage(_Msg):
     type: Literal["updated"] = "updated"
     prompt: str
     strength: float | None = None
+    negative_prompt: str | None = None
 
 
 class StatsMessage(_Msg):
@@ -280,6 +289,8 @@ class RealtimeRequest(BaseModel):
     size: SizeField = None
     steps: int | None = Field(None, ge=1, le=8)
     guidance_scale: float | None = Field(None, ge=0, le=30)
+    negative_prompt: str | None = Field(None, description="CFG's negative at guidance_scale > 1, else NASA's")
+    nasa_scale: float | None = Field(None, ge=0, le=NASA_MAX, description="NASA's alpha (default 0.5)")
     format: Literal["jpeg", "png", "webp"] = "jpeg"
     model: str | None = None
     image: str | None = Field(None, description="image-to-image input: base64 or a data:image/...;base64, URL of a "

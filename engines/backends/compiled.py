@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch._dynamo  # noqa: F401  (StaticGraph marks dynamic dims)
 
-from ..pipeline import FewStepPipeline, PromptEmbeds
+from ..pipeline import FewStepPipeline, NasaInput, PromptEmbeds
 from ..runner import Capabilities
 
 log = logging.getLogger("fewstep.engines")
@@ -258,18 +258,20 @@ class CompiledPipeline:
     @torch.no_grad()
     def denoise(self, cond: PromptEmbeds, generators: list[torch.Generator], height: int, width: int, steps: int,
                 guidance_scale: float, uncond: PromptEmbeds | None = None, init: torch.Tensor | None = None,
-                strength: float = 1.0) -> torch.Tensor:
+                strength: float = 1.0, nasa: NasaInput | None = None) -> torch.Tensor:
         pipe = self.pipe
         if init is not None:  # image-to-image runs eager: its graphs would be one more per strength
-            return pipe.denoise(cond, generators, height, width, steps, guidance_scale, uncond, init, strength)
+            return pipe.denoise(cond, generators, height, width, steps, guidance_scale, uncond, init=init,
+                                strength=strength, nasa=nasa)
         if not pipe.uses_cfg(guidance_scale):
             uncond = None
         n = len(generators)
         b = self._bucket(n)
         key = ("denoise", b, height, width, steps, uncond is not None)
-        if b is None or (height, width) not in self.sizes or steps not in self._denoise_fns:
-            self._fallback(key)
-            return pipe.denoise(cond, generators, height, width, steps, guidance_scale, uncond)
+        # NASA batches (negative conditioning in the cross-attention) run eager: the graphs hold the plain pass
+        if nasa is not None or b is None or (height, width) not in self.sizes or steps not in self._denoise_fns:
+            self._fallback(key + (("nasa",) if nasa is not None else ()))
+            return pipe.denoise(cond, generators, height, width, steps, guidance_scale, uncond, nasa=nasa)
         noise, step_noise = pipe.draw_noise(generators, height, width, steps)
         pad = lambda e: None if e is None else PromptEmbeds(_pad_rows(e.embeds, b), _pad_rows(e.mask, b),
                                                             _pad_rows(e.pooled, b))

@@ -30,7 +30,10 @@ def make_runner(path: str | os.PathLike, config: EngineConfig, device: torch.dev
     if config.vae and kind == "video":
         log.warning("--vae applies to image models; the video model %s keeps its own decoder", name)
     pipeline = StreamPipeline if kind == "video" else FewStepPipeline
-    pipe = pipeline(load_checkpoint(path, device, dtype, vae=vae), device, dtype, config.attention)
+    adapters = config.adapters if kind == "image" else None
+    if config.adapters and kind == "video":
+        log.warning("--adapters applies to image models; the video model %s runs without", name)
+    pipe = pipeline(load_checkpoint(path, device, dtype, vae=vae), device, dtype, config.attention, adapters)
     backend = config.resolve_backend(device)
     if kind == "video" and backend == "compiled":
         log.warning("the compiled backend covers image models only so far; the video model %s runs eager", name)

@@ -265,9 +265,11 @@ class TensorRTRunner:
     @property
     def capabilities(self):
         # a request runs as one batch: EngineCore.validate refuses n above the engines' batch max up front
-        # image-to-image is not offered: the engines stand in for the VAE's decoder only, not its encoder
+        # image-to-image is not offered: the engines stand in for the VAE's decoder only, not its encoder; the engines
+        # replace the denoiser module, whose NASA processors and adapters are not exported
+        modes = tuple(m for m in self.pipe.capabilities.guidance_modes if m not in ("nasa", "agd"))
         return dataclasses.replace(self.pipe.capabilities, backend="tensorrt",
-                                   max_images_per_batch=self.profile.batch[2], img2img=False)
+                                   max_images_per_batch=self.profile.batch[2], img2img=False, guidance_modes=modes)
 
     def check_size(self, height: int, width: int) -> None:
         self.pipe.check_size(height, width)  # the model's own rule first
@@ -286,9 +288,12 @@ class TensorRTRunner:
         return self.pipe.negative_embeds(negative_prompts)
 
     def denoise(self, cond, generators, height, width, steps, guidance_scale, uncond=None, init=None,
-                strength=1.0):
+                strength=1.0, nasa=None):
         if init is not None:
             raise ValueError("the TensorRT backend does not run image-to-image (capabilities.img2img is False)")
+        if nasa is not None:
+            raise ValueError("the TensorRT backend runs no NASA (guidance modes: "
+                             f"{', '.join(self.capabilities.guidance_modes)})")
         return self.pipe.denoise(cond, generators, height, width, steps, guidance_scale, uncond)
 
     def img2img_schedule(self, steps, strength):
@@ -891,6 +896,8 @@ def install(pipe, engines: dict[str, Any]) -> None:
         ckpt_name = pipe.denoiser_name if comp == "denoiser" else comp
         if pipe.ckpt.components.get(ckpt_name) is original:
             pipe.ckpt.components[ckpt_name] = standin  # drop the torch weights' last reference
+        if comp == "denoiser":
+            pipe.nasa = None  # the engine has no attention processors: no NASA (guidance modes drop "nasa")
 
 
 def enable(pipe, engine_cfg, progress: Callable[[str], None] | None = None) -> TensorRTRunner:
@@ -900,6 +907,10 @@ def enable(pipe, engine_cfg, progress: Callable[[str], None] | None = None) -> T
     opts = engine_cfg.tensorrt
     if pipe.device.type != "cuda":
         raise ValueError("backend 'tensorrt' needs device cuda (the engines run on the GPU)")
+    if getattr(pipe, "adapters", None) is not None:
+        # the exported denoiser would run without its per-request adapter scale: refuse rather than serve plain
+        raise ValueError("guidance adapters (--adapters) are not exported to TensorRT; use the eager or compiled "
+                         "backend")
     profile = (Profile.parse(opts.profile) if opts.profile
                else Profile.native(pipe, engine_cfg.batching.max_batch_size))
     check_batching(profile, engine_cfg.batching.max_batch_size)  # before the (long) build: fail fast

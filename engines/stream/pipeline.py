@@ -23,12 +23,13 @@ The checkpoint's ``model_index.json`` says ``"fewstep": {"kind": "video", "chunk
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 
 from ..loading import Checkpoint, CheckpointError
-from ..pipeline import FewStepPipeline, PromptEmbeds
+from ..pipeline import FewStepPipeline, NasaInput, PromptEmbeds
 from ..runner import Capabilities
 
 
@@ -36,8 +37,8 @@ class StreamPipeline(FewStepPipeline):
     kind = "video"
 
     def __init__(self, ckpt: Checkpoint, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 attention: str = "dense"):
-        super().__init__(ckpt, device, dtype, attention)
+                 attention: str = "dense", adapters: str | None = None):
+        super().__init__(ckpt, device, dtype, attention, adapters)
         meta = ckpt.meta
         if self.sampler != "flow":
             raise CheckpointError(f"{ckpt.path}: a video (stream) model needs a flow-matching scheduler "
@@ -111,15 +112,28 @@ class StreamPipeline(FewStepPipeline):
 
     @torch.no_grad()
     def denoise_step(self, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
-                     cond: PromptEmbeds) -> torch.Tensor:
-        """x: [B, C, T, H, W] fp32; sigma, sigma_next: [B, T] fp32 on the device. Returns x after one Euler step."""
-        if self.family == "wan":
-            v = self.denoiser(x.to(self.dtype), timestep=self.wan_timesteps(sigma, x.shape),
-                              encoder_hidden_states=cond.embeds, return_dict=False)[0].float()
-        else:
-            v = self.denoiser(x.to(self.dtype), timestep=sigma * 1000.0, encoder_hidden_states=cond.embeds,
-                              encoder_attention_mask=cond.mask, return_dict=False)[0].float()
+                     cond: PromptEmbeds, nasa: NasaInput | None = None) -> torch.Tensor:
+        """x: [B, C, T, H, W] fp32; sigma, sigma_next: [B, T] fp32 on the device. Returns x after one Euler step.
+        ``nasa``: per-session negative prompts steered away from in the cross-attention (guidance mode nasa)."""
+        with contextlib.ExitStack() as stack:
+            if nasa is not None:
+                c = self.nasa_consts(nasa, x.shape[0], False)
+                stack.enter_context(self.nasa.active(c["nasa_neg_embeds"], c["nasa_alpha"], c.get("nasa_neg_mask"),
+                                                     cond.mask))
+            v = self._stream_call(x, sigma, cond)
         return x + (sigma_next - sigma)[:, None, :, None, None] * v
+
+    @property
+    def guidance_modes(self) -> tuple[str, ...]:
+        """Streams run one pass per step: no CFG; NASA where the denoiser's cross-attention takes it."""
+        return ("none", "nasa") if self.nasa is not None else ("none",)
+
+    def _stream_call(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
+        if self.family == "wan":
+            return self.denoiser(x.to(self.dtype), timestep=self.wan_timesteps(sigma, x.shape),
+                                 encoder_hidden_states=cond.embeds, return_dict=False)[0].float()
+        return self.denoiser(x.to(self.dtype), timestep=sigma * 1000.0, encoder_hidden_states=cond.embeds,
+                             encoder_attention_mask=cond.mask, return_dict=False)[0].float()
 
     def wan_timesteps(self, sigma: torch.Tensor, shape) -> torch.Tensor:
         """[B, T] per-frame sigmas -> [B, T * h/p * w/p] per-token timesteps, in the transformer's token order

@@ -66,7 +66,7 @@ import torch
 
 from ..config import StreamConfig
 from ..errors import EngineError, overloaded
-from ..pipeline import PromptEmbeds
+from ..pipeline import NasaInput, PromptEmbeds
 from .pipeline import StreamPipeline, tensor_bytes
 from .session import StreamChunk, StreamSession
 
@@ -127,7 +127,8 @@ class MovingBufferPolicy:
             return [True] * self.K
         return [lv < self.K - 1 - j for j, lv in enumerate(s.levels)]  # ramp: stagger the levels
 
-    def step(self, sessions: list[StreamSession], cond: PromptEmbeds) -> list[Emission | None]:
+    def step(self, sessions: list[StreamSession], cond: PromptEmbeds,
+             nasa: NasaInput | None = None) -> list[Emission | None]:
         """One forward pass over every session's buffer; returns each session's emitted chunk (or None)."""
         x = torch.stack([s.buffer for s in sessions])  # [B, C, K*F, h, w]
         adv = [self._advance(s) for s in sessions]
@@ -136,7 +137,7 @@ class MovingBufferPolicy:
             torch.tensor([self.sigmas[lv + a] * c for lv, a, c in zip(s.levels, ad, s.scales)], dtype=torch.float32)
             .repeat_interleave(self.F) for s, ad in zip(sessions, adv)])
         dev = self.pipe.device
-        x = self.pipe.denoise_step(x, sig.to(dev), nxt.to(dev), cond)
+        x = self.pipe.denoise_step(x, sig.to(dev), nxt.to(dev), cond, nasa)
         out: list[Emission | None] = []
         for i, (s, ad) in enumerate(zip(sessions, adv)):
             s.levels = [lv + a for lv, a in zip(s.levels, ad)]
@@ -244,13 +245,22 @@ class StreamScheduler:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def update_prompt(self, session_id: str, prompt: str) -> bool:
+    def update_prompt(self, session_id: str, prompt: str | None, negative_prompt: str | None = None,
+                      nasa_scale: float | None = None) -> bool:
+        """``prompt`` None: unchanged. ``negative_prompt`` None: unchanged, "": cleared. Newest wins if several
+        arrive before the next step."""
         with self._lock:
             s = self._sessions.get(session_id)
             if s is None:
                 return False
-            s.pending_prompt = prompt  # newest wins if several arrive before the next step
-            s.prompt = prompt
+            if prompt is not None:
+                s.pending_prompt = prompt
+                s.prompt = prompt
+            if negative_prompt is not None:
+                s.pending_negative = negative_prompt
+                s.negative_prompt = negative_prompt or None
+            if nasa_scale is not None:
+                s.nasa_scale = float(nasa_scale)
         return True
 
     def set_input_frame(self, session_id: str, frame, index: int) -> bool:
@@ -347,6 +357,17 @@ class StreamScheduler:
             todo = [(s, s.pending_prompt) for s in batch if s.pending_prompt is not None]
             for s, _ in todo:
                 s.pending_prompt = None
+            negs = [(s, s.pending_negative) for s in batch if s.pending_negative is not None]
+            for s, _ in negs:
+                s.pending_negative = None
+        if negs:  # a negative prompt takes effect at the next step, whole (NASA needs no blend: it steers)
+            texts = [p for _, p in negs if p]
+            rows = self.cache.get_many(self.model + "\0neg", self.pipe, texts, self.pipe.negative_embeds) \
+                if texts else None
+            i = 0
+            for s, p in negs:
+                s.neg_cond = rows[i] if p else None
+                i += bool(p)
         if todo:
             rows = self.cache.get_many(self.model, self.pipe, [p for _, p in todo])
             for i, (s, _) in enumerate(todo):
@@ -361,13 +382,22 @@ class StreamScheduler:
             if s.buffer is None:
                 self.policy.init(s)
 
+    def _nasa(self, batch: list[StreamSession]) -> NasaInput | None:
+        """NASA inputs of a step where a session has a negative prompt: the others ride along with alpha 0."""
+        if all(s.neg_cond is None for s in batch):
+            return None
+        blank = self.cache.get_many(self.model + "\0neg", self.pipe, [""], self.pipe.negative_embeds)
+        rows = [s.neg_cond if s.neg_cond is not None else blank for s in batch]
+        alpha = torch.tensor([s.nasa_scale if s.neg_cond is not None else 0.0 for s in batch])
+        return NasaInput(PromptEmbeds.cat(rows), alpha)
+
     def step(self, batch: list[StreamSession]) -> StepResult:
         """Run one forward pass for ``batch`` (from ``schedule``) and emit the finished chunks."""
         t0 = time.perf_counter()
         try:
             self._prepare(batch)
             cond = PromptEmbeds.cat([s.step_cond() for s in batch])
-            emitted = self.policy.step(batch, cond)
+            emitted = self.policy.step(batch, cond, self._nasa(batch))
             t1 = time.perf_counter()
             done = [e for e in emitted if e is not None]
             frames = None

@@ -29,7 +29,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from ..pipeline import PromptEmbeds
+from ..pipeline import DEFAULT_NASA_SCALE, PromptEmbeds
 
 FRAME_FORMATS = ("jpeg", "webp", "raw")
 
@@ -50,6 +50,8 @@ class StreamStart:
     quality: int = 85
     input: Literal["text", "frames"] = "text"  # "frames": video-to-video from the client's frames (set_input_frame)
     strength: float = 0.6  # "frames": the noise level each input frame enters the buffer at (1.0 ignores it)
+    negative_prompt: str | None = None  # NASA: steered away from in the cross-attention (video models' mode nasa)
+    nasa_scale: float | None = None  # NASA's alpha; None: DEFAULT_NASA_SCALE
     arrival: float = field(default_factory=time.perf_counter)
 
 
@@ -200,6 +202,12 @@ class StreamSession:
         # -- engine thread ---------------------------------------------------------------------------------------
         self.generator = torch.Generator("cpu").manual_seed(seed)
         self.cond: PromptEmbeds | None = None  # current conditioning, one row on the device
+        # NASA: the negative prompt ("" or None: none), its alpha, and its embedding once the engine encoded it;
+        # pending_negative is set (like pending_prompt) when it changes, "" clearing it
+        self.negative_prompt = start.negative_prompt or None
+        self.pending_negative: str | None = self.negative_prompt
+        self.nasa_scale = DEFAULT_NASA_SCALE if start.nasa_scale is None else float(start.nasa_scale)
+        self.neg_cond: PromptEmbeds | None = None
         self.cond_from: PromptEmbeds | None = None  # during a prompt transition: what we blend away from
         self.last_cond: PromptEmbeds | None = None  # what the last step used (a new update blends from it)
         self.transition = (0, 0)  # (steps done, steps total) of the running prompt transition
@@ -251,7 +259,7 @@ class StreamSession:
     def release(self) -> None:
         """Drop every tensor the session holds (called once the session left the engine for good)."""
         self.buffer = None
-        self.cond = self.cond_from = self.last_cond = None
+        self.cond = self.cond_from = self.last_cond = self.neg_cond = None
         self.levels = []
         self.input_frame = self.frame_noise = None
         for o in self.outboxes:

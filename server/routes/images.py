@@ -262,8 +262,9 @@ async def serve_images(request: Request, body: ImageGenerationRequest, image: by
     init = None if image is None else await read_image(state, image)
     req = GenerateRequest(prompt=body.prompt, model=body.model, n=body.n, height=h, width=w,
                           steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-                          negative_prompt=body.negative_prompt, seed=body.seed, output_format=raw or body.output_format,
-                          timeout_s=timeout_s, image=init, strength=strength, arrival=arrival)
+                          negative_prompt=body.negative_prompt, nasa_scale=body.nasa_scale, seed=body.seed,
+                          output_format=raw or body.output_format, timeout_s=timeout_s, image=init, strength=strength,
+                          arrival=arrival)
     try:
         out = await unless_disconnected(request, state.engine.generate(req))
     except ClientDisconnected:  # counted by the engine (fewstep_requests_cancelled); nobody reads this answer

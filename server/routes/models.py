@@ -19,7 +19,7 @@ async def list_models(request: Request) -> ModelList:
                                    sizes=state.core.sizes[name].describe(), default_steps=caps.default_steps,
                                    default_guidance_scale=caps.default_guidance,
                                    sampler=caps.sampler, kind=caps.kind, chunk_frames=caps.frames_per_chunk,
-                                   fps=caps.fps,
+                                   fps=caps.fps, guidance_modes=list(caps.guidance_modes),
                                    prompt_completion=None if spec is None else {"unless": spec[0].pattern,
                                                                                 "append": spec[1]},
                                    example_prompts=list(caps.example_prompts)))

@@ -101,7 +101,7 @@ class RealtimeConnection:
             raise EngineError(state.load_error or "the model is still loading; poll GET /ready", 503, None,
                               "not_ready")
         w, h = parse_size(req.size)
-        state.check_limits(prompt=req.prompt, width=w, height=h)
+        state.check_limits(prompt=req.prompt, negative_prompt=req.negative_prompt, width=w, height=h)
         image = None
         if req.image is not None:
             try:  # base64 of up to max_image_bytes: decoded in the pool, as is the picture
@@ -112,7 +112,8 @@ class RealtimeConnection:
             image = await read_image(state, data)
         out = await state.engine.generate(GenerateRequest(
             prompt=req.prompt, model=req.model, height=h, width=w, steps=req.steps, guidance_scale=req.guidance_scale,
-            seed=req.seed, output_format=req.format, image=image, strength=req.strength))
+            negative_prompt=req.negative_prompt, nasa_scale=req.nasa_scale, seed=req.seed, output_format=req.format,
+            image=image, strength=req.strength))
         state.metrics.on_request(out.model, 200)
         return out
 

@@ -215,10 +215,11 @@ class StreamConnection:
                     raise EngineError('strength applies to streams started with "input": "frames"', 400,
                                       "strength", "invalid_strength")
                 self.stream.update_strength(msg.strength)
-            if msg.prompt is not None:
-                self.state.check_limits(prompt=msg.prompt)
-                self.stream.update(msg.prompt)
-            await self.send(UpdatedMessage(prompt=self.stream.session.prompt, strength=msg.strength))
+            if msg.prompt is not None or msg.negative_prompt is not None or msg.nasa_scale is not None:
+                self.state.check_limits(prompt=msg.prompt, negative_prompt=msg.negative_prompt)
+                self.stream.update(msg.prompt, msg.negative_prompt, msg.nasa_scale)
+            s = self.stream.session
+            await self.send(UpdatedMessage(prompt=s.prompt, strength=msg.strength, negative_prompt=s.negative_prompt))
         elif isinstance(msg, StopMessage):
             if self.stream is None:
                 raise EngineError("no stream is running", 400, "type", "not_started")
@@ -230,10 +231,11 @@ class StreamConnection:
                               "already_started")
         core = _engine(self.state)
         w, h = parse_size(msg.size)
-        self.state.check_limits(prompt=msg.prompt, width=w, height=h)
+        self.state.check_limits(prompt=msg.prompt, negative_prompt=msg.negative_prompt, width=w, height=h)
         engine_format = "raw" if msg.format == "fmp4" else msg.format
         start = StreamStart(prompt=msg.prompt, model=msg.model, height=h, width=w, seed=msg.seed, fps=msg.fps,
-                            format=engine_format, quality=msg.quality, input=msg.input, strength=msg.strength)
+                            format=engine_format, quality=msg.quality, input=msg.input, strength=msg.strength,
+                            negative_prompt=msg.negative_prompt, nasa_scale=msg.nasa_scale)
         self.stream = self.state.engine.open_stream(start)
         s = self.stream.session
         pipe = core.pipelines[s.model]

@@ -121,7 +121,8 @@ def test_build_body_and_base_url():
         "prompt": "p", "n": 1, "size": "512x512", "response_format": "b64_json", "output_format": "png",
     }
     b = build_images_body("p", negative_prompt="blurry", model="m", extra_body={"foo": 1})
-    assert b["negative_prompt"] == "blurry" and b["model"] == "m" and b["foo"] == 1
+    assert b["negative_prompt"] == "blurry" and b["model"] == "m" and b["foo"] == 1 and "nasa_scale" not in b
+    assert build_images_body("p", negative_prompt="red", nasa_scale=1)["nasa_scale"] == 1.0
     assert normalize_base_url("http://h:1/v1/") == "http://h:1"
     assert normalize_base_url("h:1") == "http://h:1"
 

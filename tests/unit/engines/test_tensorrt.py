@@ -253,6 +253,7 @@ def test_standins_reproduce_eager_pipeline(tiny_dir, exported, name, size, steps
     """Engines (here onnxruntime sessions) installed in the pipeline: encode_tokens, _model (with CFG's doubled
     batch for sd_turbo) and decode run unchanged and give the eager images."""
     eager = _pipe(tiny_dir / name)
+    eager.nasa = None  # below guidance 1 the negative prompts would steer through NASA, which engines do not run
     args = (["a red circle", "two blue squares"], [7, 8], size, size, steps, guidance, ["blurry", ""])
     expected = eager(*args).numpy().astype(int)
     pipe = _pipe(tiny_dir / name)

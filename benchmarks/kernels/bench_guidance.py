@@ -1,0 +1,251 @@
+"""Benchmark the guidance kernels against torch (unfused) at SD-Turbo-architecture shapes, in one run.
+
+Sections (all on by default, pick with --sections):
+  c  fused CFG combine (+ Lin et al. rescale) + sampler update vs the pipeline's torch ops -> ms, GB/s
+     latents 2 x 4 x 64 x 64 (SD-Turbo 512^2, batch 2) and 2 x 4 x 128 x 128 (SDXL 1024^2), fp16 model output
+  a  adapter linear x W^T + b + s (x A^T) B^T vs torch's three GEMMs + scale + add, and the plain linear (the floor)
+     -> ms, TFLOP/s; SD-Turbo UNet projections: 320/640/1280 channels at 4096/1024/256 tokens, batch 2, rank 16/64
+  n  NASA dual cross-attention vs two SDPA calls + scaled subtract, and one SDPA (the floor) -> ms, TFLOP/s;
+     4096/1024/256 queries x 77 keys (both prompts), 5/10/20 heads x 64 (SD 2.1's attn2), batch 2
+Every timed case is first checked against the fp32 reference (kernels/reference.py); a mismatch is a FAIL row.
+
+    fewstep bench guidance --out OUT_DIR   # H100/H200
+    fewstep bench guidance --cpu-smoke     # interpreter, tiny shapes, no meaningful timing
+
+Writes OUT_DIR/bench_guidance.json (rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+SECTIONS = "can"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fewstep bench guidance", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="directory for bench_guidance.json")
+    p.add_argument("--sections", default=SECTIONS, help=f"subset of '{SECTIONS}' to run")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
+                   help="model dtype (default float16, what SD-Turbo serves in)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run every code path on CPU under TRITON_INTERPRET=1 with tiny shapes")
+    return p
+
+
+ARGS = build_parser().parse_args(None if __name__ == "__main__" else [])
+if ARGS.cpu_smoke:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+from fewstep.engines.samplers import euler_step, x0_from_model_output  # noqa: E402
+from fewstep.kernels.adapter_linear import adapter_linear  # noqa: E402
+from fewstep.kernels.fused_cfg import fused_cfg_step  # noqa: E402
+from fewstep.kernels.nasa_attention import nasa_attention  # noqa: E402
+from fewstep.kernels.reference import (  # noqa: E402
+    adapter_linear_ref,
+    cfg_combine_ref,
+    fused_cfg_step_ref,
+    nasa_attention_ref,
+)
+
+SMOKE = ARGS.cpu_smoke
+DEVICE = "cpu" if SMOKE else "cuda"
+DTYPE = getattr(torch, ARGS.dtype)
+T0 = time.perf_counter()
+ROWS: list[dict] = []
+FAILURES: list[str] = []
+
+
+def env_info() -> dict:
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and not SMOKE else platform.processor() or "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "smoke": SMOKE, "dtype": ARGS.dtype,
+    }
+
+
+ENV = env_info()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def bench_ms(fn) -> float:
+    """Median ms (triton.testing.do_bench: warm-up, L2 flush). CPU smoke: one timed call."""
+    if SMOKE:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def add_row(section: str, provider: str, ms: float, shape: dict, **extra) -> None:
+    ROWS.append({**{k: ENV[k] for k in ("gpu", "date", "torch", "triton", "dtype")}, "section": section,
+                 "provider": provider, "shape": shape, "ms": ms, **extra})
+
+
+def check(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
+    err = (got.float() - ref.float()).abs().max().item()
+    ok = err <= tol * max(1.0, ref.float().abs().max().item())
+    if not ok:
+        FAILURES.append(f"{name}: max abs error {err:.3g}")
+    log(f"  check {name}: max abs err {err:.2e} {'PASS' if ok else 'FAIL'}")
+    return ok
+
+
+# -- c: fused CFG --------------------------------------------------------------------------------------------------
+def section_cfg() -> None:
+    shapes = [(2, 4, 8, 8)] if SMOKE else [(2, 4, 64, 64), (2, 4, 128, 128), (8, 4, 64, 64)]
+    sigma, sigma_next = 14.61, 0.0  # SD-Turbo's one step: sigma_max -> 0 (the x0 form)
+    for shape in shapes:
+        B = shape[0]
+        both = torch.randn(2 * B, *shape[1:], device=DEVICE, dtype=DTYPE)
+        x = torch.randn(shape, device=DEVICE) * sigma
+        g = torch.tensor(7.5, device=DEVICE)
+        n = x.numel()
+        for phi in (0.0, 0.7):
+            def torch_path():
+                # what FewStepPipeline runs without the kernel: upcast, combine (+ rescale), x0, Euler step
+                u, c = both.float().chunk(2)
+                out = cfg_combine_ref(u, c, g, phi) if phi else u + g * (c - u)
+                return euler_step(x, x0_from_model_output(out, x, sigma, "epsilon"), sigma, sigma_next)
+
+            def fused():
+                return fused_cfg_step(both, x, g, 1.0, sigma_next - sigma, guidance_rescale=phi)
+
+            ok = check(f"cfg {shape} phi={phi}", fused(),
+                       fused_cfg_step_ref(both, x, g, 1.0, sigma_next - sigma, guidance_rescale=phi), 1e-4)
+            # bytes the step must move at least: read both (2B rows, model dtype) and x (fp32), write x_next (fp32)
+            nbytes = 2 * n * both.element_size() + n * 4 + n * 4
+            times = {"torch": bench_ms(torch_path), "fused": bench_ms(fused)}
+            for prov, ms in times.items():
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                add_row("cfg", prov, ms, {"latents": list(shape), "phi": phi}, gbs=gbs, ok=ok,
+                        speedup_vs_torch=times["torch"] / ms)
+                log(f"cfg {shape} phi={phi} {prov:6s} {ms * 1e3:8.1f} us {gbs:8.1f} GB/s "
+                    f"({times['torch'] / ms:.2f}x torch)")
+
+
+# -- a: adapter linear ---------------------------------------------------------------------------------------------
+def section_adapter() -> None:
+    cases = [(2, 7, 24, 3)] if SMOKE else [(2, t, c, r) for c, t in ((320, 4096), (640, 1024), (1280, 256))
+                                            for r in (16, 64)]
+    for S, T, C, R in cases:
+        x = torch.randn(S, T, C, device=DEVICE, dtype=DTYPE)
+        w = torch.randn(C, C, device=DEVICE, dtype=DTYPE) / C**0.5
+        b = torch.randn(C, device=DEVICE, dtype=DTYPE)
+        a = torch.randn(R, C, device=DEVICE, dtype=DTYPE) / C**0.5
+        bb = torch.randn(C, R, device=DEVICE, dtype=DTYPE) / R**0.5
+        s = torch.rand(S, device=DEVICE) * 6
+        s_col = s.to(DTYPE).view(S, 1, 1)
+
+        def torch_path():
+            return F.linear(x, w, b) + s_col * F.linear(F.linear(x, a), bb)
+
+        def plain():
+            return F.linear(x, w, b)
+
+        kw = {"block_m": 16, "block_n": 16, "block_k": 16} if SMOKE else {}
+
+        def fused():
+            return adapter_linear(x, w, b, a, bb, s, **kw)
+
+        ok = check(f"adapter S{S} T{T} C{C} r{R}", fused(), adapter_linear_ref(x, w, b, a, bb, s.repeat_interleave(T)),
+                   2e-2)
+        M = S * T
+        flops = 2 * M * C * C + 2 * M * R * (C + C)
+        times = {"torch": bench_ms(torch_path), "fused": bench_ms(fused), "linear_only": bench_ms(plain)}
+        for prov, ms in times.items():
+            tf = flops / (ms * 1e-3) / 1e12
+            add_row("adapter", prov, ms, {"S": S, "T": T, "C": C, "rank": R}, tflops=tf, ok=ok,
+                    speedup_vs_torch=times["torch"] / ms)
+            log(f"adapter C={C} T={T} r={R} {prov:11s} {ms * 1e3:8.1f} us {tf:7.1f} TFLOP/s "
+                f"({times['torch'] / ms:.2f}x torch)")
+
+
+# -- n: NASA -------------------------------------------------------------------------------------------------------
+def section_nasa() -> None:
+    cases = [(2, 2, 37, 13, 24)] if SMOKE else [(2, 5, 4096, 77, 64), (2, 10, 1024, 77, 64), (2, 20, 256, 77, 64)]
+    for B, H, NQ, NK, D in cases:
+        q = torch.randn(B, H, NQ, D, device=DEVICE, dtype=DTYPE)
+        kp, vp, kn, vn = (torch.randn(B, H, NK, D, device=DEVICE, dtype=DTYPE) for _ in range(4))
+        alpha = torch.full((B,), 0.5, device=DEVICE)
+        alpha_col = alpha.to(DTYPE).view(B, 1, 1, 1)
+
+        def torch_path():
+            return F.scaled_dot_product_attention(q, kp, vp) - alpha_col * F.scaled_dot_product_attention(q, kn, vn)
+
+        def positive_only():
+            return F.scaled_dot_product_attention(q, kp, vp)
+
+        kw = {"block_m": 16, "block_n": 16} if SMOKE else {}
+
+        def fused():
+            return nasa_attention(q, kp, vp, kn, vn, alpha, **kw)
+
+        ok = check(f"nasa B{B} H{H} Nq{NQ} Nk{NK}", fused(), nasa_attention_ref(q, kp, vp, kn, vn, alpha), 2e-2)
+        flops = 4 * B * H * NQ * (2 * NK) * D
+        times = {"torch": bench_ms(torch_path), "fused": bench_ms(fused), "sdpa_positive_only": bench_ms(positive_only)}
+        for prov, ms in times.items():
+            f = flops if prov != "sdpa_positive_only" else flops / 2
+            tf = f / (ms * 1e-3) / 1e12
+            add_row("nasa", prov, ms, {"B": B, "H": H, "Nq": NQ, "Nk": NK, "D": D}, tflops=tf, ok=ok,
+                    speedup_vs_torch=times["torch"] / ms)
+            log(f"nasa H={H} Nq={NQ} {prov:18s} {ms * 1e3:8.1f} us {tf:7.2f} TFLOP/s "
+                f"({times['torch'] / ms:.2f}x torch)")
+
+
+def write_json() -> None:
+    if ARGS.out is None:
+        return
+    ARGS.out.mkdir(parents=True, exist_ok=True)
+    path = ARGS.out / "bench_guidance.json"
+    path.write_text(json.dumps({"env": ENV, "args": {k: str(v) for k, v in vars(ARGS).items()},
+                                "failures": FAILURES, "rows": ROWS}, indent=1))
+    log(f"wrote {path}")
+
+
+def main() -> int:
+    if not SMOKE and not torch.cuda.is_available():
+        print("no CUDA device: use --cpu-smoke on CPU")
+        return 2
+    print(json.dumps(ENV))
+    if SMOKE:
+        print("cpu smoke: tiny shapes under the Triton interpreter; timings are meaningless")
+    torch.manual_seed(0)
+    table = {"c": section_cfg, "a": section_adapter, "n": section_nasa}
+    for s in ARGS.sections:
+        if s not in table:
+            raise SystemExit(f"unknown section {s!r}")
+        try:
+            table[s]()
+        except Exception as e:  # one section failing must not lose the others' results
+            import traceback
+
+            traceback.print_exc()
+            FAILURES.append(f"section {s}: {type(e).__name__}: {e}")
+    write_json()
+    print(f"\n{ENV['gpu']} | {len(ROWS)} rows | {len(FAILURES)} failures | {time.perf_counter() - T0:.0f}s")
+    for f in FAILURES:
+        print("FAIL", f)
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""Does NASA steer the embedded default student? Negative prompt "red", measured with the training metrics' detector.
+
+Two prompt sets from the ``training.data`` grammar (held-out split, completed with the checkpoint's background
+phrase as served):
+
+* colour-free: held-out captions with every colour word removed ("a circle which is above a square"), so the
+  model picks the colours; measured: the share of detected objects whose palette colour is red
+  (``benchmarks.quality.detect``), and the share of images with any red object;
+* adherence: held-out captions that name no red object; measured: strict adherence and per-check rates
+  (``benchmarks.quality.adherence``, the training metrics' scorer), to see what NASA costs the positive prompt;
+* conflict: held-out captions whose first object is red; measured: the share of red objects, i.e. how far the
+  negative prompt pushes against a prompt that asks for the colour.
+
+Settings: no negative prompt; NASA ("red") at each ``--alphas``; CFG with negative "red" at ``--cfg`` (two
+passes, for comparison). Same prompts and seeds for every setting. Writes OUT.json (rows) and, with ``--grid``,
+a picture grid (rows: colour-free prompts, then red-named prompts; columns: settings).
+
+    fewstep bench nasa-quality --out benchmarks/results/kernels/quality_nasa_cpu.json --grid docs/images/nasa_red.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fewstep bench nasa-quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="image model directory (default: the embedded student)")
+    p.add_argument("--n", type=int, default=128, help="prompts per set (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="prompt and noise seed (default 0)")
+    p.add_argument("--negative", default="red", help='the negative prompt (default "red")')
+    p.add_argument("--alphas", default="0.25,0.5,1.0,1.5", help="NASA scales to run (default 0.25,0.5,1.0,1.5)")
+    p.add_argument("--cfg", type=float, default=2.0, help="CFG guidance scale of the comparison run (0: none)")
+    p.add_argument("--out", type=Path, default=None, help="JSON file for the rows")
+    p.add_argument("--grid", type=Path, default=None, help="PNG picture grid (colour-free, then red-named prompts x settings)")
+    p.add_argument("--grid-rows", type=int, default=8, help="prompts in the grid (default 8)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    return p
+
+
+_COLOR_WORD = None
+
+
+def colour_free(caption: str) -> str:
+    """``caption`` with its colour words removed (articles fixed: every remaining noun starts with a consonant)."""
+    global _COLOR_WORD
+    from fewstep.training import data as D
+
+    if _COLOR_WORD is None:
+        _COLOR_WORD = re.compile(r"\b(a|an) ((?:small |large )?)(" + "|".join(D.COLOR_NAMES) + r") ")
+    return _COLOR_WORD.sub(lambda m: f"a {m.group(2)}", caption)
+
+
+def red_share(images, colour: str) -> tuple[float, float, float]:
+    """(share of detected objects of ``colour``, share of images with one, mean objects detected per image)."""
+    from fewstep.benchmarks.quality import detect
+
+    objs = hits = images_hit = 0
+    for im in images:
+        dets = detect(im)
+        n = sum(d.color == colour for d in dets)
+        objs += len(dets)
+        hits += n
+        images_hit += n > 0
+    return hits / max(objs, 1), images_hit / max(len(images), 1), objs / max(len(images), 1)
+
+
+def _commit() -> str:
+    """Short hash of the checkout that runs this (+dirty with uncommitted changes); "unknown" outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout
+        return head + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import numpy as np
+    import torch
+
+    from fewstep.benchmarks.quality import adherence
+    from fewstep.engines.loading import load_checkpoint
+    from fewstep.engines.pipeline import FewStepPipeline
+    from fewstep.server.config import DEFAULT_MODEL_DIR
+    from fewstep.training.data import heldout_prompts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+    pipe = FewStepPipeline(load_checkpoint(model))
+    if "nasa" not in pipe.guidance_modes:
+        print(f"{model}: no NASA (guidance modes {pipe.guidance_modes})")
+        return 2
+    pool = heldout_prompts(8 * args.n, args.seed)
+    free = [colour_free(c) for c in pool[: args.n]]
+    named = [c for c in pool if not re.search(rf"\b{args.negative}\b", c)][: args.n]
+    first = re.compile(rf"^an? (?:small |large )?{args.negative} ")
+    conflict = [c for c in pool if first.match(c)][: args.n]
+    seeds = list(range(args.seed, args.seed + args.n))  # enough for every set: each holds at most n prompts
+    alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    settings = [("none", None, None)] + [(f"nasa {a:g}", a, None) for a in alphas]
+    if args.cfg > 1:
+        settings.append((f"cfg {args.cfg:g}", None, args.cfg))
+
+    def run(prompts, alpha, cfg):
+        out = []
+        for i in range(0, len(prompts), 16):  # seeds[i] drives prompt i in every set and setting
+            p, s = prompts[i:i + 16], seeds[i:i + 16]
+            neg = [args.negative] * len(p) if (alpha is not None or cfg) else None
+            out.append(pipe(p, s, guidance_scale=cfg or 0.0, negative_prompts=neg, nasa_scale=alpha).numpy())
+        return np.concatenate(out)
+
+    rows, grid_cols = [], []
+    t0 = time.perf_counter()
+    for name, alpha, cfg in settings:
+        t = time.perf_counter()
+        imgs_free = run(free, alpha, cfg)
+        share, any_red, per_image = red_share(imgs_free, args.negative)
+        imgs_named = run(named, alpha, cfg)
+        adh = adherence(list(imgs_named), [pipe.complete_prompt(c) for c in named])
+        imgs_conflict = run(conflict, alpha, cfg)
+        conflict_share = red_share(imgs_conflict, args.negative)[0]
+        row = {"setting": name, "nasa_scale": alpha, "guidance_scale": cfg or 0.0, "negative": args.negative,
+               "red_object_share": share, "images_with_red": any_red, "objects_per_image": per_image,
+               "adherence": adh, "conflict_red_object_share": conflict_share, "conflict_n": len(conflict),
+               "seconds": time.perf_counter() - t}
+        rows.append(row)
+        half = args.grid_rows // 2
+        grid_cols.append((name, np.concatenate([imgs_free[:half], imgs_conflict[: args.grid_rows - half]])))
+        print(f"{name:10s} red objects {share:6.1%}  images with red {any_red:6.1%}  objects/image {per_image:4.2f}  "
+              f"strict adherence {adh['accuracy']:6.1%}  colours {adh['colors']:6.1%}  shapes {adh['shapes']:6.1%}  "
+              f"red-named prompts: red objects {conflict_share:6.1%}  ({row['seconds']:.0f} s)", flush=True)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _commit(), "command": "fewstep bench nasa-quality " + " ".join(sys.argv[1:]),
+            "env": {"device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+                              "threads)", "torch": torch.__version__, "python": platform.python_version()},
+            "model": str(model), "n": args.n, "seed": args.seed, "colour_free_examples": free[:4],
+            "wall_seconds": time.perf_counter() - t0}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    if args.grid:
+        half = args.grid_rows // 2
+        _grid(args.grid, grid_cols, free[:half] + conflict[: args.grid_rows - half])
+        print(f"wrote {args.grid}")
+    return 0
+
+
+def _grid(path: Path, cols, prompts, scale: int = 2) -> None:
+    from PIL import Image, ImageDraw
+
+    n_rows = len(prompts)
+    side = cols[0][1].shape[1] * scale
+    head, left = 16, 0
+    canvas = Image.new("RGB", (left + side * len(cols), head + side * n_rows), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, (name, imgs) in enumerate(cols):
+        draw.text((left + j * side + 4, 2), name, fill="black")
+        for i in range(n_rows):
+            tile = Image.fromarray(imgs[i]).resize((side, side), Image.NEAREST)
+            canvas.paste(tile, (left + j * side, head + i * side))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Guidance fields over HTTP: guidance_modes in GET /v1/models, negative prompts through NASA, and the 400s that name
+what a model supports."""
+
+import base64
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fewstep.server.app import create_app
+from fewstep.server.config import load_config
+
+GEN = "/v1/images/generations"
+
+
+@pytest.fixture(scope="module")
+def client(tiny_dir):
+    cfg = load_config({"model": str(tiny_dir / "sd_turbo"), "engine.device": "cpu"}, environ={})
+    with TestClient(create_app(cfg, load_async=False)) as c:
+        yield c
+
+
+def _image(r) -> bytes:
+    assert r.status_code == 200, r.text
+    return base64.b64decode(r.json()["data"][0]["b64_json"])
+
+
+def _error(r, param: str) -> str:
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param
+    return err["message"]
+
+
+def test_models_list_guidance_modes(client):
+    cards = client.get("/v1/models").json()["data"]
+    assert cards[0]["guidance_modes"] == ["none", "cfg", "nasa"]
+
+
+def test_negative_prompt_runs_nasa_at_guidance_zero(client):
+    body = {"prompt": "a red circle", "seed": 3, "size": "64x64", "guidance_scale": 0.0}
+    plain = _image(client.post(GEN, json=body))
+    steered = _image(client.post(GEN, json={**body, "negative_prompt": "red", "nasa_scale": 1.0}))
+    zero = _image(client.post(GEN, json={**body, "negative_prompt": "red", "nasa_scale": 0.0}))
+    assert steered != plain
+    assert zero == plain  # alpha 0 subtracts exactly nothing
+
+
+def test_nasa_scale_without_a_negative_prompt_is_a_400(client):
+    assert "needs a negative_prompt" in _error(client.post(GEN, json={"prompt": "x", "nasa_scale": 0.5}),
+                                               "nasa_scale")
+
+
+def test_nasa_scale_under_cfg_is_a_400_naming_the_modes(client):
+    msg = _error(client.post(GEN, json={"prompt": "x", "negative_prompt": "red", "guidance_scale": 3.0,
+                                        "nasa_scale": 0.5}), "nasa_scale")
+    assert "guidance_scale <= 1" in msg and "none, cfg, nasa" in msg
+
+
+def test_nasa_scale_out_of_range_is_a_400(client):
+    r = client.post(GEN, json={"prompt": "x", "negative_prompt": "red", "nasa_scale": 50})
+    assert r.status_code == 400 and "nasa_scale" in r.text
