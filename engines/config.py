@@ -20,9 +20,10 @@ class BatchingConfig(BaseModel):
                                "for compatible company before the batch runs (0: never)")
     # The queue is bounded by estimated work, not by request count: a 1024² image is 256 native 64² images of work.
     # Work unit: one native-size image at one step without CFG (cost = pixels/native pixels x steps x n, x2 with CFG).
-    max_queue_seconds: float | None = Field(5.0, gt=0, description="queued work beyond this many seconds is refused "
+    max_queue_seconds: float | None = Field(5.0, ge=0, description="queued work beyond this many seconds is refused "
                                             "with 503 + Retry-After. Seconds come from the cost of a native image "
-                                            "measured at warm-up; without warm-up (or None) max_queue_work applies")
+                                            "measured at warm-up; without warm-up (or None) max_queue_work applies. 0: no "
+                                            "queue: a request is admitted only while the engine is idle")
     max_queue_work: float = Field(512.0, gt=0, description="queued work, in native-size 1-step images, beyond "
                                   "which requests are refused with 503 when no warm-up measurement exists")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="default deadline of an image request from "

@@ -93,6 +93,12 @@ class ImageScheduler:
         """Queue ``work``, or raise EngineError(503) when the queue's bound on work would be passed."""
         bcfg = self.config
         with self._cv:
+            # max_queue_seconds 0: no queue at all. A request is admitted only while the engine is idle, so it
+            # starts at once (latency first: under load most requests get an immediate 503 instead of a wait).
+            if bcfg.max_queue_seconds == 0 and (self._waiting or self._running):
+                est = self.queued_seconds()
+                raise overloaded("the server does not queue (max_queue_seconds 0) and is busy",
+                                 max(1, math.ceil(est)) if est else 1)
             # A request that finds the queue empty always gets in (n and size are bounded by validation), so any
             # valid request can run on an idle server.
             if self._waiting:

@@ -441,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most images in one forward pass (default 8)")
     s.add_argument("--max-queue-seconds", type=float, default=None, metavar="S",
                    help="refuse (503 + Retry-After) a request when the queued work ahead of it is estimated above S "
-                        "seconds (default 5: favours throughput; a small S with a small --max-batch-size favours "
-                        "latency: see docs/serving.md)")
+                        "seconds (default 5: favours throughput; 0: no queue, a request is admitted only while the "
+                        "engine is idle, which with --max-batch-size 1 favours latency: see docs/serving.md)")
     s.add_argument("--max-wait-ms", type=float, default=None,
                    help="how long the first waiting request may wait for others to batch with (default 0: an idle "
                         "engine starts a request at once; requests arriving meanwhile form the next batch)")

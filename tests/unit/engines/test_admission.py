@@ -333,3 +333,14 @@ def test_fmp4_muxer_refuses_a_degenerate_rate():
 
     with pytest.raises(ValueError, match="fps >= 1"):  # was a ZeroDivisionError deep in the muxer
         FMP4Muxer(32, 32, 0.0001, 2)
+
+
+def test_no_queue_admits_only_an_idle_engine(sd):
+    """max_queue_seconds 0: the first request is admitted; while it waits (or runs), the next is a 503 at once."""
+    core = _core(sd, max_queue_seconds=0.0, max_batch_size=1)
+    core.add_request(_req(size=sd.default_size))
+    with pytest.raises(EngineError) as e:
+        core.add_request(_req(size=sd.default_size))
+    assert e.value.status == 503 and e.value.retry_after >= 1 and "does not queue" in str(e.value)
+    core.step()  # the admitted one runs; the engine is idle again
+    core.add_request(_req(size=sd.default_size))
