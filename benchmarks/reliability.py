@@ -22,6 +22,7 @@ import re
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -649,7 +650,12 @@ def _overload(server: "Server", quick: bool) -> dict:
         cap_s = 4.0 if quick else 8.0
         capacity = asyncio.run(_closed_loop(server.port, cap_conc, cap_s, None))
         cap_ok = [ms for s, ms in capacity if s == 200]
-        cap_rps = len(cap_ok) / cap_s
+        # Capacity: the better of 4 closed-loop clients and one client back to back. A server that does not queue
+        # answers most of 4 clients' requests 503 at once, and their instant retries slow it down: counting only
+        # their 200s would understate what it can do, and "10x" of that would be no overload at all.
+        unl_ok = [ms for s, ms in unloaded if s == 200]
+        single_rps = 1e3 / statistics.fmean(unl_ok) if unl_ok else 0.0
+        cap_rps = max(len(cap_ok) / cap_s, single_rps)
         time.sleep(1.0)
         rss0 = server.rss()
         window = 3.0 if quick else 8.0
@@ -685,6 +691,8 @@ def _overload(server: "Server", quick: bool) -> dict:
             "unloaded": {"requests": len(unl), "p50_ms": rnd(pct(unl, 50)), "p99_ms": rnd(p99_unl),
                          "max_ms": rnd(max(unl) if unl else None)},
             "capacity": {"concurrency": cap_conc, "seconds": cap_s, "requests_per_s": rnd(cap_rps, 2),
+                         "closed_loop_requests_per_s": rnd(len(cap_ok) / cap_s, 2),
+                         "one_client_requests_per_s": rnd(single_rps, 2),
                          "images_per_s": rnd(cap_rps * REQ["n"], 2), "p50_ms": rnd(pct(cap_ok, 50)),
                          "p99_ms": rnd(pct(cap_ok, 99))},
             "flood": {"window_s": window, "offered_requests_per_s": rnd(offered, 1),
@@ -1327,9 +1335,10 @@ def _details(name: str, r: dict) -> list[str]:
         u, c, f = r["unloaded"], r["capacity"], r["flood"]
         return [f"Request: n={r['request']['n']}, {r['request']['num_inference_steps']} steps, "
                 f"{r['request']['size']} JPEG. Unloaded (one client, {u['requests']} requests): p50 {u['p50_ms']} ms, "
-                f"p99 {u['p99_ms']} ms. Capacity at concurrency {c['concurrency']} over {c['seconds']} s: "
-                f"{c['requests_per_s']} requests/s = **{c['images_per_s']} images/s** (p50 {c['p50_ms']} ms, "
-                f"p99 {c['p99_ms']} ms).", "",
+                f"p99 {u['p99_ms']} ms. Capacity: **{c['images_per_s']} images/s**, the better of {c.get('closed_loop_requests_per_s')} "
+                f"requests/s answered 200 to {c['concurrency']} closed-loop clients over {c['seconds']} s (p50 "
+                f"{c['p50_ms']} ms, p99 {c['p99_ms']} ms) and {c.get('one_client_requests_per_s')} requests/s to one "
+                f"client back to back.", "",
                 f"Flood: {f['offered_requests_per_s']} requests/s offered for {f['window_s']} s (the client reached "
                 f"{f['achieved_send_rate_per_s']}/s = {f['achieved_x_capacity']}x capacity), {f['requests']} requests: "
                 f"{f['answered_200']} answered 200, {f['answered_503']} answered 503 (**{100 * f['share_503']:.1f}%**), "
