@@ -924,8 +924,9 @@ def scenario_stream_churn(log_dir: Path, quick: bool) -> dict:
                "rss_growth_mb": rnd((rss1 - rss0) / MiB),
                "rss_sample_every": every,
                "rss_growth_after_first_sample_mb": rnd(rss1 / MiB - rss_samples[0]) if rss_samples else None,
-               # sampled at the 1000th connect: rss1 comes after 8 more streams were opened at once (a peak of its own)
-               "rss_growth_second_half_mb": rnd(rss_samples[-1] - rss_samples[len(rss_samples) // 2 - 1])
+               # peaks of the samples (rss1 comes after 8 more streams were opened at once, a peak of its own)
+               "rss_growth_second_half_mb": rnd(max(rss_samples[len(rss_samples) // 2:])
+                                                - max(rss_samples[:len(rss_samples) // 2]))
                if len(rss_samples) >= 2 else None,
                "server_tracebacks": server.tracebacks(),
                "alive_after": server.alive()}
@@ -934,10 +935,12 @@ def scenario_stream_churn(log_dir: Path, quick: bool) -> dict:
                             for k in outcomes),
                         "0 sessions left": sessions == 0, "per-client stream slots all returned": refused_after == 0,
                         # Memory left behind grows with every connect; the allocator's pools grow over the first
-                        # few hundred and then stay flat. So the goal is on the second half of the churn.
-                        f"RSS growth over the second half of the connects < {GOAL_CHURN_RSS // MiB} MiB":
+                        # few hundred and then rise and fall by tens of MB as arenas are returned. So the goal
+                        # compares peaks: the second half's peak RSS against the first half's.
+                        f"peak RSS of the second half of the connects < first half's + {GOAL_CHURN_RSS // MiB} MiB":
                             len(rss_samples) >= 2 and
-                            (rss_samples[-1] - rss_samples[len(rss_samples) // 2 - 1]) * MiB < GOAL_CHURN_RSS,
+                            (max(rss_samples[len(rss_samples) // 2:]) - max(rss_samples[:len(rss_samples) // 2]))
+                            * MiB < GOAL_CHURN_RSS,
                         "alive, no traceback": server.alive() and server.tracebacks() == 0}
         return res
     finally:
@@ -1096,7 +1099,9 @@ def scenario_sigterm(log_dir: Path, quick: bool) -> dict:
         in_flight = [r for r in images if not r["after_signal"] and r["finished_after_signal"]]
         after = [r for r in images if r["after_signal"]]
         told_images = all(r["status"] == 200 or r["status"] == 503 for r in in_flight)
-        told_after = all(r["status"] in (503, "connect refused") for r in after)
+        # told: served (a request the server took before it began draining, answered within the grace), refused
+        # with 503, or refused at connect; never a reset connection or no answer
+        told_after = all(r["status"] in (200, 503, "connect refused") for r in after)
         result = {
             "grace_s": grace, "bound_s": grace + 5, "exit_s": rnd(exit_s, 2), "exit_code": code,
             "streams": streams, "mjpeg": mjpeg,
@@ -1113,7 +1118,8 @@ def scenario_sigterm(log_dir: Path, quick: bool) -> dict:
                 s["stopped"] == "shutdown" and s["close_code"] == 1001 for s in streams),
             "every MJPEG viewer saw its body end": all(m["ended"] for m in mjpeg),
             "every in-flight image request answered 200 or 503": told_images,
-            "requests after the signal refused (503 or connection refused)": told_after,
+            "requests after the signal answered (200 within the grace, 503 or connection refused; none reset)":
+                told_after,
             "no client left hanging": hung == 0,
         }
         return result
@@ -1365,7 +1371,7 @@ def _details(name: str, r: dict) -> list[str]:
                 f"{r['seconds_until_0_sessions']} s); frames dropped at close {r['frames_dropped_closed']}; "
                 f"8 new streams afterwards: {r['refused_of_8_after']} refused. RSS {r['rss_before_mb']} -> "
                 f"{r['rss_after_mb']} MB ({r['rss_growth_mb']:+} MB from cold; **{r['rss_growth_after_first_sample_mb']:+} MB "
-                f"after the first {r['rss_sample_every']} connects; {r.get('rss_growth_second_half_mb')} MB over the second half**; every {r['rss_sample_every']} connects: "
+                f"after the first {r['rss_sample_every']} connects; second half's peak {r.get('rss_growth_second_half_mb'):+} MB against the first half's**; every {r['rss_sample_every']} connects: "
                 f"{r['rss_samples_mb']})."]
     if name == "big_body":
         return [f"{r['body_bytes_offered'] // MiB} MiB offered chunked: **{r['status']}** `{r['code']}` "

@@ -217,6 +217,7 @@ class DrainingServer(uvicorn.Server):
             os.write(2, b"fewstep: second signal, exiting now\n")
             os._exit(1)
         super().handle_exit(sig, frame)
+        self.guard.draining = True  # refuse new work from now, not from uvicorn's next tick (up to 0.1 s later)
         watchdog = threading.Timer(self.grace + 5.0, _exit_late, (self.grace + 5.0,))
         watchdog.daemon = True
         watchdog.start()
