@@ -35,8 +35,8 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def count_flops(pipe, size: int, steps: int) -> dict[str, float]:
-    """GFLOPs per image for each stage at batch 1 (the denoiser counted once per step)."""
+def count_flops(pipe, size: int, steps: int, guidance_scale: float | None = None) -> dict[str, float]:
+    """GFLOPs per image for each stage at batch 1 (every denoiser pass counted: two a step under CFG)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     out = {}
@@ -44,8 +44,10 @@ def count_flops(pipe, size: int, steps: int) -> dict[str, float]:
         cond = pipe.encode_prompt(["flop count"])
     out["encode_prompt"] = fc.get_total_flops() / 1e9
     gens = [torch.Generator().manual_seed(0)]
+    g = 0.0 if guidance_scale is None else guidance_scale
+    uncond = pipe.encode_prompt([""]) if pipe.uses_cfg(g) else None
     with FlopCounterMode(display=False) as fc:
-        lat = pipe.denoise(cond, gens, size, size, steps, 0.0)
+        lat = pipe.denoise(cond, gens, size, size, steps, g, uncond)
     out["denoise"] = fc.get_total_flops() / 1e9
     with FlopCounterMode(display=False) as fc:
         pipe.decode(lat)
@@ -53,7 +55,8 @@ def count_flops(pipe, size: int, steps: int) -> dict[str, float]:
     return out
 
 
-def bench_fewstep(pipe, size, steps, batch, iters, warmup, cached: bool, fmt: str) -> dict:
+def bench_fewstep(pipe, size, steps, batch, iters, warmup, cached: bool, fmt: str,
+                  guidance_scale: float | None = None) -> dict:
     from fewstep.engines.config import BatchingConfig, EngineConfig
     from fewstep.engines.core import EngineCore, GenerateRequest
 
@@ -64,7 +67,7 @@ def bench_fewstep(pipe, size, steps, batch, iters, warmup, cached: bool, fmt: st
     for i in range(warmup + iters):
         prompt = "a photo of a cat" if cached else f"a photo of a cat, variant {i} {time.time_ns()}"
         core.add_request(GenerateRequest(prompt=prompt, n=batch, height=size, width=size, steps=steps, seed=i,
-                                         output_format=fmt))
+                                         output_format=fmt, guidance_scale=guidance_scale))
         t0 = time.perf_counter()
         (out,) = core.step()
         wall = (time.perf_counter() - t0) * 1e3
@@ -106,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain diffusers pipelines on the same weights, in the same process (benchmarks/baselines.py; default none)")
     p.add_argument("--compile-mode", default=None, help="Inductor mode of the compiled backend (default: "
                    "CompileConfig's, default)")
+    p.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
+                   help="compiled backend: torch.compile each stage (--no-inductor: CUDA graphs of eager code only, "
+                        "captured in seconds; default: CompileConfig's, on)")
     p.add_argument("--dynamic-batch", action="store_true", help="compiled backend: one symbolic-batch compile "
                    "serves every batch size (default off)")
     p.add_argument("--fuse-qkv", action="store_true", help="compiled backend: fused QKV projections (default off)")
@@ -117,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoders to time, each a full run of the fewstep backends: 'own' (the checkpoint's), a VAE "
                         "directory, or a VAE config folder (random weights, e.g. benchmarks/configs/taesd); rows of a "
                         "replaced decoder are labelled +vae:NAME (default own)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="guidance scale of every request (default: the model's); above 1 a model without adapters "
+                        "runs CFG (two denoiser passes a step)")
+    p.add_argument("--adapters-rank", type=int, nargs="+", default=[0],
+                   help="guidance adapters with random weights (speed only) of each rank, one full run per rank; "
+                        "0: none, so guidance above 1 is CFG (default 0). With adapters, guidance above 1 takes one "
+                        "pass a step (AGD). Rows are labelled +agd-rR")
     p.add_argument("--out", help="append result rows (JSON lines) to this file (default: "
                    "printed only)")
     return p
@@ -164,6 +177,7 @@ def main() -> None:
 
     meta = {"gpu": device_name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(), "torch": torch.__version__, "arch": arch, "steps": a.steps,
+            "guidance_scale": a.guidance_scale,
             "dtype": str(dtype).removeprefix("torch."), "command": "fewstep bench pipeline " +
             " ".join(os.sys.argv[1:])}
     rows = []
@@ -177,17 +191,22 @@ def main() -> None:
             with open(a.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    for vae_spec in a.vae:
+    for vae_spec, rank in [(v, r) for v in a.vae for r in a.adapters_rank]:
         vae_dir = resolve_vae(vae_spec, Path(a.work), dtype)
         t0 = time.perf_counter()
         pipe = FewStepPipeline(load_checkpoint(model_dir, device, dtype, vae=vae_dir), device, dtype)
+        if rank:
+            from fewstep.engines.adapters import random_adapters
+
+            pipe.adapters = random_adapters(pipe.denoiser, rank)
+            pipe.denoiser.to(device, dtype)  # the new adapter weights join the model's device and dtype
         load_s = time.perf_counter() - t0
         flops = {}
         for size in a.size:
-            flops[size] = count_flops(pipe, size, a.steps)
-            print(f"loaded in {load_s:.1f} s (VAE {vae_spec}); {size}² GFLOPs/image: " + ", ".join(
-                f"{k} {v:.0f}" for k, v in flops[size].items()), flush=True)
-        suffix = "" if vae_dir is None else f"+vae:{Path(vae_spec).name}"
+            flops[size] = count_flops(pipe, size, a.steps, a.guidance_scale)
+            print(f"loaded in {load_s:.1f} s (VAE {vae_spec}, adapters rank {rank}); {size}² GFLOPs/image: " +
+                  ", ".join(f"{k} {v:.0f}" for k, v in flops[size].items()), flush=True)
+        suffix = ("" if vae_dir is None else f"+vae:{Path(vae_spec).name}") + (f"+agd-r{rank}" if rank else "")
         _bench_backends(a, pipe, flops, device, meta, emit, suffix)
         del pipe
         if device.type == "cuda":
@@ -204,8 +223,9 @@ def _bench_backends(a, pipe, flops, device, meta, emit, suffix: str) -> None:
             from fewstep.engines.config import CompileConfig
 
             # options left unset on the command line keep CompileConfig's defaults
-            extra = {k: v for k, v in dict(mode=a.compile_mode, channels_last=a.channels_last, fuse_qkv=a.fuse_qkv,
-                                           dynamic_batch=a.dynamic_batch).items() if v is not None}
+            extra = {k: v for k, v in dict(compile=a.inductor, mode=a.compile_mode, channels_last=a.channels_last,
+                                           fuse_qkv=a.fuse_qkv, dynamic_batch=a.dynamic_batch).items()
+                     if v is not None}
             try:
                 runner = CompiledPipeline(pipe, CompileConfig(batch_buckets=a.batch, steps=[a.steps],
                                                               sizes=[(s, s) for s in a.size], **extra))
@@ -221,7 +241,8 @@ def _bench_backends(a, pipe, flops, device, meta, emit, suffix: str) -> None:
             total_gflop = sum(flops[size].values())
             for batch in a.batch:
                 for cached in (False, True):
-                    r = bench_fewstep(runner, size, a.steps, batch, a.iters, a.warmup, cached, a.format)
+                    r = bench_fewstep(runner, size, a.steps, batch, a.iters, a.warmup, cached, a.format,
+                                      a.guidance_scale)
                     gpu_ms = r["encode_prompt_ms"] + r["denoise_ms"] + r["decode_ms"]
                     mfu = (total_gflop * batch / (gpu_ms * 1e-3) / (a.peak_tflops * 1e3)
                            if device.type == "cuda" else None)
@@ -229,7 +250,7 @@ def _bench_backends(a, pipe, flops, device, meta, emit, suffix: str) -> None:
                     if backend == "compiled":  # the options actually used (+cl), whatever the default at the time
                         c = runner.cfg
                         label += ("+fqkv" if c.fuse_qkv else "") + ("+cl" if c.channels_last else "") + (
-                            "+dyn" if c.dynamic_batch else "")
+                            "+dyn" if c.dynamic_batch else "") + ("" if c.compile else "+graphs-only")
                     label += suffix
                     emit(dict(meta, size=size, system=label, batch=batch,
                               prompt="cached" if cached else "cold", **{k: round(v, 3) for k, v in r.items()},
@@ -250,14 +271,15 @@ def _bench_baselines(a, model_dir, dtype, device, meta, emit) -> None:
 
 
 def _print_table(rows: list[dict]) -> None:
-    print(f"\n{'system':<18}{'size':>6}{'batch':>6}{'prompt':>8}{'enc_prompt':>11}{'denoise':>9}{'decode':>8}{'enc_img':>8}"
+    width = max([18] + [len(r["system"]) + 1 for r in rows])
+    print(f"\n{'system':<{width}}{'size':>6}{'batch':>6}{'prompt':>8}{'enc_prompt':>11}{'denoise':>9}{'decode':>8}{'enc_img':>8}"
           f"{'total ms':>10}{'MFU':>7}")
     def mfu_s(r):
         return f"{100 * r['mfu']:.0f}%" if r.get("mfu") else "-"
 
     for r in rows:
         f = lambda k: f"{r[k]:.1f}" if r.get(k) is not None else "-"
-        print(f"{r['system']:<18}{r['size']:>6}{r['batch']:>6}{r['prompt']:>8}{f('encode_prompt_ms'):>11}{f('denoise_ms'):>9}"
+        print(f"{r['system']:<{width}}{r['size']:>6}{r['batch']:>6}{r['prompt']:>8}{f('encode_prompt_ms'):>11}{f('denoise_ms'):>9}"
               f"{f('decode_ms'):>8}{f('encode_image_ms'):>8}{f('total_ms'):>10}"
               f"{mfu_s(r):>7}")
 

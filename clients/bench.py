@@ -262,6 +262,7 @@ class ImagesBenchConfig:
     negative_prompt: str | None = None
     output_format: str = "png"
     model: str | None = None
+    raw_image: bool = False  # Accept: image/<output_format>: the image bytes as the body, timings in Server-Timing
     # output
     save_requests: bool = False  # include per-request records in the report
     # resolved by bench_images from GET /v1/models (recorded in the report)
@@ -302,6 +303,8 @@ class ImagesBenchConfig:
             raise ValueError("--warmup must be >= 0")
         if self.n < 1:
             raise ValueError("--n must be >= 1")
+        if self.raw_image and self.n != 1:
+            raise ValueError("--raw-image answers hold one image: use it with --n 1")
         if self.timeout is not None and not self.timeout > 0:
             raise ValueError("--timeout must be > 0")
         if self.slo_ms is not None and not self.slo_ms > 0:
@@ -398,6 +401,7 @@ class ImagesBenchConfig:
             negative_prompt=args.negative_prompt,
             output_format=args.output_format,
             model=args.model,
+            raw_image=args.raw_image,
             save_requests=args.save_requests,
         )
 
@@ -474,6 +478,14 @@ async def _send_one(
         rec.error = str(resp.status_code)
         rec.message = _error_message(resp)
         return rec
+    if cfg.raw_image:
+        if not resp.headers.get("content-type", "").startswith("image/") or not resp.content:
+            rec.error = "InvalidResponse"
+            rec.message = f"asked for an image, got {resp.headers.get('content-type')!r}"
+            return rec
+        rec.ok, rec.images = True, 1
+        rec.timings = parse_server_timing(resp.headers.get("server-timing", ""))
+        return rec
     try:
         payload = resp.json()
         data = payload["data"]
@@ -489,6 +501,21 @@ async def _send_one(
     if isinstance(timings, dict):
         rec.timings = timings
     return rec
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """``queue;dur=0.1, decode;dur=7.9`` (W3C Server-Timing) -> ``{"queue_ms": 0.1, "decode_ms": 7.9}``, the keys of
+    a JSON answer's ``timings``; entries without a duration are skipped."""
+    out = {}
+    for entry in header.split(","):
+        name, *params = (p.strip() for p in entry.split(";"))
+        for p in params:
+            if p.startswith("dur="):
+                try:
+                    out[f"{name}_ms"] = float(p[4:])
+                except ValueError:
+                    pass
+    return out
 
 
 async def _closed_loop(
@@ -593,6 +620,8 @@ async def run_images(cfg: ImagesBenchConfig, *, progress: bool = False) -> tuple
         max_keepalive_connections=None if cap is None else cap + 4,
     )
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    if cfg.raw_image:
+        headers["Accept"] = f"image/{cfg.output_format}"
     # trust_env=False: no proxy from the environment sits between bench and server
     async with httpx.AsyncClient(
         limits=limits, timeout=httpx.Timeout(cfg.timeout), trust_env=False
@@ -1013,6 +1042,9 @@ def add_images_args(parser: argparse.ArgumentParser) -> None:
     req.add_argument("--output-format", default="png", choices=["png", "jpeg", "webp"],
                      help="image encoding the server returns (default png)")
     req.add_argument("--model", default=None, help="model id (server default if unset)")
+    req.add_argument("--raw-image", action="store_true",
+                     help="send Accept: image/<output-format>: the answer is the image itself (no JSON, no base64) "
+                          "and the server's timings come in its Server-Timing header (n=1 only)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=None,

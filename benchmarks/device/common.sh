@@ -52,3 +52,26 @@ save_inductor_cache() {  # save_inductor_cache OUT
     echo "Inductor cache is $size bytes: over the 16 MB a returned file may have; not returned"
   fi
 }
+
+# serve_ready NAME PORT ARGS...: `fewstep serve --port PORT ARGS...` in the background (log $OUT/serve_NAME.log, pid in
+# $SERVER_PID), then wait up to $T_READY seconds (default 240) for /ready; returns 1, with the log's tail, if it never
+# got there. Stop it with `stop_server`.
+serve_ready() {
+  local name=$1 port=$2
+  shift 2
+  fewstep serve --port "$port" "$@" > "$OUT/serve_$name.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 "${T_READY:-240}"); do
+    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 1
+  done
+  if curl -sf "http://127.0.0.1:$port/ready" >/dev/null; then
+    stamp "server $name ready ($(grep -oE 'uvloop|asyncio' "$OUT/serve_$name.log" | head -1), $(grep -oE 'httptools|h11' "$OUT/serve_$name.log" | head -1))"
+    return 0
+  fi
+  echo "server $name not ready:"; tail -20 "$OUT/serve_$name.log"
+  return 1
+}
+
+stop_server() { kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; }

@@ -27,16 +27,8 @@ fi
 if wants http; then
   stamp "2. HTTP"
   MODEL=$(python -P -c "from fewstep.benchmarks.random_weights import build_random_checkpoint as b; import torch; print(b('$CFG', '$WORK/sd-turbo', torch.float16))" | tail -1)
-  fewstep serve --model "$MODEL" --model-name sd-turbo-random --device cuda --port $PORT --engine compiled \
-    --compile-buckets 1,16 --compile-sizes 512x512 --max-batch-size 16 --max-wait-ms 0 > "$OUT/serve.log" 2>&1 &
-  server=$!
-  for _ in $(seq 1 "${T_READY:-240}"); do
-    curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null && break
-    kill -0 $server 2>/dev/null || break
-    sleep 1
-  done
-  if curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; then
-    stamp "server ready"
+  if serve_ready sat $PORT --model "$MODEL" --model-name sd-turbo-random --device cuda --engine compiled \
+      --compile-buckets 1,16 --compile-sizes 512x512 --max-batch-size 16 --max-wait-ms 0; then
     timeout 60 fewstep bench images "http://127.0.0.1:$PORT" --concurrency 1 --num-requests 200 --warmup 10 \
       --size 512x512 --steps 1 --output-format jpeg --no-progress --out "$OUT/http_c1.json" 2>&1 | tail -34
     for c in 16 32 64; do
@@ -44,24 +36,20 @@ if wants http; then
         --size 512x512 --steps 1 --output-format jpeg --no-progress --out "$OUT/http_c$c.json" 2>&1 \
         | grep -iE "throughput|P50 E2E|P99 E2E|failed|completed|successful" | tee -a "$OUT/saturation.log"
     done
-  else
-    echo "server not ready:"; tail -20 "$OUT/serve.log"
   fi
-  kill $server; wait $server 2>/dev/null
+  stop_server
 fi
 
 if wants stream; then
   stamp "3. the embedded video model: our bench client against a bare websockets client, same server"
-  fewstep serve --model default-video --device cuda --port $((PORT + 1)) > "$OUT/serve_video.log" 2>&1 &
-  vserver=$!
-  for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$((PORT + 1))/ready" >/dev/null && break; sleep 1; done
+  serve_ready video $((PORT + 1)) --model default-video --device cuda
   for rep in 1 2; do
     timeout 60 fewstep bench plain-stream "ws://127.0.0.1:$((PORT + 1))/v1/stream" --frames 2000 2>&1 | tail -1 \
       | tee -a "$OUT/stream.log"
     timeout 60 fewstep bench stream "http://127.0.0.1:$((PORT + 1))" --sessions 1 --frames 2000 --fps 0 --no-progress \
       --out "$OUT/bench_stream_$rep.json" 2>&1 | grep -iE "fps|first frame" | tee -a "$OUT/stream.log"
   done
-  kill $vserver; wait $vserver 2>/dev/null
+  stop_server
 fi
 
 if wants tests; then

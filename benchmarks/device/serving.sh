@@ -31,24 +31,14 @@ fi
 serve_and_bench() {  # NAME PORT FLAGS...: a compiled server, then concurrency 1 and 4
   local name=$1 port=$2
   shift 2
-  fewstep serve --model "$MODEL" --model-name sd-turbo-random --device cuda --port "$port" --engine compiled \
-    --compile-buckets 1,4 --compile-sizes 512x512 --max-batch-size 4 "$@" > "$OUT/serve_$name.log" 2>&1 &
-  local server=$!
-  for _ in $(seq 1 "${T_READY:-240}"); do
-    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
-    kill -0 $server 2>/dev/null || break
-    sleep 1
-  done
-  if curl -sf "http://127.0.0.1:$port/ready" >/dev/null; then
-    stamp "server $name ready"
+  if serve_ready "$name" "$port" --model "$MODEL" --model-name sd-turbo-random --device cuda --engine compiled \
+      --compile-buckets 1,4 --compile-sizes 512x512 --max-batch-size 4 "$@"; then
     for c in 1 4; do
       timeout 60 fewstep bench images "http://127.0.0.1:$port" --concurrency $c --num-requests $((c * 60)) \
         --warmup 5 --size 512x512 --steps 1 --output-format jpeg --out "$OUT/http_${name}_c$c.json" 2>&1 | tail -14
     done
-  else
-    echo "server $name not ready:"; tail -20 "$OUT/serve_$name.log"
   fi
-  kill $server; wait $server 2>/dev/null
+  stop_server
 }
 
 if wants http; then

@@ -267,7 +267,9 @@ class CompiledPipeline:
             uncond = None
         n = len(generators)
         b = self._bucket(n)
-        key = ("denoise", b, height, width, steps, uncond is not None)
+        # with guidance adapters, a scale above 1 adds the adapters' scale input: a graph of its own (AGD)
+        agd = pipe.adapters is not None and guidance_scale > 1.0
+        key = ("denoise", b, height, width, steps, uncond is not None) + (("agd",) if agd else ())
         # NASA batches (negative conditioning in the cross-attention) run eager: the graphs hold the plain pass
         if nasa is not None or b is None or (height, width) not in self.sizes or steps not in self._denoise_fns:
             self._fallback(key + (("nasa",) if nasa is not None else ()))
@@ -298,11 +300,14 @@ class CompiledPipeline:
         from tqdm import tqdm
 
         pipe = self.pipe
-        cfg_modes = [False] + ([True] if pipe.uses_cfg(pipe.default_guidance) else [])
-        jobs = [(b, hw, s, c) for b in self.batch_buckets for hw in self.sizes for s in self.steps for c in cfg_modes]
+        # the guidance scales whose graphs differ: the model's default, and above 1 either CFG's doubled batch (when
+        # the default already guides) or the adapters' one pass
+        guidances = [pipe.default_guidance]
+        if pipe.uses_cfg(pipe.default_guidance) or (pipe.adapters is not None and pipe.default_guidance <= 1.0):
+            guidances.append(max(pipe.default_guidance, 2.0))
+        jobs = [(b, hw, s, g) for b in self.batch_buckets for hw in self.sizes for s in self.steps for g in guidances]
         t0 = time.perf_counter()
-        for b, (h, w), steps, cfg_on in tqdm(jobs, desc="compiling buckets", disable=not progress, unit="bucket"):
-            guidance = max(pipe.default_guidance, 2.0) if cfg_on else pipe.default_guidance
+        for b, (h, w), steps, guidance in tqdm(jobs, desc="compiling buckets", disable=not progress, unit="bucket"):
             self._run_bucket(b, h, w, steps, guidance, "warm-up")
         if self.cuda_graphs:
             torch.cuda.synchronize()

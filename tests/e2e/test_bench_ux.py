@@ -55,6 +55,22 @@ def test_bench_images_native_size_progress_and_plot(embedded_server, tmp_path):
     assert "plot written to" in p.stderr
 
 
+def test_bench_images_raw_image_answers(embedded_server, tmp_path):
+    """--raw-image: Accept: image/jpeg, the body is the image, the server's timings come from Server-Timing."""
+    out = tmp_path / "raw.json"
+    p = _bench("images", embedded_server.url, "--num-requests", "3", "--warmup", "1", "--raw-image",
+               "--output-format", "jpeg", "--no-progress", "--out", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    rep = json.loads(out.read_text())
+    assert rep["completed"] == 3 and rep["failed"] == 0
+    st = rep["server_timings"]
+    assert {"queue_ms", "decode_ms", "total_ms"} <= set(st), st
+    assert "serialize_ms" not in st  # no base64 on this path
+    assert st["total_ms"]["mean"] > 0
+    p = _bench("images", embedded_server.url, "--num-requests", "1", "--raw-image", "--n", "2", timeout=60)
+    assert p.returncode == 2 and "--raw-image answers hold one image" in p.stderr
+
+
 def test_bench_images_refuses_a_size_the_model_does_not_serve(embedded_server, tmp_path):
     p = _bench("images", embedded_server.url, "--size", "512x512", "--num-requests", "1", "--out",
                str(tmp_path / "x.json"), timeout=60)

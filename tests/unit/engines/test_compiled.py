@@ -44,6 +44,28 @@ def test_buckets_and_padding_match_eager(tiny_dir, name, size, steps, g):
     assert torch.equal(kept, first)
 
 
+def test_guidance_adapters_get_graphs_of_their_own(tiny_dir):
+    """With guidance adapters, a scale above 1 adds the adapters' scale input: warm-up captures that pass too, and the
+    plain pass's graphs never serve it (they have no such input)."""
+    from fewstep.engines.adapters import random_adapters
+
+    def with_adapters():
+        pipe = FewStepPipeline(load_checkpoint(tiny_dir / "sd_turbo"))
+        pipe.adapters = random_adapters(pipe.denoiser, rank=4, seed=0, std=0.3)
+        return pipe
+
+    eager = with_adapters()
+    cp = CompiledPipeline(with_adapters(), CompileConfig(compile=False, batch_buckets=[2], sizes=[(64, 64)], steps=[1]))
+    cp.warmup(progress=False)
+    n_graphs = len(cp._graphs)
+    for g in (0.0, 4.0):
+        a = _run(eager, ["a", "b"], [1, 2], 64, 1, g)
+        b = _run(cp, ["a", "b"], [1, 2], 64, 1, g)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, g
+    assert not np.array_equal(_run(cp, ["a"], [1], 64, 1, 0.0), _run(cp, ["a"], [1], 64, 1, 4.0))
+    assert len(cp._graphs) == n_graphs, "both guidance modes were captured at warm-up"
+
+
 def test_undeclared_shape_falls_back_to_eager(tiny_dir, caplog):
     eager = FewStepPipeline(load_checkpoint(tiny_dir / "pixel_dit"))
     cp = CompiledPipeline(FewStepPipeline(load_checkpoint(tiny_dir / "pixel_dit")),
