@@ -627,6 +627,12 @@ class EngineCore:
                      self.calibrated_unit_s[name] * 1e3, f"{self.config.batching.max_queue_seconds:g} s of work"
                      if self.config.batching.max_queue_seconds else f"{self.config.batching.max_queue_work:g} units")
 
+    def dead_reason(self) -> str | None:
+        """Why this engine can no longer serve (its thread died), or None; /health answers 503 with it."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stop:
+            return "the engine thread has stopped; see the server log"
+        return None
+
     def shutdown(self) -> None:
         for sched in self.streams.values():
             sched.close_all("shutdown")

@@ -87,7 +87,7 @@ def _serve_overrides(args) -> dict:
             "engine.batching.max_batch_size": args.max_batch_size,
             "engine.batching.max_wait_ms": args.max_wait_ms,
             "engine.batching.max_queue_seconds": args.max_queue_seconds, "engine.attention": args.attention,
-            "engine.backend": args.backend, "engine.threads": args.threads,
+            "engine.backend": args.backend, "engine.threads": args.threads, "engine_process": args.engine_process,
             "engine.stream.max_sessions": args.max_sessions,
             "engine.stream.max_batch_sessions": args.max_batch_sessions,
             "engine.stream.outbox_chunks": args.outbox_chunks,
@@ -113,6 +113,10 @@ def _serve(args) -> int:
     cfg = _serve_config(args)
     models = cfg.served_models()  # fail fast, with a one-line message, before the server starts
     if args.replicas is not None or args.max_replicas is not None:
+        if cfg.engine_process:
+            print("fewstep: --engine-process and --replicas do not combine yet (each Ray Serve replica runs its "
+                  "engine in-process); drop one", file=sys.stderr)
+            return 2
         return _serve_ray(args, cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -468,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attention", default=None,
                    help='DiT self-attention: "dense" (default) or "block_sparse(threshold=0.9,block=128)"')
     s.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's choice)")
+    s.add_argument("--engine-process", action="store_true", default=None,
+                   help="run the engine in a process of its own (ZeroMQ between the two), so that HTTP parsing, JSON "
+                        "and base64 never wait for the engine's Python thread; image models only (default off)")
     lim = s.add_argument_group("request limits (answered with 400 above them)")
     lim.add_argument("--max-n", type=int, default=None, help="images per request (default 16)")
     lim.add_argument("--max-side", type=int, default=None, help="largest width or height in pixels (default 2048)")

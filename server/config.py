@@ -79,6 +79,9 @@ class ServerConfig(BaseModel):
     limits: LimitsConfig = LimitsConfig()
     http: HTTPConfig = HTTPConfig()
     security: SecurityConfig = SecurityConfig()
+    engine_process: bool = Field(False, description="run the engine in a process of its own, beside the HTTP process "
+                                 "(engines/process.py; image models only): HTTP parsing, JSON and base64 never wait "
+                                 "for the engine's Python thread")
 
     def model_dir(self) -> Path:
         """The directory of ``model`` (the embedded image model when unset)."""
@@ -127,6 +130,7 @@ _ENV = {  # variable -> (path in the tree, type)
     "FEWSTEP_MAX_WAIT_MS": ("engine.batching.max_wait_ms", float),
     "FEWSTEP_MAX_QUEUE_SECONDS": ("engine.batching.max_queue_seconds", float),
     "FEWSTEP_THREADS": ("engine.threads", int),
+    "FEWSTEP_ENGINE_PROCESS": ("engine_process", _flag),
     "FEWSTEP_MAX_SESSIONS": ("engine.stream.max_sessions", int),
     "FEWSTEP_MAX_BATCH_SESSIONS": ("engine.stream.max_batch_sessions", int),
     "FEWSTEP_OUTBOX_CHUNKS": ("engine.stream.outbox_chunks", int),

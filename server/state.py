@@ -8,6 +8,7 @@ import time
 
 from fewstep.engines.core import AsyncEngine, EngineCore, EngineError
 from fewstep.engines.loading import model_kind
+from fewstep.engines.process import EngineProcess
 
 from .config import ServerConfig
 from .metrics import Metrics
@@ -17,6 +18,21 @@ log = logging.getLogger("fewstep.server")
 
 class ConfigError(ValueError):
     """A configuration the server cannot serve, found before anything loads; the CLI prints it and exits 2."""
+
+
+def check_engine_process(config: ServerConfig, models: list) -> None:
+    """--engine-process serves image models (engines/process.py): refuse a video model before anything loads."""
+    if not config.engine_process:
+        return
+    try:
+        videos = [name for name, path in models if model_kind(path) == "video"]
+    except ValueError as e:  # CheckpointError (no such model directory) included
+        raise ConfigError(str(e)) from None
+    if videos:
+        hint = " (fewstep serve without --model serves the embedded video model too; pass --model default)" \
+            if config.model is None else ""
+        raise ConfigError(f"--engine-process serves image models only, and {', '.join(videos)} is a video model"
+                          f"{hint}; serve video models without --engine-process")
 
 
 def check_backend(config: ServerConfig, models: list) -> None:
@@ -42,11 +58,13 @@ class AppState:
         self.config = config
         self.metrics = Metrics()
         self.engine: AsyncEngine | None = None
-        self.core: EngineCore | None = None
+        self.core: EngineCore | EngineProcess | None = None
+        self._process: EngineProcess | None = None  # with engine_process, from the start of loading
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.started = int(time.time())
         self.models = config.served_models()
+        check_engine_process(config, self.models)
         check_backend(config, self.models)  # before anything loads: a refusal is a one-line error, not a bad /ready
         self.model_name = self.models[0][0]   # the default model: /health, /ready and request metrics name it
         # per model, for /ready: queued -> loading -> warming (all loaded, warm-up running) -> ready | failed
@@ -73,47 +91,50 @@ class AppState:
 
     def load(self) -> None:
         """Load the models, warm them up, start the engine thread. Runs in a background thread at start-up so that
-        /health answers at once and /ready turns true only when requests will be fast."""
-        import torch
-
-        from fewstep.engines.backends.factory import make_runner
-
+        /health answers at once and /ready turns true only when requests will be fast. With ``engine_process`` the
+        engine runs in a process of its own (engines/process.py) and this thread waits for it."""
         try:
-            ecfg = self.config.engine
-            if ecfg.threads:
-                torch.set_num_threads(ecfg.threads)
-            device = ecfg.resolve_device()
-            dtype = ecfg.resolve_dtype(device)
-            t0 = time.perf_counter()
-            pipes = {}
-            for name, path in self.models:
-                self.model_states[name] = "loading"
-                pipes[name] = make_runner(path, ecfg, device, dtype, name)
-                self.model_states[name] = "loaded"
-            built = sum(r.compile_seconds for r in pipes.values())
-            self.compile_seconds = built or None
-            t1 = time.perf_counter()
-            core = EngineCore(pipes, ecfg)
-            self.model_states.update({name: "warming" for name in pipes})
-            if ecfg.warmup:
-                core.warmup()
-            t2 = time.perf_counter()
+            if self.config.engine_process:
+                self._load_engine_process()
+                return
+            from fewstep.engines.process import build_core
+
+            core, compile_s = build_core(self.models, self.config.engine, self.model_states.__setitem__)
+            self.compile_seconds = compile_s or None
             core.observer = self.metrics  # attach after warm-up: warm-up requests are not traffic
             core.start()
             self.core, self.engine = core, AsyncEngine(core)
-            log.info("%s loaded on %s/%s in %.1f s (compilation included), warm-up %.1f s", ", ".join(
-                f"{p.capabilities.kind} model {n}" for n, p in pipes.items()), device,
-                str(dtype).removeprefix("torch."), t1 - t0, t2 - t1)
-            self.model_states.update({name: "ready" for name in pipes})
+            self.model_states.update({name: "ready" for name in core.pipelines})
             self.ready.set()
         # Last-resort boundary of the loader thread: whatever fails (SystemExit from a missing embedded model
         # included) turns /health 503 (restart me); the details go to the log only, because the exception's text can
         # hold paths and allocator messages.
         except BaseException:  # noqa: BLE001
             log.exception("model load failed")
-            self.model_states.update({n: "failed" for n, st in self.model_states.items() if st != "queued"})
-            self.load_error = "the model failed to load; see the server log"
+            self._failed()
+
+    def _failed(self) -> None:
+        self.model_states.update({n: "failed" for n, st in self.model_states.items() if st != "queued"})
+        self.load_error = "the model failed to load; see the server log"
+
+    def _load_engine_process(self) -> None:
+        from fewstep.engines.process import EngineProcess
+
+        proc = self._process = EngineProcess(
+            [(n, str(p)) for n, p in self.models], self.config.engine, observer=self.metrics,
+            on_state=self.model_states.__setitem__, request_timeout_s=self.config.engine.batching.request_timeout_s,
+            encode_workers=self.config.engine.encode_workers)
+        if not proc.wait_ready():
+            log.error("model load failed in the engine process (its log is above)")
+            self._failed()
+            return
+        self.compile_seconds = proc.compile_seconds or None
+        self.core = self.engine = proc
+        self.model_states.update({name: "ready" for name in proc.pipelines})
+        self.ready.set()
 
     def shutdown(self) -> None:
         if self.core:
             self.core.shutdown()
+        elif self._process is not None:  # still loading: stop it (killed if it cannot read "stop" in time)
+            self._process.shutdown(timeout=5)

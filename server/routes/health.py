@@ -15,10 +15,7 @@ def dead_reason(state) -> str | None:
     """Why this process can no longer serve (an orchestrator should restart it), or None."""
     if state.load_error:
         return "the model failed to load; see the server log"
-    thread = getattr(state.core, "_thread", None)
-    if thread is not None and not thread.is_alive() and not getattr(state.core, "_stop", False):
-        return "the engine thread has stopped; see the server log"
-    return None
+    return None if state.core is None else state.core.dead_reason()
 
 
 @router.get("/health", response_model=HealthResponse, responses={

@@ -1,4 +1,5 @@
-"""Disconnects and deadlines against a real `fewstep serve`: work left behind by its client never runs."""
+"""Disconnects and deadlines against a real `fewstep serve`: work left behind by its client never runs. Both with the
+engine in the server's process and in a process of its own (--engine-process: aborts cross ZeroMQ)."""
 
 import re
 import time
@@ -16,10 +17,11 @@ def _metric(text: str, pattern: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-@pytest.fixture(scope="module")
-def server(tiny_dir):
+@pytest.fixture(scope="module", params=["in-process", "engine-process"])
+def server(tiny_dir, request):
+    extra = ["--engine-process"] if request.param == "engine-process" else []
     srv = ServerProcess(["--model", str(tiny_dir / "sd_turbo"), "--device", "cpu", "--threads", "1",
-                         "--max-batch-size", "16", "--max-wait-ms", "1"])
+                         "--max-batch-size", "16", "--max-wait-ms", "1", *extra])
     yield srv
     srv.stop()
 

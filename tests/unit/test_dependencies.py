@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ("server", "engines", "kernels", "clients", "benchmarks", "training")
 # import name -> distribution name, where they differ
-DIST = {"PIL": "pillow", "prometheus_client": "prometheus-client", "tensorrt_rtx": "tensorrt-rtx", "yaml": "pyyaml"}
+DIST = {"PIL": "pillow", "prometheus_client": "prometheus-client", "tensorrt_rtx": "tensorrt-rtx", "yaml": "pyyaml", "zmq": "pyzmq"}
 # Imports that are optional at run time: each is inside a try/except ImportError (or behind a flag) and names what to
 # install. torchvision: nvjpeg encoding where the GPU host's torch has it; tensorrt: full TensorRT where installed.
 OPTIONAL = {"torchvision", "tensorrt"}

@@ -79,11 +79,14 @@ def test_health_answers_503_when_the_engine_thread_died_or_the_load_failed():
 
     app = FastAPI()
     app.include_router(health.router)
+    from fewstep.engines.core import EngineCore
+
     dead = threading.Thread(target=lambda: None)
     dead.start()
     dead.join()
-    app.state.fewstep = SimpleNamespace(load_error=None, core=SimpleNamespace(_thread=dead, _stop=False),
-                                        model_name="m", ready=threading.Event())
+    core = object.__new__(EngineCore)  # only what dead_reason reads: a thread that died, not stopped on purpose
+    core._thread, core._stop = dead, False
+    app.state.fewstep = SimpleNamespace(load_error=None, core=core, model_name="m", ready=threading.Event())
     client = TestClient(app)
     assert client.get("/health").status_code == 503
     app.state.fewstep.core = None
