@@ -2,8 +2,9 @@
 # Device run: what the HTTP path adds at concurrency 1, SD-Turbo's architecture (random weights), 512x512, 1 step,
 # JPEG, the compiled engine (bucket 1), the checkpoint's VAE and TAESD (AutoencoderTiny, random weights).
 #  pipeline  in-process batch 1, both decoders (fills Inductor's cache for the servers)
-#  http      per decoder, one server (--max-batch-size 1 --max-wait-ms 0): 300 requests as JSON (base64), then 300
-#            with Accept: image/jpeg (`--raw-image`: the image is the body, timings in Server-Timing); each report
+#  http      per decoder and per engine placement (MODES, default "inproc process": in the server's process, then
+#            --engine-process), one server (--max-batch-size 1 --max-wait-ms 0): 300 requests as JSON (base64), then
+#            300 with Accept: image/jpeg (`--raw-image`: the image is the body, timings in Server-Timing); each report
 #            carries the request's waterfall
 # The serve log names the event loop and HTTP parser (uvloop/httptools when .whl carries them).
 # Usage (repo root, on the device, after `pip install .`):
@@ -27,20 +28,23 @@ if wants http; then
   stamp "2. HTTP, concurrency 1"
   MODEL=$(python -P -c "from fewstep.benchmarks.random_weights import build_random_checkpoint as b; import torch; print(b('$CFG', '$WORK/sd-turbo', torch.float16))" | tail -1)
   for vae in own taesd; do
-    extra=()
-    [ "$vae" = taesd ] && extra=(--vae "$WORK/vae-taesd")
-    if serve_ready "$vae" $PORT --model "$MODEL" --model-name sd-turbo-random --device cuda --engine compiled \
-        --compile-buckets 1 --compile-sizes 512x512 --max-batch-size 1 --max-wait-ms 0 "${extra[@]}"; then
-      for answer in json raw; do
-        flag=()
-        [ "$answer" = raw ] && flag=(--raw-image)
-        timeout 90 fewstep bench images "http://127.0.0.1:$PORT" --concurrency 1 --num-requests 300 --warmup 20 \
-          --size 512x512 --steps 1 --output-format jpeg --no-progress "${flag[@]}" \
-          --out "$OUT/http_${vae}_${answer}_c1.json" 2>&1 | tail -40 \
-          | tee -a "$OUT/http.log"
-      done
-    fi
-    stop_server
+    for mode in ${MODES:-inproc process}; do
+      extra=()
+      [ "$vae" = taesd ] && extra+=(--vae "$WORK/vae-taesd")
+      [ "$mode" = process ] && extra+=(--engine-process)
+      if serve_ready "${vae}_$mode" $PORT --model "$MODEL" --model-name sd-turbo-random --device cuda \
+          --engine compiled --compile-buckets 1 --compile-sizes 512x512 --max-batch-size 1 --max-wait-ms 0 \
+          "${extra[@]}"; then
+        for answer in json raw; do
+          flag=()
+          [ "$answer" = raw ] && flag=(--raw-image)
+          timeout 90 fewstep bench images "http://127.0.0.1:$PORT" --concurrency 1 --num-requests 300 --warmup 20 \
+            --size 512x512 --steps 1 --output-format jpeg --no-progress "${flag[@]}" \
+            --out "$OUT/http_${vae}_${mode}_${answer}_c1.json" 2>&1 | tail -40 | tee -a "$OUT/http.log"
+        done
+      fi
+      stop_server
+    done
   done
 fi
 

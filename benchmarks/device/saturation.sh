@@ -7,6 +7,7 @@
 #  stream    the embedded video model, one unpaced session of 2,000 frames, read by `fewstep bench stream` and by a
 #            bare websockets client (`fewstep bench plain-stream`), twice each, same server
 #  tests     the compiled-vs-eager GPU tests (PSNR against eager)
+# SERVE_EXTRA: more flags for the HTTP server, e.g. SERVE_EXTRA=--engine-process.
 # Usage (repo root, on the device, after `pip install .`):
 #   FEWSTEP_COMMIT=<sha> PARTS="pipeline http" bash benchmarks/device/saturation.sh $OUT
 source "$(dirname "$0")/common.sh"
@@ -28,7 +29,7 @@ if wants http; then
   stamp "2. HTTP"
   MODEL=$(python -P -c "from fewstep.benchmarks.random_weights import build_random_checkpoint as b; import torch; print(b('$CFG', '$WORK/sd-turbo', torch.float16))" | tail -1)
   if serve_ready sat $PORT --model "$MODEL" --model-name sd-turbo-random --device cuda --engine compiled \
-      --compile-buckets 1,16 --compile-sizes 512x512 --max-batch-size 16 --max-wait-ms 0; then
+      --compile-buckets 1,16 --compile-sizes 512x512 --max-batch-size 16 --max-wait-ms 0 ${SERVE_EXTRA:-}; then
     timeout 60 fewstep bench images "http://127.0.0.1:$PORT" --concurrency 1 --num-requests 200 --warmup 10 \
       --size 512x512 --steps 1 --output-format jpeg --no-progress --out "$OUT/http_c1.json" 2>&1 | tail -34
     for c in 16 32 64; do
