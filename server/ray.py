@@ -154,7 +154,9 @@ def _dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class _ReplicaHeader:
-    """Names the answering replica on every HTTP response (clients and tests see where a request went)."""
+    """Names the answering replica on every HTTP response (clients and tests see where a request went), and leaves
+    X-Request-Id to Ray's proxy: the proxy hands the replica its request id (the client's, or its own) as the request
+    header, which our guard echoes, and then adds the same header to the response itself, so it came back twice."""
 
     def __init__(self, app, replica: str):
         self.app, self.value = app, replica.encode()
@@ -165,7 +167,8 @@ class _ReplicaHeader:
 
         async def send_named(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), (b"x-fewstep-replica", self.value)]}
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-fewstep-replica", self.value)]}
             await send(message)
 
         await self.app(scope, receive, send_named)

@@ -108,6 +108,17 @@ def test_stream_and_its_viewers_stay_on_their_replica(ray_defaults):
     assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
 
 
+def test_one_request_id_per_response(ray_defaults):
+    """The client's X-Request-Id (or Ray's own) comes back once, on answers and on refusals alike."""
+    for method, path, body in (("GET", "/health", None), ("POST", "/v1/images/generations", {"prompt": 5})):
+        for given in ("abc123", None):
+            r = httpx.request(method, ray_defaults.url + path, json=body, timeout=30,
+                              headers={"X-Request-Id": given} if given else {})
+            ids = [v for k, v in r.headers.raw if k.lower() == b"x-request-id"]
+            assert len(ids) == 1, (path, r.headers.raw)
+            assert given is None or ids[0] == given.encode()
+
+
 def test_realtime_socket_through_the_proxy(ray_defaults):
     import json
 
