@@ -517,7 +517,9 @@ def short_table(rows: list[dict], http: list[dict], streams: list[dict]) -> str:
                        ("wan", "stream, Wan2.1-1.3B arch. 832×480, 1 session")):
         one = [r for r in streams if name in served_model(r) and r["config"]["sessions"] == 1]
         if one:
-            r = min(one, key=lambda r: r["config"]["frames"])
+            # the newest run: the embedded video model changed (StreamDiT until 2026-11-30, StreamUNet since), and
+            # an older, faster row would describe a model that no longer ships
+            r = max(one, key=lambda r: (r["date_utc"], -r["config"]["frames"]))
             out.append(f"| {what} (`fewstep bench stream`) | {r['_gpu'].replace('_', ' ')} | **{r['aggregate_fps']:.1f} frames/s** | "
                        f"first frame {_fmt((r['ttff_ms'] or {}).get('p50'))} ms | {r['date_utc'][:10]}, "
                        f"{(r.get('git_commit') or '–')[:7]} |")
