@@ -16,6 +16,10 @@ passes, for comparison). Same prompts and seeds for every setting. Writes OUT.js
 a picture grid (rows: colour-free prompts, then red-named prompts; columns: settings).
 
     fewstep bench nasa-quality --out benchmarks/results/kernels/quality_nasa_cpu.json --grid docs/images/nasa_red.png
+
+``--video``: the same three sets from held-out *video* captions, streamed by the embedded video model (one session
+per prompt, the negative prompt and its NASA scale given at ``start``); every one of the first ``--frames`` frames
+of each stream is scored. The grid shows each stream's last scored frame.
 """
 
 from __future__ import annotations
@@ -45,7 +49,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=Path, default=None, help="PNG picture grid (colour-free, then red-named prompts x settings)")
     p.add_argument("--grid-rows", type=int, default=8, help="prompts in the grid (default 8)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--video", action="store_true",
+                   help="streams of the video model (default: the embedded one) instead of images; CFG is not run "
+                        "(streams take NASA only)")
+    p.add_argument("--frames", type=int, default=16, help="with --video: frames scored per stream (default 16)")
     return p
+
+
+def stream_frames(pipe, prompts: list[str], seeds: list[int], frames: int, negative: str | None,
+                  alpha: float | None):
+    """The first ``frames`` frames ([frames, H, W, 3] uint8 each) the engine streams for each prompt (one session
+    per prompt, seed ``seeds[i]``, all stepped together), with ``negative`` steered away from at NASA scale
+    ``alpha`` (None: no negative prompt)."""
+    import numpy as np
+
+    from fewstep.engines.config import EngineConfig, StreamConfig
+    from fewstep.engines.core import EngineCore
+    from fewstep.engines.stream import StreamStart
+
+    n = len(prompts)
+    core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig(max_sessions=n, max_batch_sessions=n)))
+    try:
+        sessions = [core.open_stream(StreamStart(prompt=p, seed=s, fps=0, format="raw",
+                                                 negative_prompt=negative if alpha is not None else None,
+                                                 nasa_scale=alpha))
+                    for p, s in zip(prompts, seeds)]
+        got: list[list] = [[] for _ in prompts]
+        while any(sum(len(c) for c in g) < frames for g in got):
+            core.stream_step()
+            for s, g in zip(sessions, got):  # read every step: an unread outbox drops its oldest chunks
+                while (c := s.owner.take()) is not None:
+                    g.append(c.frames)
+    finally:
+        core.shutdown()
+    return [np.concatenate(g)[:frames] for g in got]
 
 
 _COLOR_WORD = None
@@ -100,16 +137,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.video:
+        return video_main(args)
     model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     pipe = FewStepPipeline(load_checkpoint(model))
     if "nasa" not in pipe.guidance_modes:
         print(f"{model}: no NASA (guidance modes {pipe.guidance_modes})")
         return 2
     pool = heldout_prompts(8 * args.n, args.seed)
-    free = [colour_free(c) for c in pool[: args.n]]
-    named = [c for c in pool if not re.search(rf"\b{args.negative}\b", c)][: args.n]
-    first = re.compile(rf"^an? (?:small |large )?{args.negative} ")
-    conflict = [c for c in pool if first.match(c)][: args.n]
+    free, named, conflict = _sets(pool, args.n, args.negative)
     seeds = list(range(args.seed, args.seed + args.n))  # enough for every set: each holds at most n prompts
     alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
     settings = [("none", None, None)] + [(f"nasa {a:g}", a, None) for a in alphas]
@@ -157,6 +193,77 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid:
         half = args.grid_rows // 2
         _grid(args.grid, grid_cols, free[:half] + conflict[: args.grid_rows - half])
+        print(f"wrote {args.grid}")
+    return 0
+
+
+def _sets(captions: list[str], n: int, negative: str) -> tuple[list[str], list[str], list[str]]:
+    """(colour-free, naming no ``negative``, first object ``negative``) prompt sets of at most ``n`` each."""
+    free = [colour_free(c) for c in captions[:n]]
+    named = [c for c in captions if not re.search(rf"\b{negative}\b", c)][:n]
+    first = re.compile(rf"^an? (?:small |large )?{negative} ")
+    conflict = [c for c in captions if first.match(c)][:n]
+    return free, named, conflict
+
+
+def video_main(args) -> int:
+    import numpy as np
+    import torch
+
+    from fewstep.benchmarks.quality import adherence
+    from fewstep.engines.loading import load_checkpoint
+    from fewstep.engines.stream import StreamPipeline
+    from fewstep.server.config import DEFAULT_VIDEO_MODEL_DIR
+    from fewstep.training import data as D
+
+    model = Path(args.model) if args.model else DEFAULT_VIDEO_MODEL_DIR
+    pipe = StreamPipeline(load_checkpoint(model))
+    if "nasa" not in pipe.guidance_modes:
+        print(f"{model}: no NASA (guidance modes {pipe.guidance_modes})")
+        return 2
+    rng = np.random.default_rng(args.seed)
+    free, named, conflict = _sets([D.sample_video_scene(rng, "heldout").caption for _ in range(12 * args.n)],
+                                  args.n, args.negative)
+    seeds = list(range(args.seed, args.seed + args.n))
+    settings = [("none", None)] + [(f"nasa {float(a):g}", float(a)) for a in args.alphas.split(",") if a.strip()]
+
+    def run(prompts, alpha):
+        return stream_frames(pipe, prompts, seeds[:len(prompts)], args.frames, args.negative, alpha)
+
+    rows, grid_cols = [], []
+    t0 = time.perf_counter()
+    for name, alpha in settings:
+        t = time.perf_counter()
+        vids_free = run(free, alpha)
+        share, any_red, per_image = red_share([f for v in vids_free for f in v], args.negative)
+        vids_named = run(named, alpha)
+        adh = adherence([f for v in vids_named for f in v], [p for p in named for _ in range(args.frames)])
+        vids_conflict = run(conflict, alpha)
+        conflict_share = red_share([f for v in vids_conflict for f in v], args.negative)[0]
+        row = {"setting": name, "nasa_scale": alpha, "negative": args.negative, "red_object_share": share,
+               "frames_with_red": any_red, "objects_per_frame": per_image, "adherence": adh,
+               "conflict_red_object_share": conflict_share, "conflict_n": len(conflict),
+               "seconds": time.perf_counter() - t}
+        rows.append(row)
+        half = args.grid_rows // 2
+        grid_cols.append((name, np.stack([v[-1] for v in vids_free[:half] + vids_conflict[:args.grid_rows - half]])))
+        print(f"{name:10s} red objects {share:6.1%}  frames with red {any_red:6.1%}  objects/frame {per_image:4.2f}  "
+              f"strict adherence {adh['accuracy']:6.1%}  colours {adh['colors']:6.1%}  "
+              f"red-named prompts: red objects {conflict_share:6.1%}  ({row['seconds']:.0f} s)", flush=True)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _commit(), "command": "fewstep bench nasa-quality " + " ".join(sys.argv[1:]),
+            "env": {"device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+                              "threads)", "torch": torch.__version__, "python": platform.python_version()},
+            "model": str(model), "video": True, "n": args.n, "frames": args.frames, "seed": args.seed,
+            "sets": {"colour_free": len(free), "no_red": len(named), "red_first": len(conflict)},
+            "colour_free_examples": free[:4], "wall_seconds": time.perf_counter() - t0}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    if args.grid:
+        half = args.grid_rows // 2
+        _grid(args.grid, grid_cols, free[:half] + conflict[:args.grid_rows - half], scale=4)
         print(f"wrote {args.grid}")
     return 0
 
