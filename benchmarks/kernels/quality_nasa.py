@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -113,15 +112,10 @@ def red_share(images, colour: str) -> tuple[float, float, float]:
 
 
 def _commit() -> str:
-    """Short hash of the checkout that runs this (+dirty with uncommitted changes); "unknown" outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout
-        return head + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The measured checkout's commit (``FEWSTEP_COMMIT`` first; fewstep.clients.bench_util.git_commit)."""
+    from fewstep.clients.bench_util import git_commit
+
+    return git_commit(where=Path(__file__).resolve().parent) or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
