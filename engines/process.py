@@ -327,7 +327,7 @@ class EngineProcess:
         return self._pool.submit(fn, *args)
 
     def alive(self) -> bool:
-        return self.proc.poll() is None and not self.failed
+        return self.proc.poll() is None and not self.failed and self._reader.is_alive()
 
     def dead_reason(self) -> str | None:
         if self.stopping or self.alive():
@@ -383,6 +383,16 @@ class EngineProcess:
                                                                                        "engine_stopped")))
 
     def _read(self) -> None:
+        try:
+            self._read_loop()
+        # Last-resort boundary of the result reader: if it dies, no answer can arrive any more; fail what waits and
+        # let /health say so (dead_reason), rather than leave requests to their deadlines.
+        except Exception:  # noqa: BLE001
+            log.exception("engine process: the result reader failed")
+            self.failed = True
+            self._fail_pending("the engine process's answers can no longer be read; the server must be restarted")
+
+    def _read_loop(self) -> None:
         import zmq
 
         poller = zmq.Poller()

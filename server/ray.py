@@ -185,6 +185,8 @@ class FewstepReplica:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.fewstep_replica = serve.get_replica_context().replica_id.unique_id
         cfg = RayAppConfig(server=server).server_config()
+        if cfg.engine_process:  # the replica reads its engine's queue in-process (record_routing_stats)
+            raise ValueError("server.engine_process is not supported on Ray Serve replicas yet; leave it false")
         stream = cfg.engine.stream.model_copy(update={"session_id_prefix": self.fewstep_replica})
         cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"stream": stream})})
         # load_async=False: the lifespan (run by Ray before the replica takes traffic) waits for load and warm-up
