@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from fewstep.benchmarks.processes import fewstep_command, free_port
 from fewstep.clients.bench_util import git_commit
 
 SCENARIOS = {
@@ -55,18 +56,6 @@ GOAL_CHURN_RSS = 32 * MiB     # RSS growth over the second half of the stream co
 
 
 # ---- processes and probes ----------------------------------------------------------------------------------------
-
-def fewstep_command() -> list[str]:
-    """The installed console script beside this interpreter (never `python -m` from the repository root)."""
-    script = Path(sys.executable).with_name("fewstep")
-    return [str(script)] if script.is_file() else [sys.executable, "-P", "-m", "fewstep.server.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:

@@ -190,6 +190,40 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+# The two ends of diffusers' AttnProcessor2_0, shared by the processors here and in nasa_processor.py, which
+# reproduce its arithmetic around their own attention core.
+
+
+def processor_prologue(attn, hidden_states: torch.Tensor, temb: torch.Tensor | None):
+    """Input side of AttnProcessor2_0: spatial norm, [B, C, H, W] -> [B, H*W, C], group norm.
+
+    Returns (hidden_states [B, N, C], the residual, the input's image shape (B, C, H, W) or None for 3-D input).
+    """
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    image_shape = None
+    if hidden_states.ndim == 4:
+        image_shape = hidden_states.shape
+        batch, channel, height, width = image_shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, residual, image_shape
+
+
+def processor_epilogue(attn, out: torch.Tensor, residual: torch.Tensor, image_shape) -> torch.Tensor:
+    """Output side of AttnProcessor2_0 for the heads merged back ([B, N, H*D]): output projection and dropout,
+    back to the input's image shape, residual connection, output rescale."""
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    if image_shape is not None:
+        out = out.transpose(-1, -2).reshape(image_shape)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
 def _kernel_module():
     from . import block_sparse_attention
 
@@ -418,17 +452,8 @@ class BlockSparseAttnProcessor:
 
     def _attention_forward(self, attn, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         # mirrors AttnProcessor2_0 for self-attention without a mask
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        hidden_states, residual, image_shape = processor_prologue(attn, hidden_states, temb)
         batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
         perm, inv = self._permutation(hidden_states.shape[1], hidden_states.device)
         if perm is not None:
             hidden_states = hidden_states.index_select(1, perm)
@@ -448,13 +473,7 @@ class BlockSparseAttnProcessor:
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         if inv is not None:
             out = out.index_select(1, inv)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return processor_epilogue(attn, out, residual, image_shape)
 
 
 def _is_self_attention(name: str, module) -> bool:

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from .attention_processor import _interpreting, processor_epilogue, processor_prologue
 
 __all__ = ["NasaAttnProcessor", "NasaState", "disable_nasa", "enable_nasa", "nasa_state"]
 
@@ -66,10 +67,6 @@ class NasaState:
             self.neg = self.alpha = self.neg_mask = self.pos_mask = None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
 def _prefix_lengths(mask: torch.Tensor | None, n: int) -> torch.Tensor | None | bool:
     """Per-row key counts of a right-padded 0/1 mask; False when the mask is not a prefix mask."""
     if mask is None:
@@ -96,14 +93,8 @@ class NasaAttnProcessor:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         st.calls += 1
         # mirrors AttnProcessor2_0 for cross-attention, with a second key/value set
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch, seq_len, _ = hidden_states.shape
+        hidden_states, residual, image_shape = processor_prologue(attn, hidden_states, temb)
+        batch = hidden_states.shape[0]
         neg, alpha, neg_mask = st.neg, st.alpha, st.neg_mask
         if batch != neg.shape[0]:
             # models that fold frames into the batch (StreamUNet: [B*T] rows, text repeated per frame) see each
@@ -117,8 +108,6 @@ class NasaAttnProcessor:
         if attention_mask is not None:
             pos_bias = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
             pos_bias = pos_bias.view(batch, attn.heads, -1, pos_bias.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
         neg = neg.to(encoder_hidden_states.dtype)
@@ -151,13 +140,7 @@ class NasaAttnProcessor:
             out = pos - alpha.to(pos.dtype).view(-1, 1, 1, 1) * negative
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return processor_epilogue(attn, out, residual, image_shape)
 
     def _kernel(self, q, k, v, kn, vn, alpha, attention_mask, neg_mask) -> torch.Tensor | None:
         """The fused kernel's output, or None where it does not apply (the caller runs two SDPA calls)."""

@@ -1,18 +1,16 @@
 import os
-import socket
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import pytest
 
+from fewstep.benchmarks.processes import fewstep_command, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-# How tests run fewstep in a subprocess: the installed console script, as a user would. Never `python -m ...` from the
-# repository root, which puts the root on sys.path, where our kernels/ folder shadows PyPI's `kernels`.
-_SCRIPT = Path(sys.executable).with_name("fewstep")
-FEWSTEP = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-P", "-m", "fewstep.server.cli"]
+# How tests run fewstep in a subprocess: the installed console script, as a user would.
+FEWSTEP = fewstep_command()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 try:  # Triton kernels decorate at import: without CUDA they must see the interpreter flag before anything (diffusers
     import torch  # included) imports triton, whatever order pytest collects the modules in
@@ -48,12 +46,6 @@ def tiny_dir(tmp_path_factory):
     for name, build in tiny_models.BUILDERS.items():
         build(root / name)
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

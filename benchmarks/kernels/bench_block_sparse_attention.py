@@ -20,13 +20,10 @@ Runs from the repo root without fewstep being installed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import importlib.util
-import json
 import math
 import os
-import platform
 import sys
 import time
 import types
@@ -90,7 +87,13 @@ def _import_kernels():
 
 
 _import_kernels()
-import triton  # noqa: E402
+try:
+    from fewstep.benchmarks.kernels.common import BenchRun
+except ImportError:  # run by path from a checkout without fewstep installed: load it from this folder
+    _spec = importlib.util.spec_from_file_location("_kernel_bench_common", Path(__file__).with_name("common.py"))
+    _common = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_common)
+    BenchRun = _common.BenchRun
 
 from fewstep.kernels import attention_processor as ap  # noqa: E402
 from fewstep.kernels import block_sparse_attention as bsa  # noqa: E402
@@ -99,53 +102,19 @@ from fewstep.kernels.reference import attention_ref, block_sparse_attention_ref,
 
 SMOKE = ARGS.cpu_smoke
 DEVICE = "cpu" if SMOKE else "cuda"
-T0 = time.perf_counter()
-ROWS: list[dict] = []
+RUN = BenchRun(SMOKE)
+ENV, ROWS, FAILURES = RUN.env, RUN.rows, RUN.failures
+log, bench_ms = RUN.log, RUN.bench_ms
 SUMMARY: list[str] = []
-FAILURES: list[str] = []
 
 
 def remaining_s() -> float:
-    return ARGS.budget_s - (time.perf_counter() - T0)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
-
-
-def env_info() -> dict:
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "smoke": SMOKE,
-    }
-
-
-ENV = env_info()
+    return ARGS.budget_s - RUN.elapsed_s()
 
 
 def add_row(section, provider, ms, *, B=1, H=0, n_q=0, n_k=0, D=0, dtype="bf16", tflops=None, **extra):
-    ROWS.append({
-        **{k: ENV[k] for k in ("gpu", "date", "torch", "triton")},
-        "section": section, "provider": provider,
-        "shape": {"B": B, "H": H, "Nq": n_q, "Nk": n_k, "D": D, "dtype": dtype},
-        "ms": ms, "tflops": tflops, **extra,
-    })
-
-
-def bench_ms(fn) -> float:
-    """Median ms (triton.testing.do_bench: warm-up, L2 flush). CPU smoke: one timed call."""
-    if SMOKE:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    fn()  # compile / autotune outside the timed region
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    RUN.add_row(section=section, provider=provider,
+                shape={"B": B, "H": H, "Nq": n_q, "Nk": n_k, "D": D, "dtype": dtype}, ms=ms, tflops=tflops, **extra)
 
 
 def attn_tflops(B, H, n_q, n_k, D, ms, density=1.0) -> float:
@@ -200,8 +169,7 @@ def check_case(name, q, k, v, mask, bm, bn):
     print(f"  {status} {name:<44} err {err:.2e}  torch {err_t:.2e}  bound {2 * err_t + atol:.2e}")
     if not ok:
         FAILURES.append(name)
-    ROWS.append({**{k: ENV[k] for k in ("gpu", "date", "torch", "triton")}, "section": "a", "case": name,
-                 "status": status, "err": err, "err_torch": err_t, "atol": atol})
+    RUN.add_row(section="a", case=name, status=status, err=err, err_torch=err_t, atol=atol)
 
 
 def section_a():
@@ -605,15 +573,8 @@ def bench_wan(fn) -> float:
 
 def write_json(quiet: bool = False):
     # after every section too: a run cut short by its time limit keeps what it measured
-    if ARGS.out is None:
-        return
-    ARGS.out.mkdir(parents=True, exist_ok=True)
-    path = ARGS.out / "bench_block_sparse_attention.json"
-    path.write_text(json.dumps({"env": ENV, "args": {k: str(v) for k, v in vars(ARGS).items()},
-                                "tile_configs": {d: c.__dict__ for d, c in bsa.TILE_CONFIGS.items()},
-                                "failures": FAILURES, "rows": ROWS}, indent=1))
-    if not quiet:
-        log(f"wrote {path}")
+    RUN.write_json(ARGS.out, "bench_block_sparse_attention.json", vars(ARGS), quiet=quiet,
+                   tile_configs={d: c.__dict__ for d, c in bsa.TILE_CONFIGS.items()})
 
 
 def write_outputs():
@@ -652,30 +613,16 @@ def write_outputs():
 
 
 def main() -> int:
-    if not SMOKE and not torch.cuda.is_available():
-        print("no CUDA device: use --cpu-smoke on CPU")
+    if not RUN.start():
         return 2
-    print(json.dumps(ENV))
-    if SMOKE:
-        print("cpu smoke: tiny shapes under the Triton interpreter; timings are meaningless")
     torch.manual_seed(int(time.time()))
     table = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "f": section_f}
     if ARGS.skip_sweep:
         table["b"] = lambda: log("b) skipped (--skip-sweep)")
-    for s in ARGS.sections:
-        if s not in table:
-            raise SystemExit(f"unknown section {s!r}")
-        try:
-            table[s]()
-        except Exception as e:  # one section failing must not lose the others' results
-            import traceback
-
-            traceback.print_exc()
-            FAILURES.append(f"section {s}: {type(e).__name__}: {e}")
-        write_json(quiet=True)
+    RUN.run_sections(ARGS.sections, table, after_each=lambda: write_json(quiet=True))
     write_outputs()
     print("\n==== summary " + "=" * 60)
-    print(f"{ENV['gpu']} | torch {ENV['torch']} | triton {ENV['triton']} | {time.perf_counter() - T0:.0f}s")
+    print(f"{ENV['gpu']} | torch {ENV['torch']} | triton {ENV['triton']} | {RUN.elapsed_s():.0f}s")
     n_a = sum(1 for r in ROWS if r.get("section") == "a")
     if n_a:
         print(f"a  correctness: {n_a - len([f for f in FAILURES if not f.startswith('section')])}/{n_a} PASS")

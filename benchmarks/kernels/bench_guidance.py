@@ -18,11 +18,7 @@ Writes OUT_DIR/bench_guidance.json (rows).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import time
 from pathlib import Path
 
 SECTIONS = "can"
@@ -46,9 +42,8 @@ if ARGS.cpu_smoke:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
 
+from fewstep.benchmarks.kernels.common import BenchRun  # noqa: E402
 from fewstep.engines.samplers import euler_step, x0_from_model_output  # noqa: E402
 from fewstep.kernels.adapter_linear import adapter_linear  # noqa: E402
 from fewstep.kernels.fused_cfg import fused_cfg_step  # noqa: E402
@@ -63,41 +58,13 @@ from fewstep.kernels.reference import (  # noqa: E402
 SMOKE = ARGS.cpu_smoke
 DEVICE = "cpu" if SMOKE else "cuda"
 DTYPE = getattr(torch, ARGS.dtype)
-T0 = time.perf_counter()
-ROWS: list[dict] = []
-FAILURES: list[str] = []
-
-
-def env_info() -> dict:
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and not SMOKE else platform.processor() or "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "smoke": SMOKE, "dtype": ARGS.dtype,
-    }
-
-
-ENV = env_info()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
-
-
-def bench_ms(fn) -> float:
-    """Median ms (triton.testing.do_bench: warm-up, L2 flush). CPU smoke: one timed call."""
-    if SMOKE:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+RUN = BenchRun(SMOKE, dtype=ARGS.dtype)
+ENV, ROWS, FAILURES = RUN.env, RUN.rows, RUN.failures
+log, bench_ms = RUN.log, RUN.bench_ms
 
 
 def add_row(section: str, provider: str, ms: float, shape: dict, **extra) -> None:
-    ROWS.append({**{k: ENV[k] for k in ("gpu", "date", "torch", "triton", "dtype")}, "section": section,
-                 "provider": provider, "shape": shape, "ms": ms, **extra})
+    RUN.add_row(section=section, provider=provider, shape=shape, ms=ms, **extra)
 
 
 def check(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
@@ -211,37 +178,13 @@ def section_nasa() -> None:
                 f"({times['torch'] / ms:.2f}x torch)")
 
 
-def write_json() -> None:
-    if ARGS.out is None:
-        return
-    ARGS.out.mkdir(parents=True, exist_ok=True)
-    path = ARGS.out / "bench_guidance.json"
-    path.write_text(json.dumps({"env": ENV, "args": {k: str(v) for k, v in vars(ARGS).items()},
-                                "failures": FAILURES, "rows": ROWS}, indent=1))
-    log(f"wrote {path}")
-
-
 def main() -> int:
-    if not SMOKE and not torch.cuda.is_available():
-        print("no CUDA device: use --cpu-smoke on CPU")
+    if not RUN.start():
         return 2
-    print(json.dumps(ENV))
-    if SMOKE:
-        print("cpu smoke: tiny shapes under the Triton interpreter; timings are meaningless")
     torch.manual_seed(0)
-    table = {"c": section_cfg, "a": section_adapter, "n": section_nasa}
-    for s in ARGS.sections:
-        if s not in table:
-            raise SystemExit(f"unknown section {s!r}")
-        try:
-            table[s]()
-        except Exception as e:  # one section failing must not lose the others' results
-            import traceback
-
-            traceback.print_exc()
-            FAILURES.append(f"section {s}: {type(e).__name__}: {e}")
-    write_json()
-    print(f"\n{ENV['gpu']} | {len(ROWS)} rows | {len(FAILURES)} failures | {time.perf_counter() - T0:.0f}s")
+    RUN.run_sections(ARGS.sections, {"c": section_cfg, "a": section_adapter, "n": section_nasa})
+    RUN.write_json(ARGS.out, "bench_guidance.json", vars(ARGS))
+    print(f"\n{ENV['gpu']} | {len(ROWS)} rows | {len(FAILURES)} failures | {RUN.elapsed_s():.0f}s")
     for f in FAILURES:
         print("FAIL", f)
     return 1 if FAILURES else 0

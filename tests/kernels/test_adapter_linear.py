@@ -1,36 +1,15 @@
 """Adapter linear (x W^T + b + s (x A^T) B^T): Triton kernel vs the fp32 reference; the AdapterLinear module.
 
-Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET is set before triton is imported).
+Without CUDA the kernel runs under the Triton interpreter (see tests/kernels/conftest.py).
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fewstep.kernels.reference import adapter_linear_ref
+from tests.kernels.conftest import DEVICE, cuda_only, kernel_module
 
-import importlib  # noqa: E402
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-
-from fewstep.kernels.reference import adapter_linear_ref  # noqa: E402
-
-triton = pytest.importorskip("triton")
-al = importlib.import_module("fewstep.kernels.adapter_linear")
-if not torch.cuda.is_available() and type(al._adapter_linear_kernel).__name__ != "InterpretedFunction":
-    al = importlib.reload(al)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture
-def seed():
-    s = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(s)
-    return s
+al = kernel_module("adapter_linear", "_adapter_linear_kernel")
 
 
 def _operands(S, T, K, N, R, dtype, device=DEVICE, bias=True):

@@ -1,45 +1,33 @@
 """Block-sparse attention: Triton kernel vs fp32 reference, mask builder, diffusers processor.
 
-On a machine without CUDA the kernel runs under the Triton interpreter; TRITON_INTERPRET must be
-set before triton is imported (the kernel is decorated at import), hence the top of this module.
+On a machine without CUDA the kernel runs under the Triton interpreter (see tests/kernels/conftest.py).
 Inputs are fresh random each run; failures print the seed.
 """
 
+import logging
+import math
 import os
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from fewstep.kernels import attention_processor as ap  # noqa: E402
-from fewstep.kernels.block_sparse_mask import (  # noqa: E402
+from fewstep.kernels import attention_processor as ap
+from fewstep.kernels.block_sparse_mask import (
     block_mean_pool,
     build_block_mask,
     forced_block_mask,
     tile_3d_permutation,
 )
-from fewstep.kernels.reference import (  # noqa: E402
+from fewstep.kernels.reference import (
     attention_ref,
     block_sparse_attention_ref,
     expand_block_mask,
 )
+from tests.kernels.conftest import DEVICE, cuda_only, kernel_module
 
 triton = pytest.importorskip("triton")
-bsa = importlib.import_module("fewstep.kernels.block_sparse_attention")
-if not torch.cuda.is_available() and type(bsa._block_sparse_attention_kernel).__name__ != "InterpretedFunction":
-    # imported earlier in this process without the interpreter flag: re-decorate under it
-    bsa = importlib.reload(bsa)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+bsa = kernel_module("block_sparse_attention", "_block_sparse_attention_kernel")
 
 
 def _interpreter_problem() -> str | None:
@@ -63,13 +51,6 @@ def _interpreter_problem() -> str | None:
 
 _PROBLEM = _interpreter_problem()
 needs_kernel = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
-
-
-@pytest.fixture
-def seed():
-    s = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(s)
-    return s
 
 
 def _rand_qkv(B, H, n_q, n_k, D, dtype, device=DEVICE):
@@ -468,7 +449,7 @@ def test_processor_kernel_path_sparse_runs(seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@cuda_only
 @pytest.mark.parametrize("family,dtype", [("pixart", torch.bfloat16), ("wan", torch.bfloat16), ("pixart", torch.float16)])
 @pytest.mark.parametrize("mode", sorted(FULL_CONFIGS))
 def test_processor_gpu_full_mask_matches_dense(seed, family, dtype, mode):

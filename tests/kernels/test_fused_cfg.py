@@ -1,22 +1,13 @@
 """Fused CFG combine + sampler update: Triton kernel vs the torch reference, and the affine step coefficients vs the
 sampler rules they replace.
 
-Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET is set before triton is imported).
+Without CUDA the kernel runs under the Triton interpreter (see tests/kernels/conftest.py).
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib  # noqa: E402
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-
-from fewstep.engines.samplers import (  # noqa: E402
+from fewstep.engines.samplers import (
     Schedule,
     consistency_step,
     euler_ancestral_step,
@@ -25,22 +16,10 @@ from fewstep.engines.samplers import (  # noqa: E402
     step_coefficients,
     x0_from_model_output,
 )
-from fewstep.kernels.reference import cfg_combine_ref, fused_cfg_step_ref  # noqa: E402
+from fewstep.kernels.reference import cfg_combine_ref, fused_cfg_step_ref
+from tests.kernels.conftest import DEVICE, cuda_only, kernel_module
 
-triton = pytest.importorskip("triton")
-fc = importlib.import_module("fewstep.kernels.fused_cfg")
-if not torch.cuda.is_available() and type(fc._fused_cfg_kernel).__name__ != "InterpretedFunction":
-    fc = importlib.reload(fc)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture
-def seed():
-    s = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(s)
-    return s
+fc = kernel_module("fused_cfg", "_fused_cfg_kernel")
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 5, 7), (3, 4, 9, 11), (2, 1, 33)])

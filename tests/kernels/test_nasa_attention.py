@@ -1,38 +1,15 @@
 """NASA dual cross-attention: Triton kernel vs the fp32 reference (two softmax attentions and a scaled subtract).
 
-Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET is set before triton is imported).
+Without CUDA the kernel runs under the Triton interpreter (see tests/kernels/conftest.py).
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fewstep.kernels.reference import nasa_attention_ref
+from tests.kernels.conftest import DEVICE, cuda_only, kernel_module
 
-import importlib  # noqa: E402
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-
-from fewstep.kernels.reference import nasa_attention_ref  # noqa: E402
-
-triton = pytest.importorskip("triton")
-bsa = importlib.import_module("fewstep.kernels.block_sparse_attention")
-na = importlib.import_module("fewstep.kernels.nasa_attention")
-if not torch.cuda.is_available() and type(na._nasa_attention_kernel).__name__ != "InterpretedFunction":
-    bsa = importlib.reload(bsa)
-    na = importlib.reload(na)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture
-def seed():
-    s = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(s)
-    return s
+na = kernel_module("nasa_attention", "_nasa_attention_kernel", "block_sparse_attention")
 
 
 def _qkv(B, H, n_q, n_k, m_k, D, dtype, device=DEVICE):
