@@ -82,6 +82,9 @@
     const card = selectedModel();
     const chips = $("examples");
     chips.textContent = "";
+    // a negative prompt only where the model takes one (guidance modes nasa or cfg); others would answer 400
+    const modes = (card && card.guidance_modes) || [];
+    $("negative-row").hidden = !(modes.includes("nasa") || modes.includes("cfg"));
     if (!card) {
       $("model-info").textContent = S.modelsLoaded ? `no ${S.mode === "image" ? "image" : "video"} model served` : "";
       if (!promptEdited && !$("prompt").value) $("prompt").value = FALLBACK_PROMPT;
@@ -195,6 +198,11 @@
     $("gallery-empty").hidden = true;
   }
 
+  // the negative prompt for a request of the selected model: null where the model takes none (the box is hidden)
+  function negativePrompt() {
+    return $("negative-row").hidden ? null : $("negative").value.trim();
+  }
+
   async function generate() {
     const prompt = $("prompt").value.trim();
     if (!prompt) { setStatus("type a prompt first", true); return; }
@@ -208,6 +216,8 @@
     if (steps !== "" && (!card || Number(steps) !== card.default_steps)) body.num_inference_steps = Number(steps);
     const g = $("img-guidance").value;
     if (g !== "" && (!card || Number(g) !== card.default_guidance_scale)) body.guidance_scale = Number(g);
+    const negative = negativePrompt();
+    if (negative) body.negative_prompt = negative;
     S.generating = true;
     $("generate").disabled = true;
     setStatus(`generating ${body.n} image${body.n > 1 ? "s" : ""} ...`);
@@ -412,6 +422,8 @@
     msg.seed = seed !== "" ? Number(seed) : randomSeed();
     if (size !== "") msg.size = /^\d+$/.test(size) ? Number(size) : size;
     if (fps !== "") msg.fps = Number(fps);
+    const negative = negativePrompt();
+    if (negative) msg.negative_prompt = negative;
     if (camera) {  // camera/image input protocol: fields sent only with it, so text streams work on any server
       msg.input = "frames";
       msg.strength = Number($("strength").value);
@@ -440,6 +452,8 @@
     if (!ws || ws.readyState !== 1 || S.state !== "running") return;
     const msg = { type: "update", prompt: $("prompt").value };
     if (S.input === "frames") msg.strength = Number($("strength").value);
+    const negative = negativePrompt();
+    if (negative !== null) msg.negative_prompt = negative;  // "" clears the stream's negative prompt
     ws.send(JSON.stringify(msg));
   }
 
@@ -628,12 +642,14 @@
   $("start").addEventListener("click", start);
   $("update").addEventListener("click", update);
   $("stop").addEventListener("click", stop);
-  $("prompt").addEventListener("keydown", (e) => {
-    if (e.key !== "Enter") return;
-    if (S.mode === "image") generate();
-    else if (S.state === "running") update();
-    else start();
-  });
+  for (const box of ["prompt", "negative"]) {  // Enter in either prompt box: generate, update or start
+    $(box).addEventListener("keydown", (e) => {
+      if (e.key !== "Enter") return;
+      if (S.mode === "image") generate();
+      else if (S.state === "running") update();
+      else start();
+    });
+  }
   window.addEventListener("hashchange", () => {
     const m = location.hash.slice(1);
     if (m === "image" || m === "stream") setMode(m);

@@ -207,6 +207,42 @@ def test_example_prompts_come_from_the_models(embedded_server, browser):
         page.close()
 
 
+def test_negative_prompt_box_reaches_images_and_streams(embedded_server, browser):
+    """The negative-prompt box shows for models that take one (guidance modes nasa or cfg) and is sent with an image
+    request, a stream's start, and its updates ("" clears it)."""
+    import json
+
+    models = cards(embedded_server.url)
+    for kind in ("image", "video"):
+        assert {"nasa", "cfg"} & set(models[kind]["guidance_modes"]), models[kind]["guidance_modes"]
+    page = browser.new_page()
+    sent: list[dict] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(json.loads(payload))
+                                          if isinstance(payload, str) else None))
+    try:
+        open_page(page, embedded_server.url, "image")
+        assert page.is_visible("#negative")
+        page.fill("#negative", "red")
+        page.fill("#img-n", "1")
+        with page.expect_request("**/v1/images/generations") as req:
+            page.click("#generate")
+        assert req.value.post_data_json["negative_prompt"] == "red"
+        page.wait_for_function("window.fewstep.images.length >= 1", timeout=60_000)  # the server took it (no 400)
+        page.click("#tab-stream")
+        page.fill("#fps", "30")
+        page.click("#start")
+        wait_frames(page, 2)
+        assert [m for m in sent if m["type"] == "start"][0]["negative_prompt"] == "red"
+        page.fill("#negative", "")
+        page.click("#update")
+        page.wait_for_function("window.fewstep.framesReceived >= 4", timeout=30_000)
+        assert [m for m in sent if m["type"] == "update"][-1]["negative_prompt"] == ""
+        page.click("#stop")
+        assert state(page)["errors"] == []
+    finally:
+        page.close()
+
+
 def test_image_mode_generates_into_the_gallery_with_downloads(embedded_server, browser):
     from PIL import Image, ImageStat
 
