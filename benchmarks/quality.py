@@ -687,18 +687,22 @@ def served_adherence(model_dir: str, n: int = 256, steps: int | None = None, no_
             **adherence(images, prompts)}
 
 
-def stream_adherence(pipe, prompts: list[str], frames: int) -> dict:
-    """Per-frame prompt adherence of the first ``frames`` frames the engine streams for each prompt (``EngineCore``
-    with ``pipe``, a ``StreamPipeline``; one session per prompt, seed = its index, all stepped together)."""
+def stream_frames(pipe, prompts: list[str], frames: int, seeds: list[int] | None = None,
+                  negative: str | None = None, nasa_scale: float | None = None) -> list[np.ndarray]:
+    """The first ``frames`` frames ([frames, H, W, 3] uint8) the engine streams for each prompt (``EngineCore`` with
+    ``pipe``, a ``StreamPipeline``; one session per prompt, seed ``seeds[i]`` (default its index), all stepped
+    together), each steered away from ``negative`` at NASA scale ``nasa_scale`` when given."""
     from fewstep.engines.config import EngineConfig, StreamConfig
     from fewstep.engines.core import EngineCore
     from fewstep.engines.stream import StreamStart
 
     n = len(prompts)
+    seeds = list(range(n)) if seeds is None else seeds
     core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig(max_sessions=n, max_batch_sessions=n)))
     try:
-        sessions = [core.open_stream(StreamStart(prompt=p, seed=i, fps=0, format="raw"))
-                    for i, p in enumerate(prompts)]
+        sessions = [core.open_stream(StreamStart(prompt=p, seed=s, fps=0, format="raw", negative_prompt=negative,
+                                                 nasa_scale=nasa_scale))
+                    for p, s in zip(prompts, seeds)]
         got: list[list[np.ndarray]] = [[] for _ in prompts]
         while any(sum(len(c) for c in g) < frames for g in got):
             core.stream_step()
@@ -707,7 +711,13 @@ def stream_adherence(pipe, prompts: list[str], frames: int) -> dict:
                     g.append(c.frames)
     finally:
         core.shutdown()
-    images = [f for g in got for f in np.concatenate(g)[:frames]]
+    return [np.concatenate(g)[:frames] for g in got]
+
+
+def stream_adherence(pipe, prompts: list[str], frames: int) -> dict:
+    """Per-frame prompt adherence of the first ``frames`` frames the engine streams for each prompt
+    (:func:`stream_frames`)."""
+    images = [f for v in stream_frames(pipe, prompts, frames) for f in v]
     return adherence(images, [p for p in prompts for _ in range(frames)])
 
 

@@ -20,19 +20,24 @@ class ConfigError(ValueError):
     """A configuration the server cannot serve, found before anything loads; the CLI prints it and exits 2."""
 
 
-def check_engine_process(config: ServerConfig, models: list) -> None:
-    """--engine-process serves image models (engines/process.py): refuse a video model before anything loads."""
-    if not config.engine_process:
-        return
+def refuse_video_models(config: ServerConfig, models: list, what: str, instead: str) -> None:
+    """Raise ConfigError if ``models`` holds a video model that ``what`` (e.g. "the TensorRT engine") cannot serve;
+    ``instead`` says how to serve it."""
     try:
         videos = [name for name, path in models if model_kind(path) == "video"]
     except ValueError as e:  # CheckpointError (no such model directory) included
         raise ConfigError(str(e)) from None
     if videos:
-        hint = " (fewstep serve without --model serves the embedded video model too; pass --model default)" \
-            if config.model is None else ""
-        raise ConfigError(f"--engine-process serves image models only, and {', '.join(videos)} is a video model"
-                          f"{hint}; serve video models without --engine-process")
+        hint = (" (fewstep serve without --model serves the embedded video model too; pass --model default for the "
+                "embedded image model alone)" if config.model is None else "")
+        raise ConfigError(f"{what} serves image models only, and {', '.join(videos)} is a video model{hint}; "
+                          f"{instead}")
+
+
+def check_engine_process(config: ServerConfig, models: list) -> None:
+    """--engine-process serves image models (engines/process.py): refuse a video model before anything loads."""
+    if config.engine_process:
+        refuse_video_models(config, models, "--engine-process", "serve video models without --engine-process")
 
 
 def check_backend(config: ServerConfig, models: list) -> None:
@@ -41,15 +46,8 @@ def check_backend(config: ServerConfig, models: list) -> None:
         return
     from fewstep.engines.backends.tensorrt import RUNTIME_STATUS
 
-    try:
-        videos = [name for name, path in models if model_kind(path) == "video"]
-    except ValueError as e:  # CheckpointError (no such model directory) included
-        raise ConfigError(str(e)) from None
-    if videos:
-        hint = (" (fewstep serve without --model serves the embedded video model too; pass --model default for the "
-                "embedded image model alone)" if config.model is None else "")
-        raise ConfigError(f"the TensorRT engine serves image models only, and {', '.join(videos)} is a video model"
-                          f"{hint}; serve video models with --engine eager or --engine compiled")
+    refuse_video_models(config, models, "the TensorRT engine",
+                        "serve video models with --engine eager or --engine compiled")
     log.warning("--engine tensorrt: %s", RUNTIME_STATUS)
 
 

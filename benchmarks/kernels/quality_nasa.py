@@ -55,35 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def stream_frames(pipe, prompts: list[str], seeds: list[int], frames: int, negative: str | None,
-                  alpha: float | None):
-    """The first ``frames`` frames ([frames, H, W, 3] uint8 each) the engine streams for each prompt (one session
-    per prompt, seed ``seeds[i]``, all stepped together), with ``negative`` steered away from at NASA scale
-    ``alpha`` (None: no negative prompt)."""
-    import numpy as np
-
-    from fewstep.engines.config import EngineConfig, StreamConfig
-    from fewstep.engines.core import EngineCore
-    from fewstep.engines.stream import StreamStart
-
-    n = len(prompts)
-    core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig(max_sessions=n, max_batch_sessions=n)))
-    try:
-        sessions = [core.open_stream(StreamStart(prompt=p, seed=s, fps=0, format="raw",
-                                                 negative_prompt=negative if alpha is not None else None,
-                                                 nasa_scale=alpha))
-                    for p, s in zip(prompts, seeds)]
-        got: list[list] = [[] for _ in prompts]
-        while any(sum(len(c) for c in g) < frames for g in got):
-            core.stream_step()
-            for s, g in zip(sessions, got):  # read every step: an unread outbox drops its oldest chunks
-                while (c := s.owner.take()) is not None:
-                    g.append(c.frames)
-    finally:
-        core.shutdown()
-    return [np.concatenate(g)[:frames] for g in got]
-
-
 _COLOR_WORD = None
 
 
@@ -174,19 +145,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:10s} red objects {share:6.1%}  images with red {any_red:6.1%}  objects/image {per_image:4.2f}  "
               f"strict adherence {adh['accuracy']:6.1%}  colours {adh['colors']:6.1%}  shapes {adh['shapes']:6.1%}  "
               f"red-named prompts: red objects {conflict_share:6.1%}  ({row['seconds']:.0f} s)", flush=True)
+    meta = {"model": str(model), "n": args.n, "seed": args.seed, "colour_free_examples": free[:4]}
+    return _finish(args, meta, rows, grid_cols, free, conflict, t0, scale=2)
+
+
+def _finish(args, meta: dict, rows: list, grid_cols, free: list[str], conflict: list[str], t0: float,
+            scale: int) -> int:
+    """Write the rows (``--out``, with when, where and how they were made) and the picture grid (``--grid``)."""
+    import torch
+
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": _commit(), "command": "fewstep bench nasa-quality " + " ".join(sys.argv[1:]),
             "env": {"device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
                               "threads)", "torch": torch.__version__, "python": platform.python_version()},
-            "model": str(model), "n": args.n, "seed": args.seed, "colour_free_examples": free[:4],
-            "wall_seconds": time.perf_counter() - t0}
+            **meta, "wall_seconds": time.perf_counter() - t0}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         print(f"wrote {args.out}")
     if args.grid:
         half = args.grid_rows // 2
-        _grid(args.grid, grid_cols, free[:half] + conflict[: args.grid_rows - half])
+        _grid(args.grid, grid_cols, free[:half] + conflict[:args.grid_rows - half], scale=scale)
         print(f"wrote {args.grid}")
     return 0
 
@@ -202,9 +181,8 @@ def _sets(captions: list[str], n: int, negative: str) -> tuple[list[str], list[s
 
 def video_main(args) -> int:
     import numpy as np
-    import torch
 
-    from fewstep.benchmarks.quality import adherence
+    from fewstep.benchmarks.quality import adherence, stream_frames
     from fewstep.engines.loading import load_checkpoint
     from fewstep.engines.stream import StreamPipeline
     from fewstep.server.config import DEFAULT_VIDEO_MODEL_DIR
@@ -222,7 +200,8 @@ def video_main(args) -> int:
     settings = [("none", None)] + [(f"nasa {float(a):g}", float(a)) for a in args.alphas.split(",") if a.strip()]
 
     def run(prompts, alpha):
-        return stream_frames(pipe, prompts, seeds[:len(prompts)], args.frames, args.negative, alpha)
+        return stream_frames(pipe, prompts, args.frames, seeds[:len(prompts)],
+                             args.negative if alpha is not None else None, alpha)
 
     rows, grid_cols = [], []
     t0 = time.perf_counter()
@@ -244,22 +223,10 @@ def video_main(args) -> int:
         print(f"{name:10s} red objects {share:6.1%}  frames with red {any_red:6.1%}  objects/frame {per_image:4.2f}  "
               f"strict adherence {adh['accuracy']:6.1%}  colours {adh['colors']:6.1%}  "
               f"red-named prompts: red objects {conflict_share:6.1%}  ({row['seconds']:.0f} s)", flush=True)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(), "command": "fewstep bench nasa-quality " + " ".join(sys.argv[1:]),
-            "env": {"device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
-                              "threads)", "torch": torch.__version__, "python": platform.python_version()},
-            "model": str(model), "video": True, "n": args.n, "frames": args.frames, "seed": args.seed,
+    meta = {"model": str(model), "video": True, "n": args.n, "frames": args.frames, "seed": args.seed,
             "sets": {"colour_free": len(free), "no_red": len(named), "red_first": len(conflict)},
-            "colour_free_examples": free[:4], "wall_seconds": time.perf_counter() - t0}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-        print(f"wrote {args.out}")
-    if args.grid:
-        half = args.grid_rows // 2
-        _grid(args.grid, grid_cols, free[:half] + conflict[:args.grid_rows - half], scale=4)
-        print(f"wrote {args.grid}")
-    return 0
+            "colour_free_examples": free[:4]}
+    return _finish(args, meta, rows, grid_cols, free, conflict, t0, scale=4)
 
 
 def _grid(path: Path, cols, prompts, scale: int = 2) -> None:
