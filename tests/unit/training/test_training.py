@@ -291,7 +291,7 @@ def test_all_runs_both_chains_and_exports_both_students(tmp_path):
     # short budgets: each stage's budget must count from its own start, not from process start (a later stage
     # would otherwise find its minutes spent and export untrained weights)
     assert main(["all", "--tiny", "--device", "cpu", "--out", str(out), "--teacher-minutes", ".3",
-                 "--distill-minutes", ".3", "--video-teacher-minutes", ".2", "--video-distill-minutes", ".2"]) == 0
+                 "--distill-minutes", ".3", "--video-teacher-minutes", ".2", "--video-distill-minutes", ".5"]) == 0
     for stage in ("teacher", "distill", "video_teacher", "video_distill"):
         events = [json.loads(line) for line in (out / f"{stage}_log.jsonl").read_text().splitlines()]
         finished = [e for e in events if e.get("event") == "finished"]
