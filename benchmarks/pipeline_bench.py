@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,54 @@ def bench_fewstep(pipe, size, steps, batch, iters, warmup, cached: bool, fmt: st
             "wall_p90_ms": p90, "wall_p99_ms": p99}
 
 
+def bench_saturation(pipe, size, steps, batch, seconds: float, fmt: str, overlap: str, depth: int = 4) -> dict:
+    """In-process throughput: the engine's own thread (as in the server) kept busy by ``depth`` requests of
+    ``batch`` images each, cold prompts, for ``seconds`` after one second of settling; images/s answered."""
+    from fewstep.engines.config import BatchingConfig, EngineConfig
+    from fewstep.engines.core import EngineCore, GenerateRequest
+
+    core = EngineCore({"m": pipe}, EngineConfig(sizes=[(size, size)], overlap_stages=overlap,
+                                                batching=BatchingConfig(max_batch_size=batch,
+                                                                        max_queue_seconds=None)))
+    core.start()
+    lock = threading.Lock()
+    done_at: list[float] = []
+    errors: list[BaseException] = []
+    stop = time.perf_counter() + 1.0 + seconds
+    counter = iter(range(10**9))
+
+    def submit() -> None:
+        i = next(counter)
+        fut = core.add_request(GenerateRequest(prompt=f"a photo of a cat, variant {i} {time.time_ns()}", n=batch,
+                                               height=size, width=size, steps=steps, seed=i, output_format=fmt))
+        fut.add_done_callback(landed)
+
+    def landed(fut) -> None:
+        out = fut.result()
+        with lock:
+            if out.error:
+                errors.append(out.error)
+            done_at.append(time.perf_counter())
+        if time.perf_counter() < stop and not errors:
+            submit()
+
+    t_begin = time.perf_counter()
+    for _ in range(depth):
+        submit()
+    # after ``stop`` no request is submitted any more: wait for the last ``depth`` to land (or an error)
+    while not errors and (time.perf_counter() < stop or core.num_waiting or core.images.num_running):
+        if time.perf_counter() > stop + 120:
+            raise TimeoutError("in-process saturation: requests still running 120 s after the window")
+        time.sleep(0.05)
+    core.shutdown()
+    if errors:
+        raise errors[0]
+    window = [t for t in done_at if t_begin + 1.0 <= t <= stop]
+    span = (max(window) - min(window)) if len(window) > 1 else float("nan")
+    return {"images_per_s": round((len(window) - 1) * batch / span, 2) if len(window) > 1 else None,
+            "batches": len(window), "seconds": round(seconds, 1)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `fewstep bench pipeline`, built without side effects (tests parse recorded commands)."""
     p = argparse.ArgumentParser(prog="fewstep bench pipeline", description=__doc__.splitlines()[0])
@@ -123,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoders to time, each a full run of the fewstep backends: 'own' (the checkpoint's), a VAE "
                         "directory, or a VAE config folder (random weights, e.g. benchmarks/configs/taesd); rows of a "
                         "replaced decoder are labelled +vae:NAME (default own)")
+    p.add_argument("--saturate", type=float, default=0.0, metavar="SECONDS",
+                   help="also measure in-process throughput for this long per batch size: the engine's own thread "
+                        "(as in the server) kept busy by 4 requests of --batch images with cold prompts (default 0: "
+                        "off)")
+    p.add_argument("--overlap-stages", nargs="+", default=["off"], choices=["off", "on"],
+                   help="--saturate: run with stages in sequence (off) and/or overlapped (on: the next batch is "
+                        "enqueued while this one lands); rows labelled +overlap")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="guidance scale of every request (default: the model's); above 1 a model without adapters "
                         "runs CFG (two denoiser passes a step)")
@@ -256,6 +312,13 @@ def _bench_backends(a, pipe, flops, device, meta, emit, suffix: str) -> None:
                               prompt="cached" if cached else "cold", **{k: round(v, 3) for k, v in r.items()},
                               gflops_per_image=round(total_gflop, 1), mfu=None if mfu is None else round(mfu, 4),
                               compile_s=compile_s))
+                if a.saturate > 0:
+                    for overlap in a.overlap_stages:
+                        r = bench_saturation(runner, size, a.steps, batch, a.saturate, a.format, overlap)
+                        print(f"{label}{'+overlap' if overlap == 'on' else ''} batch {batch}: "
+                              f"{r['images_per_s']} images/s in-process", flush=True)
+                        emit(dict(meta, size=size, system=label + ("+overlap" if overlap == "on" else ""),
+                                  batch=batch, prompt="cold", kind="saturation", **r))
         del runner
 
 
@@ -271,6 +334,7 @@ def _bench_baselines(a, model_dir, dtype, device, meta, emit) -> None:
 
 
 def _print_table(rows: list[dict]) -> None:
+    rows = [r for r in rows if r.get("kind") != "saturation"]  # printed as measured (images/s)
     width = max([18] + [len(r["system"]) + 1 for r in rows])
     print(f"\n{'system':<{width}}{'size':>6}{'batch':>6}{'prompt':>8}{'enc_prompt':>11}{'denoise':>9}{'decode':>8}{'enc_img':>8}"
           f"{'total ms':>10}{'MFU':>7}")

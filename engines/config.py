@@ -119,6 +119,12 @@ class EngineConfig(BaseModel):
     gpu_jpeg: Literal["auto", "on", "off"] = Field("auto", description="encode JPEG responses with nvjpeg on the "
                                                   "GPU (torchvision); auto: on where CUDA and torchvision have it")
     encode_workers: int = Field(4, ge=1, le=64, description="threads that encode images (PNG/JPEG/WebP)")
+    # "off" until measured on a GPU (docs/benchmarks.md, 2026-12-08): the stage times of overlapped batches come
+    # from CUDA events and no longer add up to the wall time, which the in-sequence default keeps exact.
+    overlap_stages: Literal["auto", "on", "off"] = Field(
+        "off", description="image batches: enqueue text encoding, denoising, decoding and the copy to the host "
+        "without syncing the device, and start the next batch while a landing thread waits for this one "
+        "(auto: on CUDA only); off: stages in sequence, each timed after a device sync")
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op CPU threads (torch.set_num_threads); "
                                 "None: torch's default. On a small shared CPU box 1 avoids OpenMP contention")
     warmup: bool = True

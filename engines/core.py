@@ -99,6 +99,41 @@ class PromptCache:
         return PromptEmbeds.cat(rows)
 
 
+class _StageMarks:
+    """Boundaries of one batch's stages (text encoding, denoising, decoding [, copy to the host]): host clock
+    readings after a device sync when stages run in sequence (exact per stage), or CUDA events when they overlap
+    (no host sync; read once the last event has completed)."""
+
+    def __init__(self, device: torch.device, events: bool):
+        self.device, self.events = device, events and device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.events:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.marks.append(time.perf_counter())
+
+    def wait(self) -> None:
+        if self.events:
+            self.marks[-1].synchronize()
+
+    def last_host(self) -> float:
+        return self.marks[-1]
+
+    def stage_ms(self) -> dict[str, float]:
+        m = self.marks
+        if self.events:
+            ms = [m[0].elapsed_time(m[1]), m[1].elapsed_time(m[2]), m[2].elapsed_time(m[-1])]
+        else:
+            ms = [(m[1] - m[0]) * 1e3, (m[2] - m[1]) * 1e3, (m[-1] - m[2]) * 1e3]
+        return dict(zip(("encode_prompt_ms", "denoise_ms", "decode_ms"), ms))
+
+
 class EngineCore:
     def __init__(self, pipelines: dict[str, Runner], config: EngineConfig | None = None,
                  observer: EngineObserver | None = None):
@@ -127,6 +162,10 @@ class EngineCore:
             for name, pipe in pipelines.items() if caps[name].kind == "video"}
         self._images_turn = True  # who goes first when an image batch and a stream step are both ready
         self._nvjpeg_failed = False
+        # overlapped stages (_execute): one landing thread, and at most two batches enqueued ahead of it
+        self._lander = ThreadPoolExecutor(1, thread_name_prefix="fewstep-land")
+        self._landing_slots = threading.BoundedSemaphore(2)
+        self._jpeg_stream = None
         self.observer = observer
         if self.config.gpu_jpeg == "on" and not any(gpu_jpeg_available(p.device) for p in pipelines.values()):
             raise ValueError("gpu_jpeg 'on' needs a CUDA pipeline and torchvision with nvjpeg; use 'auto' or 'off'")
@@ -452,23 +491,34 @@ class EngineCore:
         return [], False, min(waits) if waits else None
 
     # -- run ---------------------------------------------------------------------------------------------------
-    def _sync(self, pipe: Runner) -> None:
-        if pipe.device.type == "cuda":
-            torch.cuda.synchronize(pipe.device)
+    def _overlapping(self, pipe: Runner) -> bool:
+        return self.config.overlap_stages == "on" or (self.config.overlap_stages == "auto"
+                                                       and pipe.device.type == "cuda")
 
     def _execute(self, batch: list[ImageWork]) -> list[Future]:
-        """Run the GPU stages for a batch; image encoding continues in the pool. Returns the works' futures."""
+        """Run the GPU stages for a batch; image encoding continues in the pool. Returns the works' futures.
+
+        Stages in sequence (``overlap_stages`` off): the engine thread syncs the device after each stage, so each
+        stage's time is exact, and it starts the next batch only once this one's images are on the host. Stages
+        overlapped: the engine thread only enqueues (text encoding, denoising, decoding, the copy to pinned host
+        memory, then an event) and goes on to the next batch at once; the landing thread waits for the event and
+        hands the images to the encode pool. The GPU never idles while the host copies, encodes and answers, and
+        the host launches batch N+1 while batch N still runs. Stage times then come from CUDA events."""
         head = batch[0]
         model = head.req.model
         pipe = self.pipelines[model]
+        overlap = self._overlapping(pipe)
         start = time.perf_counter()
         n_images = sum(w.images for w in batch)
+        if overlap:
+            self._landing_slots.acquire()  # bounds the batches enqueued ahead of the host (their memory)
         self.images.started(batch)
         if self.observer:
             self.observer.on_batch(model, n_images)
+        marks = _StageMarks(pipe.device, events=overlap)
         try:
             prompts = [w.req.prompt for w in batch for _ in w.seeds]
-            t0 = time.perf_counter()
+            marks.mark()
             cond = self.cache.get_many(model, pipe, prompts)
             uncond = nasa = None
             if pipe.uses_cfg(head.guidance):
@@ -479,8 +529,7 @@ class EngineCore:
                 neg = [w.req.negative_prompt if w.nasa_scale is not None else "" for w in batch for _ in w.seeds]
                 alpha = torch.tensor([w.nasa_scale or 0.0 for w in batch for _ in w.seeds])
                 nasa = NasaInput(self.cache.get_many(model + "\0neg", pipe, neg, pipe.negative_embeds), alpha)
-            self._sync(pipe)
-            t1 = time.perf_counter()
+            marks.mark()
             gens = [torch.Generator("cpu").manual_seed(s) for w in batch for s in w.seeds]
             init = None
             if head.strength is not None:  # image-to-image: every request of the batch carries an image
@@ -490,51 +539,99 @@ class EngineCore:
             if init is not None:
                 extra.update(init=init, strength=head.strength)
             latents = pipe.denoise(cond, gens, head.height, head.width, head.steps, head.guidance, uncond, **extra)
-            self._sync(pipe)
-            t2 = time.perf_counter()
+            marks.mark()
             decoded = pipe.decode(latents)  # [B, H, W, 3] uint8 on the pipeline's device
-            self._sync(pipe)  # without it the decoder's GPU time would be billed to encode_image
-            t3 = time.perf_counter()
+            marks.mark()  # in sequence: without the sync the decoder's GPU time would be billed to encode_image
             jpeg_gpu = self._gpu_jpeg(pipe) and all(w.req.output_format == "jpeg" for w in batch)
-            if jpeg_gpu:  # the batch leaves the GPU already compressed; timed as encode_image below
-                try:
-                    images = encode_jpeg_gpu(decoded)
-                # Deliberate fallback: any nvjpeg failure (a torchvision without nvjpeg for this GPU, a CUDA error,
-                # an older encode_jpeg without batches) hands JPEG encoding to the CPU encoder for good.
-                except Exception:  # noqa: BLE001
-                    log.exception("nvjpeg encoding failed; JPEG responses are encoded on the CPU from now on")
-                    self._nvjpeg_failed = True
-                    jpeg_gpu = False
+            if overlap:
+                if jpeg_gpu:  # a copy of its own: the next batch's graph replay rewrites the decoder's output
+                    pending = decoded.clone()
+                else:  # ordered on the stream before the next batch, so no graph output is read late
+                    pending = torch.empty(decoded.shape, dtype=decoded.dtype, pin_memory=pipe.device.type == "cuda")
+                    pending.copy_(decoded, non_blocking=True)
+                marks.mark()  # the landing thread waits for this one
+                self._lander.submit(self._land, batch, pending, jpeg_gpu, marks, start, n_images)
+                return [w.future for w in batch]
+            images, jpeg_gpu = self._to_host(decoded, jpeg_gpu)
             if not jpeg_gpu:
-                images = decoded.cpu().numpy()  # .cpu() synchronizes
-                t3 = time.perf_counter()
+                marks.mark()  # the copy to the host counts as decoding; nvjpeg's time as encode_image
         # Last-resort boundary of the engine thread: a failed batch fails its requests, never the engine.
         except Exception as e:  # noqa: BLE001
-            if isinstance(e, torch.OutOfMemoryError):
-                # The allocator's text (sizes, fragmentation hints) is for the log, not the client.
-                log.error("out of device memory in a batch of %d images at %dx%d, %d steps: %s", n_images,
-                          head.width, head.height, head.steps, e)
-                e = EngineError(f"the server ran out of device memory running a batch of {n_images} image(s) at "
-                                f"{head.width}x{head.height}; retry, or ask for fewer images", 503, None,
-                                "out_of_memory", retry_after=1)
-                if pipe.device.type == "cuda":
-                    torch.cuda.empty_cache()  # give back the failed batch's cached blocks before the next one
-            else:
-                log.exception("batch failed")
-            self.images.failed(batch)
-            for w in batch:
-                w.future.set_result(GenerateOutput(w.req.request_id, [], w.seeds, {}, model, e))
+            if overlap:
+                self._landing_slots.release()
+            self._fail(batch, pipe, e)
             return [w.future for w in batch]
+        self._hand_out(batch, images, jpeg_gpu, marks.stage_ms(), start, n_images, marks.last_host())
+        return [w.future for w in batch]
 
-        self.images.record(model, t3 - start, sum(w.cost for w in batch))  # for Retry-After
-        stage = {"encode_prompt_ms": (t1 - t0) * 1e3, "denoise_ms": (t2 - t1) * 1e3, "decode_ms": (t3 - t2) * 1e3}
+    def _to_host(self, decoded: torch.Tensor, jpeg_gpu: bool) -> tuple[object, bool]:
+        """The decoded batch on the host: JPEG bytes from nvjpeg, else uint8 arrays. (images, still jpeg_gpu)."""
+        if jpeg_gpu:  # the batch leaves the GPU already compressed; timed as encode_image
+            try:
+                return encode_jpeg_gpu(decoded), True
+            # Deliberate fallback: any nvjpeg failure (a torchvision without nvjpeg for this GPU, a CUDA error,
+            # an older encode_jpeg without batches) hands JPEG encoding to the CPU encoder for good.
+            except Exception:  # noqa: BLE001
+                log.exception("nvjpeg encoding failed; JPEG responses are encoded on the CPU from now on")
+                self._nvjpeg_failed = True
+        return decoded.cpu().numpy(), False  # .cpu() synchronizes
+
+    def _land(self, batch: list[ImageWork], pending: torch.Tensor, jpeg_gpu: bool, marks: "_StageMarks",
+              start: float, n_images: int) -> None:
+        """Landing thread (overlapped stages): wait for the batch's last event, then answer as in sequence."""
+        try:
+            marks.wait()
+            landed = time.perf_counter()
+            if jpeg_gpu:
+                with torch.cuda.stream(self._side_stream(pending.device)):
+                    pending.record_stream(torch.cuda.current_stream(pending.device))
+                    images, jpeg_gpu = self._to_host(pending, True)
+            else:
+                images = pending.numpy()
+        # Last-resort boundary of the landing thread: an asynchronous CUDA error surfaces here; it fails this
+        # batch's requests (and is logged), never the thread.
+        except Exception as e:  # noqa: BLE001
+            self._fail(batch, self.pipelines[batch[0].req.model], e)
+            return
+        finally:
+            self._landing_slots.release()
+        self._hand_out(batch, images, jpeg_gpu, marks.stage_ms(), start, n_images, landed)
+
+    def _side_stream(self, device: torch.device):
+        if self._jpeg_stream is None:
+            self._jpeg_stream = torch.cuda.Stream(device)
+        return self._jpeg_stream
+
+    def _fail(self, batch: list[ImageWork], pipe: Runner, e: Exception) -> None:
+        head = batch[0]
+        n_images = sum(w.images for w in batch)
+        if isinstance(e, torch.OutOfMemoryError):
+            # The allocator's text (sizes, fragmentation hints) is for the log, not the client.
+            log.error("out of device memory in a batch of %d images at %dx%d, %d steps: %s", n_images,
+                      head.width, head.height, head.steps, e)
+            e = EngineError(f"the server ran out of device memory running a batch of {n_images} image(s) at "
+                            f"{head.width}x{head.height}; retry, or ask for fewer images", 503, None,
+                            "out_of_memory", retry_after=1)
+            if pipe.device.type == "cuda":
+                torch.cuda.empty_cache()  # give back the failed batch's cached blocks before the next one
+        else:
+            log.exception("batch failed", exc_info=e)
+        self.images.failed(batch)
+        for w in batch:
+            w.future.set_result(GenerateOutput(w.req.request_id, [], w.seeds, {}, head.req.model, e))
+
+    def _hand_out(self, batch: list[ImageWork], images, jpeg_gpu: bool, stage: dict, start: float, n_images: int,
+                  t_decoded: float) -> None:
+        """The batch's images are on the host: record its time, then encode and answer each request in the pool."""
+        model = batch[0].req.model
+        self.images.record(model, (stage["encode_prompt_ms"] + stage["denoise_ms"] + stage["decode_ms"]) / 1e3,
+                           sum(w.cost for w in batch))  # for Retry-After
         offset = 0
         for w in batch:
             imgs = images[offset: offset + len(w.seeds)]
             offset += len(w.seeds)
             self._pool.submit(self._finish, w, imgs, dict(stage, queue_ms=(start - w.req.arrival) * 1e3),
-                              n_images, t3, jpeg_gpu)
-        return [w.future for w in batch]
+                              n_images, t_decoded, jpeg_gpu)
 
     def _gpu_jpeg(self, pipe) -> bool:
         return self.config.gpu_jpeg != "off" and not self._nvjpeg_failed and gpu_jpeg_available(pipe.device)
@@ -641,6 +738,7 @@ class EngineCore:
             self._cv.notify_all()
         if self._thread:
             self._thread.join(timeout=10)
+        self._lander.shutdown(wait=True)  # landed batches hand their encoding to the pool: stop it after
         self._pool.shutdown(wait=True)
 
 

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Device run: how close HTTP serving comes to the engine in-process, SD-Turbo's architecture (random weights), 512x512,
 # 1 step, JPEG, the compiled engine with buckets 1 and 16 (the in-process run fills Inductor's cache for the server).
-#  pipeline  in-process, cold prompts: batch 1 (latency) and batch 16 (the largest bucket's throughput)
+#  pipeline  in-process, cold prompts: batch 1 (latency) and batch 16 (the largest bucket's throughput), then the
+#            engine's own thread kept busy for SATURATE seconds (default 8) per batch size, stages in sequence and
+#            overlapped (--overlap-stages off on: rows +overlap)
 #  http      one server (--max-batch-size 16, --max-wait-ms 0); `fewstep bench images` at concurrency 1 (latency and
 #            the waterfall of a request), then 16, 32 and 64 (saturation)
 #  stream    the embedded video model, one unpaced session of 2,000 frames, read by `fewstep bench stream` and by a
 #            bare websockets client (`fewstep bench plain-stream`), twice each, same server
 #  tests     the compiled-vs-eager GPU tests (PSNR against eager)
-# SERVE_EXTRA: more flags for the HTTP server, e.g. SERVE_EXTRA=--engine-process.
+# SERVE_EXTRA: more flags for the HTTP server, e.g. SERVE_EXTRA=--engine-process or "--overlap-stages on".
 # Usage (repo root, on the device, after `pip install .`):
 #   FEWSTEP_COMMIT=<sha> PARTS="pipeline http" bash benchmarks/device/saturation.sh $OUT
 source "$(dirname "$0")/common.sh"
@@ -21,8 +23,8 @@ PORT=8031
 if wants pipeline; then
   stamp "1. pipeline: compiled, batch 1 and 16, cold prompts"
   timeout "${T_PIPE:-300}" fewstep bench pipeline --config $CFG --size 512 --steps 1 --batch 1 16 --iters 30 --warmup 5 \
-    --format jpeg --backend compiled --work $WORK --out "$OUT/pipeline.jsonl" 2>&1 | grep -v "^{" | tail -8 \
-    | tee "$OUT/pipeline.log"
+    --format jpeg --backend compiled --work $WORK --saturate "${SATURATE:-8}" --overlap-stages off on \
+    --out "$OUT/pipeline.jsonl" 2>&1 | grep -v "^{" | tail -12 | tee "$OUT/pipeline.log"
 fi
 
 if wants http; then

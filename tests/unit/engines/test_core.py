@@ -185,3 +185,41 @@ def test_a_lone_request_runs_at_once_with_zero_wait(pipes, max_wait_ms):
             assert t["queue_ms"] < 0.25 * work, t
         else:
             assert t["queue_ms"] >= max_wait_ms * 0.95, t
+
+
+def test_overlapped_stages_answer_as_in_sequence(pipes):
+    """overlap_stages "on": the engine thread enqueues a batch and moves on while the landing thread answers it.
+    Same images as in sequence, every request answered once with its stage times, and a batch that fails on the way
+    (here in decoding) fails only its own requests."""
+    reqs = [dict(prompt=f"p{i % 3}", seed=i, n=1 + i % 2, output_format=("raw", "png")[i % 2]) for i in range(8)]
+    results = {}
+    for overlap in ("off", "on"):
+        core = EngineCore(pipes, EngineConfig(overlap_stages=overlap,
+                                              batching=BatchingConfig(max_batch_size=2)))
+        core.start()
+        try:
+            futs = [core.add_request(_req(**r)) for r in reqs]
+            results[overlap] = [f.result(timeout=120) for f in futs]
+        finally:
+            core.shutdown()
+    for a, b in zip(results["off"], results["on"]):
+        assert a.error is None and b.error is None
+        assert a.seeds == b.seeds and len(a.images) == len(b.images)
+        for x, y in zip(a.images, b.images):
+            assert (x == y).all() if isinstance(x, np.ndarray) else x == y
+        for k in ("queue_ms", "encode_prompt_ms", "denoise_ms", "decode_ms", "encode_image_ms", "total_ms"):
+            assert b.timings[k] >= 0, (k, b.timings)
+
+    core = EngineCore(pipes, EngineConfig(overlap_stages="on"))
+    pipe = pipes["sd"]
+    pipe.decode = lambda latents: (_ for _ in ()).throw(RuntimeError("boom"))
+    core.start()
+    try:
+        bad = core.add_request(_req(seed=1)).result(timeout=60)
+        del pipe.decode
+        good = core.add_request(_req(seed=1)).result(timeout=60)
+    finally:
+        pipe.__dict__.pop("decode", None)
+        core.shutdown()
+    assert isinstance(bad.error, RuntimeError)
+    assert good.error is None and len(good.images) == 1
