@@ -56,6 +56,9 @@ class CompileConfig(BaseModel):
     sizes: list[tuple[int, int]] = Field(default_factory=list, description="(height, width) buckets; "
                                          "empty = the model's default size")
     steps: list[int] = Field(default_factory=list, description="step counts to capture; empty = model default")
+    stream_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4], description="video models: sessions per "
+                                      "stream step to capture (a step of 3 sessions runs padded to 4); steps with "
+                                      "more sessions than the largest bucket run eager")
     dynamic_batch: bool = Field(False, description="compile the batch dimension symbolically: one Inductor "
                                 "compile serves every bucket > 1 (batch 1 stays specialised); CUDA graphs are still "
                                 "captured per bucket. Cuts start-up by ~the number of buckets")

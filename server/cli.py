@@ -93,6 +93,7 @@ def _serve_overrides(args) -> dict:
             "engine.stream.max_batch_sessions": args.max_batch_sessions,
             "engine.stream.outbox_chunks": args.outbox_chunks,
             "engine.compiled.batch_buckets": args.compile_buckets,
+            "engine.compiled.stream_buckets": args.compile_stream_buckets,
             "engine.sizes": args.sizes,
             "engine.compiled.sizes": args.compile_sizes, "engine.compiled.mode": args.compile_mode,
             "engine.compiled.dynamic_batch": args.compile_dynamic_batch,
@@ -460,8 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint declares in fewstep.sizes / size_range, else its native size); others get a 400")
     s.add_argument("--compile-buckets", default=None, type=_int_list,
                    help="compiled engine: batch buckets to capture, e.g. 1,4,16 (default 1,2,4,8,16)")
+    s.add_argument("--compile-stream-buckets", default=None, type=_int_list,
+                   help="compiled engine, video models: sessions per stream step to capture, e.g. 1,2,4 (default "
+                        "1,2,4; steps with more sessions run eager)")
     s.add_argument("--compile-sizes", default=None, type=_size_list,
-                   help="compiled engine: image sizes to capture, e.g. 512x512,1024x1024 (default: native size)")
+                   help="compiled engine: image or frame sizes to capture, e.g. 512x512,832x480 (default: native "
+                        "size)")
     s.add_argument("--compile-mode", default=None,
                    help="compiled engine: Inductor mode (default 'default'; 'max-autotune-no-cudagraphs' tunes "
                         "kernels for minutes more)")

@@ -57,7 +57,7 @@ fi
 
 if wants tests; then
   stamp "3. compiled against eager on the GPU (PSNR)"
-  timeout "${T_TESTS:-150}" pytest -q -p no:cacheprovider -m gpu -rs -s tests/unit/engines/test_compiled.py 2>&1 \
+  timeout "${T_TESTS:-150}" pytest -q -p no:cacheprovider -m gpu -rs -s tests/unit/engines/test_compiled.py tests/unit/engines/test_compiled_stream.py 2>&1 \
     | grep -E "PSNR|passed|failed|skipped|Error" | tail -30 | tee "$OUT/gpu_tests.log"
 fi
 

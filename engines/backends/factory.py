@@ -2,8 +2,9 @@
 
 Image models: eager (``FewStepPipeline``), compiled (``CompiledPipeline``: compiled and captured here, so the
 runner comes back ready) or TensorRT (``TensorRTRunner``: engines built or loaded from the cache here). Video
-models: ``StreamPipeline``, eager (the compiled backend covers image models only so far; TensorRT refuses video
-models before anything loads, server/state.py's ``check_backend``)."""
+models: ``StreamPipeline``, eager, or with its stream step compiled and captured per (sessions, frame size) bucket
+(``CompiledStreamSteps``, captured here); TensorRT refuses video models before anything loads (server/state.py's
+``refuse_video_models``)."""
 
 from __future__ import annotations
 
@@ -35,13 +36,17 @@ def make_runner(path: str | os.PathLike, config: EngineConfig, device: torch.dev
         log.warning("--adapters applies to image models; the video model %s runs without", name)
     pipe = pipeline(load_checkpoint(path, device, dtype, vae=vae), device, dtype, config.attention, adapters)
     backend = config.resolve_backend(device)
-    if kind == "video" and backend == "compiled":
-        log.warning("the compiled backend covers image models only so far; the video model %s runs eager", name)
-        backend = "eager"
     if config.backend == "auto":
         log.info("backend auto -> %s (device %s) for %s", backend, device, name)
     runner: Runner = pipe
-    if backend == "compiled":
+    if kind == "video" and backend == "compiled":
+        from .compiled_stream import CompiledStreamSteps
+
+        pipe.compiled_steps = CompiledStreamSteps(pipe, config.compiled, config.stream.max_batch_sessions)
+        rep = pipe.compiled_steps.warmup(progress=progress)
+        log.info("compiled backend (%s): stream steps, compile + capture %.1f s over %d graphs", name, rep.total,
+                 len(rep.seconds))
+    elif backend == "compiled":
         from .compiled import CompiledPipeline
 
         runner = CompiledPipeline(pipe, config.compiled)

@@ -55,6 +55,8 @@ class StreamPipeline(FewStepPipeline):
                                   f" = {self.buffer_frames} frames, more than the model's max_frames={max_frames}")
         self.sigmas = self.noise_levels(self.buffer_chunks)
         self._wan_cache_per_px: float | None = None  # measured on the first session_state_estimate (Wan)
+        # the compiled backend's captured steps (engines/backends/compiled_stream.py); None: every step eager
+        self.compiled_steps = None
         # frames a client receives per emitted chunk: F, or through Wan's causal VAE (4x in time) 4 F, except a
         # session's first chunk: 1 + 4 (F - 1)
         self.frames_per_chunk = self.first_chunk_frames = self.chunk_frames
@@ -68,7 +70,12 @@ class StreamPipeline(FewStepPipeline):
 
     @property
     def capabilities(self) -> Capabilities:
-        return dataclasses.replace(super().capabilities, frames_per_chunk=self.frames_per_chunk, fps=self.fps)
+        return dataclasses.replace(super().capabilities, frames_per_chunk=self.frames_per_chunk, fps=self.fps,
+                                   backend="eager" if self.compiled_steps is None else "compiled")
+
+    @property
+    def compile_seconds(self) -> float:
+        return 0.0 if self.compiled_steps is None else self.compiled_steps.report.total
 
     @property
     def buffer_frames(self) -> int:
@@ -115,6 +122,10 @@ class StreamPipeline(FewStepPipeline):
                      cond: PromptEmbeds, nasa: NasaInput | None = None) -> torch.Tensor:
         """x: [B, C, T, H, W] fp32; sigma, sigma_next: [B, T] fp32 on the device. Returns x after one Euler step.
         ``nasa``: per-session negative prompts steered away from in the cross-attention (guidance mode nasa)."""
+        if self.compiled_steps is not None:
+            out = self.compiled_steps(x, sigma, sigma_next, cond, nasa)
+            if out is not None:
+                return out
         with contextlib.ExitStack() as stack:
             if nasa is not None:
                 c = self.nasa_consts(nasa, x.shape[0], False)
