@@ -89,6 +89,11 @@ class StreamConfig(BaseModel):
                               "with 503 (code 'overloaded')")
     max_batch_sessions: int = Field(8, ge=1, le=256, description="most session buffers in one forward pass; "
                                     "sessions beyond it take turns (round-robin)")
+    # "off" until measured on a GPU (docs/benchmarks.md, 2026-12-08)
+    overlap_decode: Literal["auto", "on", "off"] = Field(
+        "off", description="decode each step's emitted chunks (and copy them to pinned host memory) on a CUDA stream "
+        "of their own, so the next step's forward pass starts at once; the frames are waited for where they are "
+        "read (encoding, the socket); auto: on CUDA only. off: the engine thread waits for each decode")
     outbox_chunks: int = Field(2, ge=1, le=64, description="undelivered chunks kept per viewer; when a client "
                                "falls behind, the oldest is dropped (latest wins) and its frames are counted")
     max_fps: float = Field(60.0, gt=0, le=1000, description="highest fps target a client may ask for")

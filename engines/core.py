@@ -804,10 +804,13 @@ class AsyncStream:
         return self.session.id
 
     async def next_chunk(self, timeout: float | None = None) -> StreamChunk | None:
-        """The next chunk, or None once the stream ended; raises TimeoutError after ``timeout`` seconds."""
+        """The next chunk, or None once the stream ended; raises TimeoutError after ``timeout`` seconds. Its frames
+        are on the host (an overlapped decode is waited for in the pool, never on the event loop)."""
         while True:
             chunk = self.outbox.take()
             if chunk is not None:
+                if chunk.pending is not None:
+                    await self.run_in_pool(chunk.wait)
                 return chunk
             if self.outbox.closed:
                 return None

@@ -88,7 +88,7 @@ def _serve_overrides(args) -> dict:
             "engine.batching.max_wait_ms": args.max_wait_ms,
             "engine.batching.max_queue_seconds": args.max_queue_seconds, "engine.attention": args.attention,
             "engine.backend": args.backend, "engine.threads": args.threads, "engine_process": args.engine_process,
-            "engine.overlap_stages": args.overlap_stages,
+            "engine.overlap_stages": args.overlap_stages, "engine.stream.overlap_decode": args.overlap_decode,
             "engine.stream.max_sessions": args.max_sessions,
             "engine.stream.max_batch_sessions": args.max_batch_sessions,
             "engine.stream.outbox_chunks": args.outbox_chunks,
@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image batches: start batch N+1 on the GPU while batch N is copied, encoded and answered "
                         "(no device sync between stages; stage times from CUDA events); auto: on CUDA only "
                         "(default off)")
+    s.add_argument("--overlap-decode", choices=["auto", "on", "off"], default=None,
+                   help="video models: decode each step's chunks on a CUDA stream of their own while the next "
+                        "step's forward pass runs; auto: on CUDA only (default off)")
     lim = s.add_argument_group("request limits (answered with 400 above them)")
     lim.add_argument("--max-n", type=int, default=None, help="images per request (default 16)")
     lim.add_argument("--max-side", type=int, default=None, help="largest width or height in pixels (default 2048)")

@@ -132,6 +132,7 @@ _ENV = {  # variable -> (path in the tree, type)
     "FEWSTEP_THREADS": ("engine.threads", int),
     "FEWSTEP_ENGINE_PROCESS": ("engine_process", _flag),
     "FEWSTEP_OVERLAP_STAGES": ("engine.overlap_stages", str),
+    "FEWSTEP_OVERLAP_DECODE": ("engine.stream.overlap_decode", str),
     "FEWSTEP_MAX_SESSIONS": ("engine.stream.max_sessions", int),
     "FEWSTEP_MAX_BATCH_SESSIONS": ("engine.stream.max_batch_sessions", int),
     "FEWSTEP_OUTBOX_CHUNKS": ("engine.stream.outbox_chunks", int),

@@ -3,8 +3,9 @@
 #  1. the embedded default video model (`--model default-video`, trained weights, 32x32): one 10,000-frame
 #     session (per-frame cost against stream length), then 1/2/4/8 concurrent sessions of 300 frames
 #  2. Wan2.1-T2V-1.3B architecture at 832x480 with a 4-step buffer (configs/wan2.1-t2v-1.3b-stream), 1/2/4/8
-#     sessions of 90 frames (8 chunks: 9 frames, then 12 per chunk), per engine in ENGINES (default "eager
-#     compiled": the compiled one captures the stream step per 1/2/4 sessions at 832x480; files *_compiled_*)
+#     sessions of 90 frames (8 chunks: 9 frames, then 12 per chunk), per engine in ENGINES (default "eager compiled
+#     compiled+overlap": the compiled one captures the stream step per 1/2/4 sessions at 832x480, +overlap adds
+#     --overlap-decode on; files *_compiled_*, *_compiled+overlap_*)
 # Usage (repo root, on the device): bash benchmarks/device/stream_h200.sh "$OUT"   (PARTS="default wan" by default)
 source "$(dirname "$0")/common.sh"
 begin_run "${1:-/tmp/out}"
@@ -39,10 +40,12 @@ fi
 if wants wan; then
 stamp "2. Wan2.1-1.3B stream, 832x480"
 fewstep bench random-weights benchmarks/configs/wan2.1-t2v-1.3b-stream /tmp/rwan --dtype bfloat16
-for engine in ${ENGINES:-eager compiled}; do
+for engine in ${ENGINES:-eager compiled compiled+overlap}; do
   tag=$([ "$engine" = eager ] && echo "" || echo "_$engine")
-  if serve /tmp/rwan 8013 "$OUT/serve_wan$tag.log" --dtype bfloat16 --engine "$engine" --compile-sizes 832x480 \
-      --compile-stream-buckets 1,2,4; then
+  extra=()
+  [ "${engine#*+}" = overlap ] && extra+=(--overlap-decode on)
+  if serve /tmp/rwan 8013 "$OUT/serve_wan$tag.log" --dtype bfloat16 --engine "${engine%+*}" --compile-sizes 832x480 \
+      --compile-stream-buckets 1,2,4 "${extra[@]}"; then
     for n in 1 2 4 8; do
       timeout 150 fewstep bench stream http://127.0.0.1:8013 --sessions $n --frames 90 --fps 0 \
         --size 832x480 --out "$OUT/stream_wan${tag}_s$n.json" 2>&1 | grep -E "Aggregate|first frame|per session|dropped"

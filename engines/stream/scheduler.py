@@ -199,6 +199,9 @@ class StreamScheduler:
         self._sessions: dict[str, StreamSession] = {}
         self._order: deque[str] = deque()  # round-robin rotation
         self._lock = threading.RLock()
+        ov = config.overlap_decode
+        self._decode_stream = (torch.cuda.Stream(pipe.device) if pipe.device.type == "cuda" and ov in ("on", "auto")
+                               else None)
 
     # -- registry (any thread) -----------------------------------------------------------------------------------
     def free_memory(self) -> int | None:
@@ -401,7 +404,10 @@ class StreamScheduler:
             t1 = time.perf_counter()
             done = [e for e in emitted if e is not None]
             frames = None
-            if done:
+            pending = None
+            if done and self._decode_stream is not None:
+                frames, pending = self._decode_overlapped(done)
+            elif done:
                 out = self.pipe.decode_frames(torch.stack([e.frames for e in done]),
                                               sessions=[e.session for e in done])
                 # a list when rows differ in length (a Wan session's first chunk is shorter), else one tensor
@@ -436,7 +442,7 @@ class StreamScheduler:
                 chunk = StreamChunk(s.id, f, s.next_index,
                                     {"step_ms": step_ms, "decode_ms": (t2 - t1) * 1e3, "batch_size": len(batch),
                                      "since_open_ms": (now - s.opened_at) * 1e3},
-                                    now, s.prompt_version)
+                                    now, s.prompt_version, pending=pending)
                 s.next_index += chunk.num_frames
                 s.frames_generated += chunk.num_frames
                 if s.fps > 0:
@@ -468,6 +474,28 @@ class StreamScheduler:
                     self.policy.release(s)
                     s.release()
         return StepResult(chunks, len(batch), dropped)
+
+    def _decode_overlapped(self, done: list[Emission]) -> tuple[object, tuple]:
+        """Launch the decode of ``done`` and the copy of its frames into pinned host memory on the decode stream,
+        after this step's forward pass (an event, not a host sync), and return at once: host arrays whose pixels
+        arrive with the returned (start, end) events (``StreamChunk.wait``). The next forward pass runs on the
+        default stream meanwhile. One decode stream: a Wan session's decoder cache is written and read in chunk
+        order."""
+        side = self._decode_stream
+        x = torch.stack([e.frames for e in done])
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        x.record_stream(side)  # allocated on the default stream, read on this one
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(side):
+            start.record()
+            out = self.pipe.decode_frames(x, sessions=[e.session for e in done])
+            rows = out if isinstance(out, list) else [out]
+            host = [torch.empty(r.shape, dtype=r.dtype, pin_memory=True) for r in rows]
+            for h, r in zip(host, rows):
+                h.copy_(r, non_blocking=True)
+            end.record()
+        frames = [h.numpy() for h in host] if isinstance(out, list) else host[0].numpy()
+        return frames, (start, end)
 
     def subscribe(self, session_id: str, capacity: int):
         """Attach an extra viewer (MJPEG) to a session; returns its Outbox, or None for an unknown id."""

@@ -66,12 +66,25 @@ class StreamChunk:
     created: float  # time.perf_counter() when the chunk left the engine
     prompt_version: int  # bumps when a prompt update starts to reach the frames
     final: bool = False  # last chunk of a finite clip
+    # overlapped decode (StreamConfig.overlap_decode): CUDA events (start, end) of the decode and the copy into
+    # ``frames`` (pinned host memory); ``wait`` before reading a pixel. None: the frames are there.
+    pending: tuple | None = field(default=None, repr=False)
     _encoded: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def num_frames(self) -> int:
-        return int(self.frames.shape[0])
+        return int(self.frames.shape[0])  # known before the pixels: the host buffer exists from the launch
+
+    def wait(self) -> "StreamChunk":
+        """Block until the frames are on the host (overlapped decode); records the decode's GPU time."""
+        pending = self.pending
+        if pending is not None:
+            start, end = pending
+            end.synchronize()
+            self.timings["decode_ms"] = start.elapsed_time(end)
+            self.pending = None
+        return self
 
     @property
     def indices(self) -> range:
@@ -85,7 +98,8 @@ class StreamChunk:
         with self._lock:
             fut = self._encoded.get(key)
             if fut is None:
-                fut = self._encoded[key] = submit(lambda: [encode_image(f, fmt, quality) for f in self.frames])
+                fut = self._encoded[key] = submit(lambda: [encode_image(f, fmt, quality)
+                                                           for f in self.wait().frames])
         return fut
 
 

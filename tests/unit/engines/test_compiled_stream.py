@@ -97,3 +97,30 @@ def test_cuda_graphs_match_eager_on_gpu(tiny_dir, name):
         p = psnr(a, b)
         print(f"PSNR compiled stream {name}: {p:.1f} dB")
         assert p >= 35, p
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the overlapped decode runs on a CUDA stream")
+@pytest.mark.parametrize("name", ["stream_dit", "wan_stream"])
+def test_overlapped_decode_matches_on_gpu(tiny_dir, name):
+    """StreamConfig.overlap_decode: the same frames, in the same order, as the engine thread's own decode; a Wan
+    session's decoder cache still joins its chunks (the first chunk shorter, then full ones)."""
+    dev = torch.device("cuda")
+    pipe = StreamPipeline(load_checkpoint(tiny_dir / name, dev, torch.float16), dev, torch.float16)
+    got = {}
+    for overlap in ("off", "on"):
+        core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig(max_batch_sessions=4,
+                                                                            overlap_decode=overlap), warmup=False))
+        assert (core.streams["video"]._decode_stream is not None) == (overlap == "on")
+        sessions = [core.open_stream(StreamStart(prompt=f"a red ball {i}", seed=i, fps=0, format="raw"))
+                    for i in range(3)]
+        frames = {s.id: [] for s in sessions}
+        for _ in range(40):
+            core.stream_step()
+            for s in sessions:
+                while (c := s.owner.take()) is not None:
+                    frames[s.id].append(c.wait().frames.copy())
+        core.shutdown()
+        got[overlap] = [np.concatenate(frames[s.id]) for s in sessions]
+    for a, b in zip(got["off"], got["on"]):
+        assert a.shape == b.shape and np.array_equal(a, b)
