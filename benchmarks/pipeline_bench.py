@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoders to time, each a full run of the fewstep backends: 'own' (the checkpoint's), a VAE "
                         "directory, or a VAE config folder (random weights, e.g. benchmarks/configs/taesd); rows of a "
                         "replaced decoder are labelled +vae:NAME (default own)")
+    p.add_argument("--attention", nargs="+", default=["dense"],
+                   help="self-attention options to time, each in its own rows (labelled +attn:NAME), e.g. dense "
+                        "xformers (default dense: PyTorch SDPA); an option that cannot run here is reported and "
+                        "skipped")
     p.add_argument("--saturate", type=float, default=0.0, metavar="SECONDS",
                    help="also measure in-process throughput for this long per batch size: the engine's own thread "
                         "(as in the server) kept busy by 4 requests of --batch images with cold prompts (default 0: "
@@ -247,10 +251,15 @@ def main() -> None:
             with open(a.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    for vae_spec, rank in [(v, r) for v in a.vae for r in a.adapters_rank]:
+    for vae_spec, rank, attention in [(v, r, at) for v in a.vae for r in a.adapters_rank for at in a.attention]:
         vae_dir = resolve_vae(vae_spec, Path(a.work), dtype)
         t0 = time.perf_counter()
-        pipe = FewStepPipeline(load_checkpoint(model_dir, device, dtype, vae=vae_dir), device, dtype)
+        try:
+            pipe = FewStepPipeline(load_checkpoint(model_dir, device, dtype, vae=vae_dir), device, dtype, attention)
+        except ValueError as e:  # e.g. xformers missing or built for another torch: say so, time the rest
+            print(f"attention {attention}: cannot run here: {e}", flush=True)
+            emit(dict(meta, system=f"fewstep+attn:{attention}", batch=None, error=str(e), kind="unavailable"))
+            continue
         if rank:
             from fewstep.engines.adapters import random_adapters
 
@@ -262,7 +271,8 @@ def main() -> None:
             flops[size] = count_flops(pipe, size, a.steps, a.guidance_scale)
             print(f"loaded in {load_s:.1f} s (VAE {vae_spec}, adapters rank {rank}); {size}² GFLOPs/image: " +
                   ", ".join(f"{k} {v:.0f}" for k, v in flops[size].items()), flush=True)
-        suffix = ("" if vae_dir is None else f"+vae:{Path(vae_spec).name}") + (f"+agd-r{rank}" if rank else "")
+        suffix = ("" if vae_dir is None else f"+vae:{Path(vae_spec).name}") + (f"+agd-r{rank}" if rank else "") + (
+            "" if attention == "dense" else f"+attn:{attention.split('(')[0]}")
         _bench_backends(a, pipe, flops, device, meta, emit, suffix)
         del pipe
         if device.type == "cuda":
@@ -334,7 +344,7 @@ def _bench_baselines(a, model_dir, dtype, device, meta, emit) -> None:
 
 
 def _print_table(rows: list[dict]) -> None:
-    rows = [r for r in rows if r.get("kind") != "saturation"]  # printed as measured (images/s)
+    rows = [r for r in rows if r.get("kind") not in ("saturation", "unavailable")]  # printed as measured
     width = max([18] + [len(r["system"]) + 1 for r in rows])
     print(f"\n{'system':<{width}}{'size':>6}{'batch':>6}{'prompt':>8}{'enc_prompt':>11}{'denoise':>9}{'decode':>8}{'enc_img':>8}"
           f"{'total ms':>10}{'MFU':>7}")

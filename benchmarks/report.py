@@ -58,7 +58,7 @@ def _fmt(v, digits=1):
 
 def pipeline_table(rows: list[dict]) -> str:
     # per-request latency rows (saturation rows of `bench pipeline --saturate` carry images/s, not stage times)
-    rows = [r for r in rows if "system" in r and "batch" in r and r.get("kind") != "saturation"]
+    rows = [r for r in rows if "system" in r and "batch" in r and r.get("kind") not in ("saturation", "unavailable")]
     if not rows:
         return "_no pipeline rows yet_\n"
     head = ("| GPU | arch | size | steps | system | dtype | batch | prompt | encode_prompt | denoise | decode "
@@ -150,7 +150,7 @@ def latest(rows: list[dict]) -> list[dict]:
     keep every run; a curve must not mix points of two runs at the same x."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        if "system" not in r or r.get("kind") == "saturation":  # images/s rows, not per-request latency
+        if "system" not in r or r.get("kind") in ("saturation", "unavailable"):  # not per-request latency rows
             continue
         key = (r["gpu"], r["arch"], r["size"], r["steps"], r["system"], r["batch"], r.get("prompt"),
                r.get("dtype"), r.get("options") and json.dumps(r["options"], sort_keys=True))
@@ -274,7 +274,7 @@ def anchor_table(rows: list[dict]) -> str:
     """Our best measured figures next to the anchors' published ones."""
     def best(system_prefix: str, **match):
         cands = [r for r in rows if r.get("system", "").startswith(system_prefix) and r.get("prompt") == "cold"
-                 and r.get("kind") != "saturation"
+                 and r.get("kind") not in ("saturation", "unavailable")
                  and all(r.get(k) == v for k, v in match.items())]
         return min(cands, key=lambda r: r["total_ms"]) if cands else None
 

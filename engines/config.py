@@ -144,9 +144,10 @@ class EngineConfig(BaseModel):
     sizes: list[tuple[int, int]] | None = Field(None, description="(height, width) sizes every served model accepts, "
                                                 "replacing the checkpoint's fewstep.sizes / size_range; None: the "
                                                 "checkpoint's declaration, else its native size (engines/sizes.py)")
-    attention: str = Field("dense", description='self-attention of DiT denoisers: "dense" or '
-                           '"block_sparse(threshold=0.9,block=128,...)" (Triton kernel; falls back to dense '
-                           'with a logged reason where a shape or device is unsupported)')
+    attention: str = Field("dense", description='self-attention: "dense" (PyTorch SDPA), "xformers" (xformers\' '
+                           'memory-efficient kernels on the denoiser\'s and VAE\'s self-attention; CUDA, optional '
+                           'install) or, on DiT denoisers, "block_sparse(threshold=0.9,block=128,...)" (our Triton '
+                           'kernel; falls back to dense with a logged reason where a shape or device is unsupported)')
     batching: BatchingConfig = BatchingConfig()
     stream: StreamConfig = StreamConfig()
 
@@ -155,7 +156,12 @@ class EngineConfig(BaseModel):
     def _attention(cls, v: str) -> str:
         from fewstep.kernels.attention_processor import BlockSparseConfig
 
-        BlockSparseConfig.parse(v)  # raises ValueError with the accepted syntax
+        if v.strip().lower() == "xformers":
+            return "xformers"
+        try:
+            BlockSparseConfig.parse(v)
+        except ValueError as e:
+            raise ValueError(f"{e} (or 'xformers')") from None
         return v
 
     def resolve_device(self) -> torch.device:

@@ -37,6 +37,39 @@ from .sizes import ServedSizes
 log = logging.getLogger("fewstep.engines")
 
 
+def enable_xformers(denoiser, vae, device: torch.device) -> int:
+    """``--attention xformers``: diffusers' ``XFormersAttnProcessor`` (xformers' memory-efficient attention) on every
+    self-attention module of the denoiser and the VAE; cross-attention keeps its processor (NASA steers it). Returns
+    how many modules changed. Raises ValueError saying what to do where xformers cannot run: it has no CPU kernels,
+    is an optional install, and a wheel built for another torch imports but fails at its first call, so one tiny
+    call is made here, at load, rather than in the first request."""
+    if device.type != "cuda":
+        raise ValueError("attention 'xformers' needs a CUDA device (xformers has no CPU kernels); use 'dense'")
+    try:
+        import xformers
+        import xformers.ops as xops
+    except ImportError as e:
+        raise ValueError("attention 'xformers' needs the xformers package built for the installed torch "
+                         f"{torch.__version__} (pip install xformers); it is not installed: use 'dense' (PyTorch's "
+                         "SDPA)") from e
+    q = torch.zeros(1, 16, 1, 64, device=device, dtype=torch.float16)
+    try:
+        xops.memory_efficient_attention(q, q, q)
+    # Deliberate boundary: whatever xformers raises here (missing kernels, an ABI mismatch) becomes the message.
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"xformers {xformers.__version__} is installed but cannot run with torch {torch.__version__} "
+                         f"on this GPU ({type(e).__name__}: {e}); use 'dense'") from e
+    from diffusers.models.attention_processor import Attention, XFormersAttnProcessor
+
+    n = 0
+    for model in (denoiser, vae):
+        for m in (model.modules() if model is not None else ()):
+            if isinstance(m, Attention) and not m.is_cross_attention:
+                m.set_processor(XFormersAttnProcessor())
+                n += 1
+    return n
+
+
 @dataclass
 class PromptEmbeds:
     """Conditioning for a batch of prompts. embeds: [B, L, D]; mask: [B, L] or None; pooled: [B, P] or None."""
@@ -192,7 +225,10 @@ class FewStepPipeline:
                                   f"got {self.guidance_rescale}")
         self.fused_cfg = True  # CFG steps through kernels/fused_cfg.py on CUDA (benchmarks switch it off to compare)
         self.attention = attention
-        if attention != "dense":
+        if attention == "xformers":
+            n = enable_xformers(self.denoiser, self.vae, self.device)
+            log.info("attention xformers installed on %d self-attention modules (denoiser and VAE)", n)
+        elif attention != "dense":
             from fewstep.kernels.attention_processor import BlockSparseConfig, enable_block_sparse_attention
 
             n = enable_block_sparse_attention(self.denoiser, BlockSparseConfig.parse(attention))

@@ -476,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compiled engine: NHWC convolutions in the UNet and VAE (default on: 8%% faster end to end "
                         "for SD-Turbo on an H200)")
     s.add_argument("--attention", default=None,
-                   help='DiT self-attention: "dense" (default) or "block_sparse(threshold=0.9,block=128)"')
+                   help='self-attention: "dense" (default, PyTorch SDPA), "xformers" (CUDA, needs the xformers '
+                        'package for the installed torch) or, on DiTs, "block_sparse(threshold=0.9,block=128)"')
     s.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's choice)")
     s.add_argument("--engine-process", action="store_true", default=None,
                    help="run the engine in a process of its own (ZeroMQ between the two), so that HTTP parsing, JSON "

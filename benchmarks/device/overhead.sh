@@ -6,9 +6,12 @@
 #            --engine-process), one server (--max-batch-size 1 --max-wait-ms 0): 300 requests as JSON (base64), then
 #            300 with Accept: image/jpeg (`--raw-image`: the image is the body, timings in Server-Timing); each report
 #            carries the request's waterfall
+#  xformers  in-process batch 1 and 16, eager and compiled, --attention dense xformers (the xformers wheel must be in
+#            .whl: ../shared/device/wheels.sh uvloop httptools pyzmq xformers; a wheel built for another torch makes
+#            the option refuse, and the row says why); then the GPU tests of the option (PSNR against SDPA)
 # The serve log names the event loop and HTTP parser (uvloop/httptools when .whl carries them).
 # Usage (repo root, on the device, after `pip install .`):
-#   FEWSTEP_COMMIT=<sha> PARTS="pipeline http" bash benchmarks/device/overhead.sh $OUT
+#   FEWSTEP_COMMIT=<sha> PARTS="pipeline http xformers" bash benchmarks/device/overhead.sh $OUT
 source "$(dirname "$0")/common.sh"
 begin_run "${1:-/tmp/out}"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv | tee "$OUT/gpu.txt"
@@ -46,6 +49,15 @@ if wants http; then
       stop_server
     done
   done
+fi
+
+if wants xformers; then
+  stamp "3. xformers against SDPA"
+  timeout "${T_XF:-300}" fewstep bench pipeline --config $CFG --size 512 --steps 1 --batch 1 16 --iters 20 \
+    --warmup 3 --format jpeg --backend eager compiled --attention dense xformers --work $WORK \
+    --out "$OUT/xformers.jsonl" 2>&1 | grep -v "^{" | tail -14 | tee "$OUT/xformers.log"
+  timeout 120 pytest -q -p no:cacheprovider -m gpu -rs -s tests/unit/engines/test_attention_option.py 2>&1 \
+    | grep -E "PSNR|passed|failed|skipped|cannot" | tee -a "$OUT/xformers.log"
 fi
 
 stamp "done"

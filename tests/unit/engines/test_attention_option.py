@@ -1,7 +1,9 @@
-"""The per-model `attention` engine option installs the block-sparse processor without forking model code."""
+"""The per-model `attention` engine option installs the block-sparse processor (or xformers') without forking model
+code."""
 
 import numpy as np
 import pytest
+import torch
 
 from fewstep.engines.config import EngineConfig
 from fewstep.engines.loading import load_checkpoint
@@ -21,5 +23,33 @@ def test_block_sparse_option_installs_and_falls_back_on_cpu(tiny_dir):
 
 
 def test_bad_attention_option_is_explained():
-    with pytest.raises(ValueError, match="dense.*block_sparse"):
+    with pytest.raises(ValueError, match="dense.*block_sparse.*xformers"):
         EngineConfig(attention="sparse please")
+    assert EngineConfig(attention=" XFormers").attention == "xformers"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal")
+def test_xformers_on_the_cpu_says_what_to_use(tiny_dir):
+    with pytest.raises(ValueError, match="needs a CUDA device.*use 'dense'"):
+        FewStepPipeline(load_checkpoint(tiny_dir / "sd_turbo"), attention="xformers")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers runs on CUDA")
+@pytest.mark.parametrize("name,size", [("sd_turbo", 64), ("pixart", 32)])
+def test_xformers_matches_sdpa_on_gpu(tiny_dir, name, size):
+    """Where xformers is installed and runs, its self-attention gives the dense images (PSNR >= 35 dB); where it
+    cannot run, the refusal names the reason (the test then checks that message and is skipped)."""
+    from tests.unit.engines.test_parity import psnr
+
+    dev = torch.device("cuda")
+    dense = FewStepPipeline(load_checkpoint(tiny_dir / name, dev, torch.float16), dev, torch.float16)
+    try:
+        xf = FewStepPipeline(load_checkpoint(tiny_dir / name, dev, torch.float16), dev, torch.float16, "xformers")
+    except ValueError as e:
+        assert "xformers" in str(e) and "use 'dense'" in str(e)
+        pytest.skip(f"xformers cannot run here: {e}")
+    a = dense(["a red circle"], [3], size, size, 2, 0.0).cpu().numpy()
+    b = xf(["a red circle"], [3], size, size, 2, 0.0).cpu().numpy()
+    print(f"PSNR xformers {name}: {psnr(a, b):.1f} dB")
+    assert psnr(a, b) >= 35
