@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-batch", action="store_true", help="compiled backend: one symbolic-batch compile "
                    "serves every batch size (default off)")
     p.add_argument("--fuse-qkv", action="store_true", help="compiled backend: fused QKV projections (default off)")
+    p.add_argument("--fp8", action="store_true", help="compiled backend: the denoiser's linear layers in float8 "
+                   "(torchao; compute capability 8.9+; rows labelled +fp8; default off)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled backend: channels-last UNet and VAE convolutions (default: CompileConfig's, on)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the GPU's dense fp16/bf16 ceiling that "
@@ -290,7 +292,8 @@ def _bench_backends(a, pipe, flops, device, meta, emit, suffix: str) -> None:
 
             # options left unset on the command line keep CompileConfig's defaults
             extra = {k: v for k, v in dict(compile=a.inductor, mode=a.compile_mode, channels_last=a.channels_last,
-                                           fuse_qkv=a.fuse_qkv, dynamic_batch=a.dynamic_batch).items()
+                                           fuse_qkv=a.fuse_qkv, dynamic_batch=a.dynamic_batch,
+                                           fp8=a.fp8 or None).items()
                      if v is not None}
             try:
                 runner = CompiledPipeline(pipe, CompileConfig(batch_buckets=a.batch, steps=[a.steps],
@@ -315,7 +318,8 @@ def _bench_backends(a, pipe, flops, device, meta, emit, suffix: str) -> None:
                     label = f"fewstep-{backend}"
                     if backend == "compiled":  # the options actually used (+cl), whatever the default at the time
                         c = runner.cfg
-                        label += ("+fqkv" if c.fuse_qkv else "") + ("+cl" if c.channels_last else "") + (
+                        label += ("+fqkv" if c.fuse_qkv else "") + ("+fp8" if c.fp8 else "") + (
+                            "+cl" if c.channels_last else "") + (
                             "+dyn" if c.dynamic_batch else "") + ("" if c.compile else "+graphs-only")
                     label += suffix
                     emit(dict(meta, size=size, system=label, batch=batch,

@@ -9,9 +9,11 @@
 #  xformers  in-process batch 1 and 16, eager and compiled, --attention dense xformers (the xformers wheel must be in
 #            .whl: ../shared/device/wheels.sh uvloop httptools pyzmq xformers; a wheel built for another torch makes
 #            the option refuse, and the row says why); then the GPU tests of the option (PSNR against SDPA)
+#  fp8       in-process batch 1 and 16, compiled with and without --fp8 (torchao in .whl: wheels.sh ... torchao),
+#            then the fp8 GPU test (PSNR against fp16, printed)
 # The serve log names the event loop and HTTP parser (uvloop/httptools when .whl carries them).
 # Usage (repo root, on the device, after `pip install .`):
-#   FEWSTEP_COMMIT=<sha> PARTS="pipeline http xformers" bash benchmarks/device/overhead.sh $OUT
+#   FEWSTEP_COMMIT=<sha> PARTS="pipeline http xformers fp8" bash benchmarks/device/overhead.sh $OUT
 source "$(dirname "$0")/common.sh"
 begin_run "${1:-/tmp/out}"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv | tee "$OUT/gpu.txt"
@@ -58,6 +60,17 @@ if wants xformers; then
     --out "$OUT/xformers.jsonl" 2>&1 | grep -v "^{" | tail -14 | tee "$OUT/xformers.log"
   timeout 120 pytest -q -p no:cacheprovider -m gpu -rs -s tests/unit/engines/test_attention_option.py 2>&1 \
     | grep -E "PSNR|passed|failed|skipped|cannot" | tee -a "$OUT/xformers.log"
+fi
+
+if wants fp8; then
+  stamp "4. fp8 linear layers (torchao) against fp16, compiled"
+  for flag in "" --fp8; do
+    timeout "${T_FP8:-300}" fewstep bench pipeline --config $CFG --size 512 --steps 1 --batch 1 16 --iters 20 \
+      --warmup 3 --format jpeg --backend compiled $flag --work $WORK --out "$OUT/fp8.jsonl" 2>&1 | grep -v "^{" \
+      | tail -6 | tee -a "$OUT/fp8.log"
+  done
+  timeout 120 pytest -q -p no:cacheprovider -m gpu -rs -s tests/unit/engines/test_compiled.py -k fp8 2>&1 \
+    | grep -E "PSNR|passed|failed|skipped" | tee -a "$OUT/fp8.log"
 fi
 
 stamp "done"

@@ -59,6 +59,29 @@ def _pad_rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return torch.cat([t, t[-1:].expand(n - t.shape[0], *t.shape[1:])])
 
 
+def quantize_fp8(model: torch.nn.Module, device: torch.device, min_features: int = 256) -> int:
+    """``CompileConfig.fp8``: torchao's float8 dynamic quantisation (per-row scales for activations and weights) on
+    the model's linear layers whose sides are multiples of 16 (what the fp8 GEMMs take) and at least ``min_features``
+    wide (below, quantising the activation costs more than the GEMM saves). Returns how many layers changed; raises
+    ValueError saying what to do where it cannot run."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        where = "the CPU" if device.type != "cuda" else f"compute capability {torch.cuda.get_device_capability(device)}"
+        raise ValueError(f"fp8 needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper); this is {where}: "
+                         "leave fp8 off")
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as e:
+        raise ValueError("fp8 needs torchao (pip install 'fewstep[fp8]'); leave fp8 off") from e
+
+    def eligible(m: torch.nn.Module, _name: str) -> bool:
+        return (isinstance(m, torch.nn.Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0
+                and min(m.in_features, m.out_features) >= min_features)
+
+    n = sum(1 for name, m in model.named_modules() if eligible(m, name))
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=eligible)
+    return n
+
+
 class StaticGraph:
     """A function of a flat dict of tensors, captured once into a CUDA graph (or just called on the CPU)."""
 
@@ -128,6 +151,9 @@ class CompiledPipeline:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.cache_dir).expanduser()))
         if cfg.fuse_qkv and hasattr(pipe.denoiser, "fuse_qkv_projections"):
             pipe.denoiser.fuse_qkv_projections()
+        if cfg.fp8:
+            n = quantize_fp8(pipe.denoiser, pipe.device)
+            log.info("compiled backend: %d linear layers of the denoiser in float8", n)
         if cfg.channels_last:
             # 2-D convolutions only (the 4-D weights `module.to(memory_format=...)` would convert): NHWC has no
             # 5-D form, so a video VAE's Conv3d would raise, and a DiT's linear layers have no layout to change.
