@@ -405,6 +405,8 @@ BENCH_TOOLS = {
     "random-weights": ("fewstep.benchmarks.random_weights",
                        "write a full-size architecture with random weights (speed and parity runs only)"),
     "reliability": ("fewstep.benchmarks.reliability", "real servers under hostile and heavy clients: report"),
+    "ray": ("fewstep.benchmarks.ray_bench", "Ray Serve on this machine: autoscaling 1 -> 2 -> 1 under load, and CPU "
+            "throughput of 1 and 2 replicas"),
     "plain-stream": ("fewstep.benchmarks.plain_stream_client",
                      "one stream read by a bare websockets client: cross-checks `fewstep bench stream`"),
 }

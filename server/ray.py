@@ -55,6 +55,9 @@ class AutoscalingOptions(BaseModel):
                                            "aims at: above it, replicas are added")
     upscale_delay_s: float = Field(10.0, ge=0, description="load must stay high this long before scaling out")
     downscale_delay_s: float = Field(120.0, ge=0, description="load must stay low this long before scaling in")
+    look_back_period_s: float = Field(30.0, gt=0, description="the window over which Ray averages the ongoing "
+                                      "requests it compares with the target (Ray's default, 30 s: a burst scales "
+                                      "out early, and scaling in waits for the window to empty too)")
 
     @model_validator(mode="after")
     def _order(self):
@@ -128,7 +131,7 @@ class RayAppConfig(BaseModel):
             opts["autoscaling_config"] = AutoscalingConfig(
                 min_replicas=a.min_replicas, max_replicas=a.max_replicas, initial_replicas=max(1, a.min_replicas),
                 target_ongoing_requests=a.target_ongoing_requests, upscale_delay_s=a.upscale_delay_s,
-                downscale_delay_s=a.downscale_delay_s)
+                downscale_delay_s=a.downscale_delay_s, look_back_period_s=a.look_back_period_s)
         else:
             opts["num_replicas"] = self.replicas
         return opts
