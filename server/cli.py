@@ -114,7 +114,8 @@ def _serve(args) -> int:
 
     cfg = _serve_config(args)
     models = cfg.served_models()  # fail fast, with a one-line message, before the server starts
-    if args.replicas is not None or args.max_replicas is not None:
+    tuning = (args.target_ongoing_requests, args.upscale_delay, args.downscale_delay)
+    if args.replicas is not None or args.max_replicas is not None or any(v is not None for v in tuning):
         if cfg.engine_process:
             print("fewstep: --engine-process and --replicas do not combine yet (each Ray Serve replica runs its "
                   "engine in-process); drop one", file=sys.stderr)
@@ -164,6 +165,13 @@ def _serve_ray(args, cfg) -> int:
     if args.max_replicas is not None:
         autoscaling = {"min_replicas": args.replicas if args.replicas is not None else 1,
                        "max_replicas": args.max_replicas}
+        tuned = {"target_ongoing_requests": args.target_ongoing_requests, "upscale_delay_s": args.upscale_delay,
+                 "downscale_delay_s": args.downscale_delay}
+        autoscaling.update({k: v for k, v in tuned.items() if v is not None})
+    elif any(v is not None for v in (args.target_ongoing_requests, args.upscale_delay, args.downscale_delay)):
+        print("fewstep: --target-ongoing-requests, --upscale-delay and --downscale-delay tune the autoscaler: add "
+              "--max-replicas N", file=sys.stderr)
+        return 2
     try:
         options = RayAppConfig(server=server, replicas=1 if autoscaling or args.replicas is None else args.replicas,
                                autoscaling=autoscaling)
@@ -399,6 +407,8 @@ BENCH_TOOLS = {
     "random-weights": ("fewstep.benchmarks.random_weights",
                        "write a full-size architecture with random weights (speed and parity runs only)"),
     "reliability": ("fewstep.benchmarks.reliability", "real servers under hostile and heavy clients: report"),
+    "ray": ("fewstep.benchmarks.ray_bench", "Ray Serve on this machine: autoscaling 1 -> 2 -> 1 under load, and CPU "
+            "throughput of 1 and 2 replicas"),
     "plain-stream": ("fewstep.benchmarks.plain_stream_client",
                      "one stream read by a bare websockets client: cross-checks `fewstep bench stream`"),
 }
@@ -528,6 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "with --max-replicas, the fewest the autoscaler keeps")
     ray.add_argument("--max-replicas", type=int, default=None, metavar="N",
                      help="autoscale on ongoing requests between --replicas (default 1) and N replicas")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None, metavar="N",
+                     help="with --max-replicas: ongoing requests per replica (open sockets included) that the "
+                          "autoscaler aims at; above it, replicas are added (default 8)")
+    ray.add_argument("--upscale-delay", type=float, default=None, metavar="S",
+                     help="with --max-replicas: seconds load must stay above the target before a replica is added "
+                          "(default 10)")
+    ray.add_argument("--downscale-delay", type=float, default=None, metavar="S",
+                     help="with --max-replicas: seconds load must stay below the target before a replica is removed "
+                          "(default 120)")
     ray.add_argument("--ray-address", default=None, metavar="ADDR",
                      help="join this Ray cluster (e.g. 10.0.0.5:6379, or 'auto' for the local one); default: start "
                           "a Ray cluster of this machine for the server's lifetime")

@@ -12,16 +12,26 @@ A replica answers nothing until its models are loaded and warm: its constructor 
 loads them), and Ray routes to a replica only after its constructor returns, so compiling replicas get no traffic and
 the proxy's ``/-/healthz`` and our ``/ready`` turn true with the first warm replica. A replica whose engine died fails
 Ray's health check (``check_health``) and Ray replaces it.
+
+A replica that Ray stops (a redeploy's rolling update, a scale-in, ``serve.shutdown``) drains: Ray's routers stop
+sending it work, Ray waits for its ongoing requests (polled every ``graceful_shutdown_wait_loop_s``, at most
+``graceful_shutdown_timeout_s``), then runs the app's shutdown. A stream socket is an ongoing request for its whole
+life, so the replica ends its stream sessions as soon as Ray begins (``_DrainWhenStopped``: ``stopped``, reason
+``shutdown``, close 1001: reconnecting lands on a live replica) and refuses new sockets, while its image requests
+finish. Ray gives the user class no hook before that wait (``__del__`` runs after it); the one private detail read
+is the replica's ``_shutting_down`` flag (``ray_replica_stopping``; checked by tests/e2e/test_ray.py). Where a Ray
+lacks it, streams end when Ray stops the replica and the proxy tells their clients to reconnect (ray_routing.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import tempfile
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
@@ -45,6 +55,9 @@ class AutoscalingOptions(BaseModel):
                                            "aims at: above it, replicas are added")
     upscale_delay_s: float = Field(10.0, ge=0, description="load must stay high this long before scaling out")
     downscale_delay_s: float = Field(120.0, ge=0, description="load must stay low this long before scaling in")
+    look_back_period_s: float = Field(30.0, gt=0, description="the window over which Ray averages the ongoing "
+                                      "requests it compares with the target (Ray's default, 30 s: a burst scales "
+                                      "out early, and scaling in waits for the window to empty too)")
 
     @model_validator(mode="after")
     def _order(self):
@@ -71,7 +84,11 @@ class RayAppConfig(BaseModel):
     max_ongoing_requests: int = Field(256, ge=1, description="requests and open sockets per replica before Ray "
                                       "holds new ones back in the proxy")
     graceful_shutdown_timeout_s: float = Field(15.0, ge=0, description="on redeploy or scale-in: time a replica "
-                                               "gets to finish its requests and streams before it is stopped")
+                                               "gets to finish its requests before Ray kills it (its streams end "
+                                               "with 'stopped' at once; raise this above the longest request)")
+    graceful_shutdown_wait_loop_s: float = Field(0.5, gt=0, description="on redeploy or scale-in: how often a "
+                                                 "stopping replica checks whether its requests are done (Ray's "
+                                                 "default, 2 s, keeps an idle replica up to 2 s longer)")
     health_check_period_s: float = Field(5.0, gt=0, description="how often Ray asks each replica check_health")
     routing_stats_period_s: float = Field(0.5, gt=0, description="how often each replica reports its engine queue "
                                           "to the router")
@@ -103,6 +120,7 @@ class RayAppConfig(BaseModel):
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.resolved_num_gpus()},
             "max_ongoing_requests": self.max_ongoing_requests,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
             "health_check_period_s": self.health_check_period_s,
             "request_router_config": RequestRouterConfig(
                 request_router_class="fewstep.server.ray_routing:FewstepRouter",
@@ -113,7 +131,7 @@ class RayAppConfig(BaseModel):
             opts["autoscaling_config"] = AutoscalingConfig(
                 min_replicas=a.min_replicas, max_replicas=a.max_replicas, initial_replicas=max(1, a.min_replicas),
                 target_ongoing_requests=a.target_ongoing_requests, upscale_delay_s=a.upscale_delay_s,
-                downscale_delay_s=a.downscale_delay_s)
+                downscale_delay_s=a.downscale_delay_s, look_back_period_s=a.look_back_period_s)
         else:
             opts["num_replicas"] = self.replicas
         return opts
@@ -174,6 +192,48 @@ class _ReplicaHeader:
         await self.app(scope, receive, send_named)
 
 
+def ray_replica_stopping() -> Callable[[], bool] | None:
+    """A check of whether Ray has begun stopping the replica this process runs, or None where this Ray keeps that
+    elsewhere. Read from Ray's replica actor (``_replica_impl._shutting_down``, set as its graceful shutdown starts,
+    before Ray waits for the ongoing requests): the one private detail of Ray that the drain relies on."""
+    import ray
+
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    actors = getattr(getattr(worker, "global_worker", None), "actors", None) or {}
+    for actor in list(actors.values()):
+        impl = getattr(actor, "_replica_impl", None)
+        if isinstance(getattr(impl, "_shutting_down", None), bool):
+            return lambda: impl._shutting_down
+    return None
+
+
+class _DrainWhenStopped:
+    """ASGI middleware of a replica: from the app's startup, watches whether Ray is stopping the replica, and then
+    ends its streams and refuses new sockets (``Guard.drain(refuse_requests=False)``); see the module docstring."""
+
+    POLL_S = 0.1
+
+    def __init__(self, app, guard, replica: str):
+        self.app, self.guard, self.replica = app, guard, replica
+        self.watcher: asyncio.Task | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan" and self.watcher is None:
+            self.watcher = asyncio.get_running_loop().create_task(self._watch())
+        await self.app(scope, receive, send)
+
+    async def _watch(self) -> None:
+        stopping = ray_replica_stopping()
+        if stopping is None:
+            log.warning("replica %s: this Ray does not say when it stops a replica; its streams end when Ray stops "
+                        "it, and the proxy tells their clients to reconnect", self.replica)
+            return
+        while not stopping():
+            await asyncio.sleep(self.POLL_S)
+        log.info("replica %s: Ray is stopping it; its streams end, its requests finish", self.replica)
+        await self.guard.drain(refuse_requests=False)
+
+
 @serve.ingress()
 class FewstepReplica:
     """One replica: the single-process app (create_app) with its engine, on the replica's event loop. (Attributes
@@ -194,6 +254,8 @@ class FewstepReplica:
         self.fewstep_state = self.fewstep_app.state.fewstep
         self.fewstep_state.replica = self.fewstep_replica
         self.fewstep_app.add_middleware(_ReplicaHeader, replica=self.fewstep_replica)
+        self.fewstep_app.add_middleware(_DrainWhenStopped, guard=self.fewstep_app.state.guard,
+                                        replica=self.fewstep_replica)
 
     def __serve_build_asgi_app__(self):
         return self.fewstep_app

@@ -4,7 +4,8 @@ Per HTTP request or WebSocket, in this order: a request id (``X-Request-Id``, th
 while the server drains, API keys, the ``Origin`` check, per-client limits (requests per second, concurrent
 streams), then the body limit on the bytes actually read and, for WebSockets, the idle timeout. ``Guard.drain``
 runs at SIGTERM (server/cli.py): new work is refused, stream sessions end with ``stopped`` and their sockets close
-with 1001.
+with 1001. On a Ray Serve replica that Ray stops (server/ray.py) the drain ends the streams only
+(``refuse_requests=False``): Ray waits for the replica's HTTP requests, so one that reaches it meanwhile is served.
 
 Refusals use OpenAI's error body ``{"error": {message, type, param, code}}``; a WebSocket refused before its
 handshake gets the same status and body as an HTTP response (ASGI's ``websocket.http.response`` extension), or,
@@ -173,7 +174,8 @@ class Guard:
         # routes that take an image upload: the image's own limit on top of the body's
         self.max_upload = config.limits.max_body_bytes + config.limits.max_image_bytes
         self.max_head = config.http.max_header_bytes
-        self.draining = False
+        self.draining = False  # every new request and socket refused (503, Retry-After)
+        self.streams_ended = False  # new streams and sockets refused; HTTP requests still admitted
         self.sockets: set[_Socket] = set()
         self.streams: dict[str, int] = {}
         self.buckets: dict[str, _Bucket] = {}
@@ -269,10 +271,10 @@ class Guard:
         if head > self.max_head:
             raise Refusal(431, f"request line and headers are {head} bytes, more than the limit of {self.max_head}",
                           "headers_too_large")
-        if self.draining:
+        path = scope["path"]
+        if self.draining or (self.streams_ended and (scope["type"] == "websocket" or is_stream_path(path))):
             raise Refusal(503, "the server is shutting down; retry on another replica", "shutting_down",
                           [(b"retry-after", b"5")])
-        path = scope["path"]
         open_ = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or (
             path in HEALTH_PATHS and not self.sec.protect_metrics)
         self._check_origin(headers)
@@ -397,10 +399,14 @@ class Guard:
             await send({"type": "websocket.close", "code": 4000 + r.status, "reason": r.message[:120]})
 
     # -- shutdown ----------------------------------------------------------------------------------------------
-    async def drain(self, wait_s: float = 3.0) -> None:
+    async def drain(self, wait_s: float = 3.0, refuse_requests: bool = True) -> None:
         """Refuse new work, end the stream sessions (their sockets get ``stopped``, MJPEG responses end), then
-        close every WebSocket with 1001. ``wait_s`` bounds the wait for the ``stopped`` messages."""
-        self.draining = True
+        close every WebSocket with 1001. ``wait_s`` bounds the wait for the ``stopped`` messages. With
+        ``refuse_requests=False`` only new streams and sockets are refused: HTTP requests are still served (a Ray
+        Serve replica being stopped, whose requests Ray waits for)."""
+        self.streams_ended = True
+        if refuse_requests:
+            self.draining = True
         if self.on_drain is not None:
             self.on_drain()
         deadline = time.monotonic() + wait_s

@@ -157,6 +157,22 @@ class RayServeProcess(ServerProcess):
                 seen.add(r.headers["x-fewstep-replica"])
         return seen
 
+    def redeploy(self, args: dict) -> subprocess.Popen:
+        """``serve.run`` of the app with these RayAppConfig args, as a new version (Ray's rolling update: the
+        replicas are replaced a batch at a time), from a driver of its own started in the temporary directory (the
+        driver's directory goes on Ray workers' sys.path; the checkout's kernels/ would shadow PyPI's). Returns
+        that process: it exits once the new version is running."""
+        import json
+        import sys
+        import tempfile
+
+        code = ("import json, sys, ray\nfrom ray import serve\nfrom fewstep.server.ray import APP_NAME, build_app\n"
+                "ray.init(address=sys.argv[1], logging_level='WARNING')\n"
+                "serve.run(build_app(json.loads(sys.argv[2])), name=APP_NAME, route_prefix='/', blocking=False)\n")
+        log = open(Path(tempfile.gettempdir()) / f"fewstep-redeploy-{self.port}.log", "w")
+        return subprocess.Popen([sys.executable, "-c", code, self.cluster.address, json.dumps(args)],
+                                cwd=tempfile.gettempdir(), stdout=log, stderr=subprocess.STDOUT)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()  # the CLI drains the replicas and removes the app (serve.shutdown)

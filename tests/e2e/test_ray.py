@@ -227,3 +227,92 @@ def test_replica_killed_mid_load(ray_defaults):
     res = [httpx.post(srv.url + "/v1/images/generations", json={"prompt": "ok", "seed": i}, timeout=60)
            for i in range(4)]
     assert all(r.status_code == 200 for r in res)
+
+
+def test_redeploy_drains_the_old_replicas(ray_defaults):
+    """A redeploy (serve.run of a new version: Ray's rolling update) while 4 clients send image requests and a stream
+    runs on an old replica. Every request ends completed or refused cleanly (503 with Retry-After), none is lost;
+    the stream ends with 'stopped' (reason shutdown) and close 1001 as soon as Ray begins stopping its replica (not
+    when Ray kills it: that would be the proxy's replica_lost error and 1012); afterwards new replicas serve.
+    (Last in this module: it replaces the module's replicas.)"""
+    import json
+
+    from websockets.exceptions import ConnectionClosed
+
+    srv = ray_defaults
+    old = srv.replica_ids()
+    assert len(old) == 2, old
+    ws = open_stream_on(srv, sorted(old)[0])
+    stream_msgs: list[dict] = []
+    close_code: list = []
+
+    def watch_stream():
+        try:
+            while True:
+                msg = ws.recv(timeout=240)
+                if isinstance(msg, str):
+                    stream_msgs.append(json.loads(msg))
+        except ConnectionClosed:
+            pass
+        except TimeoutError:
+            stream_msgs.append({"type": "test_timeout"})
+        close_code.append(ws.close_code)
+
+    stop = threading.Event()
+    outcomes = {"completed": 0, "failed_cleanly": 0, "lost": 0}
+    statuses: dict[int, int] = {}
+    lost: list[str] = []
+    lock = threading.Lock()
+
+    def client(k):
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                r = httpx.post(srv.url + "/v1/images/generations",
+                               json={"prompt": "a red circle", "seed": 1000 * k + i}, timeout=120)
+                clean = r.status_code == 503 and r.headers.get("retry-after") and "error" in r.json()
+                kind = "completed" if r.status_code == 200 else "failed_cleanly" if clean else "lost"
+                with lock:
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    if kind == "lost":
+                        lost.append(f"{r.status_code} {r.text[:200]}")
+            except httpx.HTTPError as e:
+                kind = "lost"
+                with lock:
+                    lost.append(repr(e))
+            with lock:
+                outcomes[kind] += 1
+
+    watcher = threading.Thread(target=watch_stream)
+    watcher.start()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    t0 = time.perf_counter()
+    deploy = srv.redeploy({"server": {"engine": {"device": "cpu", "threads": 1}}, "replicas": 2})
+    try:
+        deploy.wait(300)
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+    rolled = time.perf_counter() - t0
+    stop.set()
+    for t in threads:
+        t.join(150)
+    watcher.join(60)
+    print(f"\nredeploy under 4 clients: {outcomes}, statuses {statuses}; the new version ran after {rolled:.1f} s")
+    print(f"the stream on an old replica got {[m for m in stream_msgs if m.get('type') != 'stats']} and close code "
+          f"{close_code}")
+    assert deploy.returncode == 0, "serve.run of the new version failed (see fewstep-redeploy-*.log)"
+    assert outcomes["lost"] == 0, (outcomes, lost)
+    assert outcomes["completed"] > 0
+    ended = [m for m in stream_msgs if m.get("type") in ("stopped", "error", "test_timeout")]
+    assert ended and ended[0]["type"] == "stopped" and ended[0]["reason"] == "shutdown", stream_msgs
+    assert close_code == [1001]
+    new = srv.replica_ids(want=2, timeout=60)
+    assert len(new) == 2 and not new & old, (old, new)
+    res = [httpx.post(srv.url + "/v1/images/generations", json={"prompt": "ok", "seed": i}, timeout=60)
+           for i in range(4)]
+    assert all(r.status_code == 200 and r.headers["x-fewstep-replica"] in new for r in res)

@@ -82,11 +82,20 @@ def test_autoscaling_and_gpus_become_ray_deployment_options():
     assert (a.min_replicas, a.max_replicas, a.initial_replicas) == (2, 6, 2) and "num_replicas" not in scaled
     assert scaled["ray_actor_options"]["num_gpus"] == 0.0  # CPU replicas
     assert scaled["request_router_config"].request_router_class.endswith("ray_routing:FewstepRouter")
+    drained = RayAppConfig.model_validate({"graceful_shutdown_timeout_s": 30, "graceful_shutdown_wait_loop_s": 0.2,
+                                           "autoscaling": {"max_replicas": 2, "target_ongoing_requests": 1,
+                                                           "upscale_delay_s": 1, "downscale_delay_s": 5}})
+    opts = drained.deployment_options()
+    assert (opts["graceful_shutdown_timeout_s"], opts["graceful_shutdown_wait_loop_s"]) == (30, 0.2)
+    a = opts["autoscaling_config"]
+    assert (a.target_ongoing_requests, a.upscale_delay_s, a.downscale_delay_s) == (1, 1, 5)
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--replicas", "0"], "replicas: Input should be greater than or equal to 1"),
     (["--replicas", "3", "--max-replicas", "2"], "min_replicas (3) must not exceed max_replicas (2)"),
+    (["--replicas", "2", "--upscale-delay", "1"], "tune the autoscaler: add --max-replicas N"),
+    (["--max-replicas", "2", "--target-ongoing-requests", "0"], "target_ongoing_requests: Input should be greater"),
 ])
 def test_cli_refuses_bad_replica_counts_before_starting_ray(flags, message):
     import subprocess
