@@ -226,22 +226,25 @@ def plot_autoscaling(report: dict, path: Path) -> None:
 
 # -- scaling -----------------------------------------------------------------------------------------------------
 def _serve(n: int, port: int, threads: int, log: Path) -> subprocess.Popen:
-    cmd = [*fewstep_command(), "serve", "--replicas", str(n), "--model", "default", "--device", "cpu", "--threads",
+    """``n`` Ray replicas behind Ray's proxy, or (``n`` 0) the single-process server without Ray: the baseline of
+    what Ray adds."""
+    replicas = ["--replicas", str(n)] if n else []
+    cmd = [*fewstep_command(), "serve", *replicas, "--model", "default", "--device", "cpu", "--threads",
            str(threads), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
     deadline, seen = time.time() + 600, set()
-    while time.time() < deadline and len(seen) < n:
+    while time.time() < deadline and len(seen) < max(n, 1):
         if proc.poll() is not None:
             raise RuntimeError(f"`{shlex.join(cmd)}` exited with {proc.returncode}; see {log}")
         try:
             r = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5)
-            if r.status_code == 200 and "x-fewstep-replica" in r.headers:
-                seen.add(r.headers["x-fewstep-replica"])
+            if r.status_code == 200 and (n == 0 or "x-fewstep-replica" in r.headers):
+                seen.add(r.headers.get("x-fewstep-replica", "single process"))
                 continue
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    if len(seen) < n:
+    if len(seen) < max(n, 1):
         proc.terminate()
         raise TimeoutError(f"{len(seen)} of {n} replicas answered within 600 s; see {log}")
     return proc
@@ -288,7 +291,7 @@ def plot_scaling(summary: dict, path: Path) -> None:
 
     rows = summary["rows"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar([str(r["replicas"]) for r in rows], [r["image_throughput"] or 0 for r in rows])
+    ax.bar([str(r["replicas"]) if r["replicas"] else "no Ray" for r in rows], [r["image_throughput"] or 0 for r in rows])
     ax.set_xlabel("replicas (1 intra-op thread each)")
     ax.set_ylabel("images/s")
     ax.set_title(f"Ray Serve on the CPU ({summary['env']['cores']} cores, {summary['env']['git_commit']}, "
@@ -322,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--poll", type=float, default=0.25, help="seconds between serve.status() polls (default 0.25)")
     s = sub.add_parser("scaling", help="CPU throughput of 1 then 2 replicas (rows + plot)")
     s.add_argument("--out", required=True, help="folder for scaling.json, scaling.png, the bench reports and logs")
-    s.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="replica counts, in order (default 1 2)")
+    s.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="replica counts, in order (default 1 2); 0: "
+                   "the single-process server without Ray, the baseline of Ray's own overhead")
     s.add_argument("--threads", type=int, default=1, help="intra-op threads per replica (default 1)")
     s.add_argument("--concurrency", type=int, default=4, help="requests in flight, the same for every count "
                    "(default 4)")
