@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-batch", action="store_true", help="compiled backend: one symbolic-batch compile "
                    "serves every batch size (default off)")
     p.add_argument("--fuse-qkv", action="store_true", help="compiled backend: fused QKV projections (default off)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="compiled backend: cuDNN times its convolution "
+                   "algorithms per shape at warm-up (rows labelled +cudnnb; default off)")
     p.add_argument("--fp8", action="store_true", help="compiled backend: the denoiser's linear layers in float8 "
                    "(torchao; compute capability 8.9+; rows labelled +fp8; default off)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -293,7 +295,7 @@ def _bench_backends(a, pipe, flops, device, meta, emit, suffix: str) -> None:
             # options left unset on the command line keep CompileConfig's defaults
             extra = {k: v for k, v in dict(compile=a.inductor, mode=a.compile_mode, channels_last=a.channels_last,
                                            fuse_qkv=a.fuse_qkv, dynamic_batch=a.dynamic_batch,
-                                           fp8=a.fp8 or None).items()
+                                           fp8=a.fp8 or None, cudnn_benchmark=a.cudnn_benchmark or None).items()
                      if v is not None}
             try:
                 runner = CompiledPipeline(pipe, CompileConfig(batch_buckets=a.batch, steps=[a.steps],
@@ -319,6 +321,7 @@ def _bench_backends(a, pipe, flops, device, meta, emit, suffix: str) -> None:
                     if backend == "compiled":  # the options actually used (+cl), whatever the default at the time
                         c = runner.cfg
                         label += ("+fqkv" if c.fuse_qkv else "") + ("+fp8" if c.fp8 else "") + (
+                            "+cudnnb" if c.cudnn_benchmark else "") + (
                             "+cl" if c.channels_last else "") + (
                             "+dyn" if c.dynamic_batch else "") + ("" if c.compile else "+graphs-only")
                     label += suffix

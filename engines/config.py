@@ -67,6 +67,9 @@ class CompileConfig(BaseModel):
     # against 16.6 ms (UNet 5.6 against 5.7), inside run-to-run noise, so it stays off (it rewrites the model's
     # attention modules for no measured gain). bf16 measured no faster than fp16 (16.7 ms): dtype stays "auto".
     fuse_qkv: bool = Field(False, description="fuse each attention's Q, K, V projections into one matmul")
+    cudnn_benchmark: bool = Field(False, description="let cuDNN time its convolution algorithms per shape at warm-up "
+                                  "(torch.backends.cudnn.benchmark, process-wide) instead of its heuristics; the "
+                                  "shapes are fixed per bucket, so the timing happens once, before capture")
     fp8: bool = Field(False, description="the denoiser's linear layers in float8 (torchao: dynamic per-row activation "
                       "and weight scales), compiled; NVIDIA compute capability 8.9+ (Ada, Hopper) and the fp8 extra; "
                       "convolutions stay fp16 (torchao has no fp8 convolution for inference)")

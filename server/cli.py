@@ -97,6 +97,7 @@ def _serve_overrides(args) -> dict:
             "engine.sizes": args.sizes,
             "engine.compiled.sizes": args.compile_sizes, "engine.compiled.mode": args.compile_mode,
             "engine.compiled.dynamic_batch": args.compile_dynamic_batch, "engine.compiled.fp8": args.compile_fp8,
+            "engine.compiled.cudnn_benchmark": args.compile_cudnn_benchmark,
             "engine.compiled.channels_last": args.compile_channels_last,
             "limits.max_n": args.max_n, "limits.max_side": args.max_side,
             "limits.max_prompt_chars": args.max_prompt_chars,
@@ -480,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile-mode", default=None,
                    help="compiled engine: Inductor mode (default 'default'; 'max-autotune-no-cudagraphs' tunes "
                         "kernels for minutes more)")
+    s.add_argument("--compile-cudnn-benchmark", action="store_true", default=None,
+                   help="compiled engine: cuDNN times its convolution algorithms per shape at warm-up instead of "
+                        "its heuristics (default off)")
     s.add_argument("--compile-fp8", action="store_true", default=None,
                    help="compiled engine: the denoiser's linear layers in float8 (torchao, pip install "
                         "'fewstep[fp8]'; compute capability 8.9+, i.e. Ada or Hopper; default off)")

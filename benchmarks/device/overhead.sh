@@ -11,9 +11,11 @@
 #            the option refuse, and the row says why); then the GPU tests of the option (PSNR against SDPA)
 #  fp8       in-process batch 1 and 16, compiled with and without --fp8 (torchao in .whl: wheels.sh ... torchao),
 #            then the fp8 GPU test (PSNR against fp16, printed)
+#  decoder   the VAE decoder's share at batch 1: compiled with --cudnn-benchmark, and with Inductor's
+#            max-autotune-no-cudagraphs mode (its Triton convolution templates), against the plain compiled rows
 # The serve log names the event loop and HTTP parser (uvloop/httptools when .whl carries them).
 # Usage (repo root, on the device, after `pip install .`):
-#   FEWSTEP_COMMIT=<sha> PARTS="pipeline http xformers fp8" bash benchmarks/device/overhead.sh $OUT
+#   FEWSTEP_COMMIT=<sha> PARTS="pipeline http xformers fp8 decoder" bash benchmarks/device/overhead.sh $OUT
 source "$(dirname "$0")/common.sh"
 begin_run "${1:-/tmp/out}"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv | tee "$OUT/gpu.txt"
@@ -71,6 +73,15 @@ if wants fp8; then
   done
   timeout 120 pytest -q -p no:cacheprovider -m gpu -rs -s tests/unit/engines/test_compiled.py -k fp8 2>&1 \
     | grep -E "PSNR|passed|failed|skipped" | tee -a "$OUT/fp8.log"
+fi
+
+if wants decoder; then
+  stamp "5. decoder tuning: cuDNN benchmark mode, max-autotune"
+  for flags in "--cudnn-benchmark" "--compile-mode max-autotune-no-cudagraphs"; do
+    timeout "${T_DEC:-420}" fewstep bench pipeline --config $CFG --size 512 --steps 1 --batch 1 --iters 30 \
+      --warmup 5 --format jpeg --backend compiled $flags --work $WORK --out "$OUT/decoder.jsonl" 2>&1 \
+      | grep -v "^{" | tail -5 | tee -a "$OUT/decoder.log"
+  done
 fi
 
 stamp "done"

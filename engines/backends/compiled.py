@@ -151,6 +151,10 @@ class CompiledPipeline:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.cache_dir).expanduser()))
         if cfg.fuse_qkv and hasattr(pipe.denoiser, "fuse_qkv_projections"):
             pipe.denoiser.fuse_qkv_projections()
+        if cfg.cudnn_benchmark and pipe.device.type == "cuda":
+            # the VAE decoder and the UNet are convolutions; StaticGraph's warm-up runs (outside the capture) pay
+            # the per-shape timing, so no capture ever waits for it
+            torch.backends.cudnn.benchmark = True
         if cfg.fp8:
             n = quantize_fp8(pipe.denoiser, pipe.device)
             log.info("compiled backend: %d linear layers of the denoiser in float8", n)
