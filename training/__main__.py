@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--teacher-guidance", type=float, default=None,
                    help="the teacher's CFG scale (default: the scale the student was distilled with, else the "
                         "teacher's own, else 4)")
-    e.add_argument("--n", type=int, default=512, help="held-out prompts scored (default 512; --tiny 8)")
+    e.add_argument("--n", type=int, default=512, help="held-out prompts scored (default 512; --tiny 4)")
     e.add_argument("--out", default=None, help="where results and the image grid go (default: the parent of "
                    "--model)")
     e.add_argument("--batch", type=int, default=512, help="images generated per batch (default 512; --tiny 8)")
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="each training trajectory's CFG scale is drawn from U[1, G] (default 6)")
     ag.add_argument("--teacher-steps", type=int, default=None,
                     help="Euler steps of the guided trajectories, on the sigmas the engine serves the teacher with "
-                         "(default: the teacher's default_steps, 25; --tiny 4)")
+                         "(default: the teacher's default_steps, 25; --tiny 2)")
     ag.add_argument("--gen-frac", type=float, default=0.25,
                     help="fraction of the budget spent sampling guided trajectories (default 0.25)")
     ag.add_argument("--max-states", type=int, default=None,
@@ -178,14 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     ae.add_argument("--guidance", type=float, nargs="+", default=[2.0, 4.0],
                     help="CFG scales compared, each as CFG and as adapters (default 2 4)")
     ae.add_argument("--steps", type=int, default=None, help="sampling steps (default: the teacher's default_steps, "
-                    "25; --tiny 3)")
-    ae.add_argument("--n", type=int, default=512, help="held-out prompts scored (default 512; --tiny 8)")
+                    "25; --tiny 2)")
+    ae.add_argument("--n", type=int, default=512, help="held-out prompts scored (default 512; --tiny 4)")
     ae.add_argument("--batch", type=int, default=512, help="images per sampler batch, also the timing batch "
-                    "(default 512; --tiny 8)")
+                    "(default 512; --tiny 4)")
     ae.add_argument("--out", default=None, help="where agd_eval.json, agd_eval.md and agd_grid.png go (default: "
                     "the run directory above the adapters' export)")
     ae.add_argument("--div-prompts", type=int, default=16, help="diversity: this many held-out prompts ... "
-                    "(default 16; --tiny 2)")
+                    "(default 16; --tiny 1)")
     ae.add_argument("--div-seeds", type=int, default=8, help="... each sampled from this many seeds (default 8; "
                     "--tiny 2)")
     _common(ae)
@@ -334,8 +334,8 @@ def _main(argv: list[str] | None) -> int:
         train_agd(_stage_args(AgdArgs, args, budget_start=started))
     elif args.cmd == "agd-eval":
         from fewstep.training.agd import AgdEvalArgs, evaluate_agd
-        kw = dict(n=8, batch=8, div_prompts=2, div_seeds=2, grid_prompts=4) if args.tiny else {}
-        evaluate_agd(_stage_args(AgdEvalArgs, args, steps=args.steps or (3 if args.tiny else None), **kw))
+        kw = dict(n=4, batch=4, div_prompts=1, div_seeds=2, grid_prompts=2) if args.tiny else {}
+        evaluate_agd(_stage_args(AgdEvalArgs, args, steps=args.steps or (2 if args.tiny else None), **kw))
     elif args.cmd == "all":
         from fewstep.training.distill import DistillArgs, distill
         from fewstep.training.evaluate import EvalArgs, evaluate
