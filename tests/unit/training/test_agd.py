@@ -127,6 +127,8 @@ def test_agd_stage_exports_adapters_the_engine_serves_in_one_pass(teacher, tmp_p
     assert any(float(t.abs().max()) > 0 for k, t in w.items() if k.endswith("lora_B"))
     log = [json.loads(x) for x in (tmp_path / "agd_log.jsonl").read_text().splitlines()]
     assert sum("loss" in r and "step" in r and "event" not in r for r in log) == 4
+    # the stage compares the base (denoiser and text encoder) before and after training, bit for bit
+    assert any(r.get("event") == "base_check" and r["identical"] and r["tensors"] > 20 for r in log)
     assert any(r.get("event") == "trajectories" and r["states"] == 4 * 2 for r in log)   # 4 trajectories x 2 steps
 
     # the engine's loader finds every adapter on the served denoiser (given, or beside the copy)
