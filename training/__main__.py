@@ -1,5 +1,5 @@
-"""``fewstep train {teacher,distill,eval,agd,agd-eval,all,video-teacher,video-distill,video-eval,pack,unpack,check} ...``
--- see training/README.md."""
+"""``fewstep train {teacher,distill,eval,agd,agd-eval,all,video-teacher,video-distill,video-eval,pack,unpack,
+check} ...`` -- see training/README.md."""
 
 from __future__ import annotations
 

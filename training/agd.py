@@ -109,10 +109,10 @@ def attach_trainable_adapters(denoiser: nn.Module, rank: int, seed: int) -> tupl
     return state, weights
 
 
-def base_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
-    """The denoiser's own weights under their original names (an adapted projection's ``.base.`` dropped, the
-    adapters left out): comparable with the state dict of the model before ``attach_adapters``."""
-    return {k.replace(".base.", "."): v for k, v in denoiser.state_dict().items()
+def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A model's own weights under their original names (an adapted projection's ``.base.`` dropped, the adapters
+    left out): comparable with its state dict before ``attach_adapters``."""
+    return {k.replace(".base.", "."): v for k, v in module.state_dict().items()
             if not k.endswith((".lora_A", ".lora_B"))}
 
 
@@ -303,7 +303,7 @@ def train_agd(args: AgdArgs) -> Path:
         trainer.end_step(loss.detach(), st)
     trainer.finish(st())
 
-    after = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
+    after = base_state_dict(model)
     changed = [k for k in base_before if not torch.equal(base_before[k], after[k].cpu())]
     if changed or after.keys() != base_before.keys():
         raise RuntimeError(f"the frozen base changed during adapter training: {changed[:3]}")
@@ -473,7 +473,8 @@ def evaluate_agd(args: AgdEvalArgs) -> dict:
                    "diversity": float(sum(div) / max(1, len(div))), "passes_per_image": passes,
                    "ms_per_image": round(ms, 4), "batch": min(args.n, args.batch), "n": args.n}
             rows.append(row)
-            grid.append((f"{mode} {gs:g}" if mode != "none" else "no guidance", to_uint8_list(imgs[: args.grid_prompts])))
+            grid.append((f"{mode} {gs:g}" if mode != "none" else "no guidance",
+                         to_uint8_list(imgs[: args.grid_prompts])))
             log(f"[agd-eval] {mode:4s} g {gs:g}: adherence {row['accuracy']:.3f} diversity {row['diversity']:.3f} | "
                 f"{passes:g} passes/image | {ms:.3f} ms/image at batch {row['batch']}")
     finally:
