@@ -1,6 +1,7 @@
 #!/bin/bash
 # Guidance adapters on one GPU: teacher -> agd -> agd-eval, packed into $OUT as it goes (each part survives a later
-# timeout). Run from the repo root on the device:
+# timeout). Run from the repo root on the device, after `source .whl/preamble.sh` (carry .whl: diffusers is not in
+# the device image):
 #   bash training/device/agd.sh                       # all three: 8 + 4 min of training + ~1 min eval (> 10 min:
 #                                                     # give TEACHER_MINUTES=5 AGD_MINUTES=2.5 to fit one call)
 #   CARRY=<returned files> bash training/device/agd.sh # a teacher packed by an earlier call (fewstep_teacher.tar):
