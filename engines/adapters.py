@@ -16,7 +16,8 @@ are stored apart from the checkpoint, as a component folder::
     adapters/diffusion_pytorch_model.safetensors       "<module path>.lora_A" [r, in], "<module path>.lora_B" [out, r]
 
 ``fewstep serve/generate --adapters DIR`` loads them, or an ``adapters/`` folder beside a checkpoint's components
-is picked up. No trained adapters ship with fewstep; ``random_adapters`` makes random ones for speed runs only.
+is picked up. No trained adapters ship with fewstep: ``fewstep train agd`` (training/agd.py) trains them for the
+embedded teacher; ``random_adapters`` makes random ones for speed runs only.
 """
 
 from __future__ import annotations

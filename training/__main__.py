@@ -1,5 +1,5 @@
-"""``fewstep train {teacher,distill,eval,all,video-teacher,video-distill,video-eval,pack,unpack,check} ...``
--- see training/README.md."""
+"""``fewstep train {teacher,distill,eval,agd,agd-eval,all,video-teacher,video-distill,video-eval,pack,unpack,
+check} ...`` -- see training/README.md."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "else the CPU)")
 
 
-def _train_common(p: argparse.ArgumentParser, minutes: float, batch: str, lr: str, compiled: str) -> None:
-    """Flags of every training stage; ``batch``, ``lr`` and ``compiled`` state the stage's own defaults."""
+def _train_common(p: argparse.ArgumentParser, minutes: float, batch: str, lr: str, compiled: str | None) -> None:
+    """Flags of every training stage; ``batch``, ``lr`` and ``compiled`` state the stage's own defaults (``compiled``
+    None: the stage always runs eagerly and has no --no-compile)."""
     _common(p)
     p.add_argument("--minutes", type=float, default=minutes,
                    help=f"wall-clock budget of the stage, from the command's start, export included (default "
@@ -27,8 +28,9 @@ def _train_common(p: argparse.ArgumentParser, minutes: float, batch: str, lr: st
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {lr})")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop at this (absolute) step (default: when --minutes run out; --tiny: a few steps)")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help=f"no torch.compile: run the step eagerly ({compiled})")
+    if compiled is not None:
+        p.add_argument("--no-compile", dest="compile", action="store_false",
+                       help=f"no torch.compile: run the step eagerly ({compiled})")
     p.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints (default 60)")
 
 
@@ -143,13 +145,50 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--teacher-guidance", type=float, default=None,
                    help="the teacher's CFG scale (default: the scale the student was distilled with, else the "
                         "teacher's own, else 4)")
-    e.add_argument("--n", type=int, default=512, help="held-out prompts scored (default 512; --tiny 8)")
+    e.add_argument("--n", type=int, default=512, help="held-out prompts scored (default 512; --tiny 4)")
     e.add_argument("--out", default=None, help="where results and the image grid go (default: the parent of "
                    "--model)")
     e.add_argument("--batch", type=int, default=512, help="images generated per batch (default 512; --tiny 8)")
     e.add_argument("--no-background", action="store_true",
                    help="score the same held-out prompts without their ' on a BG background' phrase (default off)")
     _common(e)
+
+    ag = sub.add_parser("agd", help="guidance adapters for the teacher (AGD): CFG's two passes per step in one")
+    ag.add_argument("--teacher", required=True, help="exported teacher directory (DIR/teacher), frozen")
+    ag.add_argument("--out", required=True, help="run directory DIR (required): the teacher copy with its adapters "
+                    "goes to DIR/agd (adapters in DIR/agd/adapters), checkpoints and logs beside it")
+    _train_common(ag, 4.0, batch="256 guided-trajectory states; --tiny 8", lr="1e-3; --tiny 1e-2", compiled=None)
+    ag.add_argument("--rank", type=int, default=16, help="adapter rank, 1..64 for the CUDA kernel (default 16)")
+    ag.add_argument("--max-guidance", type=float, default=6.0,
+                    help="each training trajectory's CFG scale is drawn from U[1, G] (default 6)")
+    ag.add_argument("--teacher-steps", type=int, default=None,
+                    help="Euler steps of the guided trajectories, on the sigmas the engine serves the teacher with "
+                         "(default: the teacher's default_steps, 25; --tiny 2)")
+    ag.add_argument("--gen-frac", type=float, default=0.25,
+                    help="fraction of the budget spent sampling guided trajectories (default 0.25)")
+    ag.add_argument("--max-states", type=int, default=None,
+                    help="capacity of the state pool on the device (default 400000, ~20 GB at 64 px; --tiny 64)")
+    ag.add_argument("--ema-decay", type=float, default=0.995,
+                    help="decay of the adapters' EMA, which is what gets exported (default 0.995)")
+
+    ae = sub.add_parser("agd-eval", help="held-out prompts, same noise: CFG (two passes per step) against the "
+                                         "guidance adapters (one pass)")
+    ae.add_argument("--teacher", required=True, help="exported teacher directory (DIR/teacher or DIR/agd)")
+    ae.add_argument("--adapters", required=True, help="the adapters folder (DIR/agd/adapters)")
+    ae.add_argument("--guidance", type=float, nargs="+", default=[2.0, 4.0],
+                    help="CFG scales compared, each as CFG and as adapters (default 2 4)")
+    ae.add_argument("--steps", type=int, default=None, help="sampling steps (default: the teacher's default_steps, "
+                    "25; --tiny 2)")
+    ae.add_argument("--n", type=int, default=512, help="held-out prompts scored (default 512; --tiny 4)")
+    ae.add_argument("--batch", type=int, default=512, help="images per sampler batch, also the timing batch "
+                    "(default 512; --tiny 4)")
+    ae.add_argument("--out", default=None, help="where agd_eval.json, agd_eval.md and agd_grid.png go (default: "
+                    "the run directory above the adapters' export)")
+    ae.add_argument("--div-prompts", type=int, default=16, help="diversity: this many held-out prompts ... "
+                    "(default 16; --tiny 1)")
+    ae.add_argument("--div-seeds", type=int, default=8, help="... each sampled from this many seeds (default 8; "
+                    "--tiny 2)")
+    _common(ae)
 
     a = sub.add_parser("all", help="both models in one process: teacher -> distill -> eval, then video teacher -> "
                                    "video distill -> video eval (default budgets: 8 + 3.8 + 5 + 3 = 19.8 min)")
@@ -290,6 +329,13 @@ def _main(argv: list[str] | None) -> int:
                           teacher_steps=(4 if args.tiny and args.teacher_steps == 25 else args.teacher_steps),
                           teacher_guidance=args.teacher_guidance, out=args.out, seed=args.seed,
                           tiny=args.tiny, device=args.device, no_background=args.no_background, **kw))
+    elif args.cmd == "agd":
+        from fewstep.training.agd import AgdArgs, train_agd
+        train_agd(_stage_args(AgdArgs, args, budget_start=started))
+    elif args.cmd == "agd-eval":
+        from fewstep.training.agd import AgdEvalArgs, evaluate_agd
+        kw = dict(n=4, batch=4, div_prompts=1, div_seeds=2, grid_prompts=2) if args.tiny else {}
+        evaluate_agd(_stage_args(AgdEvalArgs, args, steps=args.steps or (2 if args.tiny else None), **kw))
     elif args.cmd == "all":
         from fewstep.training.distill import DistillArgs, distill
         from fewstep.training.evaluate import EvalArgs, evaluate
