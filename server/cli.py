@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's choice)")
     s.add_argument("--engine-process", action="store_true", default=None,
                    help="run the engine in a process of its own (ZeroMQ between the two), so that HTTP parsing, JSON "
-                        "and base64 never wait for the engine's Python thread; image models only (default off)")
+                        "and base64 never wait for the engine's Python thread; streams included (default off)")
     lim = s.add_argument_group("request limits (answered with 400 above them)")
     lim.add_argument("--max-n", type=int, default=None, help="images per request (default 16)")
     lim.add_argument("--max-side", type=int, default=None, help="largest width or height in pixels (default 2048)")
