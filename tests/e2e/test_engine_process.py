@@ -273,3 +273,4 @@ def test_sigterm_ends_open_streams_and_stops_both_processes(tiny_dir):
         assert wait_for(lambda: gone(child), timeout=10), "the engine process outlived the server"
     finally:
         srv.stop()
+
