@@ -38,7 +38,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from .config import EngineConfig
+from .config import EngineConfig, StreamConfig
 from .encode import encode_image, encode_jpeg_gpu, gpu_jpeg_available
 from .errors import EngineError, model_not_found
 from .init_image import fit_image
@@ -52,6 +52,44 @@ from .stream import FRAME_FORMATS, Outbox, StreamChunk, StreamScheduler, StreamS
 log = logging.getLogger("fewstep.engines")
 
 STAGES = ("queue", "encode_prompt", "denoise", "decode", "encode_image")
+
+
+# -- admission checks of streams, shared with the engine process's server side (engines/process.py), which answers
+# a stream's updates without a round trip to the engine ------------------------------------------------------------
+def check_prompt(prompt: str | None) -> None:
+    if not prompt or not prompt.strip():
+        raise EngineError("prompt must be a non-empty string", 400, "prompt", "invalid_prompt")
+
+
+def check_strength(strength: float) -> None:
+    if not 0.0 < float(strength) <= 1.0:
+        raise EngineError(f"strength must be in (0, 1], got {strength:g}", 400, "strength", "invalid_strength")
+
+
+def check_frame_format(fmt: str) -> None:
+    if fmt not in FRAME_FORMATS:
+        raise EngineError(f"format must be one of {list(FRAME_FORMATS)}, got {fmt!r}", 400, "format",
+                          "invalid_format")
+
+
+def check_fps(cfg: StreamConfig, fps: float, allow_unpaced: bool) -> None:
+    """0 (unpaced, streams only) or a rate from stream.min_fps to stream.max_fps; raises EngineError(400)."""
+    if (fps == 0 and allow_unpaced) or cfg.min_fps <= fps <= cfg.max_fps:
+        return
+    lead = "0 (unpaced) or " if allow_unpaced else ""
+    raise EngineError(f"fps must be {lead}from {cfg.min_fps:g} to {cfg.max_fps:g}, got {fps:g}", 400, "fps",
+                      "invalid_fps")
+
+
+def check_stream_guidance(model: str, guidance_modes: tuple[str, ...], negative_prompt: str | None,
+                          nasa_scale: float | None) -> None:
+    """Streams take negative prompts through NASA only (one pass per step, no CFG)."""
+    what = f"model {model!r} supports guidance modes {', '.join(guidance_modes)}"
+    if nasa_scale is not None and not (negative_prompt and negative_prompt.strip()):
+        raise EngineError("nasa_scale needs a negative_prompt", 400, "nasa_scale", "invalid_guidance")
+    if negative_prompt and negative_prompt.strip() and "nasa" not in guidance_modes:
+        raise EngineError(f"negative_prompt is not supported on streams of this model: {what}", 400,
+                          "negative_prompt", "invalid_guidance")
 
 
 class EngineObserver(Protocol):
@@ -205,9 +243,7 @@ class EngineCore:
             if not caps.img2img:
                 raise EngineError(f"model {model!r} on the {caps.backend} backend does not run image-to-image", 400,
                                   "image", "img2img_unsupported")
-            if not 0.0 < strength <= 1.0:
-                raise EngineError(f"strength must be in (0, 1], got {strength:g}", 400, "strength",
-                                  "invalid_strength")
+            check_strength(strength)
             steps = req.steps or pipe.img2img_default_steps(strength)
             try:
                 pipe.img2img_schedule(steps, strength)
@@ -308,8 +344,7 @@ class EngineCore:
         """Validate and register a stream session; the engine thread encodes its prompt and starts its buffer."""
         model, sched = self._stream_model(start.model)
         caps = sched.pipe.capabilities
-        if not start.prompt or not start.prompt.strip():
-            raise EngineError("prompt must be a non-empty string", 400, "prompt", "invalid_prompt")
+        check_prompt(start.prompt)
         dh, dw = self.sizes[model].default(caps.default_size)
         h = dh if start.height is None else start.height
         w = dw if start.width is None else start.width
@@ -317,22 +352,18 @@ class EngineCore:
         cfg = self.config.stream
         fps = caps.fps if start.fps is None else float(start.fps)
         self.check_fps(fps, allow_unpaced=True)
-        if start.format not in FRAME_FORMATS:
-            raise EngineError(f"format must be one of {list(FRAME_FORMATS)}, got {start.format!r}", 400, "format",
-                              "invalid_format")
+        check_frame_format(start.format)
         if start.max_frames is not None and not 1 <= start.max_frames <= cfg.max_video_frames:
             raise EngineError(f"num_frames must be from 1 to {cfg.max_video_frames}", 400, "num_frames",
                               "invalid_num_frames")
         if start.input not in ("text", "frames"):
             raise EngineError(f'input must be "text" or "frames", got {start.input!r}', 400, "input", "invalid_input")
         if start.input == "frames":
-            if not 0.0 < float(start.strength) <= 1.0:
-                raise EngineError(f"strength must be in (0, 1], got {start.strength:g}", 400, "strength",
-                                  "invalid_strength")
+            check_strength(start.strength)
             if sched.pipe.vae is not None:
                 raise EngineError(f'model {model!r} is a latent video model; "input": "frames" needs a pixel-space '
                                   "one (the embedded default video model)", 400, "input", "frames_unsupported")
-        self._check_stream_guidance(model, start.negative_prompt, start.nasa_scale)
+        check_stream_guidance(model, caps.guidance_modes, start.negative_prompt, start.nasa_scale)
         seed = start.seed if start.seed is not None else secrets.randbelow(2**62)
         session = StreamSession(start, model, h, w, seed, fps, cfg.outbox_chunks, cfg.session_id_prefix)
         sched.add(session)  # raises EngineError(503) at capacity
@@ -341,13 +372,7 @@ class EngineCore:
         return session
 
     def check_fps(self, fps: float, allow_unpaced: bool) -> None:
-        """0 (unpaced, streams only) or a rate from stream.min_fps to stream.max_fps; raises EngineError(400)."""
-        cfg = self.config.stream
-        if (fps == 0 and allow_unpaced) or cfg.min_fps <= fps <= cfg.max_fps:
-            return
-        lead = "0 (unpaced) or " if allow_unpaced else ""
-        raise EngineError(f"fps must be {lead}from {cfg.min_fps:g} to {cfg.max_fps:g}, got {fps:g}", 400, "fps",
-                          "invalid_fps")
+        check_fps(self.config.stream, fps, allow_unpaced)
 
     def _find_stream(self, session_id: str) -> tuple[StreamScheduler, StreamSession] | None:
         for sched in self.streams.values():
@@ -365,15 +390,16 @@ class EngineCore:
         """The new prompt conditions the session's next step (its next chunk) and blends in over
         ``stream.transition_steps`` steps; a new negative prompt ("" clears it) and NASA scale apply from that step
         on. None leaves a field as it is. Several updates before that step: the newest wins."""
-        if prompt is not None and not prompt.strip():
-            raise EngineError("prompt must be a non-empty string", 400, "prompt", "invalid_prompt")
+        if prompt is not None:
+            check_prompt(prompt)
         found = self._find_stream(session_id)
         if found is None:
             raise EngineError("no such stream session", 404, "session_id", "session_not_found")
         if negative_prompt or nasa_scale is not None:
             session = found[1]
             neg = session.negative_prompt if negative_prompt is None else negative_prompt
-            self._check_stream_guidance(session.model, neg, nasa_scale)
+            check_stream_guidance(session.model, self.pipelines[session.model].capabilities.guidance_modes, neg,
+                                  nasa_scale)
         if not found[0].update_prompt(session_id, prompt, negative_prompt, nasa_scale):
             raise EngineError("no such stream session", 404, "session_id", "session_not_found")
         self._wake()
@@ -387,21 +413,10 @@ class EngineCore:
 
     def update_strength(self, session_id: str, strength: float) -> None:
         """A ``"frames"`` session's new strength: chunks entering its buffer from the next step on use it."""
-        if not 0.0 < strength <= 1.0:
-            raise EngineError(f"strength must be in (0, 1], got {strength:g}", 400, "strength", "invalid_strength")
+        check_strength(strength)
         found = self._find_stream(session_id)
         if found is None or not found[0].set_strength(session_id, strength):
             raise EngineError("no such stream session", 404, "session_id", "session_not_found")
-
-    def _check_stream_guidance(self, model: str, negative_prompt: str | None, nasa_scale: float | None) -> None:
-        """Streams take negative prompts through NASA only (one pass per step, no CFG)."""
-        modes = self.pipelines[model].capabilities.guidance_modes
-        what = f"model {model!r} supports guidance modes {', '.join(modes)}"
-        if nasa_scale is not None and not (negative_prompt and negative_prompt.strip()):
-            raise EngineError("nasa_scale needs a negative_prompt", 400, "nasa_scale", "invalid_guidance")
-        if negative_prompt and negative_prompt.strip() and "nasa" not in modes:
-            raise EngineError(f"negative_prompt is not supported on streams of this model: {what}", 400,
-                              "negative_prompt", "invalid_guidance")
 
     def close_stream(self, session_id: str, reason: str = "closed") -> bool:
         """Stop a session: it leaves the rotation before the next step, its tensors are freed as soon as no step
@@ -730,9 +745,13 @@ class EngineCore:
             return "the engine thread has stopped; see the server log"
         return None
 
-    def shutdown(self) -> None:
+    def close_streams(self, reason: str = "shutdown") -> None:
+        """End every stream session (the server's drain: each transport sends ``stopped`` with ``reason``)."""
         for sched in self.streams.values():
-            sched.close_all("shutdown")
+            sched.close_all(reason)
+
+    def shutdown(self) -> None:
+        self.close_streams("shutdown")
         with self._cv:
             self._stop = True
             self._cv.notify_all()
@@ -770,12 +789,13 @@ class AsyncEngine:
             raise out.error
         return out
 
-    def open_stream(self, start: StreamStart) -> "AsyncStream":
-        """Open a stream session; its chunks arrive through ``AsyncStream.next_chunk`` (raises EngineError)."""
+    async def open_stream(self, start: StreamStart) -> "AsyncStream":
+        """Open a stream session; its chunks arrive through ``AsyncStream.next_chunk`` (raises EngineError).
+        A coroutine because the engine process's bridge (engines/process.py) answers it over a socket."""
         session = self.core.open_stream(start)
         return AsyncStream(self.core, session, session.owner)
 
-    def watch(self, session_id: str) -> "AsyncStream | None":
+    async def watch(self, session_id: str) -> "AsyncStream | None":
         """An extra viewer on an open session (its own bounded outbox); None for an unknown id."""
         outbox = self.core.subscribe(session_id)
         if outbox is None:
@@ -784,7 +804,9 @@ class AsyncEngine:
 
 
 class AsyncStream:
-    """asyncio face of one outbox of a stream session: ``await next_chunk()`` until it returns None (ended)."""
+    """asyncio face of one outbox of a stream session: ``await next_chunk()`` until it returns None (ended).
+    ``core`` is an EngineCore, or the engine process's handle (engines/process.py: the same stream methods, the
+    session's public fields and an outbox of its own on the server's side)."""
 
     def __init__(self, core: EngineCore, session: StreamSession, outbox: Outbox, owner: bool = True):
         self.core, self.session, self.outbox, self.owner = core, session, outbox, owner

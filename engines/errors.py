@@ -32,3 +32,8 @@ def overloaded(what: str, retry_after: float | None = None) -> EngineError:
 def cancelled(reason: str) -> EngineError:
     """499: the request was aborted (its client disconnected, or the server shut down)."""
     return EngineError(f"request cancelled ({reason})", 499, None, "cancelled")
+
+
+# Why a stream ends when its engine is gone (the engine process died): a transport tells its client to reconnect (to
+# a restarted server) instead of reporting a failed stream.
+ENGINE_STOPPED = "error: engine stopped"

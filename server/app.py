@@ -104,8 +104,7 @@ def create_app(config: ServerConfig, load_async: bool = True) -> FastAPI:
 
     def end_sessions() -> None:  # at SIGTERM (Guard.drain): every stream's socket gets 'stopped' (reason shutdown)
         if state.core is not None:
-            for sched in state.core.streams.values():
-                sched.close_all("shutdown")
+            state.core.close_streams("shutdown")
 
     # request ids, keys, Origin, per-client limits, body limit, idle WebSockets, drain (server/security.py)
     app.state.guard = Guard(config, on_drain=end_sessions)

@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's choice)")
     s.add_argument("--engine-process", action="store_true", default=None,
                    help="run the engine in a process of its own (ZeroMQ between the two), so that HTTP parsing, JSON "
-                        "and base64 never wait for the engine's Python thread; image models only (default off)")
+                        "and base64 never wait for the engine's Python thread; streams included (default off)")
     s.add_argument("--overlap-stages", choices=["auto", "on", "off"], default=None,
                    help="image batches: start batch N+1 on the GPU while batch N is copied, encoded and answered "
                         "(no device sync between stages; stage times from CUDA events); auto: on CUDA only "

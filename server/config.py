@@ -80,7 +80,7 @@ class ServerConfig(BaseModel):
     http: HTTPConfig = HTTPConfig()
     security: SecurityConfig = SecurityConfig()
     engine_process: bool = Field(False, description="run the engine in a process of its own, beside the HTTP process "
-                                 "(engines/process.py; image models only): HTTP parsing, JSON and base64 never wait "
+                                 "(engines/process.py; images and streams): HTTP parsing, JSON and base64 never wait "
                                  "for the engine's Python thread")
 
     def model_dir(self) -> Path:

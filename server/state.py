@@ -34,12 +34,6 @@ def refuse_video_models(config: ServerConfig, models: list, what: str, instead: 
                           f"{instead}")
 
 
-def check_engine_process(config: ServerConfig, models: list) -> None:
-    """--engine-process serves image models (engines/process.py): refuse a video model before anything loads."""
-    if config.engine_process:
-        refuse_video_models(config, models, "--engine-process", "serve video models without --engine-process")
-
-
 def check_backend(config: ServerConfig, models: list) -> None:
     """Refuse what the chosen backend cannot serve, and say what an unverified backend has been tested on."""
     if config.engine.backend != "tensorrt":
@@ -62,7 +56,6 @@ class AppState:
         self.load_error: str | None = None
         self.started = int(time.time())
         self.models = config.served_models()
-        check_engine_process(config, self.models)
         check_backend(config, self.models)  # before anything loads: a refusal is a one-line error, not a bad /ready
         self.model_name = self.models[0][0]   # the default model: /health, /ready and request metrics name it
         # per model, for /ready: queued -> loading -> warming (all loaded, warm-up running) -> ready | failed

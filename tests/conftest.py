@@ -111,6 +111,15 @@ def stream_server(tiny_dir):
     srv.stop()
 
 
+@pytest.fixture(scope="session")
+def split_stream_server(tiny_dir):
+    """As ``stream_server``, with the engine in a process of its own (--engine-process): streams cross ZeroMQ."""
+    srv = ServerProcess(["--model", str(tiny_dir / "stream_dit"), "--device", "cpu", "--threads", "1",
+                         "--engine-process"])
+    yield srv
+    srv.stop()
+
+
 class RayCluster:
     def __init__(self, address: str, metrics_url: str):
         self.address, self.metrics_url = address, metrics_url  # metrics_url: Ray's Prometheus port (ray_serve_*)

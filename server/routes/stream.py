@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from fewstep.engines.core import AsyncStream, EngineError
+from fewstep.engines.errors import ENGINE_STOPPED
 from fewstep.engines.init_image import InputImageError, decode_image, fit_image
 from fewstep.engines.stream import StreamStart
 
@@ -236,7 +237,7 @@ class StreamConnection:
         start = StreamStart(prompt=msg.prompt, model=msg.model, height=h, width=w, seed=msg.seed, fps=msg.fps,
                             format=engine_format, quality=msg.quality, input=msg.input, strength=msg.strength,
                             negative_prompt=msg.negative_prompt, nasa_scale=msg.nasa_scale)
-        self.stream = self.state.engine.open_stream(start)
+        self.stream = await self.state.engine.open_stream(start)
         s = self.stream.session
         pipe = core.pipelines[s.model]
         await self.send(StartedMessage(session_id=s.id, model=s.model, width=s.width, height=s.height, seed=s.seed,
@@ -305,7 +306,12 @@ class StreamConnection:
                                                          chunk.prompt_version))
                 delivery.chunk_sent(chunk.num_frames)
             reason = stream.outbox.reason or "finished"
-            if reason.startswith("error"):
+            if reason == ENGINE_STOPPED:  # the engine process died: this server can serve no stream until restarted
+                log.error("stream socket %s, session %s ended: the engine has stopped", self.rid, s.id)
+                reason = "error"
+                await self.error("the engine has stopped, and this stream with it; reconnect once the server is back "
+                                 "(GET /health answers 200)", "engine_stopped")
+            elif reason.startswith("error"):
                 # the engine's reason holds the exception's text ("error: RuntimeError: ..."): logged, not sent
                 log.error("stream socket %s, session %s ended: %s", self.rid, s.id, reason)
                 reason = "error"
@@ -384,7 +390,7 @@ async def mjpeg_of_session(session_id: str, request: Request) -> ClosingStreamin
     if not core.streams:
         raise EngineError(f"model {state.model_name!r} is an image model; streams need a video model", 400,
                           "model", "image_model")
-    viewer = state.engine.watch(session_id)
+    viewer = await state.engine.watch(session_id)
     if viewer is None:
         raise EngineError("no such stream session", 404, "session_id", "session_not_found")
     return ClosingStreamingResponse(_mjpeg_body(state, viewer), media_type=MJPEG_TYPE,
@@ -406,7 +412,7 @@ async def mjpeg_new_session(request: Request, prompt: str = Query(..., min_lengt
     if w is not None and min(w, h) < 1:  # size=0 must not mean "default"
         raise EngineError(f"size must be positive, got {size!r}", 400, "size", "invalid_size")
     state.check_limits(prompt=prompt, width=w, height=h)
-    stream = state.engine.open_stream(StreamStart(prompt=prompt, height=h, width=w, seed=seed, fps=fps,
+    stream = await state.engine.open_stream(StreamStart(prompt=prompt, height=h, width=w, seed=seed, fps=fps,
                                                   format="jpeg"))
     return ClosingStreamingResponse(_mjpeg_body(state, stream), media_type=MJPEG_TYPE,
                                     headers={"Cache-Control": "no-store", "X-Fewstep-Seed": str(stream.session.seed)},

@@ -39,7 +39,7 @@ async def videos(body: VideoRequest, request: Request) -> ClosingStreamingRespon
     if body.fps is not None:  # the rate written into the file: a sane time base, checked before any work
         core.check_fps(body.fps, allow_unpaced=False)
     # fps=0: a file is not paced, the engine makes it as fast as it can (the client's reading paces it)
-    stream = state.engine.open_stream(StreamStart(prompt=body.prompt, model=body.model, height=h, width=w,
+    stream = await state.engine.open_stream(StreamStart(prompt=body.prompt, model=body.model, height=h, width=w,
                                                   seed=body.seed, fps=0, max_frames=body.num_frames,
                                                   on_full="pause", format="raw"))
     s = stream.session

@@ -1,5 +1,6 @@
 """Streaming surfaces of a real `fewstep serve` subprocess on the tiny StreamDiT checkpoint, driven by the real
-Python client and raw WebSockets: WS /v1/stream, MJPEG, POST /v1/videos, WS /v1/realtime, metrics, bench."""
+Python client and raw WebSockets: WS /v1/stream, MJPEG, POST /v1/videos, WS /v1/realtime, metrics, bench. The tests
+on ``placed_stream_server`` run twice: with the engine in-process and with --engine-process."""
 
 import argparse
 import io
@@ -59,6 +60,13 @@ def recv_json(ws, type_: str, timeout=30.0) -> dict:
     raise AssertionError(f"no {type_!r} message within {timeout}s")
 
 
+@pytest.fixture(scope="module", params=["in-process", "engine-process"])
+def placed_stream_server(request):
+    """The tiny video model's server, with the engine in the server's process, then in a process of its own
+    (--engine-process: sessions, updates, input frames, viewers and raw frames cross ZeroMQ)."""
+    return request.getfixturevalue("stream_server" if request.param == "in-process" else "split_stream_server")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 def test_300_frames_through_the_python_client_no_gaps_flat_timing(stream_server):
     """A real-time stream at a 40 fps target (the tiny model makes ~4x that on one CPU thread): every frame arrives,
@@ -89,8 +97,8 @@ def test_300_frames_through_the_python_client_no_gaps_flat_timing(stream_server)
     assert abs(299 / sum(gaps) - fps) <= 0.2 * fps  # and the stream kept its target rate
 
 
-def test_abandoned_streams_release_sessions_and_memory(stream_server):
-    url = ws_url(stream_server.url, "/v1/stream")
+def test_abandoned_streams_release_sessions_and_memory(placed_stream_server):
+    url = ws_url(placed_stream_server.url, "/v1/stream")
 
     def abandon(i: int) -> None:
         ws = connect(url, open_timeout=30)
@@ -109,24 +117,24 @@ def test_abandoned_streams_release_sessions_and_memory(stream_server):
     gauge = r"fewstep_active_sessions"
     for i in range(10):  # warm the allocator and the code paths first
         abandon(i)
-    assert wait_for(lambda: metric(stream_server.url, gauge) == 0)
-    before = rss_bytes(stream_server.proc.pid)
+    assert wait_for(lambda: metric(placed_stream_server.url, gauge) == 0)
+    before = rss_bytes(placed_stream_server.proc.pid)
     t0 = time.perf_counter()
     for i in range(50):
         abandon(i)
     took = time.perf_counter() - t0
-    assert wait_for(lambda: metric(stream_server.url, gauge) == 0), "sessions left open"
+    assert wait_for(lambda: metric(placed_stream_server.url, gauge) == 0), "sessions left open"
     # no work continues for the abandoned sessions: the frame counter stands still
-    generated = metric(stream_server.url, r'fewstep_frames_generated_total\{model="stream_dit"\}')
+    generated = metric(placed_stream_server.url, r'fewstep_frames_generated_total\{model="stream_dit"\}')
     time.sleep(0.5)
-    assert metric(stream_server.url, r'fewstep_frames_generated_total\{model="stream_dit"\}') == generated
-    after = rss_bytes(stream_server.proc.pid)
+    assert metric(placed_stream_server.url, r'fewstep_frames_generated_total\{model="stream_dit"\}') == generated
+    after = rss_bytes(placed_stream_server.proc.pid)
     print(f"\n50 abandoned streams in {took:.1f} s; server RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
     assert after - before < 32 * 2**20, (before, after)
 
 
-def test_two_sessions_get_only_their_own_frames(stream_server):
-    with FewstepClient(stream_server.url) as client:
+def test_two_sessions_get_only_their_own_frames(placed_stream_server):
+    with FewstepClient(placed_stream_server.url) as client:
         with client.stream("the same prompt", seed=1, fps=0) as a, client.stream("the same prompt", seed=2,
                                                                                  fps=0) as b:
             assert a.session_id != b.session_id
@@ -142,8 +150,8 @@ def test_two_sessions_get_only_their_own_frames(stream_server):
             assert [f.index for f in more] == list(range(more[0].index, more[0].index + 6))
 
 
-def test_ws_protocol_errors_keep_the_socket_usable(stream_server):
-    with connect(ws_url(stream_server.url, "/v1/stream"), open_timeout=30) as ws:
+def test_ws_protocol_errors_keep_the_socket_usable(placed_stream_server):
+    with connect(ws_url(placed_stream_server.url, "/v1/stream"), open_timeout=30) as ws:
         ws.send("{not json")
         assert recv_json(ws, "error")["message"] == "message is not valid JSON"
         ws.send(json.dumps({"type": "bogus"}))
@@ -183,8 +191,8 @@ def test_ws_protocol_errors_keep_the_socket_usable(stream_server):
         assert parse_frame(msg).index == 0  # the new session's frames, counted from 0
 
 
-def test_stats_messages(stream_server):
-    with connect(ws_url(stream_server.url, "/v1/stream"), open_timeout=30) as ws:
+def test_stats_messages(placed_stream_server):
+    with connect(ws_url(placed_stream_server.url, "/v1/stream"), open_timeout=30) as ws:
         ws.send(json.dumps({"type": "start", "prompt": "stats please", "fps": 16}))
         recv_json(ws, "started")
         st = recv_json(ws, "stats", timeout=10)
@@ -192,9 +200,9 @@ def test_stats_messages(stream_server):
         assert st["frames_generated"] >= st["frames_sent"]
 
 
-def test_fmp4_over_the_websocket(stream_server):
+def test_fmp4_over_the_websocket(placed_stream_server):
     av = pytest.importorskip("av")
-    with FewstepClient(stream_server.url) as client:
+    with FewstepClient(placed_stream_server.url) as client:
         with client.stream("fragments", seed=3, fps=0, format="fmp4") as s:
             pieces = []
             for f in s:
@@ -209,9 +217,9 @@ def test_fmp4_over_the_websocket(stream_server):
         assert sum(1 for _ in c.decode(video=0)) >= 8
 
 
-def test_mjpeg_of_an_open_session(stream_server):
-    with FewstepClient(stream_server.url) as client, client.stream("mjpeg", seed=4, fps=0) as s:
-        with httpx.stream("GET", stream_server.url + s.info["mjpeg_url"], timeout=30) as r:
+def test_mjpeg_of_an_open_session(placed_stream_server):
+    with FewstepClient(placed_stream_server.url) as client, client.stream("mjpeg", seed=4, fps=0) as s:
+        with httpx.stream("GET", placed_stream_server.url + s.info["mjpeg_url"], timeout=30) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("multipart/x-mixed-replace; boundary=")
             buf = b""
@@ -222,12 +230,12 @@ def test_mjpeg_of_an_open_session(stream_server):
         part = buf.split(b"\r\n\r\n", 1)[1]
         assert part[:2] == b"\xff\xd8"
         assert Image.open(io.BytesIO(part[: part.index(b"\xff\xd9") + 2])).size == (32, 32)
-    r = httpx.get(stream_server.url + "/v1/stream/not-a-session.mjpeg")
+    r = httpx.get(placed_stream_server.url + "/v1/stream/not-a-session.mjpeg")
     assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
 
 
-def test_mjpeg_with_its_own_session(stream_server):
-    with httpx.stream("GET", stream_server.url + "/v1/stream.mjpeg", params={"prompt": "img tag", "fps": 0},
+def test_mjpeg_with_its_own_session(placed_stream_server):
+    with httpx.stream("GET", placed_stream_server.url + "/v1/stream.mjpeg", params={"prompt": "img tag", "fps": 0},
                       timeout=30) as r:
         assert r.status_code == 200 and "X-Fewstep-Seed" in r.headers
         buf = b""
@@ -235,17 +243,17 @@ def test_mjpeg_with_its_own_session(stream_server):
             buf += piece
             if buf.count(b"\xff\xd9") >= 2:
                 break
-    assert wait_for(lambda: metric(stream_server.url, "fewstep_active_sessions") == 0)
+    assert wait_for(lambda: metric(placed_stream_server.url, "fewstep_active_sessions") == 0)
 
 
-def test_videos_returns_an_mp4_streamed_while_it_is_made(stream_server):
+def test_videos_returns_an_mp4_streamed_while_it_is_made(placed_stream_server):
     av = pytest.importorskip("av")
     counter = r'fewstep_frames_generated_total\{model="stream_dit"\}'
-    gen0 = metric(stream_server.url, counter, 0)
+    gen0 = metric(placed_stream_server.url, counter, 0)
     n = 120
     pieces, generated_at_first_bytes = [], None
     t0 = time.perf_counter()
-    with httpx.stream("POST", stream_server.url + "/v1/videos", timeout=120,
+    with httpx.stream("POST", placed_stream_server.url + "/v1/videos", timeout=120,
                       json={"prompt": "waves", "num_frames": n, "size": 64, "seed": 3}) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"] == "video/mp4" and r.headers["x-fewstep-seed"] == "3"
@@ -253,7 +261,7 @@ def test_videos_returns_an_mp4_streamed_while_it_is_made(stream_server):
         for piece in r.iter_bytes():
             if not pieces:
                 t_first = time.perf_counter()
-                generated_at_first_bytes = metric(stream_server.url, counter, 0) - gen0
+                generated_at_first_bytes = metric(placed_stream_server.url, counter, 0) - gen0
             pieces.append(piece)
     t_end = time.perf_counter()
     print(f"\n/v1/videos {n} frames: first bytes {1e3 * (t_first - t0):.0f} ms, all {1e3 * (t_end - t0):.0f} ms, "
@@ -265,19 +273,19 @@ def test_videos_returns_an_mp4_streamed_while_it_is_made(stream_server):
         assert stream.codec_context.name in ("h264", "vp9")
         frames = list(c.decode(video=0))
     assert len(frames) == n and frames[0].width == 64
-    bad = httpx.post(stream_server.url + "/v1/videos", json={"prompt": "x", "num_frames": 0})
+    bad = httpx.post(placed_stream_server.url + "/v1/videos", json={"prompt": "x", "num_frames": 0})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "num_frames"
 
 
-def test_video_model_refuses_image_surfaces(stream_server):
-    r = httpx.post(stream_server.url + "/v1/images/generations", json={"prompt": "x"}, timeout=30)
+def test_video_model_refuses_image_surfaces(placed_stream_server):
+    r = httpx.post(placed_stream_server.url + "/v1/images/generations", json={"prompt": "x"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "video_model"
     assert "/v1/stream" in r.json()["error"]["message"]
-    with FewstepClient(stream_server.url) as client, client.realtime() as rt:
+    with FewstepClient(placed_stream_server.url) as client, client.realtime() as rt:
         rid = rt.send("x", request_id="one")
         m = rt.recv(timeout=30)
         assert m.type == "error" and m.request_id == rid and m.code == "video_model"
-    models = httpx.get(stream_server.url + "/v1/models").json()["data"]
+    models = httpx.get(placed_stream_server.url + "/v1/models").json()["data"]
     assert models[0]["kind"] == "video" and models[0]["chunk_frames"] == 2
 
 
@@ -348,13 +356,13 @@ def test_bench_stream_reports(stream_server, tmp_path):
     assert isinstance(args, argparse.Namespace)
 
 
-def test_stream_metrics(stream_server):
-    with FewstepClient(stream_server.url) as client, client.stream("metrics", fps=0) as s:
+def test_stream_metrics(placed_stream_server):
+    with FewstepClient(placed_stream_server.url) as client, client.stream("metrics", fps=0) as s:
         it = iter(s)
         for _ in range(6):
             next(it)
-        assert metric(stream_server.url, "fewstep_active_sessions") >= 1
-    u = stream_server.url
+        assert metric(placed_stream_server.url, "fewstep_active_sessions") >= 1
+    u = placed_stream_server.url
     assert metric(u, r'fewstep_time_to_first_frame_seconds_count\{model="stream_dit"\}') > 0
     assert metric(u, r'fewstep_inter_frame_latency_seconds_count\{model="stream_dit"\}') > 0
     assert metric(u, r'fewstep_frames_generated_total\{model="stream_dit"\}') > 0
@@ -363,13 +371,13 @@ def test_stream_metrics(stream_server):
     assert wait_for(lambda: metric(u, "fewstep_active_sessions") == 0)
 
 
-def test_async_client_stream_videos_and_realtime(stream_server, tiny_server):
+def test_async_client_stream_videos_and_realtime(placed_stream_server, tiny_server):
     import asyncio
 
     from fewstep.clients.python import AsyncFewstepClient
 
     async def main():
-        async with AsyncFewstepClient(stream_server.url) as client:
+        async with AsyncFewstepClient(placed_stream_server.url) as client:
             stream = await client.stream("async frames", seed=9, fps=0)
             got = []
             async with stream:
@@ -400,10 +408,10 @@ def test_generate_cli_points_video_models_to_the_stream_api(tiny_dir, tmp_path):
     assert r.returncode == 2 and "video model" in r.stderr and "/v1/stream" in r.stderr
 
 
-def test_leaving_the_loop_early_closes_fast(stream_server):
+def test_leaving_the_loop_early_closes_fast(placed_stream_server):
     """Breaking out of `for frame in stream` leaves a full receive queue; closing must still be quick and must end
     the session on the server."""
-    with FewstepClient(stream_server.url) as client:
+    with FewstepClient(placed_stream_server.url) as client:
         s = client.stream("break early", fps=0)
         for f in s:
             if f.index == 2:
@@ -413,4 +421,4 @@ def test_leaving_the_loop_early_closes_fast(stream_server):
         s.close()
         assert time.perf_counter() - t0 < 3.0
         assert s.stopped is not None and s.stopped["reason"] == "stopped"
-    assert wait_for(lambda: metric(stream_server.url, "fewstep_active_sessions") == 0)
+    assert wait_for(lambda: metric(placed_stream_server.url, "fewstep_active_sessions") == 0)

@@ -1,6 +1,6 @@
 """Video-to-video streams and image-to-image over the WebSockets, against a real `fewstep serve`: the embedded default
 video model stylises frames a Python client sends (``"input": "frames"``); bad binary frames get ``error`` and the
-socket stays usable; /v1/realtime takes an ``image``."""
+socket stays usable; /v1/realtime takes an ``image``. The frames stream runs in-process and with --engine-process."""
 
 import base64
 import io
@@ -82,8 +82,18 @@ def stream_moving_square(url: str, frames: int = 64, strength: float = 0.6) -> t
     return ins, outs
 
 
-def test_output_frames_follow_the_input_frames(video_server):
-    ins, outs = stream_moving_square(video_server.url)
+@pytest.fixture(scope="module")
+def split_video_server():
+    """As ``video_server``, with --engine-process: input frames and output frames cross ZeroMQ as raw pixels."""
+    srv = ServerProcess(["--model", "default-video", "--device", "cpu", "--threads", "1", "--engine-process"])
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("placement", ["in-process", "engine-process"])
+def test_output_frames_follow_the_input_frames(placement, request):
+    srv = request.getfixturevalue("video_server" if placement == "in-process" else "split_video_server")
+    ins, outs = stream_moving_square(srv.url)
     corr, lag, spread = follows(ins, outs)
     # the square sweeps ~22 px; the output's bright region moves with it, some frames later (the buffer's depth)
     assert corr > 0.7 and spread > 8, (corr, lag, spread, [round(o, 1) for o in outs])

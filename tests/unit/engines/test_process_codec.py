@@ -51,3 +51,38 @@ def test_errors_keep_their_answer_and_hide_the_rest():
     assert (str(e), e.status, e.code, e.retry_after) == ("busy", 503, "overloaded", 2.5)
     e = P._error(P._error_json(RuntimeError("CUDA out of memory at /secret/path")))
     assert e.status == 500 and "secret" not in str(e)
+
+
+def test_stream_starts_sessions_and_chunks_round_trip(tiny_dir):
+    from fewstep.engines.stream import StreamPipeline, StreamStart
+
+    pipe = StreamPipeline(load_checkpoint(tiny_dir / "stream_dit"))
+    core = EngineCore({"video": pipe}, EngineConfig())
+    # the pipeline fields the stream routes read, for video models only
+    wire = orjson.loads(orjson.dumps(P._stream_json(pipe)))
+    assert wire == {"fps": pipe.fps, "frames_per_chunk": pipe.frames_per_chunk,
+                    "first_chunk_frames": pipe.first_chunk_frames, "buffer_chunks": pipe.buffer_chunks}
+    start = StreamStart(prompt="a red ball", seed=5, fps=0, format="jpeg", quality=70, input="frames", strength=0.4,
+                        negative_prompt="blue", nasa_scale=0.7, max_frames=12, on_full="pause")
+    back = StreamStart(**orjson.loads(orjson.dumps(P._start_json(start))))
+    # the engine process ships raw frames (the server encodes); every other field as sent, the arrival time included
+    assert back.format == "raw" and {**vars(back), "format": start.format} == vars(start)
+    s = core.open_stream(StreamStart(prompt="a red ball", seed=5, fps=0, format="raw"))
+    fields = orjson.loads(orjson.dumps(P._session_json(s)))
+    assert fields == {k: getattr(s, k) for k in P._SESSION_FIELDS} and fields["seed"] == 5
+    while s.frames_generated < 2 * pipe.frames_per_chunk:
+        core.stream_step()
+    chunk = s.owner.take()
+    header, blobs = P._chunk_message(7, "video", chunk, s.stats())
+    h = orjson.loads(orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY))
+    got = P._chunk(s.id, h, [bytes(b) for b in blobs])
+    assert h["oid"] == 7 and h["stats"] == s.stats() and h["model"] == "video"
+    assert np.array_equal(got.frames, chunk.frames) and got.frames.dtype == np.uint8
+    for k in ("session_id", "first_index", "timings", "created", "prompt_version", "final"):
+        assert getattr(got, k) == getattr(chunk, k), k
+    # encoding happens on the receiving side, from the same pixels: the same bytes
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        assert got.encoded("jpeg", 85, pool.submit).result() == chunk.encoded("jpeg", 85, pool.submit).result()
+    core.shutdown()
