@@ -59,3 +59,27 @@ def test_nasa_scale_under_cfg_is_a_400_naming_the_modes(client):
 def test_nasa_scale_out_of_range_is_a_400(client):
     r = client.post(GEN, json={"prompt": "x", "negative_prompt": "red", "nasa_scale": 50})
     assert r.status_code == 400 and "nasa_scale" in r.text
+
+
+def test_nag_fields_select_the_renormalised_form(client):
+    body = {"prompt": "a red circle", "seed": 3, "size": "64x64", "guidance_scale": 0.0, "negative_prompt": "red"}
+    plain_nasa = _image(client.post(GEN, json={**body, "nasa_scale": 1.0}))
+    nag = _image(client.post(GEN, json={**body, "nag_scale": 4.0, "nag_tau": 2.0, "nag_alpha": 0.5}))
+    nag_defaults = _image(client.post(GEN, json={**body, "nag_alpha": 0.5}))  # phi and tau default
+    assert nag != plain_nasa and nag_defaults not in (nag, plain_nasa)
+
+
+@pytest.mark.parametrize("field,value", [("nag_scale", 0.5), ("nag_tau", 20.0), ("nag_alpha", 1.5)])
+def test_nag_field_out_of_range_is_a_400_naming_the_range(client, field, value):
+    from fewstep.engines.pipeline import NAG_RANGES
+
+    lo, hi = NAG_RANGES[field]
+    msg = _error(client.post(GEN, json={"prompt": "x", "negative_prompt": "red", field: value}), field)
+    assert f"{field} must be from {lo:g} to {hi:g}, got {value:g}" in msg
+
+
+def test_nag_beside_nasa_scale_or_without_a_negative_prompt_is_a_400(client):
+    msg = _error(client.post(GEN, json={"prompt": "x", "negative_prompt": "red", "nasa_scale": 0.5,
+                                        "nag_scale": 3.0}), "nasa_scale")
+    assert "do not combine" in msg
+    assert "needs a negative_prompt" in _error(client.post(GEN, json={"prompt": "x", "nag_tau": 2.0}), "nag_tau")
