@@ -12,8 +12,9 @@ phrase as served):
   negative prompt pushes against a prompt that asks for the colour.
 
 Settings: no negative prompt; NASA ("red") at each ``--alphas``; NAG's renormalised form of NASA at each ``--nag``
-(phi:tau:alpha); CFG with negative "red" at ``--cfg`` (two passes, for comparison). Same prompts and seeds for every setting. Writes OUT.json (rows) and, with ``--grid``,
-a picture grid (rows: colour-free prompts, then red-named prompts; columns: settings).
+(phi:tau:alpha); CFG with negative "red" at ``--cfg`` (two passes, for comparison). Same prompts and seeds for
+every setting. Writes OUT.json (rows) and, with ``--grid``, a picture grid (rows: colour-free prompts, then red-named
+prompts; columns: settings).
 
     fewstep bench nasa-quality --out benchmarks/results/kernels/quality_nasa_cpu.json --grid docs/images/nasa_red.png
 
