@@ -76,10 +76,10 @@ def nag_settings(spec: str) -> list[tuple[str, tuple[float, float, float]]]:
     """``--nag``'s (setting name, (phi, tau, alpha)) pairs."""
     out = []
     for item in filter(None, (t.strip() for t in spec.split(","))):
-        parts = item.split(":")
-        if len(parts) != 3:
-            raise SystemExit(f"--nag: {item!r} is not phi:tau:alpha")
-        phi, tau, alpha = map(float, parts)
+        try:
+            phi, tau, alpha = map(float, item.split(":"))
+        except ValueError:
+            raise ValueError(f"--nag: {item!r} is not phi:tau:alpha (three numbers)") from None
         out.append((f"nag {phi:g}/{tau:g}/{alpha:g}", (phi, tau, alpha)))
     return out
 
@@ -106,7 +106,12 @@ def _commit() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.nag_list = nag_settings(args.nag)  # a malformed --nag fails before any model loads
+    except ValueError as e:
+        parser.error(str(e))
     import numpy as np
     import torch
 
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seed, args.seed + args.n))  # enough for every set: each holds at most n prompts
     alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
     settings = [("none", None, None, None)] + [(f"nasa {a:g}", a, None, None) for a in alphas]
-    settings += [(name, None, None, nag) for name, nag in nag_settings(args.nag)]
+    settings += [(name, None, None, nag) for name, nag in args.nag_list]
     if args.cfg > 1:
         settings.append((f"cfg {args.cfg:g}", None, args.cfg, None))
 
@@ -219,7 +224,7 @@ def video_main(args) -> int:
     seeds = list(range(args.seed, args.seed + args.n))
     settings = [("none", None, None)] + [(f"nasa {float(a):g}", float(a), None)
                                          for a in args.alphas.split(",") if a.strip()]
-    settings += [(name, None, nag) for name, nag in nag_settings(args.nag)]
+    settings += [(name, None, nag) for name, nag in args.nag_list]
 
     def run(prompts, alpha, nag):
         return stream_frames(pipe, prompts, args.frames, seeds[:len(prompts)],
