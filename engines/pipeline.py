@@ -63,7 +63,8 @@ class PromptEmbeds:
 #: NASA's default alpha (nasa_scale) when a request gives a negative prompt but no scale
 DEFAULT_NASA_SCALE = 0.5
 #: NAG's defaults (``nag_scale``, ``nag_tau``, ``nag_alpha``) for what a request leaves out when it asks for the
-#: renormalised form: tau and alpha are the NAG paper's defaults for UNet models (2.5, 0.5); phi 3 is ours
+#: renormalised form: tau and alpha are the NAG authors' defaults for UNet models (2.5, 0.5), phi 3 is ours; none of
+#: them keeps adherence on our embedded models (docs/guidance.md, 2026-12-08), so plain NASA stays the default
 DEFAULT_NAG_SCALE, DEFAULT_NAG_TAU, DEFAULT_NAG_ALPHA = 3.0, 2.5, 0.5
 #: the ranges a request's NAG fields must lie in, closed (the one source: the HTTP models and EngineCore use them):
 #: phi 1 steers nothing, past ~10 the clip at tau does all the work; tau below 1 would shrink the prompt's features
