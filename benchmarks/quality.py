@@ -688,10 +688,12 @@ def served_adherence(model_dir: str, n: int = 256, steps: int | None = None, no_
 
 
 def stream_frames(pipe, prompts: list[str], frames: int, seeds: list[int] | None = None,
-                  negative: str | None = None, nasa_scale: float | None = None) -> list[np.ndarray]:
+                  negative: str | None = None, nasa_scale: float | None = None,
+                  nag: tuple[float, float, float] | None = None) -> list[np.ndarray]:
     """The first ``frames`` frames ([frames, H, W, 3] uint8) the engine streams for each prompt (``EngineCore`` with
     ``pipe``, a ``StreamPipeline``; one session per prompt, seed ``seeds[i]`` (default its index), all stepped
-    together), each steered away from ``negative`` at NASA scale ``nasa_scale`` when given."""
+    together), each steered away from ``negative`` at NASA scale ``nasa_scale`` when given (``nag``: NAG's
+    renormalised form at (phi, tau, alpha) instead)."""
     from fewstep.engines.config import EngineConfig, StreamConfig
     from fewstep.engines.core import EngineCore
     from fewstep.engines.stream import StreamStart
@@ -701,7 +703,9 @@ def stream_frames(pipe, prompts: list[str], frames: int, seeds: list[int] | None
     core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig(max_sessions=n, max_batch_sessions=n)))
     try:
         sessions = [core.open_stream(StreamStart(prompt=p, seed=s, fps=0, format="raw", negative_prompt=negative,
-                                                 nasa_scale=nasa_scale))
+                                                 nasa_scale=nasa_scale,
+                                                 **({} if nag is None else dict(zip(("nag_scale", "nag_tau",
+                                                                                     "nag_alpha"), nag)))))
                     for p, s in zip(prompts, seeds)]
         got: list[list[np.ndarray]] = [[] for _ in prompts]
         while any(sum(len(c) for c in g) < frames for g in got):

@@ -42,7 +42,7 @@ from .config import EngineConfig, StreamConfig
 from .encode import encode_image, encode_jpeg_gpu, gpu_jpeg_available
 from .errors import EngineError, model_not_found
 from .init_image import fit_image
-from .pipeline import NasaInput, PromptEmbeds
+from .pipeline import NAG_RANGES, NagParams, NasaInput, PromptEmbeds
 from .request import GenerateOutput, GenerateRequest
 from .runner import Runner
 from .scheduler import ImageScheduler, ImageWork
@@ -82,11 +82,14 @@ def check_fps(cfg: StreamConfig, fps: float, allow_unpaced: bool) -> None:
 
 
 def check_stream_guidance(model: str, guidance_modes: tuple[str, ...], negative_prompt: str | None,
-                          nasa_scale: float | None) -> None:
-    """Streams take negative prompts through NASA only (one pass per step, no CFG)."""
+                          nasa_scale: float | None, nag_fields: dict[str, float | None] | None = None) -> None:
+    """Streams take negative prompts through NASA only (one pass per step, no CFG), plain or in NAG's form."""
     what = f"model {model!r} supports guidance modes {', '.join(guidance_modes)}"
-    if nasa_scale is not None and not (negative_prompt and negative_prompt.strip()):
-        raise EngineError("nasa_scale needs a negative_prompt", 400, "nasa_scale", "invalid_guidance")
+    check_nag_fields(nasa_scale, nag_fields)
+    given = "nasa_scale" if nasa_scale is not None else next((k for k, v in (nag_fields or {}).items()
+                                                              if v is not None), None)
+    if given is not None and not (negative_prompt and negative_prompt.strip()):
+        raise EngineError(f"{given} needs a negative_prompt", 400, given, "invalid_guidance")
     if negative_prompt and negative_prompt.strip() and "nasa" not in guidance_modes:
         raise EngineError(f"negative_prompt is not supported on streams of this model: {what}", 400,
                           "negative_prompt", "invalid_guidance")
@@ -170,6 +173,22 @@ class _StageMarks:
         else:
             ms = [(m[1] - m[0]) * 1e3, (m[2] - m[1]) * 1e3, (m[-1] - m[2]) * 1e3]
         return dict(zip(("encode_prompt_ms", "denoise_ms", "decode_ms"), ms))
+
+
+def check_nag_fields(nasa_scale: float | None, nag_fields: dict[str, float | None] | None) -> NagParams | None:
+    """NAG's parameters from a request's nag_scale / nag_tau / nag_alpha (the ones left out: DEFAULT_NAG_*), None
+    where none is given; a 400 for a value outside NAG_RANGES or for nasa_scale beside them."""
+    given = {k: v for k, v in (nag_fields or {}).items() if v is not None}
+    if not given:
+        return None
+    if nasa_scale is not None:
+        raise EngineError(f"nasa_scale (plain NASA) and {', '.join(given)} (NAG's renormalised form) do not combine; "
+                          "give one of them", 400, "nasa_scale", "invalid_guidance")
+    for k, v in given.items():
+        lo, hi = NAG_RANGES[k]
+        if not lo <= float(v) <= hi:
+            raise EngineError(f"{k} must be from {lo:g} to {hi:g}, got {float(v):g}", 400, k, "invalid_guidance")
+    return NagParams.of(given.get("nag_scale"), given.get("nag_tau"), given.get("nag_alpha"))
 
 
 class EngineCore:
@@ -265,36 +284,41 @@ class EngineCore:
         if not 0 < timeout <= bcfg.max_request_timeout_s:
             raise EngineError(f"the deadline must be from 1 ms to {bcfg.max_request_timeout_s * 1e3:.0f} ms, got "
                               f"{timeout * 1e3:g} ms", 400, "deadline", "invalid_deadline")
-        nasa_scale = self.check_guidance(model, guidance, req.negative_prompt, req.nasa_scale)
+        nag_fields = {"nag_scale": req.nag_scale, "nag_tau": req.nag_tau, "nag_alpha": req.nag_alpha}
+        nasa_scale, nag = self.check_guidance(model, guidance, req.negative_prompt, req.nasa_scale, nag_fields)
         run = steps if strength is None else pipe.img2img_steps(steps, strength)  # denoiser steps that run
         return ImageWork(req, seeds, steps, guidance, h, w, Future(), self.cost(model, h, w, run, guidance, req.n),
-                         req.arrival + timeout, strength=strength, nasa_scale=nasa_scale)
+                         req.arrival + timeout, strength=strength, nasa_scale=nasa_scale, nag=nag)
 
-    def check_guidance(self, model: str, guidance: float, negative_prompt: str | None,
-                       nasa_scale: float | None) -> float | None:
+    def check_guidance(self, model: str, guidance: float, negative_prompt: str | None, nasa_scale: float | None,
+                       nag_fields: dict[str, float | None] | None = None) -> tuple[float | None, NagParams | None]:
         """Admission by guidance mode: a negative prompt goes to CFG where this guidance scale runs CFG, else to
         NASA where the model has it; anything else is a 400 naming what the model supports. Returns the NASA scale
-        the request runs with (None: no NASA)."""
+        the request runs with (None: no NASA) and, where it asked for NAG's renormalised form (``nag_fields``:
+        nag_scale / nag_tau / nag_alpha, None where not given), its parameters."""
         runner = self.pipelines[model]
         modes = runner.capabilities.guidance_modes
         has_neg = bool(negative_prompt and negative_prompt.strip())
         cfg = runner.uses_cfg(guidance)
         what = f"model {model!r} supports guidance modes {', '.join(modes)}"
-        if nasa_scale is not None:
+        nag = check_nag_fields(nasa_scale, nag_fields)
+        given = "nasa_scale" if nasa_scale is not None else next((k for k, v in (nag_fields or {}).items()
+                                                                  if v is not None), None)
+        if given is not None:
             if not has_neg:
-                raise EngineError("nasa_scale needs a negative_prompt", 400, "nasa_scale", "invalid_guidance")
+                raise EngineError(f"{given} needs a negative_prompt", 400, given, "invalid_guidance")
             if cfg:
-                raise EngineError(f"nasa_scale applies to NASA, but at guidance_scale {guidance:g} the negative prompt "
-                                  f"runs through CFG; use guidance_scale <= 1 for NASA ({what})", 400, "nasa_scale",
+                raise EngineError(f"{given} applies to NASA, but at guidance_scale {guidance:g} the negative prompt "
+                                  f"runs through CFG; use guidance_scale <= 1 for NASA ({what})", 400, given,
                                   "invalid_guidance")
             if "nasa" not in modes:
-                raise EngineError(f"nasa_scale is not supported: {what}", 400, "nasa_scale", "invalid_guidance")
+                raise EngineError(f"{given} is not supported: {what}", 400, given, "invalid_guidance")
         if not has_neg or cfg:
-            return None
+            return None, None
         if "nasa" in modes:
             from .pipeline import DEFAULT_NASA_SCALE
 
-            return DEFAULT_NASA_SCALE if nasa_scale is None else float(nasa_scale)
+            return (DEFAULT_NASA_SCALE if nasa_scale is None else float(nasa_scale)), nag
         hint = "a guidance_scale above 1 (CFG)" if "cfg" in modes else "no negative_prompt"
         raise EngineError(f"negative_prompt is not supported at guidance_scale {guidance:g}: {what}; use {hint}",
                           400, "negative_prompt", "invalid_guidance")
@@ -363,7 +387,8 @@ class EngineCore:
             if sched.pipe.vae is not None:
                 raise EngineError(f'model {model!r} is a latent video model; "input": "frames" needs a pixel-space '
                                   "one (the embedded default video model)", 400, "input", "frames_unsupported")
-        check_stream_guidance(model, caps.guidance_modes, start.negative_prompt, start.nasa_scale)
+        check_stream_guidance(model, caps.guidance_modes, start.negative_prompt, start.nasa_scale,
+                              {"nag_scale": start.nag_scale, "nag_tau": start.nag_tau, "nag_alpha": start.nag_alpha})
         seed = start.seed if start.seed is not None else secrets.randbelow(2**62)
         session = StreamSession(start, model, h, w, seed, fps, cfg.outbox_chunks, cfg.session_id_prefix)
         sched.add(session)  # raises EngineError(503) at capacity
@@ -386,21 +411,25 @@ class EngineCore:
         return found[1] if found else None
 
     def update_prompt(self, session_id: str, prompt: str | None, negative_prompt: str | None = None,
-                      nasa_scale: float | None = None) -> None:
+                      nasa_scale: float | None = None, nag_fields: dict[str, float | None] | None = None) -> None:
         """The new prompt conditions the session's next step (its next chunk) and blends in over
         ``stream.transition_steps`` steps; a new negative prompt ("" clears it) and NASA scale apply from that step
-        on. None leaves a field as it is. Several updates before that step: the newest wins."""
+        on; ``nasa_scale`` switches the session to plain NASA, any of ``nag_fields`` (nag_scale / nag_tau /
+        nag_alpha) to NAG's renormalised form. None leaves a field as it is. Several updates before that step: the
+        newest wins."""
         if prompt is not None:
             check_prompt(prompt)
         found = self._find_stream(session_id)
         if found is None:
             raise EngineError("no such stream session", 404, "session_id", "session_not_found")
-        if negative_prompt or nasa_scale is not None:
+        nag_fields = {k: v for k, v in (nag_fields or {}).items() if v is not None}
+        if negative_prompt or nasa_scale is not None or nag_fields:
             session = found[1]
             neg = session.negative_prompt if negative_prompt is None else negative_prompt
             check_stream_guidance(session.model, self.pipelines[session.model].capabilities.guidance_modes, neg,
-                                  nasa_scale)
-        if not found[0].update_prompt(session_id, prompt, negative_prompt, nasa_scale):
+                                  nasa_scale, nag_fields)
+        nag = {k.removeprefix("nag_"): v for k, v in (nag_fields or {}).items()}
+        if not found[0].update_prompt(session_id, prompt, negative_prompt, nasa_scale, nag):
             raise EngineError("no such stream session", 404, "session_id", "session_not_found")
         self._wake()
 
@@ -543,7 +572,8 @@ class EngineCore:
                 # NASA per image: requests without a negative prompt ride along with alpha 0 (no steering)
                 neg = [w.req.negative_prompt if w.nasa_scale is not None else "" for w in batch for _ in w.seeds]
                 alpha = torch.tensor([w.nasa_scale or 0.0 for w in batch for _ in w.seeds])
-                nasa = NasaInput(self.cache.get_many(model + "\0neg", pipe, neg, pipe.negative_embeds), alpha)
+                nag = NasaInput.nag_rows([w.nag if w.nasa_scale is not None else None for w in batch for _ in w.seeds])
+                nasa = NasaInput(self.cache.get_many(model + "\0neg", pipe, neg, pipe.negative_embeds), alpha, nag)
             marks.mark()
             gens = [torch.Generator("cpu").manual_seed(s) for w in batch for s in w.seeds]
             init = None
@@ -851,8 +881,9 @@ class AsyncStream:
     async def run_in_pool(self, fn, *args):
         return await asyncio.wrap_future(self.core.encode_submit(fn, *args))
 
-    def update(self, prompt: str | None, negative_prompt: str | None = None, nasa_scale: float | None = None) -> None:
-        self.core.update_prompt(self.session.id, prompt, negative_prompt, nasa_scale)
+    def update(self, prompt: str | None, negative_prompt: str | None = None, nasa_scale: float | None = None,
+               nag_fields: dict[str, float | None] | None = None) -> None:
+        self.core.update_prompt(self.session.id, prompt, negative_prompt, nasa_scale, nag_fields)
 
     def update_strength(self, strength: float) -> None:
         self.core.update_strength(self.session.id, strength)

@@ -93,16 +93,57 @@ class PromptEmbeds:
         return PromptEmbeds(c([p.embeds for p in items]), c([p.mask for p in items]), c([p.pooled for p in items]))
 
 
+#: NASA's default alpha (nasa_scale) when a request gives a negative prompt but no scale
+DEFAULT_NASA_SCALE = 0.5
+#: NAG's defaults (``nag_scale``, ``nag_tau``, ``nag_alpha``) for what a request leaves out when it asks for the
+#: renormalised form: tau and alpha are the NAG authors' defaults for UNet models (2.5, 0.5), phi 3 is ours; none of
+#: them keeps adherence on our embedded models (docs/guidance.md, 2026-12-08), so plain NASA stays the default
+DEFAULT_NAG_SCALE, DEFAULT_NAG_TAU, DEFAULT_NAG_ALPHA = 3.0, 2.5, 0.5
+#: the ranges a request's NAG fields must lie in, closed (the one source: the HTTP models and EngineCore use them):
+#: phi 1 steers nothing, past ~10 the clip at tau does all the work; tau below 1 would shrink the prompt's features
+NAG_RANGES = {"nag_scale": (1.0, 10.0), "nag_tau": (1.0, 10.0), "nag_alpha": (0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class NagParams:
+    """Normalized Attention Guidance's renormalised form of NASA for one image (kernels/nasa_processor.py):
+    ``scale`` phi (1: no steering), ``tau`` the L1-norm ratio ceiling, ``alpha`` the blend weight."""
+
+    scale: float = DEFAULT_NAG_SCALE
+    tau: float = DEFAULT_NAG_TAU
+    alpha: float = DEFAULT_NAG_ALPHA
+
+    @classmethod
+    def of(cls, scale: float | None = None, tau: float | None = None, alpha: float | None = None,
+           base: NagParams | None = None) -> NagParams:
+        """The given fields over ``base``'s (default: the defaults)."""
+        base = base or cls()
+        return cls(base.scale if scale is None else float(scale), base.tau if tau is None else float(tau),
+                   base.alpha if alpha is None else float(alpha))
+
+    def row(self) -> tuple[float, float, float]:
+        return (self.scale, self.tau, self.alpha)
+
+
+#: a plain-NASA row of ``NasaInput.nag`` (phi 0 selects plain subtraction)
+PLAIN_NASA_ROW = (0.0, 0.0, 0.0)
+
+
 @dataclass
 class NasaInput:
-    """Negative prompts for NASA: one embedding row and one scale (alpha, 0 = no steering) per image."""
+    """Negative prompts for NASA: one embedding row and one scale (alpha, 0 = no steering) per image; ``nag``: [B, 3]
+    (phi, tau, alpha) for images that take NAG's renormalised form instead (rows of ``PLAIN_NASA_ROW``: plain)."""
 
     negative: PromptEmbeds
     alpha: torch.Tensor  # [B] fp32
+    nag: torch.Tensor | None = None  # [B, 3] fp32
 
-
-#: NASA's default alpha (nasa_scale) when a request gives a negative prompt but no scale
-DEFAULT_NASA_SCALE = 0.5
+    @staticmethod
+    def nag_rows(params: list[NagParams | None]) -> torch.Tensor | None:
+        """``nag`` for images with these settings (None: plain NASA or no negative prompt); None if none has one."""
+        if all(p is None for p in params):
+            return None
+        return torch.tensor([PLAIN_NASA_ROW if p is None else p.row() for p in params], dtype=torch.float32)
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -410,7 +451,7 @@ class FewStepPipeline:
                 stack.enter_context(self._adapter_scale(consts.get("adapter_scale")))
             if "nasa_alpha" in consts:
                 stack.enter_context(self.nasa.active(consts["nasa_neg_embeds"], consts["nasa_alpha"],
-                                                     consts.get("nasa_neg_mask"), cond.mask))
+                                                     consts.get("nasa_neg_mask"), cond.mask, consts.get("nasa_nag")))
             return self._denoiser_call(x, t, cond, consts)
 
     @contextlib.contextmanager
@@ -635,7 +676,11 @@ class FewStepPipeline:
             raise ValueError("NASA and CFG do not combine: a negative prompt goes to CFG at guidance_scale > 1")
         if len(nasa.negative) != rows or nasa.alpha.shape != (rows,):
             raise ValueError(f"NASA needs one negative row and one alpha per image ({rows})")
+        if nasa.nag is not None and nasa.nag.shape != (rows, 3):
+            raise ValueError(f"NAG needs one (phi, tau, alpha) row per image ({rows})")
         c = {"nasa_neg_embeds": nasa.negative.embeds, "nasa_alpha": nasa.alpha.to(self.device, torch.float32)}
+        if nasa.nag is not None:
+            c["nasa_nag"] = nasa.nag.to(self.device, torch.float32)
         if nasa.negative.mask is not None:
             c["nasa_neg_mask"] = nasa.negative.mask
         return c
@@ -670,9 +715,10 @@ class FewStepPipeline:
     def __call__(self, prompts: list[str], seeds: list[int], height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance_scale: float | None = None,
                  negative_prompts: list[str] | None = None, nasa_scale: float | None = None,
-                 init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+                 init: torch.Tensor | None = None, strength: float = 1.0, nag: NagParams | None = None) -> torch.Tensor:
         """Images [B, H, W, 3] uint8. Negative prompts go to CFG where the guidance scale runs it, else through NASA
-        where the model has it (alpha ``nasa_scale``), else nowhere (EngineCore refuses that case with a 400).
+        where the model has it (alpha ``nasa_scale``; with ``nag``, NAG's renormalised form instead), else nowhere
+        (EngineCore refuses that case with a 400).
         ``init``: uint8 [B, H, W, 3] input images for image-to-image at ``strength``."""
         if init is not None:
             height, width = init.shape[1], init.shape[2]
@@ -688,7 +734,8 @@ class FewStepPipeline:
         elif negative_prompts and any(negative_prompts) and self.nasa is not None:
             scale = DEFAULT_NASA_SCALE if nasa_scale is None else nasa_scale
             nasa = NasaInput(self.negative_embeds(negative_prompts),
-                             torch.tensor([scale if p else 0.0 for p in negative_prompts]))
+                             torch.tensor([scale if p else 0.0 for p in negative_prompts]),
+                             NasaInput.nag_rows([nag if p else None for p in negative_prompts]))
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         return self.decode(self.denoise(cond, gens, height, width, steps, guidance_scale, uncond, init=init,
                                         strength=strength, nasa=nasa)).cpu()

@@ -323,7 +323,8 @@ class _StreamBridge:
             f.grant()
 
     def supdate(self, h: dict, blobs: list) -> None:
-        self.core.update_prompt(h["session_id"], h["prompt"], h["negative_prompt"], h["nasa_scale"])
+        self.core.update_prompt(h["session_id"], h["prompt"], h["negative_prompt"], h["nasa_scale"],
+                                h.get("nag_fields"))
 
     def sstrength(self, h: dict, blobs: list) -> None:
         self.core.update_strength(h["session_id"], h["strength"])
@@ -578,19 +579,21 @@ class EngineProcess:
     # the calls of AsyncStream on its core, checked here as EngineCore checks them (the route answers at once); the
     # engine process applies them in order, as its core would have
     def update_prompt(self, session_id: str, prompt: str | None, negative_prompt: str | None = None,
-                      nasa_scale: float | None = None) -> None:
+                      nasa_scale: float | None = None, nag_fields: dict[str, float | None] | None = None) -> None:
         if prompt is not None:
             check_prompt(prompt)
         s = self._session(session_id)
-        if negative_prompt or nasa_scale is not None:
+        nag_fields = {k: v for k, v in (nag_fields or {}).items() if v is not None}
+        if negative_prompt or nasa_scale is not None or nag_fields:
             neg = s.negative_prompt if negative_prompt is None else negative_prompt
-            check_stream_guidance(s.model, self.pipelines[s.model].capabilities.guidance_modes, neg, nasa_scale)
+            check_stream_guidance(s.model, self.pipelines[s.model].capabilities.guidance_modes, neg, nasa_scale,
+                                  nag_fields)
         if prompt is not None:
             s.prompt = prompt
         if negative_prompt is not None:
             s.negative_prompt = negative_prompt or None
         self._send("supdate", {"session_id": session_id, "prompt": prompt, "negative_prompt": negative_prompt,
-                               "nasa_scale": nasa_scale})
+                               "nasa_scale": nasa_scale, "nag_fields": nag_fields})
 
     def update_strength(self, session_id: str, strength: float) -> None:
         check_strength(strength)

@@ -21,6 +21,11 @@ class GenerateRequest:
     guidance_scale: float | None = None
     negative_prompt: str | None = None
     nasa_scale: float | None = None  # NASA's alpha (guidance modes "nasa"); None: DEFAULT_NASA_SCALE
+    # NAG's renormalised form of NASA instead of plain subtraction: any of them given selects it, the others take
+    # DEFAULT_NAG_* (engines/pipeline.py)
+    nag_scale: float | None = None
+    nag_tau: float | None = None
+    nag_alpha: float | None = None
     seed: int | None = None
     # image-to-image: the input picture ([H, W, 3] uint8, any size: center-cropped and resized to the output's) and
     # how far it is noised before denoising (1.0: to pure noise, the input ignored)

@@ -32,6 +32,7 @@ from .errors import EngineError, cancelled, overloaded
 from .request import GenerateOutput, GenerateRequest
 
 if TYPE_CHECKING:
+    from .pipeline import NagParams
     from .runner import Runner
 
 
@@ -50,6 +51,7 @@ class ImageWork:
     deadline: float = float("inf")  # perf_counter time past which it is dropped unrun
     strength: float | None = None  # image-to-image: the input's noise level; None: text-to-image
     nasa_scale: float | None = None  # NASA's alpha for this request's negative prompt (None: no NASA)
+    nag: NagParams | None = None  # NAG's renormalised form instead of plain NASA (with nasa_scale set)
 
     @property
     def key(self):

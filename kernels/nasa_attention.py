@@ -57,16 +57,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _nasa_attention_kernel(
-        Q, KP, VP, KN, VN, O, ALPHA, LEN_P, LEN_N,
+        Q, KP, VP, KN, VN, O, P, ALPHA, LEN_P, LEN_N,
         stride_qb, stride_qh, stride_qn,
         stride_kpb, stride_kph, stride_kpn,
         stride_vpb, stride_vph, stride_vpn,
         stride_knb, stride_knh, stride_knn,
         stride_vnb, stride_vnh, stride_vnn,
         stride_ob, stride_oh, stride_on,
+        stride_pb, stride_ph, stride_pn,
         stride_alpha, N_Q, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_FP32: tl.constexpr,
+        DOT_FP32: tl.constexpr, STORE_POS: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         off_h = tl.program_id(1).to(tl.int64)
@@ -94,8 +95,12 @@ if HAS_TRITON:
             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_FP32,
         )
         out = (pos - alpha * neg).to(O.dtype.element_ty)
+        io_mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
         o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-        tl.store(o_ptrs, out, mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
+        tl.store(o_ptrs, out, mask=io_mask)
+        if STORE_POS:  # NAG's renormalisation needs Z+ beside the combination (a per-token epilogue over all heads)
+            p_ptrs = P + off_b * stride_pb + off_h * stride_ph + offs_m[:, None] * stride_pn + offs_d[None, :]
+            tl.store(p_ptrs, pos.to(P.dtype.element_ty), mask=io_mask)
 
 
 def _interpreted() -> bool:
@@ -124,9 +129,11 @@ def nasa_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
-) -> torch.Tensor:
+    return_pos: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``attn(q, K+, V+) - alpha * attn(q, K-, V-)`` in q's dtype and memory layout (fp16 / bf16; any strides with a
-    contiguous last dim, so ``[B, N, H, D]`` buffers pass as ``.transpose(1, 2)`` views)."""
+    contiguous last dim, so ``[B, N, H, D]`` buffers pass as ``.transpose(1, 2)`` views). ``return_pos``: also
+    ``attn(q, K+, V+)`` itself, as a second tensor (for NAG's renormalisation, ``nasa_processor.nag_renorm``)."""
     if not HAS_TRITON:
         raise RuntimeError("nasa_attention needs triton (pip install triton)")
     if any(t.dim() != 4 for t in (q, k_pos, v_pos, k_neg, v_neg)):
@@ -153,22 +160,24 @@ def nasa_attention(
     lp = _lengths(len_pos, B, k_pos.shape[2], q.device)
     ln = _lengths(len_neg, B, k_neg.shape[2], q.device)
     out = torch.empty_like(q)
+    pos = torch.empty_like(q) if return_pos else out  # unused (never written) without return_pos
     if n_q == 0:
-        return out
+        return (out, pos) if return_pos else out
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     grid = (triton.cdiv(n_q, block_m), H, B)
     _nasa_attention_kernel[grid](
-        q, k_pos, v_pos, k_neg, v_neg, out, a, lp, ln,
+        q, k_pos, v_pos, k_neg, v_neg, out, pos, a, lp, ln,
         q.stride(0), q.stride(1), q.stride(2),
         k_pos.stride(0), k_pos.stride(1), k_pos.stride(2),
         v_pos.stride(0), v_pos.stride(1), v_pos.stride(2),
         k_neg.stride(0), k_neg.stride(1), k_neg.stride(2),
         v_neg.stride(0), v_neg.stride(1), v_neg.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        pos.stride(0), pos.stride(1), pos.stride(2),
         stride_a, n_q, float(scale) * 1.4426950408889634,
         HEAD_DIM=D, BLOCK_D=_padded_head_dim(D), BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_FP32=q.dtype == torch.bfloat16 and _interpreted(),
+        DOT_FP32=q.dtype == torch.bfloat16 and _interpreted(), STORE_POS=return_pos,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out
+    return (out, pos) if return_pos else out

@@ -10,6 +10,17 @@ with K-/V- the layer's own key/value projections of the negative prompt's text e
 then the layer's output projection as usual. ``alpha`` (``nasa_scale``) is per sample: a batch may mix requests
 with and without negative prompts (alpha 0 rows: the positive attention minus exactly zero).
 
+Rows may instead take Normalized Attention Guidance's renormalised form (NAG, Chen et al., arXiv 2505.21179), per
+sample ``(phi, tau, alpha)`` (``nag_scale``, ``nag_tau``, ``nag_alpha``)::
+
+    Z~ = phi Z+ - (phi - 1) Z-,   Z^ = Z~ min(r, tau) / r  with  r = |Z~|_1 / |Z+|_1  per token,
+    Z  = alpha Z^ + (1 - alpha) Z+
+
+(the L1 norms over all heads' channels of a query token): the steered features may not grow past tau times the
+prompt's own, and only a share alpha of them replaces Z+, which bounds the drift plain subtraction has at large
+scales. ``nag_renorm`` is that per-token epilogue; the two attentions run as for plain NASA (the fused kernel also
+writes Z+ for it).
+
 ``enable_nasa(model)`` installs :class:`NasaAttnProcessor` on every cross-attention module running the stock
 ``AttnProcessor2_0`` (UNets' ``attn2``, PixArt-style DiTs' ``attn2``, our default student's); it returns the
 model's :class:`NasaState`, or None when the model has no such module (then it cannot take a negative prompt
@@ -30,7 +41,7 @@ import torch.nn.functional as F
 
 from .attention_processor import _interpreting, processor_epilogue, processor_prologue
 
-__all__ = ["NasaAttnProcessor", "NasaState", "disable_nasa", "enable_nasa", "nasa_state"]
+__all__ = ["NasaAttnProcessor", "NasaState", "disable_nasa", "enable_nasa", "nag_renorm", "nasa_state"]
 
 logger = logging.getLogger("fewstep.kernels")
 _STATE_ATTR = "_fewstep_nasa_state"
@@ -46,6 +57,8 @@ class NasaState:
     neg_mask: torch.Tensor | None = None  # [B, L] bool / 0-1, or None (attend to all)
     pos_mask: torch.Tensor | None = None  # [B, L] the positive prompt's mask as the pipeline passed it
     alpha: torch.Tensor | None = None  # [B] fp32
+    # [B, 3] fp32 (phi, tau, alpha) of NAG's renormalised form per image; a row of phi 0 runs plain NASA (``alpha``)
+    nag: torch.Tensor | None = None
     # the model's own text-side projection before its cross-attention (PixArt's caption_projection, a UNet's
     # encoder_hid_proj): the negative embedding takes the same path as the prompt's
     project: object | None = None
@@ -55,16 +68,20 @@ class NasaState:
 
     @contextlib.contextmanager
     def active(self, neg: torch.Tensor, alpha: torch.Tensor, neg_mask: torch.Tensor | None = None,
-               pos_mask: torch.Tensor | None = None):
+               pos_mask: torch.Tensor | None = None, nag: torch.Tensor | None = None):
         """Condition the forwards inside the block on ``neg`` ([B, L, D] text embedding, one row per image of the
-        batch: the processors refuse a batch of another size)."""
+        batch: the processors refuse a batch of another size). ``nag``: [B, 3] (phi, tau, alpha) for rows that take
+        the renormalised form (phi > 0), or None (every row plain NASA)."""
         if self.project is not None:
             neg = self.project(neg).view(neg.shape[0], neg.shape[1], -1)
+        if nag is not None and not bool((nag[:, 0] > 0).any()):
+            nag = None  # no row renormalises: exactly the plain path
         self.neg, self.alpha, self.neg_mask, self.pos_mask = neg, alpha.float(), neg_mask, pos_mask
+        self.nag = None if nag is None else nag.float()
         try:
             yield self
         finally:
-            self.neg = self.alpha = self.neg_mask = self.pos_mask = None
+            self.neg = self.alpha = self.neg_mask = self.pos_mask = self.nag = None
 
 
 def _prefix_lengths(mask: torch.Tensor | None, n: int) -> torch.Tensor | None | bool:
@@ -95,7 +112,7 @@ class NasaAttnProcessor:
         # mirrors AttnProcessor2_0 for cross-attention, with a second key/value set
         hidden_states, residual, image_shape = processor_prologue(attn, hidden_states, temb)
         batch = hidden_states.shape[0]
-        neg, alpha, neg_mask = st.neg, st.alpha, st.neg_mask
+        neg, alpha, neg_mask, nag = st.neg, st.alpha, st.neg_mask, st.nag
         if batch != neg.shape[0]:
             # models that fold frames into the batch (StreamUNet: [B*T] rows, text repeated per frame) see each
             # image's conditioning repeated; the negative follows the same order
@@ -103,6 +120,7 @@ class NasaAttnProcessor:
                 raise ValueError(f"NASA negative conditioning has {neg.shape[0]} rows for a batch of {batch}")
             rep = batch // neg.shape[0]
             neg, alpha = neg.repeat_interleave(rep, 0), alpha.repeat_interleave(rep, 0)
+            nag = None if nag is None else nag.repeat_interleave(rep, 0)
             neg_mask = None if neg_mask is None else neg_mask.repeat_interleave(rep, 0)
         pos_bias = None
         if attention_mask is not None:
@@ -128,8 +146,15 @@ class NasaAttnProcessor:
             key, key_n = attn.norm_k(key), attn.norm_k(key_n)
 
         alpha = alpha.to(query.device)
-        out = self._kernel(query, key, value, key_n, value_n, alpha, attention_mask, neg_mask)
-        if out is None:
+        kernel_alpha = alpha
+        if nag is not None:
+            nag = nag.to(query.device)
+            renorm, phi = nag[:, 0] > 0, nag[:, 0]
+            # the kernel's combination on renormalising rows is Z~ / phi = Z+ - (phi - 1) / phi Z-
+            kernel_alpha = torch.where(renorm, (phi - 1) / torch.where(renorm, phi, 1.0), alpha)
+        fused = self._kernel(query, key, value, key_n, value_n, kernel_alpha, attention_mask, neg_mask,
+                             return_pos=nag is not None)
+        if fused is None:
             pos = F.scaled_dot_product_attention(query, key, value, attn_mask=pos_bias, dropout_p=0.0,
                                                  is_causal=False)
             neg_bias = None
@@ -138,12 +163,24 @@ class NasaAttnProcessor:
             negative = F.scaled_dot_product_attention(query, key_n, value_n, attn_mask=neg_bias, dropout_p=0.0,
                                                       is_causal=False)
             out = pos - alpha.to(pos.dtype).view(-1, 1, 1, 1) * negative
+            if nag is not None:
+                phi4 = phi.view(-1, 1, 1, 1)
+                guided = phi4 * pos.float() - (phi4 - 1) * negative.float()
+        elif nag is not None:
+            out, pos = fused
+            guided = phi.view(-1, 1, 1, 1) * out.float()
+        else:
+            out = fused
+        if nag is not None:
+            # plain rows keep their output bit for bit; renormalising rows take NAG's
+            out = torch.where(renorm.view(-1, 1, 1, 1), nag_renorm(pos, guided, nag[:, 1], nag[:, 2]), out)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         return processor_epilogue(attn, out, residual, image_shape)
 
-    def _kernel(self, q, k, v, kn, vn, alpha, attention_mask, neg_mask) -> torch.Tensor | None:
-        """The fused kernel's output, or None where it does not apply (the caller runs two SDPA calls)."""
+    def _kernel(self, q, k, v, kn, vn, alpha, attention_mask, neg_mask, return_pos: bool = False):
+        """The fused kernel's output (with ``return_pos``: ``(output, Z+)``), or None where it does not apply (the
+        caller runs two SDPA calls)."""
         st = self.state
         if not st.use_kernel or q.dtype not in (torch.float16, torch.bfloat16):
             return None
@@ -164,7 +201,20 @@ class NasaAttnProcessor:
         len_neg = _prefix_lengths(neg_mask, kn.shape[2])
         if len_neg is False:
             return None
-        return na.nasa_attention(q, k, v, kn, vn, alpha, len_pos=len_pos, len_neg=len_neg)
+        return na.nasa_attention(q, k, v, kn, vn, alpha, len_pos=len_pos, len_neg=len_neg, return_pos=return_pos)
+
+
+def nag_renorm(pos: torch.Tensor, guided: torch.Tensor, tau: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """NAG's epilogue: ``alpha clip_tau(guided) + (1 - alpha) pos`` in pos's dtype, pos/guided ``[B, H, N, D]``,
+    tau/alpha ``[B]``. The clip scales a query token's guided features (all heads) down to an L1 norm of tau times
+    pos's where they exceed it; the norms and the blend are fp32."""
+    p, g = pos.float(), guided.float()
+    limit = tau.float().view(-1, 1, 1, 1) * p.abs().sum(dim=(1, 3), keepdim=True)  # [B, 1, N, 1]
+    norm = g.abs().sum(dim=(1, 3), keepdim=True)
+    # only where the norm exceeds the limit (so norm > 0): no 0/0 for tokens whose features are all zero
+    factor = torch.where(norm > limit, limit / torch.where(norm > limit, norm, 1.0), 1.0)
+    a = alpha.float().view(-1, 1, 1, 1)
+    return (a * (g * factor) + (1 - a) * p).to(pos.dtype)
 
 
 def _is_cross_attention(name: str, module) -> bool:

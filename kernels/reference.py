@@ -13,6 +13,7 @@ __all__ = [
     "cfg_combine_ref",
     "expand_block_mask",
     "fused_cfg_step_ref",
+    "nag_attention_ref",
     "nasa_attention_ref",
 ]
 
@@ -139,3 +140,47 @@ def nasa_attention_ref(
     if a.dim() == 1:
         a = a.view(-1, 1, 1, 1)
     return pos - a * neg
+
+
+def nag_attention_ref(
+    q: torch.Tensor,  # q: [B, H, Nq, D]
+    k_pos: torch.Tensor,  # k_pos: [B, H, Nk, D]
+    v_pos: torch.Tensor,  # v_pos: [B, H, Nk, D]
+    k_neg: torch.Tensor,  # k_neg: [B, H, Mk, D]
+    v_neg: torch.Tensor,  # v_neg: [B, H, Mk, D]
+    nag_scale: torch.Tensor | float,  # 0-dim or [B]: phi (1 = no guidance)
+    nag_tau: torch.Tensor | float,  # 0-dim or [B]: the L1-norm ratio ceiling
+    nag_alpha: torch.Tensor | float,  # 0-dim or [B]: the blend weight of the guided features
+    scale: float | None = None,
+    mask_pos: torch.Tensor | None = None,  # mask_pos: [B, 1, 1, Nk] bool (True = attend)
+    mask_neg: torch.Tensor | None = None,  # mask_neg: [B, 1, 1, Mk] bool
+) -> torch.Tensor:
+    """Normalized Attention Guidance (Chen et al., arXiv 2505.21179) in fp32, written out step by step::
+
+        Z~ = phi Z+ - (phi - 1) Z-              (extrapolation away from the negative features)
+        r  = |Z~|_1 / |Z+|_1                    (per image and query token, over all heads' channels)
+        Z^ = Z~ min(r, tau) / r                 (the guided features' L1 norm clipped at tau times Z+'s)
+        Z  = alpha Z^ + (1 - alpha) Z+
+
+    A token whose norm ratio is at most tau keeps Z~ as it is (also when |Z+|_1 is 0 and so is |Z~|_1)."""
+    pos = attention_ref(q, k_pos, v_pos, scale=scale, mask=mask_pos)
+    neg = attention_ref(q, k_neg, v_neg, scale=scale, mask=mask_neg)
+
+    def per_row(x):
+        t = torch.as_tensor(x, dtype=torch.float32, device=q.device)
+        return t.view(-1, 1, 1, 1) if t.dim() == 1 else t
+
+    phi, tau, alpha = per_row(nag_scale), per_row(nag_tau), per_row(nag_alpha)
+    guided = phi * pos - (phi - 1) * neg
+    # the per-token L1 norms over every head's channels: [B, 1, Nq, 1]
+    n_pos = pos.abs().sum(dim=(1, 3), keepdim=True)
+    n_guided = guided.abs().sum(dim=(1, 3), keepdim=True)
+    clipped = torch.empty_like(guided)
+    for b in range(q.shape[0]):
+        for i in range(q.shape[2]):
+            t = tau if tau.dim() == 0 else tau[b, 0, 0, 0]
+            if n_guided[b, 0, i, 0] > t * n_pos[b, 0, i, 0]:
+                clipped[b, :, i] = guided[b, :, i] * (t * n_pos[b, 0, i, 0] / n_guided[b, 0, i, 0])
+            else:
+                clipped[b, :, i] = guided[b, :, i]
+    return alpha * clipped + (1 - alpha) * pos

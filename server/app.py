@@ -18,6 +18,7 @@ from fewstep.engines.samplers import MAX_STEPS, MIN_STEPS
 
 from . import __version__
 from .config import LimitsConfig, ServerConfig
+from .protocol import NASA_MAX
 from .routes import health, images, models, realtime, stream, videos, web
 from .security import Guard
 from .state import AppState
@@ -38,6 +39,7 @@ def field_hints(limits: LimitsConfig) -> dict[str, str]:
         "response_format": '"b64_json" (URLs are not served)',
         "output_format": '"png", "jpeg" or "webp"',
         "negative_prompt": f"a string of at most {limits.max_prompt_chars} characters",
+        "nasa_scale": f"a number from 0 to {NASA_MAX:g}",
     }
 
 

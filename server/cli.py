@@ -309,7 +309,8 @@ def _generate(args) -> int:
     core = EngineCore({"model": pipe}, cfg.engine.model_copy(update={"prompt_cache_size": 0}))
     req = GenerateRequest(prompt=args.prompt, n=args.n, height=h, width=w, steps=args.steps,
                           guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
-                          nasa_scale=args.nasa_scale, seed=args.seed, output_format=fmt)
+                          nasa_scale=args.nasa_scale, nag_scale=args.nag_scale, nag_tau=args.nag_tau,
+                          nag_alpha=args.nag_alpha, seed=args.seed, output_format=fmt)
     try:
         fut = core.add_request(req)
     except EngineError as e:  # bad size, n above the engine's batch limit, ...
@@ -573,6 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "cross-attention (models with guidance mode nasa)")
     g.add_argument("--nasa-scale", type=float, default=None,
                    help="NASA's alpha, how strongly the negative prompt is subtracted (default 0.5)")
+    g.add_argument("--nag-scale", type=float, default=None,
+                   help="NAG's phi: any --nag-* runs Normalized Attention Guidance's renormalised form of NASA "
+                        "instead of plain subtraction (default 3; not with --nasa-scale)")
+    g.add_argument("--nag-tau", type=float, default=None,
+                   help="NAG's tau: per-token L1-norm ceiling of the steered features against the prompt's "
+                        "(default 2.5)")
+    g.add_argument("--nag-alpha", type=float, default=None,
+                   help="NAG's alpha: the share of steered features blended into the prompt's own (default 0.5)")
     g.add_argument("-n", type=int, default=1, help="images to generate: -o x.png writes x-0.png, x-1.png, ...")
     g.set_defaults(func=_generate)
 

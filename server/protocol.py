@@ -4,16 +4,46 @@ fields open servers add (seed, num_inference_steps, guidance_scale, negative_pro
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from fewstep.engines.pipeline import NAG_RANGES
 from fewstep.engines.samplers import MAX_STEPS, MIN_STEPS
 
 # Prompt length, n and the largest side are bounded by the live config (LimitsConfig), checked in one place:
 # AppState.check_limits. The models here check only what no config changes (types, formats, the smallest side).
 MIN_SIDE = 64
 NASA_MAX = 4.0  # nasa_scale's ceiling: beyond ~1 the subtracted attention dominates the prompt's own
+
+
+def _nag_range(name: str) -> AfterValidator:
+    lo, hi = NAG_RANGES[name]
+
+    def check(v: float | None) -> float | None:
+        # a message of our own (not pydantic's one-sided "less than or equal to"), the same over HTTP and WebSocket
+        if v is not None and not lo <= v <= hi:
+            raise ValueError(f"{name} must be from {lo:g} to {hi:g}, got {v:g}")
+        return v
+    return AfterValidator(check)
+
+
+# NAG's request fields (images, realtime, stream start and update), bounded by engines.pipeline.NAG_RANGES
+NagScale = Annotated[float | None, _nag_range("nag_scale")]
+NagTau = Annotated[float | None, _nag_range("nag_tau")]
+NagAlpha = Annotated[float | None, _nag_range("nag_alpha")]
+
+
+def nag_field(name: str, what: str):
+    """A NAG request field's default and schema; any of nag_scale / nag_tau / nag_alpha given selects NAG's
+    renormalised form of NASA, the others default."""
+    lo, hi = NAG_RANGES[name]
+    return Field(None, json_schema_extra={"minimum": lo, "maximum": hi},
+                 description=f"{what} (from {lo:g} to {hi:g}); with a negative_prompt on models with guidance mode "
+                 "nasa, any nag_* field selects Normalized Attention Guidance's renormalised form instead of plain "
+                 "NASA (not together with nasa_scale)")
+
+
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
@@ -41,6 +71,12 @@ class ImageGenerationRequest(BaseModel):
     nasa_scale: float | None = Field(None, ge=0.0, le=NASA_MAX, description="NASA's alpha: how strongly the "
                                      "negative prompt's cross-attention is subtracted (default 0.5; needs a "
                                      "negative_prompt and guidance mode nasa)")
+    nag_scale: NagScale = nag_field("nag_scale", "NAG's phi: extrapolation away from the negative prompt's "
+                                        "attention, Z+ + (phi - 1)(Z+ - Z-) (default 3)")
+    nag_tau: NagTau = nag_field("nag_tau", "NAG's tau: the steered features' L1 norm is clipped at tau times "
+                                      "the prompt's own, per token (default 2.5)")
+    nag_alpha: NagAlpha = nag_field("nag_alpha", "NAG's alpha: the share of steered features blended into the "
+                                        "prompt's own (default 0.5)")
 
     @field_validator("prompt")
     @classmethod

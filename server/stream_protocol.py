@@ -44,7 +44,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from .protocol import NASA_MAX
+from .protocol import NASA_MAX, NagAlpha, NagScale, NagTau, nag_field
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
@@ -182,6 +182,9 @@ class StartMessage(_Msg):
     negative_prompt: str | None = Field(None, description="steered away from in the cross-attention (NASA; video "
                                         "models whose guidance_modes list nasa)")
     nasa_scale: float | None = Field(None, ge=0, le=NASA_MAX, description="NASA's alpha (default 0.5)")
+    nag_scale: NagScale = nag_field("nag_scale", "NAG's phi (default 3)")
+    nag_tau: NagTau = nag_field("nag_tau", "NAG's tau (default 2.5)")
+    nag_alpha: NagAlpha = nag_field("nag_alpha", "NAG's alpha (default 0.5)")
 
 
 
@@ -193,12 +196,22 @@ class UpdateMessage(_Msg):
     prompt: PromptField | None = None
     strength: float | None = Field(None, gt=0, le=1, description='"frames" streams: the input\'s new noise level')
     negative_prompt: str | None = None
-    nasa_scale: float | None = Field(None, ge=0, le=NASA_MAX)
+    nasa_scale: float | None = Field(None, ge=0, le=NASA_MAX, description="switches to plain NASA at this alpha")
+    nag_scale: NagScale = nag_field("nag_scale", "NAG's phi; the fields left out stay as they were")
+    nag_tau: NagTau = nag_field("nag_tau", "NAG's tau")
+    nag_alpha: NagAlpha = nag_field("nag_alpha", "NAG's alpha")
+
+    def nag_fields(self) -> dict[str, float | None]:
+        return {"nag_scale": self.nag_scale, "nag_tau": self.nag_tau, "nag_alpha": self.nag_alpha}
+
+    def changes_guidance(self) -> bool:
+        return (self.negative_prompt is not None or self.nasa_scale is not None
+                or any(v is not None for v in self.nag_fields().values()))
 
     @model_validator(mode="after")
     def _something(self):
-        if self.prompt is None and self.strength is None and self.negative_prompt is None and self.nasa_scale is None:
-            raise ValueError("an update needs a prompt, a strength, a negative_prompt or a nasa_scale")
+        if self.prompt is None and self.strength is None and not self.changes_guidance():
+            raise ValueError("an update needs a prompt, a strength, a negative_prompt, a nasa_scale or a nag_* field")
         return self
 
 
@@ -291,6 +304,9 @@ class RealtimeRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=30)
     negative_prompt: str | None = Field(None, description="CFG's negative at guidance_scale > 1, else NASA's")
     nasa_scale: float | None = Field(None, ge=0, le=NASA_MAX, description="NASA's alpha (default 0.5)")
+    nag_scale: NagScale = nag_field("nag_scale", "NAG's phi (default 3)")
+    nag_tau: NagTau = nag_field("nag_tau", "NAG's tau (default 2.5)")
+    nag_alpha: NagAlpha = nag_field("nag_alpha", "NAG's alpha (default 0.5)")
     format: Literal["jpeg", "png", "webp"] = "jpeg"
     model: str | None = None
     image: str | None = Field(None, description="image-to-image input: base64 or a data:image/...;base64, URL of a "

@@ -7,6 +7,9 @@ Sections (all on by default, pick with --sections):
      -> ms, TFLOP/s; SD-Turbo UNet projections: 320/640/1280 channels at 4096/1024/256 tokens, batch 2, rank 16/64
   n  NASA dual cross-attention vs two SDPA calls + scaled subtract, and one SDPA (the floor) -> ms, TFLOP/s;
      4096/1024/256 queries x 77 keys (both prompts), 5/10/20 heads x 64 (SD 2.1's attn2), batch 2
+  g  NAG's renormalised form of NASA (same shapes, phi 3, tau 2.5, alpha 0.5): the kernel writing Z+ beside the
+     combination + the per-token L1 clip/blend epilogue (nasa_processor.nag_renorm) vs two SDPA calls + the same
+     epilogue (the processor's torch path), and the plain fused NASA kernel (what the renormalisation adds)
 Every timed case is first checked against the fp32 reference (kernels/reference.py); a mismatch is a FAIL row.
 
     fewstep bench guidance --out OUT_DIR   # H100/H200
@@ -21,7 +24,7 @@ import argparse
 import os
 from pathlib import Path
 
-SECTIONS = "can"
+SECTIONS = "cang"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,10 +51,13 @@ from fewstep.engines.samplers import euler_step, x0_from_model_output  # noqa: E
 from fewstep.kernels.adapter_linear import adapter_linear  # noqa: E402
 from fewstep.kernels.fused_cfg import fused_cfg_step  # noqa: E402
 from fewstep.kernels.nasa_attention import nasa_attention  # noqa: E402
+from fewstep.kernels.nasa_processor import nag_renorm  # noqa: E402
 from fewstep.kernels.reference import (  # noqa: E402
     adapter_linear_ref,
+    attention_ref,
     cfg_combine_ref,
     fused_cfg_step_ref,
+    nag_attention_ref,
     nasa_attention_ref,
 )
 
@@ -178,11 +184,53 @@ def section_nasa() -> None:
                 f"({times['torch'] / ms:.2f}x torch)")
 
 
+# -- g: NAG (NASA renormalised) ---------------------------------------------------------------------------------
+def section_nag() -> None:
+    cases = [(2, 2, 37, 13, 24)] if SMOKE else [(2, 5, 4096, 77, 64), (2, 10, 1024, 77, 64), (2, 20, 256, 77, 64)]
+    for B, H, NQ, NK, D in cases:
+        q = torch.randn(B, H, NQ, D, device=DEVICE, dtype=DTYPE)
+        kp, vp, kn, vn = (torch.randn(B, H, NK, D, device=DEVICE, dtype=DTYPE) for _ in range(4))
+        phi, tau, blend = (torch.full((B,), v, device=DEVICE) for v in (3.0, 2.5, 0.5))
+        phi4 = phi.view(B, 1, 1, 1)
+        kw = {"block_m": 16, "block_n": 16} if SMOKE else {}
+
+        def torch_path():
+            pos = F.scaled_dot_product_attention(q, kp, vp)
+            guided = phi4 * pos.float() - (phi4 - 1) * F.scaled_dot_product_attention(q, kn, vn).float()
+            return nag_renorm(pos, guided, tau, blend)
+
+        def fused():
+            comb, pos = nasa_attention(q, kp, vp, kn, vn, (phi - 1) / phi, return_pos=True, **kw)
+            return nag_renorm(pos, phi4 * comb.float(), tau, blend)
+
+        def fused_plain_nasa():
+            return nasa_attention(q, kp, vp, kn, vn, blend, **kw)
+
+        ok = check(f"nag B{B} H{H} Nq{NQ} Nk{NK}", fused(), nag_attention_ref(q, kp, vp, kn, vn, phi, tau, blend)
+                   if SMOKE else _nag_ref_vectorised(q, kp, vp, kn, vn, phi4, tau, blend), 3e-2)
+        flops = 4 * B * H * NQ * (2 * NK) * D
+        times = {"torch": bench_ms(torch_path), "fused": bench_ms(fused),
+                 "fused_plain_nasa": bench_ms(fused_plain_nasa)}
+        for prov, ms in times.items():
+            tf = flops / (ms * 1e-3) / 1e12
+            add_row("nag", prov, ms, {"B": B, "H": H, "Nq": NQ, "Nk": NK, "D": D}, tflops=tf, ok=ok,
+                    speedup_vs_torch=times["torch"] / ms)
+            log(f"nag H={H} Nq={NQ} {prov:18s} {ms * 1e3:8.1f} us {tf:7.2f} TFLOP/s "
+                f"({times['torch'] / ms:.2f}x torch)")
+
+
+def _nag_ref_vectorised(q, kp, vp, kn, vn, phi4, tau, blend):
+    """The fp32 check at GPU shapes (``nag_attention_ref`` loops over tokens in Python: too slow at 4096)."""
+    pos, neg = attention_ref(q, kp, vp), attention_ref(q, kn, vn)
+    return nag_renorm(pos, phi4 * pos - (phi4 - 1) * neg, tau, blend)
+
+
 def main() -> int:
     if not RUN.start():
         return 2
     torch.manual_seed(0)
-    RUN.run_sections(ARGS.sections, {"c": section_cfg, "a": section_adapter, "n": section_nasa})
+    RUN.run_sections(ARGS.sections, {"c": section_cfg, "a": section_adapter, "n": section_nasa,
+                                    "g": section_nag})
     RUN.write_json(ARGS.out, "bench_guidance.json", vars(ARGS))
     print(f"\n{ENV['gpu']} | {len(ROWS)} rows | {len(FAILURES)} failures | {RUN.elapsed_s():.0f}s")
     for f in FAILURES:

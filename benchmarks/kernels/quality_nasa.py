@@ -11,9 +11,10 @@ phrase as served):
 * conflict: held-out captions whose first object is red; measured: the share of red objects, i.e. how far the
   negative prompt pushes against a prompt that asks for the colour.
 
-Settings: no negative prompt; NASA ("red") at each ``--alphas``; CFG with negative "red" at ``--cfg`` (two
-passes, for comparison). Same prompts and seeds for every setting. Writes OUT.json (rows) and, with ``--grid``,
-a picture grid (rows: colour-free prompts, then red-named prompts; columns: settings).
+Settings: no negative prompt; NASA ("red") at each ``--alphas``; NAG's renormalised form of NASA at each ``--nag``
+(phi:tau:alpha); CFG with negative "red" at ``--cfg`` (two passes, for comparison). Same prompts and seeds for
+every setting. Writes OUT.json (rows) and, with ``--grid``, a picture grid (rows: colour-free prompts, then red-named
+prompts; columns: settings).
 
     fewstep bench nasa-quality --out benchmarks/results/kernels/quality_nasa_cpu.json --grid docs/images/nasa_red.png
 
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="prompt and noise seed (default 0)")
     p.add_argument("--negative", default="red", help='the negative prompt (default "red")')
     p.add_argument("--alphas", default="0.25,0.5,1.0,1.5", help="NASA scales to run (default 0.25,0.5,1.0,1.5)")
+    p.add_argument("--nag", default="",
+                   help="NAG settings to run, comma-separated phi:tau:alpha triples (nag_scale, nag_tau, nag_alpha), "
+                        "e.g. 3:2.5:0.5,5:2.5:0.25 (default: none)")
     p.add_argument("--cfg", type=float, default=2.0, help="CFG guidance scale of the comparison run (0: none)")
     p.add_argument("--out", type=Path, default=None, help="JSON file for the rows")
     p.add_argument("--grid", type=Path, default=None, help="PNG picture grid (colour-free, then red-named prompts x settings)")
@@ -68,6 +72,18 @@ def colour_free(caption: str) -> str:
     return _COLOR_WORD.sub(lambda m: f"a {m.group(2)}", caption)
 
 
+def nag_settings(spec: str) -> list[tuple[str, tuple[float, float, float]]]:
+    """``--nag``'s (setting name, (phi, tau, alpha)) pairs."""
+    out = []
+    for item in filter(None, (t.strip() for t in spec.split(","))):
+        try:
+            phi, tau, alpha = map(float, item.split(":"))
+        except ValueError:
+            raise ValueError(f"--nag: {item!r} is not phi:tau:alpha (three numbers)") from None
+        out.append((f"nag {phi:g}/{tau:g}/{alpha:g}", (phi, tau, alpha)))
+    return out
+
+
 def red_share(images, colour: str) -> tuple[float, float, float]:
     """(share of detected objects of ``colour``, share of images with one, mean objects detected per image)."""
     from fewstep.benchmarks.quality import detect
@@ -90,13 +106,18 @@ def _commit() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.nag_list = nag_settings(args.nag)  # a malformed --nag fails before any model loads
+    except ValueError as e:
+        parser.error(str(e))
     import numpy as np
     import torch
 
     from fewstep.benchmarks.quality import adherence
     from fewstep.engines.loading import load_checkpoint
-    from fewstep.engines.pipeline import FewStepPipeline
+    from fewstep.engines.pipeline import FewStepPipeline, NagParams
     from fewstep.server.config import DEFAULT_MODEL_DIR
     from fewstep.training.data import heldout_prompts
 
@@ -113,29 +134,33 @@ def main(argv: list[str] | None = None) -> int:
     free, named, conflict = _sets(pool, args.n, args.negative)
     seeds = list(range(args.seed, args.seed + args.n))  # enough for every set: each holds at most n prompts
     alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
-    settings = [("none", None, None)] + [(f"nasa {a:g}", a, None) for a in alphas]
+    settings = [("none", None, None, None)] + [(f"nasa {a:g}", a, None, None) for a in alphas]
+    settings += [(name, None, None, nag) for name, nag in args.nag_list]
     if args.cfg > 1:
-        settings.append((f"cfg {args.cfg:g}", None, args.cfg))
+        settings.append((f"cfg {args.cfg:g}", None, args.cfg, None))
 
-    def run(prompts, alpha, cfg):
+    def run(prompts, alpha, cfg, nag):
         out = []
+        params = None if nag is None else NagParams(*nag)
         for i in range(0, len(prompts), 16):  # seeds[i] drives prompt i in every set and setting
             p, s = prompts[i:i + 16], seeds[i:i + 16]
-            neg = [args.negative] * len(p) if (alpha is not None or cfg) else None
-            out.append(pipe(p, s, guidance_scale=cfg or 0.0, negative_prompts=neg, nasa_scale=alpha).numpy())
+            neg = [args.negative] * len(p) if (alpha is not None or cfg or nag) else None
+            out.append(pipe(p, s, guidance_scale=cfg or 0.0, negative_prompts=neg, nasa_scale=alpha,
+                            nag=params).numpy())
         return np.concatenate(out)
 
     rows, grid_cols = [], []
     t0 = time.perf_counter()
-    for name, alpha, cfg in settings:
+    for name, alpha, cfg, nag in settings:
         t = time.perf_counter()
-        imgs_free = run(free, alpha, cfg)
+        imgs_free = run(free, alpha, cfg, nag)
         share, any_red, per_image = red_share(imgs_free, args.negative)
-        imgs_named = run(named, alpha, cfg)
+        imgs_named = run(named, alpha, cfg, nag)
         adh = adherence(list(imgs_named), [pipe.complete_prompt(c) for c in named])
-        imgs_conflict = run(conflict, alpha, cfg)
+        imgs_conflict = run(conflict, alpha, cfg, nag)
         conflict_share = red_share(imgs_conflict, args.negative)[0]
-        row = {"setting": name, "nasa_scale": alpha, "guidance_scale": cfg or 0.0, "negative": args.negative,
+        row = {"setting": name, "nasa_scale": alpha, "nag": nag, "guidance_scale": cfg or 0.0,
+               "negative": args.negative,
                "red_object_share": share, "images_with_red": any_red, "objects_per_image": per_image,
                "adherence": adh, "conflict_red_object_share": conflict_share, "conflict_n": len(conflict),
                "seconds": time.perf_counter() - t}
@@ -197,23 +222,25 @@ def video_main(args) -> int:
     free, named, conflict = _sets([D.sample_video_scene(rng, "heldout").caption for _ in range(12 * args.n)],
                                   args.n, args.negative)
     seeds = list(range(args.seed, args.seed + args.n))
-    settings = [("none", None)] + [(f"nasa {float(a):g}", float(a)) for a in args.alphas.split(",") if a.strip()]
+    settings = [("none", None, None)] + [(f"nasa {float(a):g}", float(a), None)
+                                         for a in args.alphas.split(",") if a.strip()]
+    settings += [(name, None, nag) for name, nag in args.nag_list]
 
-    def run(prompts, alpha):
+    def run(prompts, alpha, nag):
         return stream_frames(pipe, prompts, args.frames, seeds[:len(prompts)],
-                             args.negative if alpha is not None else None, alpha)
+                             args.negative if (alpha is not None or nag) else None, alpha, nag)
 
     rows, grid_cols = [], []
     t0 = time.perf_counter()
-    for name, alpha in settings:
+    for name, alpha, nag in settings:
         t = time.perf_counter()
-        vids_free = run(free, alpha)
+        vids_free = run(free, alpha, nag)
         share, any_red, per_image = red_share([f for v in vids_free for f in v], args.negative)
-        vids_named = run(named, alpha)
+        vids_named = run(named, alpha, nag)
         adh = adherence([f for v in vids_named for f in v], [p for p in named for _ in range(args.frames)])
-        vids_conflict = run(conflict, alpha)
+        vids_conflict = run(conflict, alpha, nag)
         conflict_share = red_share([f for v in vids_conflict for f in v], args.negative)[0]
-        row = {"setting": name, "nasa_scale": alpha, "negative": args.negative, "red_object_share": share,
+        row = {"setting": name, "nasa_scale": alpha, "nag": nag, "negative": args.negative, "red_object_share": share,
                "frames_with_red": any_red, "objects_per_frame": per_image, "adherence": adh,
                "conflict_red_object_share": conflict_share, "conflict_n": len(conflict),
                "seconds": time.perf_counter() - t}

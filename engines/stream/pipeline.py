@@ -130,7 +130,7 @@ class StreamPipeline(FewStepPipeline):
             if nasa is not None:
                 c = self.nasa_consts(nasa, x.shape[0], False)
                 stack.enter_context(self.nasa.active(c["nasa_neg_embeds"], c["nasa_alpha"], c.get("nasa_neg_mask"),
-                                                     cond.mask))
+                                                     cond.mask, c.get("nasa_nag")))
             v = self._stream_call(x, sigma, cond)
         return x + (sigma_next - sigma)[:, None, :, None, None] * v
 

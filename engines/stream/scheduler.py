@@ -66,7 +66,7 @@ import torch
 
 from ..config import StreamConfig
 from ..errors import EngineError, overloaded
-from ..pipeline import NasaInput, PromptEmbeds
+from ..pipeline import NagParams, NasaInput, PromptEmbeds
 from .pipeline import StreamPipeline, tensor_bytes
 from .session import StreamChunk, StreamSession
 
@@ -249,9 +249,10 @@ class StreamScheduler:
         return len(self._sessions)
 
     def update_prompt(self, session_id: str, prompt: str | None, negative_prompt: str | None = None,
-                      nasa_scale: float | None = None) -> bool:
-        """``prompt`` None: unchanged. ``negative_prompt`` None: unchanged, "": cleared. Newest wins if several
-        arrive before the next step."""
+                      nasa_scale: float | None = None, nag: dict | None = None) -> bool:
+        """``prompt`` None: unchanged. ``negative_prompt`` None: unchanged, "": cleared. ``nasa_scale``: plain NASA
+        at that alpha from now on; ``nag`` (``scale``/``tau``/``alpha``, each optional): NAG's renormalised form, the
+        fields left out as they were (or the defaults). Newest wins if several arrive before the next step."""
         with self._lock:
             s = self._sessions.get(session_id)
             if s is None:
@@ -263,7 +264,9 @@ class StreamScheduler:
                 s.pending_negative = negative_prompt
                 s.negative_prompt = negative_prompt or None
             if nasa_scale is not None:
-                s.nasa_scale = float(nasa_scale)
+                s.nasa_scale, s.nag = float(nasa_scale), None
+            if nag:
+                s.nag = NagParams.of(nag.get("scale"), nag.get("tau"), nag.get("alpha"), base=s.nag)
         return True
 
     def set_input_frame(self, session_id: str, frame, index: int) -> bool:
@@ -392,7 +395,8 @@ class StreamScheduler:
         blank = self.cache.get_many(self.model + "\0neg", self.pipe, [""], self.pipe.negative_embeds)
         rows = [s.neg_cond if s.neg_cond is not None else blank for s in batch]
         alpha = torch.tensor([s.nasa_scale if s.neg_cond is not None else 0.0 for s in batch])
-        return NasaInput(PromptEmbeds.cat(rows), alpha)
+        nag = NasaInput.nag_rows([s.nag if s.neg_cond is not None else None for s in batch])
+        return NasaInput(PromptEmbeds.cat(rows), alpha, nag)
 
     def step(self, batch: list[StreamSession]) -> StepResult:
         """Run one forward pass for ``batch`` (from ``schedule``) and emit the finished chunks."""

@@ -29,7 +29,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from ..pipeline import DEFAULT_NASA_SCALE, PromptEmbeds
+from ..pipeline import DEFAULT_NASA_SCALE, NagParams, PromptEmbeds
 
 FRAME_FORMATS = ("jpeg", "webp", "raw")
 
@@ -52,6 +52,10 @@ class StreamStart:
     strength: float = 0.6  # "frames": the noise level each input frame enters the buffer at (1.0 ignores it)
     negative_prompt: str | None = None  # NASA: steered away from in the cross-attention (video models' mode nasa)
     nasa_scale: float | None = None  # NASA's alpha; None: DEFAULT_NASA_SCALE
+    # NAG's renormalised form of NASA instead of plain subtraction (any given: NAG; left out: DEFAULT_NAG_*)
+    nag_scale: float | None = None
+    nag_tau: float | None = None
+    nag_alpha: float | None = None
     arrival: float = field(default_factory=time.perf_counter)
 
 
@@ -221,6 +225,9 @@ class StreamSession:
         self.negative_prompt = start.negative_prompt or None
         self.pending_negative: str | None = self.negative_prompt
         self.nasa_scale = DEFAULT_NASA_SCALE if start.nasa_scale is None else float(start.nasa_scale)
+        self.nag: NagParams | None = None  # NAG's (phi, tau, alpha) when the session asked for the renormalised form
+        if any(v is not None for v in (start.nag_scale, start.nag_tau, start.nag_alpha)):
+            self.nag = NagParams.of(start.nag_scale, start.nag_tau, start.nag_alpha)
         self.neg_cond: PromptEmbeds | None = None
         self.cond_from: PromptEmbeds | None = None  # during a prompt transition: what we blend away from
         self.last_cond: PromptEmbeds | None = None  # what the last step used (a new update blends from it)

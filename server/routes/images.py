@@ -262,7 +262,8 @@ async def serve_images(request: Request, body: ImageGenerationRequest, image: by
     init = None if image is None else await read_image(state, image)
     req = GenerateRequest(prompt=body.prompt, model=body.model, n=body.n, height=h, width=w,
                           steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-                          negative_prompt=body.negative_prompt, nasa_scale=body.nasa_scale, seed=body.seed,
+                          negative_prompt=body.negative_prompt, nasa_scale=body.nasa_scale, nag_scale=body.nag_scale,
+                          nag_tau=body.nag_tau, nag_alpha=body.nag_alpha, seed=body.seed,
                           output_format=raw or body.output_format, timeout_s=timeout_s, image=init, strength=strength,
                           arrival=arrival)
     try:

@@ -112,7 +112,8 @@ class RealtimeConnection:
             image = await read_image(state, data)
         out = await state.engine.generate(GenerateRequest(
             prompt=req.prompt, model=req.model, height=h, width=w, steps=req.steps, guidance_scale=req.guidance_scale,
-            negative_prompt=req.negative_prompt, nasa_scale=req.nasa_scale, seed=req.seed, output_format=req.format,
+            negative_prompt=req.negative_prompt, nasa_scale=req.nasa_scale, nag_scale=req.nag_scale,
+            nag_tau=req.nag_tau, nag_alpha=req.nag_alpha, seed=req.seed, output_format=req.format,
             image=image, strength=req.strength))
         state.metrics.on_request(out.model, 200)
         return out

@@ -216,9 +216,9 @@ class StreamConnection:
                     raise EngineError('strength applies to streams started with "input": "frames"', 400,
                                       "strength", "invalid_strength")
                 self.stream.update_strength(msg.strength)
-            if msg.prompt is not None or msg.negative_prompt is not None or msg.nasa_scale is not None:
+            if msg.prompt is not None or msg.changes_guidance():
                 self.state.check_limits(prompt=msg.prompt, negative_prompt=msg.negative_prompt)
-                self.stream.update(msg.prompt, msg.negative_prompt, msg.nasa_scale)
+                self.stream.update(msg.prompt, msg.negative_prompt, msg.nasa_scale, msg.nag_fields())
             s = self.stream.session
             await self.send(UpdatedMessage(prompt=s.prompt, strength=msg.strength, negative_prompt=s.negative_prompt))
         elif isinstance(msg, StopMessage):
@@ -236,7 +236,8 @@ class StreamConnection:
         engine_format = "raw" if msg.format == "fmp4" else msg.format
         start = StreamStart(prompt=msg.prompt, model=msg.model, height=h, width=w, seed=msg.seed, fps=msg.fps,
                             format=engine_format, quality=msg.quality, input=msg.input, strength=msg.strength,
-                            negative_prompt=msg.negative_prompt, nasa_scale=msg.nasa_scale)
+                            negative_prompt=msg.negative_prompt, nasa_scale=msg.nasa_scale,
+                            nag_scale=msg.nag_scale, nag_tau=msg.nag_tau, nag_alpha=msg.nag_alpha)
         self.stream = await self.state.engine.open_stream(start)
         s = self.stream.session
         pipe = core.pipelines[s.model]

@@ -22,7 +22,7 @@ from fewstep.engines.adapters import (  # noqa: E402
 )
 from fewstep.engines.core import EngineCore, EngineError, GenerateRequest  # noqa: E402
 from fewstep.engines.loading import load_checkpoint  # noqa: E402
-from fewstep.engines.pipeline import FewStepPipeline, NasaInput  # noqa: E402
+from fewstep.engines.pipeline import FewStepPipeline, NagParams, NasaInput  # noqa: E402
 from fewstep.server.config import DEFAULT_MODEL_DIR  # noqa: E402
 
 SIZES = {"sd_turbo": 64, "pixart": 64}
@@ -102,6 +102,58 @@ def test_nasa_kernel_path_matches_torch_path():
         with torch.no_grad(), state.active(neg, alpha, neg_mask):
             outs[use_kernel] = block.attn2(x, encoder_hidden_states=ctx).float()
     torch.testing.assert_close(outs[True], outs[False], rtol=2e-2, atol=2e-2)
+
+
+def test_nag_rows_beside_plain_and_unsteered_rows(sd):
+    """NAG's renormalised form per image: in one batch, a row without a negative prompt is bit for bit the image
+    without NASA, a plain-NASA row is the plain-NASA image, and the NAG row is its own image alone."""
+    prompts, seeds = ["a cat", "a dog", "a bird"], [5, 6, 7]
+    cond = sd.encode_prompt(prompts)
+    neg = sd.negative_embeds(["red", "red", ""])
+    gens = lambda: [torch.Generator("cpu").manual_seed(s) for s in seeds]  # noqa: E731
+    nag = NasaInput.nag_rows([NagParams(4.0, 2.0, 0.7), None, None])
+    mixed = sd.denoise(cond, gens(), 64, 64, 1, 0.0, nasa=NasaInput(neg, torch.tensor([0.0, 0.8, 0.0]), nag))
+    plain_rows = sd.denoise(cond, gens(), 64, 64, 1, 0.0, nasa=NasaInput(neg, torch.tensor([0.0, 0.8, 0.0])))
+    none = sd.denoise(cond, gens(), 64, 64, 1, 0.0)
+    assert torch.equal(mixed[2], none[2])  # no negative prompt: exactly no NASA
+    assert torch.equal(mixed[1], plain_rows[1])  # plain NASA rows do not change beside a NAG row
+    alone = sd.denoise(cond[0], gens()[:1], 64, 64, 1, 0.0, nasa=NasaInput(neg[0], torch.tensor([0.0]), nag[:1]))
+    torch.testing.assert_close(mixed[0:1], alone, rtol=0, atol=1e-4)  # batch-size rounding of the CPU GEMMs only
+    assert (mixed[0] - none[0]).abs().mean() > 1e-2 and (mixed[0] - plain_rows[0]).abs().mean() > 1e-2
+    # phi 1 extrapolates nothing: the blend of Z+ with itself, the unsteered image up to rounding
+    unit = NasaInput(neg, torch.zeros(3), NasaInput.nag_rows([NagParams(1.0, 2.5, 0.5)] * 3))
+    torch.testing.assert_close(sd.denoise(cond, gens(), 64, 64, 1, 0.0, nasa=unit), none, rtol=0, atol=1e-4)
+    assert sd.nasa.nag is None  # nothing stays set after the forward
+
+
+def test_nag_kernel_path_matches_torch_path():
+    """NAG through the processor's Triton path (the kernel writes Z+ beside the combination; interpreter on CPU)
+    against its two-SDPA path, a plain-NASA row beside a NAG row."""
+    from diffusers.models.attention_processor import Attention
+
+    from fewstep.kernels.nasa_processor import enable_nasa
+
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    block = torch.nn.Module()
+    block.attn2 = Attention(query_dim=48, cross_attention_dim=24, heads=3, dim_head=16).to(dev, torch.float16)
+    state = enable_nasa(block, allow_cpu_interpreter=True)
+    x = torch.randn(2, 29, 48, device=dev, dtype=torch.float16)
+    ctx = torch.randn(2, 11, 24, device=dev, dtype=torch.float16)
+    neg = torch.randn(2, 9, 24, device=dev, dtype=torch.float16)
+    neg_mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5], device=dev)
+    alpha = torch.tensor([0.7, 0.0], device=dev)
+    nag = torch.tensor([[0.0, 0.0, 0.0], [5.0, 1.5, 0.8]], device=dev)
+    outs = {}
+    for use_kernel in (True, False):
+        state.use_kernel = use_kernel
+        with torch.no_grad(), state.active(neg, alpha, neg_mask, nag=nag):
+            outs[use_kernel] = block.attn2(x, encoder_hidden_states=ctx).float()
+        with torch.no_grad(), state.active(neg, alpha, neg_mask):
+            outs[use_kernel, "plain"] = block.attn2(x, encoder_hidden_states=ctx).float()
+    torch.testing.assert_close(outs[True], outs[False], rtol=2e-2, atol=2e-2)
+    assert torch.equal(outs[True][0], outs[True, "plain"][0])  # the plain row, bit for bit
+    assert (outs[False][1] - outs[False, "plain"][1]).abs().mean() > 1e-2
 
 
 def test_fused_cfg_in_the_pipeline_matches_the_torch_path(sd, monkeypatch):
@@ -193,6 +245,21 @@ def test_engine_admission_by_guidance_mode(tiny_dir):
         with pytest.raises(EngineError, match="runs through CFG"):
             core.validate(GenerateRequest(prompt="a cat", model="sd", negative_prompt="red", guidance_scale=3.0,
                                           nasa_scale=0.3))
+        # NAG's fields: any one selects the renormalised form, the others default; ranges and conflicts are 400s
+        work = core.validate(GenerateRequest(prompt="a cat", model="sd", negative_prompt="red", nag_alpha=1.0))
+        assert work.nag == NagParams(alpha=1.0) and work.nasa_scale is not None
+        assert core.validate(GenerateRequest(prompt="a cat", model="sd", negative_prompt="red")).nag is None
+        with pytest.raises(EngineError, match="nag_tau must be from 1 to 10, got 0.5") as e:
+            core.validate(GenerateRequest(prompt="a cat", model="sd", negative_prompt="red", nag_tau=0.5))
+        assert e.value.status == 400 and e.value.param == "nag_tau"
+        with pytest.raises(EngineError, match="do not combine"):
+            core.validate(GenerateRequest(prompt="a cat", model="sd", negative_prompt="red", nasa_scale=0.5,
+                                          nag_scale=3.0))
+        with pytest.raises(EngineError, match="nag_scale needs a negative_prompt"):
+            core.validate(GenerateRequest(prompt="a cat", model="sd", nag_scale=3.0))
+        with pytest.raises(EngineError, match="runs through CFG"):
+            core.validate(GenerateRequest(prompt="a cat", model="sd", negative_prompt="red", guidance_scale=3.0,
+                                          nag_scale=3.0))
         # without NASA the LCM (a guidance embedding, no CFG) takes no negative prompt: the 400 lists its modes
         lcm.nasa = None
         with pytest.raises(EngineError, match="supports guidance modes none") as e:
@@ -244,5 +311,34 @@ def test_stream_negative_prompt_and_mid_stream_change(tiny_dir, model):
         assert steered.neg_cond is None and plain.neg_cond is not None
         with pytest.raises(EngineError, match="nasa_scale needs a negative_prompt"):
             core.open_stream(StreamStart(**start, nasa_scale=1.0))
+    finally:
+        core.shutdown()
+
+
+def test_stream_nag_per_session_and_switching_mid_stream(tiny_dir):
+    import numpy as np
+
+    from fewstep.engines.config import EngineConfig, StreamConfig
+    from fewstep.engines.stream import StreamPipeline, StreamStart
+
+    pipe = StreamPipeline(load_checkpoint(tiny_dir / "stream_dit"))
+    core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig()))
+    steps = pipe.buffer_chunks + 2
+    start = dict(prompt="a red ball rolling", seed=4, fps=0, format="raw", negative_prompt="red")
+    try:
+        nasa = core.open_stream(StreamStart(**start, nasa_scale=1.0))
+        nag = core.open_stream(StreamStart(**start, nag_scale=4.0, nag_tau=2.0))
+        assert nag.nag == NagParams(4.0, 2.0) and nasa.nag is None
+        fa, fg = _frames(core, nasa, steps), _frames(core, nag, 0)
+        assert np.abs(fa[-1] - fg[-1]).mean() > 0.5
+        # an update's NAG field keeps the others; nasa_scale goes back to plain NASA
+        core.update_prompt(nag.id, None, nag_fields={"nag_alpha": 0.9})
+        assert nag.nag == NagParams(4.0, 2.0, 0.9)
+        core.update_prompt(nag.id, None, nasa_scale=1.0)
+        assert nag.nag is None and nag.nasa_scale == 1.0
+        with pytest.raises(EngineError, match="nag_scale must be from 1 to 10"):
+            core.update_prompt(nag.id, None, nag_fields={"nag_scale": 11.0})
+        with pytest.raises(EngineError, match="nag_tau needs a negative_prompt"):
+            core.open_stream(StreamStart(prompt="x", fps=0, format="raw", nag_tau=2.0))
     finally:
         core.shutdown()

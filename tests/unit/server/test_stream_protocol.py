@@ -13,6 +13,9 @@ def test_client_messages_parse_by_type():
     assert isinstance(m, proto.StartMessage) and proto.parse_size(m.size) == (64, 32) and m.format == "jpeg"
     assert isinstance(proto.CLIENT_MESSAGE.validate_json('{"type": "update", "prompt": "b"}'), proto.UpdateMessage)
     assert isinstance(proto.CLIENT_MESSAGE.validate_json('{"type": "stop"}'), proto.StopMessage)
+    # an update may change NAG's parameters alone
+    m = proto.CLIENT_MESSAGE.validate_json('{"type": "update", "nag_scale": 4}')
+    assert m.changes_guidance() and m.nag_fields() == {"nag_scale": 4.0, "nag_tau": None, "nag_alpha": None}
 
 
 @pytest.mark.parametrize("raw,needle", [
@@ -23,6 +26,8 @@ def test_client_messages_parse_by_type():
     ('{"type": "start", "prompt": "x", "extra": 1}', "Extra inputs"),
     ('{"type": "nope"}', "does not match"),
     ('{"prompt": "x"}', "discriminator"),
+    ('{"type": "start", "prompt": "x", "nag_tau": 0.5}', "nag_tau must be from 1 to 10, got 0.5"),
+    ('{"type": "update", "nag_alpha": 2}', "nag_alpha must be from 0 to 1, got 2"),
 ])
 def test_bad_client_messages(raw, needle):
     with pytest.raises(ValidationError) as e:
