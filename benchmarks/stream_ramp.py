@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from fewstep.server.config import DEFAULT_VIDEO_MODEL_DIR
     from fewstep.training import data as D
 
+    commit = _commit()  # of the checkout that runs, read before anything else can change it
     model = args.model or str(DEFAULT_VIDEO_MODEL_DIR)
     pipe = StreamPipeline(load_checkpoint(model))
     K, F = pipe.buffer_chunks, pipe.chunk_frames
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in args.ramps:
         t = times[r]
         row = {"bench": "stream_ramp", "gpu": env, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "commit": _commit(), "command": command, "model": "default-video" if args.model is None else model,
+               "commit": commit, "command": command, "model": "default-video" if args.model is None else model,
                "K": K, "F": F, "ramp": r, "forwards_to_first_frame": t[0]["forwards"],
                "steps_to_first_frame": t[0]["steps"], "denoised_frames_to_first_frame": t[0]["denoised_frames"],
                "first_frame_ms_p50": round(statistics.median(x["ms"] for x in t), 2),
