@@ -689,18 +689,20 @@ def served_adherence(model_dir: str, n: int = 256, steps: int | None = None, no_
 
 def stream_frames(pipe, prompts: list[str], frames: int, seeds: list[int] | None = None,
                   negative: str | None = None, nasa_scale: float | None = None,
-                  nag: tuple[float, float, float] | None = None) -> list[np.ndarray]:
+                  nag: tuple[float, float, float] | None = None, ramp: str | None = None) -> list[np.ndarray]:
     """The first ``frames`` frames ([frames, H, W, 3] uint8) the engine streams for each prompt (``EngineCore`` with
     ``pipe``, a ``StreamPipeline``; one session per prompt, seed ``seeds[i]`` (default its index), all stepped
     together), each steered away from ``negative`` at NASA scale ``nasa_scale`` when given (``nag``: NAG's
-    renormalised form at (phi, tau, alpha) instead)."""
+    renormalised form at (phi, tau, alpha) instead); ``ramp``: the buffer's warm-up ramp (``StreamConfig.ramp``;
+    None: the checkpoint's)."""
     from fewstep.engines.config import EngineConfig, StreamConfig
     from fewstep.engines.core import EngineCore
     from fewstep.engines.stream import StreamStart
 
     n = len(prompts)
     seeds = list(range(n)) if seeds is None else seeds
-    core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig(max_sessions=n, max_batch_sessions=n)))
+    core = EngineCore({"video": pipe}, EngineConfig(stream=StreamConfig(max_sessions=n, max_batch_sessions=n,
+                                                                        ramp=ramp)))
     try:
         sessions = [core.open_stream(StreamStart(prompt=p, seed=s, fps=0, format="raw", negative_prompt=negative,
                                                  nasa_scale=nasa_scale,

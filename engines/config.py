@@ -109,6 +109,11 @@ class StreamConfig(BaseModel):
                                "the current step, so sessions share forward passes instead of drifting apart")
     transition_steps: int | None = Field(None, ge=1, le=64, description="steps over which a prompt update "
                                          "blends old into new embeddings; None: one per buffer chunk")
+    ramp: Literal["full", "trim", "jump"] | None = Field(
+        None, description="how a new session's buffer fills before its first frame (engines/stream/scheduler.py): "
+        "full: K forward passes over the whole buffer; trim: the same K steps over only the chunks that move "
+        "(K(K+1)/2 chunks of work instead of K*K); jump: every chunk to its level in one step, first frame after 2 "
+        "passes (the first chunks get fewer, larger steps). None: the checkpoint's fewstep.ramp, else full")
     stats_interval_s: float = Field(1.0, gt=0, le=60, description="how often a stream socket gets a stats message")
     max_video_frames: int = Field(600, ge=1, description="most frames of one POST /v1/videos clip")
     max_viewers: int = Field(4, ge=0, le=64, description="extra MJPEG viewers per session")

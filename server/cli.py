@@ -92,6 +92,7 @@ def _serve_overrides(args) -> dict:
             "engine.stream.max_sessions": args.max_sessions,
             "engine.stream.max_batch_sessions": args.max_batch_sessions,
             "engine.stream.outbox_chunks": args.outbox_chunks,
+            "engine.stream.ramp": args.stream_ramp,
             "engine.compiled.batch_buckets": args.compile_buckets,
             "engine.compiled.stream_buckets": args.compile_stream_buckets,
             "engine.sizes": args.sizes,
@@ -397,6 +398,8 @@ BENCH_TOOLS = {
                  "in-process latency of one checkpoint, per stage, against diffusers (eager and compiled)"),
     "encode": ("fewstep.benchmarks.image_encode_bench", "image encoding on the CPU (PIL) and GPU (nvjpeg)"),
     "quality": ("fewstep.benchmarks.quality", "prompt adherence of the embedded models as served"),
+    "ramp": ("fewstep.benchmarks.stream_ramp", "a stream's warm-up ramps: work and time to the first frame, and "
+             "the quality of the frames they give (in-process, a video checkpoint)"),
     "report": ("fewstep.benchmarks.report", "tables and plots regenerated from benchmarks/results"),
     "kernels": ("fewstep.benchmarks.kernels.bench_block_sparse_attention",
                 "block-sparse attention kernel against cuDNN SDPA and FlexAttention"),
@@ -517,6 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="session buffers per forward pass (default 8)")
     st.add_argument("--outbox-chunks", type=int, default=None,
                     help="undelivered chunks kept per viewer before the oldest is dropped (default 2)")
+    st.add_argument("--stream-ramp", choices=["full", "trim", "jump"], default=None,
+                    help="how a new stream's buffer fills before its first frame: full (K passes over the whole "
+                         "buffer), trim (K passes over only the chunks that move) or jump (2 passes; the first "
+                         "chunks get fewer, larger steps) (default: the checkpoint's fewstep.ramp, else full)")
     sec = s.add_argument_group("security and limits")
     sec.add_argument("--api-key", action="append", default=None, metavar="KEY",
                      help="accept this API key (repeatable; or FEWSTEP_API_KEYS=k1,k2): 'Authorization: Bearer KEY', "

@@ -136,6 +136,7 @@ _ENV = {  # variable -> (path in the tree, type)
     "FEWSTEP_MAX_SESSIONS": ("engine.stream.max_sessions", int),
     "FEWSTEP_MAX_BATCH_SESSIONS": ("engine.stream.max_batch_sessions", int),
     "FEWSTEP_OUTBOX_CHUNKS": ("engine.stream.outbox_chunks", int),
+    "FEWSTEP_STREAM_RAMP": ("engine.stream.ramp", str),
     "FEWSTEP_MAX_VIDEO_FRAMES": ("engine.stream.max_video_frames", int),
     "FEWSTEP_REQUEST_TIMEOUT": ("engine.batching.request_timeout_s", float),
     "FEWSTEP_MAX_N": ("limits.max_n", int),

@@ -6,7 +6,11 @@
 #     sessions of 90 frames (8 chunks: 9 frames, then 12 per chunk), per engine in ENGINES (default "eager compiled
 #     compiled+overlap": the compiled one captures the stream step per 1/2/4 sessions at 832x480, +overlap adds
 #     --overlap-decode on; files *_compiled_*, *_compiled+overlap_*)
-# Usage (repo root, on the device): bash benchmarks/device/stream_h200.sh "$OUT"   (PARTS="default wan" by default)
+#  3. the warm-up ramps (`--stream-ramp`, docs/benchmarks.md 2026-12-08): time to first frame of each of RAMPS on
+#     Wan at 832x480 (1 and 4 sessions of 90 frames) and on the default video model (1 session of 300 frames);
+#     a server per ramp, the same commands as 1 and 2 otherwise
+# Usage (repo root, on the device): bash benchmarks/device/stream_h200.sh "$OUT"
+#   (PARTS="default wan ramps" by default; RAMPS="full trim jump" by default)
 source "$(dirname "$0")/common.sh"
 begin_run "${1:-/tmp/out}"
 
@@ -23,7 +27,8 @@ serve() {  # serve MODEL PORT LOG [args...]: start a server and wait until it is
   echo "server not ready after ${T_READY:-240} s"; tail -5 "$log"; return 1
 }
 
-PARTS=${PARTS:-default wan}
+PARTS=${PARTS:-default wan ramps}
+RAMPS=${RAMPS:-full trim jump}
 if wants default; then
 stamp "1. default video model"
 if serve default-video 8012 "$OUT/serve_default.log"; then
@@ -49,6 +54,26 @@ for engine in ${ENGINES:-eager compiled compiled+overlap}; do
     for n in 1 2 4 8; do
       timeout 150 fewstep bench stream http://127.0.0.1:8013 --sessions $n --frames 90 --fps 0 \
         --size 832x480 --out "$OUT/stream_wan${tag}_s$n.json" 2>&1 | grep -E "Aggregate|first frame|per session|dropped"
+    done
+  fi
+  kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
+done
+fi
+if wants ramps; then
+stamp "3. warm-up ramps: $RAMPS"
+for r in $RAMPS; do
+  if serve default-video 8014 "$OUT/serve_default_ramp_$r.log" --stream-ramp "$r"; then
+    timeout 60 fewstep bench stream http://127.0.0.1:8014 --sessions 1 --frames 300 --fps 0 \
+      --out "$OUT/stream_default_ramp_${r}_s1.json" 2>&1 | grep -E "Aggregate|first frame"
+  fi
+  kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
+done
+[ -d /tmp/rwan ] || fewstep bench random-weights benchmarks/configs/wan2.1-t2v-1.3b-stream /tmp/rwan --dtype bfloat16
+for r in $RAMPS; do
+  if serve /tmp/rwan 8015 "$OUT/serve_wan_ramp_$r.log" --dtype bfloat16 --stream-ramp "$r"; then
+    for n in 1 4; do
+      timeout 150 fewstep bench stream http://127.0.0.1:8015 --sessions $n --frames 90 --fps 0 \
+        --size 832x480 --out "$OUT/stream_wan_ramp_${r}_s$n.json" 2>&1 | grep -E "Aggregate|first frame"
     done
   fi
   kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null

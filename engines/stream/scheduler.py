@@ -11,12 +11,28 @@ level down (per-frame Euler), emits the front chunk (now at s_K = 0, fully denoi
 noise (level 0) at the back. Every chunk is thus denoised K times while it slides through the buffer, and every
 emitted chunk costs exactly one forward pass.
 
-Warm-up (no noisy or brown first frames): a new buffer is K chunks of pure noise, all at level 0. During the
-first K-1 steps ("ramp") a chunk advances only while it is short of its steady level (chunk j advances while
-``level[j] < K-1-j``); the others get ``sigma_next == sigma`` and stay exactly as they are. After K-1 ramp steps
-the levels are staggered (front at K-1) and step K emits the first chunk, fully denoised. Time to first frame
-is therefore K forward passes (+ decode and encode); buffers keep one shape throughout, so ramping sessions batch
-with running ones.
+Warm-up (no noisy or brown first frames): a new buffer is K chunks of pure noise, all at level 0, and the ramp
+staggers the levels before anything is emitted. Three ramps (``StreamConfig.ramp``, else the checkpoint's
+``fewstep.ramp``, else ``"full"``):
+
+* ``"full"``: during the first K-1 steps a chunk advances only while it is short of its steady level (chunk j
+  advances while ``level[j] < K-1-j``); the others get ``sigma_next == sigma`` and stay exactly as they are. After
+  K-1 ramp steps the levels are staggered (front at K-1) and step K emits the first chunk, fully denoised. Time to
+  first frame is K forward passes over the whole buffer (K * K * F frames through the denoiser); buffers keep one
+  shape throughout, so ramping sessions batch with running ones.
+* ``"trim"``: the same levels, but a ramp step runs the denoiser only on the chunks that move. They are always a
+  front run of the buffer (ramp step r moves chunks 0 .. K-2-r), so the forward takes the first n*F frames and the
+  rest (pure noise, or chunks parked at their level) is left out: K-1, K-2, ..., 1 chunks, then K at the first
+  emission, K(K+1)/2 * F frames instead of K*K*F, still K passes. What changes: a moving chunk no longer attends
+  to the parked chunks behind it during the ramp.
+* ``"jump"``: the first step takes every chunk straight to its steady level in one Euler step (chunk j from
+  sigma 1 to ``sigma_{K-1-j}``, the trimmed forward over chunks 0 .. K-2); step 2 is a steady step and emits.
+  Two passes before the first frame, (2K-1) * F frames; the price is fewer, larger steps for chunks 0 .. K-3 (the
+  front chunk is denoised in 2 steps instead of K).
+
+After the ramp every ramp leaves the buffer in the steady state, so warm steps are the same whichever ran. A
+ramping session whose forward is shorter than the buffer runs in a forward of its own (one per length in a step):
+buffers of different lengths cannot share a batch, and padding would change what the frames attend to.
 
 Video-to-video (``"input": "frames"``, SDEdit in the moving buffer)
 --------------------------------------------------------------------
@@ -83,13 +99,17 @@ class MovingBufferPolicy:
     """StreamDiT's moving buffer (see the module docstring)."""
 
     name = "moving_buffer"
+    RAMPS = ("full", "trim", "jump")
 
-    def __init__(self, pipe: StreamPipeline):
+    def __init__(self, pipe: StreamPipeline, ramp: str = "full"):
         self.pipe = pipe
         self.K = pipe.buffer_chunks
         self.F = pipe.chunk_frames
         self.sigmas = pipe.sigmas  # K + 1 levels, sigmas[K] == 0
         assert len(self.sigmas) == self.K + 1 and self.sigmas[-1] == 0.0
+        if ramp not in self.RAMPS:
+            raise ValueError(f"ramp {ramp!r} is not one of {list(self.RAMPS)}")
+        self.ramp = ramp
 
     def _noise(self, s: StreamSession, frames: int) -> torch.Tensor:
         c = self.pipe.latent_channels
@@ -122,32 +142,65 @@ class MovingBufferPolicy:
         return torch.tensor([self.sigmas[lv] * c for lv, c in zip(s.levels, s.scales)],
                             dtype=torch.float32).repeat_interleave(self.F)
 
-    def _advance(self, s: StreamSession) -> list[bool]:
+    def _advance(self, s: StreamSession) -> list[int]:
+        """Levels each chunk moves down in the next step."""
         if self.warm(s):
-            return [True] * self.K
-        return [lv < self.K - 1 - j for j, lv in enumerate(s.levels)]  # ramp: stagger the levels
+            return [1] * self.K
+        target = [self.K - 1 - j for j in range(self.K)]
+        if self.ramp == "jump":  # straight to the steady level, in one step
+            return [t - lv for t, lv in zip(target, s.levels)]
+        return [int(lv < t) for t, lv in zip(target, s.levels)]  # one level a step until staggered
+
+    def forward_frames(self, s: StreamSession, adv: list[int]) -> int:
+        """Frames of the buffer that go through the denoiser in a step with advances ``adv``: all of them, except
+        in a trimmed ramp step (``"trim"``, ``"jump"``), where only the moving chunks (a front run) do."""
+        if self.ramp == "full" or all(adv):
+            return self.K * self.F
+        moving = sum(1 for a in adv if a)
+        assert all(adv[:moving]), "a ramp moves a front run of chunks"
+        return moving * self.F
 
     def step(self, sessions: list[StreamSession], cond: PromptEmbeds,
              nasa: NasaInput | None = None) -> list[Emission | None]:
-        """One forward pass over every session's buffer; returns each session's emitted chunk (or None)."""
-        x = torch.stack([s.buffer for s in sessions])  # [B, C, K*F, h, w]
+        """One forward pass over every session's buffer (one per forward length, where a trimmed ramp step makes
+        some shorter); returns each session's emitted chunk (or None)."""
         adv = [self._advance(s) for s in sessions]
-        sig = torch.stack([self.frame_sigmas(s) for s in sessions])  # [B, K*F]
-        nxt = torch.stack([
-            torch.tensor([self.sigmas[lv + a] * c for lv, a, c in zip(s.levels, ad, s.scales)], dtype=torch.float32)
-            .repeat_interleave(self.F) for s, ad in zip(sessions, adv)])
+        lengths = [self.forward_frames(s, a) for s, a in zip(sessions, adv)]
         dev = self.pipe.device
-        x = self.pipe.denoise_step(x, sig.to(dev), nxt.to(dev), cond, nasa)
+        xs: list[torch.Tensor | None] = [None] * len(sessions)
+        for n in sorted(set(lengths), reverse=True):  # the full-length (running) group first
+            rows = [i for i, t in enumerate(lengths) if t == n]
+            x = torch.stack([sessions[i].buffer[:, :n] for i in rows])  # [b, C, n, h, w]
+            sig = torch.stack([self.frame_sigmas(sessions[i])[:n] for i in rows])
+            nxt = torch.stack([
+                torch.tensor([self.sigmas[lv + a] * c for lv, a, c in zip(sessions[i].levels, adv[i],
+                                                                          sessions[i].scales)],
+                             dtype=torch.float32).repeat_interleave(self.F)[:n] for i in rows])
+            if len(rows) == len(sessions):
+                c, ng = cond, nasa
+            else:
+                idx = torch.tensor(rows)
+                c = cond[idx.to(cond.embeds.device)]
+                ng = None if nasa is None else NasaInput(nasa.negative[idx.to(nasa.negative.embeds.device)],
+                                                         nasa.alpha[idx.to(nasa.alpha.device)])
+            x = self.pipe.denoise_step(x, sig.to(dev), nxt.to(dev), c, ng)
+            for j, i in enumerate(rows):
+                s = sessions[i]
+                # frames past n did not move (sigma_next == sigma): they are the buffer's own
+                xs[i] = x[j] if n == self.K * self.F else torch.cat([x[j], s.buffer[:, n:]], dim=1)
+                s.denoised_frames += n
+                s.forwards += 1
         out: list[Emission | None] = []
         for i, (s, ad) in enumerate(zip(sessions, adv)):
             s.levels = [lv + a for lv, a in zip(s.levels, ad)]
+            x = xs[i]
             if s.levels[0] == self.K:  # front chunk reached sigma 0: emit it, slide, append fresh noise
-                out.append(Emission(s, x[i, :, : self.F].clone(), self.sigmas[self.K]))
-                s.buffer = torch.cat([x[i, :, self.F:], self._entering(s, self.F)], dim=1)
+                out.append(Emission(s, x[:, : self.F].clone(), self.sigmas[self.K]))
+                s.buffer = torch.cat([x[:, self.F:], self._entering(s, self.F)], dim=1)
                 s.levels = s.levels[1:] + [0]
                 s.scales = s.scales[1:] + [s.strength if s.input == "frames" else 1.0]
             else:
-                s.buffer = x[i].clone()  # no view into the batch tensor: a closed session frees its share
+                s.buffer = x.clone()  # no view into the batch tensor: a closed session frees its share
                 out.append(None)
         return out
 
@@ -166,14 +219,21 @@ def session_state_bytes(s: StreamSession) -> int:
 POLICIES = {MovingBufferPolicy.name: MovingBufferPolicy}
 
 
-def make_policy(pipe: StreamPipeline):
+def make_policy(pipe: StreamPipeline, ramp: str | None = None):
+    """The checkpoint's policy (``fewstep.policy``) with warm-up ramp ``ramp``; None: the checkpoint's
+    ``fewstep.ramp``, else ``"full"``."""
+    from ..loading import CheckpointError
+
     name = pipe.ckpt.meta.get("policy", MovingBufferPolicy.name)
     if name not in POLICIES:
-        from ..loading import CheckpointError
-
         raise CheckpointError(f"{pipe.ckpt.path / 'model_index.json'}: fewstep.policy {name!r} is not one of "
                               f"{sorted(POLICIES)}")
-    return POLICIES[name](pipe)
+    if ramp is None:
+        ramp = pipe.ckpt.meta.get("ramp", "full")
+        if ramp not in MovingBufferPolicy.RAMPS:
+            raise CheckpointError(f"{pipe.ckpt.path / 'model_index.json'}: fewstep.ramp {ramp!r} is not one of "
+                                  f"{list(MovingBufferPolicy.RAMPS)}")
+    return POLICIES[name](pipe, ramp)
 
 
 @dataclass
@@ -190,7 +250,7 @@ class StreamScheduler:
                  submit: Callable[..., Future], wake: Callable[[], None] = lambda: None):
         self.model = model
         self.pipe = pipe
-        self.policy = make_policy(pipe)
+        self.policy = make_policy(pipe, config.ramp)
         self.config = config
         self.cache = cache  # the engine's PromptCache
         self.submit = submit  # runs a callable in the engine's encode pool

@@ -237,7 +237,9 @@ class StreamSession:
         self.decoder_state: list | None = None  # Wan: the causal VAE's cache after the session's last chunk
         self.next_index = 0  # index of the next frame to emit
         self.next_due = 0.0  # perf_counter time the next chunk is due (paced sessions)
-        self.steps = 0  # forward passes the session took part in
+        self.steps = 0  # engine steps the session took part in
+        self.forwards = 0  # denoiser calls its buffer went through (a step runs one, or one per buffer length)
+        self.denoised_frames = 0  # frames of its buffer those calls took: the work its ramp and stream cost
         self.frames_generated = 0
         # video-to-video ("input": "frames"): the newest input frame wins (set by the transport, under the
         # scheduler's lock); each chunk entering the buffer starts from it, noised at the strength it entered with

@@ -424,3 +424,126 @@ def test_fmp4_muxer_writes_a_decodable_fragmented_mp4():
     data = b"".join(pieces) + m.close()
     with av.open(io.BytesIO(data)) as c:
         assert sum(1 for _ in c.decode(video=0)) == 8
+
+
+# -- warm-up ramps (StreamConfig.ramp) -------------------------------------------------------------------------------
+
+@pytest.fixture
+def frames_in(pipe):
+    """Frames (batch x buffer length) of every denoiser forward."""
+    seen = []
+
+    def hook(m, args, kw):
+        x = kw["hidden_states"] if "hidden_states" in kw else args[0]
+        seen.append(x.shape[0] * x.shape[2])
+    h = pipe.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    yield seen
+    h.remove()
+
+
+def _first_chunk_work(pipe, ramp, frames_in):
+    core = _core(pipe, ramp=ramp)
+    s = core.open_stream(_start())
+    while not core.stream_step():
+        assert s.steps < 10
+    return len(frames_in), sum(frames_in), s
+
+
+def test_cheap_ramps_emit_the_first_chunk_after_less_denoiser_work(pipe, frames_in):
+    K, F = pipe.buffer_chunks, pipe.chunk_frames
+    work = {}
+    for ramp in ("full", "trim", "jump"):
+        frames_in.clear()
+        calls, frames, s = _first_chunk_work(pipe, ramp, frames_in)
+        work[ramp] = calls, frames
+        assert (s.forwards, s.denoised_frames) == (calls, frames)  # the session's own counters agree
+        assert s.levels == [K - 1 - j for j in range(K)]  # every ramp ends in the steady state
+    assert work["full"] == (K, K * K * F)
+    assert work["trim"] == (K, K * (K + 1) // 2 * F)  # K-1, ..., 1 moving chunks, then the whole buffer
+    assert work["jump"] == (2, (2 * K - 1) * F)  # K-1 chunks to their levels at once, then the whole buffer
+    assert work["trim"][1] < work["full"][1] and work["jump"][1] < work["trim"][1] and work["jump"][0] < K
+
+
+def test_after_the_ramp_steps_are_those_of_the_full_ramp(pipe):
+    """A warm buffer steps the same whichever ramp filled it: copy a trimmed-ramp session's state into a full-ramp
+    session and both emit identical frames from then on."""
+    cheap, full = _core(pipe, ramp="trim"), _core(pipe, ramp="full")
+    a, b = cheap.open_stream(_start(seed=5)), full.open_stream(_start(seed=5))
+    _run_until(cheap, a, pipe.chunk_frames)
+    full.stream_step()  # prepares b (prompt, buffer)
+    assert cheap.streams["video"].policy.warm(a)
+    b.buffer, b.levels, b.scales = a.buffer.clone(), list(a.levels), list(a.scales)
+    b.generator.set_state(a.generator.get_state())
+    _drain(a), _drain(b)
+    ca, cb = [], []
+    for _ in range(pipe.buffer_chunks + 2):  # read every step: the outbox keeps the newest two
+        cheap.stream_step(), full.stream_step()
+        ca += _drain(a)
+        cb += _drain(b)
+    assert len(ca) == len(cb) == pipe.buffer_chunks + 2
+    for x, y in zip(ca, cb):
+        assert np.array_equal(x.frames, y.frames)
+
+
+@pytest.mark.parametrize("ramp", ["full", "trim", "jump"])
+def test_sessions_at_different_ramp_stages_batch_like_alone(pipe, ramp, frames_in):
+    """A session that joins while another runs starts at once (the next step) and gets the frames it gets alone;
+    so does the running one. Trimmed ramp steps run the joining buffer in a forward of its own."""
+    K, F = pipe.buffer_chunks, pipe.chunk_frames
+
+    def alone(seed, steps):
+        c = _core(pipe, ramp=ramp)
+        s = c.open_stream(_start(seed=seed))
+        out = []
+        for _ in range(steps):
+            c.stream_step()
+            out += _drain(s)
+        return out
+
+    core = _core(pipe, ramp=ramp)
+    a = core.open_stream(_start(seed=21))
+    got = {a.id: []}
+    for _ in range(K + 1):  # a is warm and emitting
+        core.stream_step()
+        got[a.id] += _drain(a)
+    b = core.open_stream(_start(seed=22))
+    got[b.id] = []
+    frames_in.clear()
+    core.stream_step()
+    got[a.id] += _drain(a)
+    assert b.steps == 1  # joined the very next step
+    if ramp == "full":
+        assert frames_in == [2 * K * F]  # one forward, both buffers
+    else:
+        assert frames_in == [K * F, (K - 1) * F]  # the running buffer, then b's moving chunks alone
+    for _ in range(K + 2):
+        core.stream_step()
+        got[a.id] += _drain(a)
+        got[b.id] += _drain(b)
+    for s, seed, steps in ((a, 21, 2 * K + 4), (b, 22, K + 3)):
+        got_s, ref = got[s.id], alone(seed, steps)
+        assert got_s and len(got_s) == len(ref)
+        for x, y in zip(got_s, ref):
+            assert np.abs(x.frames.astype(int) - y.frames.astype(int)).max() <= 1
+
+
+def test_ramp_comes_from_the_config_else_the_checkpoint(pipe, tmp_path):
+    assert _core(pipe).streams["video"].policy.ramp == "full"  # neither says: the full ramp
+    assert _core(pipe, ramp="jump").streams["video"].policy.ramp == "jump"
+    with pytest.raises(ValueError, match="ramp"):
+        StreamConfig(ramp="half")
+    import json
+    import shutil
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(pipe.ckpt.path, d)
+    idx = json.loads((d / "model_index.json").read_text())
+    idx["fewstep"]["ramp"] = "trim"
+    (d / "model_index.json").write_text(json.dumps(idx))
+    p2 = StreamPipeline(load_checkpoint(d))
+    assert _core(p2).streams["video"].policy.ramp == "trim"
+    assert _core(p2, ramp="full").streams["video"].policy.ramp == "full"  # the config wins
+    idx["fewstep"]["ramp"] = "half"
+    (d / "model_index.json").write_text(json.dumps(idx))
+    with pytest.raises(Exception, match="fewstep.ramp 'half'"):
+        _core(StreamPipeline(load_checkpoint(d)))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.engines.config import EngineConfig
+from fewstep.engines.config import EngineConfig, StreamConfig
 from fewstep.engines.core import EngineCore
 from fewstep.engines.loading import CheckpointError, load_checkpoint
 from fewstep.engines.pipeline import FewStepPipeline
@@ -88,6 +88,35 @@ def test_wan_stream_through_the_engine(wan):
     for c in chunks:
         assert c.frames.shape[1:] == (32, 32, 3)
     assert s.decoder_state is None  # closing the stream frees the decoder cache
+
+
+@pytest.mark.parametrize("ramp", ["trim", "jump"])
+def test_cheap_ramps_run_wan_on_the_moving_chunks_alone(wan, ramp):
+    """Wan takes a buffer of any length (3-D RoPE over the frames it is given): a trimmed ramp step runs the
+    transformer on the front chunks that move, and the stream starts earlier (jump) or with less work (trim)."""
+    K, F = wan.buffer_chunks, wan.chunk_frames
+    seen = []
+    h = wan.denoiser.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["hidden_states"] if "hidden_states" in kw else a[0]).shape[2]),
+        with_kwargs=True)
+    core = EngineCore({"wan": wan}, EngineConfig(stream=StreamConfig(ramp=ramp)))
+    try:
+        s = core.open_stream(StreamStart(prompt="a green triangle moving right", model="wan", seed=3, fps=0,
+                                         format="raw"))
+        chunks = []
+        for _ in range(10):
+            chunks += core.stream_step()
+            if len(chunks) >= 2:
+                break
+            while s.owner.take() is not None:
+                pass
+    finally:
+        h.remove()
+        core.shutdown()
+    ramp_steps = [(K - 1 - r) * F for r in range(K - 1)] if ramp == "trim" else [(K - 1) * F]
+    assert seen == ramp_steps + [K * F] * (len(seen) - len(ramp_steps))  # then whole buffers, as the full ramp
+    assert [c.frames.shape[0] for c in chunks] == [wan.first_chunk_frames, wan.frames_per_chunk]
+    assert all(np.isfinite(c.frames).all() for c in chunks)
 
 
 def test_continuing_decode_equals_one_decode_call(wan):
