@@ -71,11 +71,10 @@ class NasaState:
                pos_mask: torch.Tensor | None = None, nag: torch.Tensor | None = None):
         """Condition the forwards inside the block on ``neg`` ([B, L, D] text embedding, one row per image of the
         batch: the processors refuse a batch of another size). ``nag``: [B, 3] (phi, tau, alpha) for rows that take
-        the renormalised form (phi > 0), or None (every row plain NASA)."""
+        the renormalised form (phi > 0), or None (every row plain NASA; ``NasaInput.nag_rows`` gives None where no
+        row renormalises, so plain batches run exactly the plain path, with no device sync to find that out)."""
         if self.project is not None:
             neg = self.project(neg).view(neg.shape[0], neg.shape[1], -1)
-        if nag is not None and not bool((nag[:, 0] > 0).any()):
-            nag = None  # no row renormalises: exactly the plain path
         self.neg, self.alpha, self.neg_mask, self.pos_mask = neg, alpha.float(), neg_mask, pos_mask
         self.nag = None if nag is None else nag.float()
         try:
