@@ -158,7 +158,9 @@ class EngineConfig(BaseModel):
     attention: str = Field("dense", description='self-attention: "dense" (PyTorch SDPA), "xformers" (xformers\' '
                            'memory-efficient kernels on the denoiser\'s and VAE\'s self-attention; CUDA, optional '
                            'install) or, on DiT denoisers, "block_sparse(threshold=0.9,block=128,...)" (our Triton '
-                           'kernel; falls back to dense with a logged reason where a shape or device is unsupported)')
+                           'kernel; falls back to dense with a logged reason where a shape or device is unsupported); '
+                           '"block_sparse(mode=static,window=3x3x3,tile_3d=2x8x8,...)" is a fixed sliding-tile window '
+                           '(STA), table=FILE a per-layer JSON table (kernels/attention_processor.py)')
     batching: BatchingConfig = BatchingConfig()
     stream: StreamConfig = StreamConfig()
 
@@ -170,7 +172,11 @@ class EngineConfig(BaseModel):
         if v.strip().lower() == "xformers":
             return "xformers"
         try:
-            BlockSparseConfig.parse(v)
+            cfg = BlockSparseConfig.parse(v)
+            if cfg is not None and cfg.table is not None:
+                from fewstep.kernels.attention_processor import load_layer_table
+
+                load_layer_table(cfg.table)  # readable and well-formed now; layer names are checked at load
         except ValueError as e:
             raise ValueError(f"{e} (or 'xformers')") from None
         return v

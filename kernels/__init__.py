@@ -15,6 +15,7 @@ _EXPORTS = {
     "TileConfig": ".block_sparse_attention",
     "build_block_mask": ".block_sparse_mask",
     "tile_3d_permutation": ".block_sparse_mask",
+    "static_tile_mask": ".block_sparse_mask",
     "BlockSparseAttnProcessor": ".attention_processor",
     "BlockSparseConfig": ".attention_processor",
     "enable_block_sparse_attention": ".attention_processor",

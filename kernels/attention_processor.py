@@ -21,6 +21,19 @@ Engine option syntax (:meth:`BlockSparseConfig.parse`)::
 
     attention: dense
     attention: block_sparse(threshold=0.9,topk=none,block=128,local=1,sinks=0,tile_3d=4x4x8)
+    attention: block_sparse(mode=static,window=3x3x3,block=128,tile_3d=4x4x8)
+    attention: block_sparse(mode=static,window=3x3x3,block=64,tile_3d=2x4x8,table=/path/layers.json)
+
+``mode=static`` is Sliding Tile Attention (STA, arXiv 2502.04507): with ``tile_3d`` on, a query tile
+attends the key tiles inside ``window`` (tiles along t, h, w; centred, shifted inward at the grid's
+edges) plus the forced blocks (diagonal +- ``local``, ``sinks``). No scores are estimated: the mask
+depends only on the token grid, is built once per grid and cached (no host sync inside a step).
+
+``table`` names a JSON file that sets the attention per self-attention layer ("chosen per layer from
+a measured table"): ``{"layers": {"<module name or index>": "dense" | "static(3x3x1)" |
+"adaptive(0.9)" | "block_sparse(...)"}}``; ``static(...)``/``adaptive(...)`` take the option's other
+fields, layers not in the table take the option itself, and an unknown layer is an error that lists
+the valid names (:func:`self_attention_layers`).
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .block_sparse_mask import build_block_mask, tile_3d_permutation
+from .block_sparse_mask import build_block_mask, static_tile_mask, tile_3d_permutation
 
 __all__ = [
     "BACKENDS",
@@ -43,6 +56,9 @@ __all__ = [
     "block_sparse_processors",
     "disable_block_sparse_attention",
     "enable_block_sparse_attention",
+    "layer_config",
+    "load_layer_table",
+    "self_attention_layers",
 ]
 
 logger = logging.getLogger("fewstep.kernels")
@@ -86,6 +102,10 @@ class BlockSparseConfig:
     tile_3d: (tt, th, tw) space-time tile; tokens are regrouped into these cubes before blocking
         (needs the token grid, recorded by the hook that ``enable_block_sparse_attention`` installs).
     min_seq_len: shorter sequences run dense.
+    mode: "adaptive" (the ASA estimate above) or "static" (STA: the fixed tile window ``window``,
+        needs ``tile_3d``; threshold and topk are not used).
+    window: (wt, wh, ww) key tiles around each query tile, for mode "static".
+    table: path of a per-layer JSON table (module docstring), applied by ``enable_block_sparse_attention``.
     """
 
     threshold: float | None = 0.9
@@ -95,6 +115,9 @@ class BlockSparseConfig:
     sinks: int = 0
     tile_3d: tuple[int, int, int] | None = None
     min_seq_len: int = 0
+    mode: str = "adaptive"
+    window: tuple[int, int, int] | None = None
+    table: str | None = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
@@ -110,11 +133,27 @@ class BlockSparseConfig:
             if len(tile) != 3 or min(tile) < 1:
                 raise ValueError(f"tile_3d must be three positive ints, got {self.tile_3d}")
             object.__setattr__(self, "tile_3d", tile)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.window is not None:
+            window = tuple(int(s) for s in self.window)
+            if len(window) != 3 or min(window) < 1:
+                raise ValueError(f"window must be three positive ints (tiles along t, h, w), got {self.window}")
+            object.__setattr__(self, "window", window)
+        if self.mode == "static" and (self.window is None or self.tile_3d is None):
+            raise ValueError("mode=static needs window=WtxWhxWw and tile_3d=TtxThxTw (the window counts tiles)")
+        if self.mode != "static" and self.window is not None:
+            raise ValueError("window is only used with mode=static")
+
+    @property
+    def static(self) -> bool:
+        """True for the fixed sliding-tile window (no score estimate)."""
+        return self.mode == "static"
 
     @property
     def full(self) -> bool:
         """True when every block is kept (the mask need not be estimated)."""
-        return self.threshold is not None and self.threshold >= 1.0
+        return not self.static and self.threshold is not None and self.threshold >= 1.0
 
     @classmethod
     def parse(cls, spec: str | None) -> BlockSparseConfig | None:
@@ -141,10 +180,21 @@ class BlockSparseConfig:
         parts = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "tile_3d" and value is not None:
+            if f.name in _SHOWN_WHEN_SET and value == f.default:
+                continue  # keeps the option strings of earlier results unchanged
+            if f.name in ("tile_3d", "window") and value is not None:
                 value = "x".join(str(s) for s in value)
             parts.append(f"{f.name}={'none' if value is None else value}")
         return f"block_sparse({','.join(parts)})"
+
+
+MODES = ("adaptive", "static")
+# fields added with the static mode (2026-12-08): to_option writes them only when they differ from the default
+_SHOWN_WHEN_SET = ("mode", "window", "table")
+
+
+def _triple(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.split(r"[x*]", s))
 
 
 def _optional(conv):
@@ -157,8 +207,11 @@ _FIELD_PARSERS = {
     "block": int,
     "local": int,
     "sinks": int,
-    "tile_3d": _optional(lambda s: tuple(int(x) for x in re.split(r"[x*]", s))),
+    "tile_3d": _optional(_triple),
     "min_seq_len": int,
+    "mode": lambda s: s.lower(),
+    "window": _optional(_triple),
+    "table": _optional(str),
 }
 
 
@@ -169,6 +222,9 @@ class _SharedState:
         self.grid: tuple[int, int, int] | None = None
         self.perm_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rope_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        # static (STA) masks: (grid, tile, window, block, local, sinks, device) -> (kv_counts, kv_indices,
+        # [1, 1, Mq, Mk] mask, sparsity), built on the first call for a grid and reused by every later step
+        self.static_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def _is_wan_attention(attn) -> bool:
@@ -274,6 +330,9 @@ class BlockSparseAttnProcessor:
         self.backend = _check_backend(backend)
         self.state = shared_state or _SharedState()
         self.last_sparsity: torch.Tensor | None = None
+        # token grid of this layer's sequence, set by a hook on the module that knows it (a StreamUNet frame
+        # attention: frames x rows x cols); None: the model-wide grid (a DiT's patchified input)
+        self.grid: tuple[int, int, int] | None = None
         self._stock_processors: dict[bool, object] = {}
 
     def __call__(
@@ -355,7 +414,7 @@ class BlockSparseAttnProcessor:
         tile = self.config.tile_3d
         if tile is None:
             return None, None
-        grid = self.state.grid
+        grid = self._grid()
         if grid is None or math.prod(grid) != n_tokens:
             _log_once("tile_3d ignored: token grid unknown or not matching the sequence", logging.INFO)
             return None, None
@@ -364,9 +423,29 @@ class BlockSparseAttnProcessor:
             self.state.perm_cache[key] = tile_3d_permutation(*grid, tile, device=device)
         return self.state.perm_cache[key]
 
+    def _grid(self) -> tuple[int, int, int] | None:
+        return self.grid if self.grid is not None else self.state.grid
+
+    def _static_mask(self, n_tokens: int, device: torch.device):
+        """Cached (kv_counts, kv_indices, mask [1, 1, Mq, Mk], sparsity) of the STA window, or None (no grid)."""
+        cfg = self.config
+        grid = self._grid()
+        if grid is None or math.prod(grid) != n_tokens:
+            _log_once("mode=static runs dense: token grid unknown or not matching the sequence", logging.INFO)
+            return None
+        key = (grid, cfg.tile_3d, cfg.window, cfg.block, cfg.local, cfg.sinks, str(device))
+        cached = self.state.static_cache.get(key)
+        if cached is None:
+            mask = static_tile_mask(grid, cfg.tile_3d, cfg.window, cfg.block, cfg.block, local=cfg.local,
+                                    sinks=cfg.sinks, device=device)[None, None]  # mask: [1, 1, Mq, Mk]
+            counts, indices = _kernel_module().mask_to_indices(mask)
+            cached = (counts, indices, mask, 1.0 - mask.float().mean())
+            self.state.static_cache[key] = cached
+        return cached
+
     def _permuted_rope(self, rotary_emb, perm: torch.Tensor):
         cos, sin = rotary_emb
-        key = (cos.data_ptr(), sin.data_ptr(), tuple(cos.shape), self.state.grid, self.config.tile_3d)
+        key = (cos.data_ptr(), sin.data_ptr(), tuple(cos.shape), self._grid(), self.config.tile_3d)
         cached = self.state.rope_cache
         if cached is None or cached[0] != key:
             cached = (key, (cos.index_select(1, perm), sin.index_select(1, perm)))
@@ -388,6 +467,14 @@ class BlockSparseAttnProcessor:
         if cfg.full:
             self.last_sparsity = torch.zeros((), device=q.device)
             return kernels.block_sparse_attention(q, k, v, block_m=cfg.block, block_n=cfg.block)
+        if cfg.static:
+            static = self._static_mask(q.shape[2], q.device)
+            if static is None:
+                self.last_sparsity = None
+                return F.scaled_dot_product_attention(q, k, v)
+            counts, indices, _, self.last_sparsity = static
+            return kernels.block_sparse_attention(q, k, v, kv_counts=counts, kv_indices=indices,
+                                                  block_m=cfg.block, block_n=cfg.block)
         res = build_block_mask(
             q, k, block_m=cfg.block, block_n=cfg.block, threshold=cfg.threshold, topk=cfg.topk,
             local=cfg.local, sinks=cfg.sinks,
@@ -404,6 +491,14 @@ class BlockSparseAttnProcessor:
         if cfg.full:
             mask = None
             self.last_sparsity = torch.zeros((), device=q.device)
+        elif cfg.static:
+            static = self._static_mask(q.shape[2], q.device)
+            if static is None:
+                self.last_sparsity = None
+                mask = None
+            else:
+                mask = static[2].expand(q.shape[0], q.shape[1], -1, -1)  # mask: [B, H, Mq, Mk]
+                self.last_sparsity = static[3]
         else:
             res = build_block_mask(
                 q, k, block_m=cfg.block, block_n=cfg.block, threshold=cfg.threshold, topk=cfg.topk,
@@ -502,6 +597,106 @@ def _token_grid(model, x) -> tuple[int, int, int] | None:
     return None
 
 
+def self_attention_layers(model: torch.nn.Module) -> list[str]:
+    """Module names of the self-attention layers ``enable_block_sparse_attention`` considers, in module order
+    (the per-layer table names a layer by one of these or by its index in this list)."""
+    return [name for name, module in model.named_modules()
+            if hasattr(module, "set_processor") and hasattr(module, "processor") and _is_self_attention(name, module)]
+
+
+def load_layer_table(path: str | os.PathLike) -> dict[str, str]:
+    """Read a per-layer attention table: ``{"layers": {layer: spec}}`` (or the bare mapping) -> {layer: spec}."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ValueError(f"attention table {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"attention table {path}: not JSON ({e})") from None
+    layers = data.get("layers", data) if isinstance(data, dict) else None
+    if not isinstance(layers, dict) or not all(isinstance(v, str) for v in layers.values()):
+        raise ValueError(f'attention table {path}: expected {{"layers": {{"<layer>": "dense" | "static(3x3x3)" | '
+                         f'"adaptive(0.9)" | "block_sparse(...)"}}}}')
+    return {str(k): v for k, v in layers.items()}
+
+
+_LAYER_SPEC = re.compile(r"\s*(static|adaptive)\s*\(\s*([^)]*?)\s*\)\s*", re.IGNORECASE)
+
+
+def layer_config(spec: str, base: BlockSparseConfig) -> BlockSparseConfig | None:
+    """One table entry -> the layer's config (None: dense). ``static(W)``/``adaptive(T)`` keep ``base``'s other
+    fields; ``block_sparse(...)`` stands alone."""
+    m = _LAYER_SPEC.fullmatch(spec)
+    if m is None:
+        try:
+            cfg = BlockSparseConfig.parse(spec)
+        except ValueError as e:
+            raise ValueError(f"bad layer setting {spec!r}: use dense, static(WtxWhxWw), adaptive(THRESHOLD) or "
+                             f"block_sparse(...) ({e})") from None
+        return None if cfg is None else dataclasses.replace(cfg, table=None)
+    kind, arg = m.group(1).lower(), m.group(2)
+    try:
+        if kind == "static":
+            return dataclasses.replace(base, mode="static", window=_triple(arg), table=None)
+        return dataclasses.replace(base, mode="adaptive", window=None, threshold=float(arg), table=None)
+    except ValueError as e:
+        raise ValueError(f"bad layer setting {spec!r}: {e}") from None
+
+
+def _resolve_table(model: torch.nn.Module, cfg: BlockSparseConfig) -> dict[str, BlockSparseConfig | None]:
+    """Layer name -> its config (None: dense) for every self-attention layer."""
+    names = self_attention_layers(model)
+    base = dataclasses.replace(cfg, table=None)
+    out: dict[str, BlockSparseConfig | None] = dict.fromkeys(names, base)
+    if cfg.table is None:
+        return out
+    for key, spec in load_layer_table(cfg.table).items():
+        name = key
+        if key not in out:
+            if key.isdigit() and int(key) < len(names):
+                name = names[int(key)]
+            else:
+                raise ValueError(f"attention table {cfg.table}: unknown layer {key!r}; valid: 0..{len(names) - 1} "
+                                 f"or {', '.join(names) or '(the model has no self-attention layer)'}")
+        out[name] = layer_config(spec, base)
+    return out
+
+
+def _grid_hooks(model: torch.nn.Module) -> list:
+    """Hooks that give processors inside a sub-module the token grid only that sub-module knows.
+
+    StreamUNet frame attention (``joint``/``frames``/``attn``, input ``[B*T, C, h, w]``): joint layers attend over
+    ``T x h x w`` cells in (t, row, col) order, the others over the ``T`` frames of one cell; a continuous
+    ``Transformer2DModel`` (a UNet's spatial attention, input ``[B, C, h, w]``) over one frame's ``h x w`` cells.
+    """
+    handles = []
+    for name, mod in model.named_modules():
+        if mod is model:
+            continue
+        if hasattr(mod, "joint") and hasattr(mod, "frames") and isinstance(getattr(mod, "attn", None), torch.nn.Module):
+            def grid_of(m, x):
+                return (m.frames, x.shape[2], x.shape[3]) if m.joint else (m.frames, 1, 1)
+        elif type(mod).__name__ == "Transformer2DModel" and getattr(mod.config, "patch_size", None) is None:
+            def grid_of(m, x):
+                return 1, x.shape[2], x.shape[3]
+        else:
+            continue
+        procs = [m.processor for m in mod.modules() if isinstance(getattr(m, "processor", None), BlockSparseAttnProcessor)]
+        if not procs:
+            continue
+
+        def _set(m, args, kwargs, procs=procs, grid_of=grid_of):
+            x = args[0] if args else kwargs.get("hidden_states")
+            grid = grid_of(m, x) if isinstance(x, torch.Tensor) and x.ndim == 4 else None
+            for p in procs:
+                p.grid = grid
+
+        handles.append(mod.register_forward_pre_hook(_set, with_kwargs=True))
+    return handles
+
+
 def enable_block_sparse_attention(
     model: torch.nn.Module,
     cfg: BlockSparseConfig | str | None,
@@ -513,7 +708,9 @@ def enable_block_sparse_attention(
 
     ``cfg`` may be a config, an option string, or None/"dense" (restores dense, returns 0). Only
     modules running the stock ``AttnProcessor2_0``/``WanAttnProcessor`` are replaced (calling this
-    again re-configures already replaced ones). Returns the number of modules now block-sparse.
+    again re-configures already replaced ones). ``cfg.table``: per-layer settings (module docstring);
+    a layer the table sets to dense keeps (or gets back) its stock processor. Returns the number of
+    modules now block-sparse.
     ``backend="reference"``: the fp32 torch oracle instead of the Triton kernel, on any device
     (quality studies; logged; see the module docstring). ``model`` must be the denoiser itself (the
     module whose ``patch_size`` config gives the token grid for ``tile_3d``), not a wrapper.
@@ -524,23 +721,26 @@ def enable_block_sparse_attention(
     if cfg is None:
         disable_block_sparse_attention(model)
         return 0
+    per_layer = _resolve_table(model, cfg)
     state = _SharedState()
     replaced = 0
     for name, module in model.named_modules():
-        if not hasattr(module, "set_processor") or not hasattr(module, "processor"):
-            continue
-        if not _is_self_attention(name, module):
+        if name not in per_layer:
             continue
         current = module.processor
         if isinstance(current, BlockSparseAttnProcessor):
             current = current.dense_processor or _stock_processor_for(module)
+        layer_cfg = per_layer[name]
+        if layer_cfg is None:
+            module.set_processor(current)  # dense by the table
+            continue
         if not _replaceable(current):
             _log_once(f"{name}: processor {type(current).__name__} is not replaced", logging.INFO)
             continue
         module.set_processor(
             BlockSparseAttnProcessor(
-                config=cfg, dense_processor=current, allow_cpu_interpreter=allow_cpu_interpreter, shared_state=state,
-                backend=backend,
+                config=layer_cfg, dense_processor=current, allow_cpu_interpreter=allow_cpu_interpreter,
+                shared_state=state, backend=backend,
             )
         )
         replaced += 1
@@ -548,8 +748,7 @@ def enable_block_sparse_attention(
         logger.info("block-sparse attention (%s) on %d modules of %s with the %s backend",
                     cfg.to_option(), replaced, type(model).__name__, backend)
 
-    old = getattr(model, _HOOK_ATTR, None)
-    if old is not None:
+    for old in getattr(model, _HOOK_ATTR, None) or ():
         old.remove()
 
     def _record_grid(mod, args, kwargs):
@@ -558,7 +757,8 @@ def enable_block_sparse_attention(
         state.grid = _token_grid(mod, x)
         state.rope_cache = None
 
-    setattr(model, _HOOK_ATTR, model.register_forward_pre_hook(_record_grid, with_kwargs=True))
+    hooks = [model.register_forward_pre_hook(_record_grid, with_kwargs=True), *_grid_hooks(model)]
+    setattr(model, _HOOK_ATTR, hooks)
     return replaced
 
 
@@ -570,9 +770,10 @@ def disable_block_sparse_attention(model: torch.nn.Module) -> int:
         if isinstance(processor, BlockSparseAttnProcessor) and hasattr(module, "set_processor"):
             module.set_processor(processor.dense_processor or _stock_processor_for(module))
             restored += 1
-    hook = getattr(model, _HOOK_ATTR, None)
-    if hook is not None:
-        hook.remove()
+    hooks = getattr(model, _HOOK_ATTR, None)
+    if hooks is not None:
+        for hook in hooks:
+            hook.remove()
         delattr(model, _HOOK_ATTR)
     return restored
 

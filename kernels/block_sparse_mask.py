@@ -1,5 +1,9 @@
 """Adaptive block-mask construction (ASA-style) and 3-D space-time tiling of video tokens.
 
+Also the static spatio-temporal mask of Sliding Tile Attention (STA, arXiv 2502.04507): with the
+tokens in 3-D tiles, a query tile attends the key tiles inside a fixed window around it, with no
+score estimate; it depends only on the token grid, so it is built once per grid and reused.
+
 Plain torch: the estimate works on mean-pooled blocks, i.e. on a ``[Mq, Mk]`` score matrix per head
 (256 x 256 for 32k tokens and 128-token blocks), which costs well under 1% of the attention it
 gates; nothing here synchronises with the host, so it can be captured in a CUDA graph.
@@ -12,7 +16,15 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["BlockMaskResult", "block_mean_pool", "build_block_mask", "forced_block_mask", "tile_3d_permutation"]
+__all__ = [
+    "BlockMaskResult",
+    "block_mean_pool",
+    "build_block_mask",
+    "forced_block_mask",
+    "static_tile_mask",
+    "tile_3d_permutation",
+    "tile_window_mask",
+]
 
 
 class BlockMaskResult(NamedTuple):
@@ -149,3 +161,72 @@ def tile_3d_permutation(
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=device)
     return perm, inv
+
+
+def _window_starts(n: int, w: int, device) -> torch.Tensor:
+    """First tile of each query tile's window along one axis: centred, shifted inward at the edges."""
+    w = min(w, n)
+    q = torch.arange(n, device=device)
+    return (q - (w - 1) // 2).clamp(0, n - w)
+
+
+def tile_window_mask(
+    tile_grid: tuple[int, int, int],
+    window: tuple[int, int, int],
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """[n_tiles, n_tiles] bool over row-major tile coordinates: key tile inside the query tile's window.
+
+    Per axis the window covers ``min(w, n)`` consecutive tiles, centred on the query tile and shifted
+    inward at the grid's edges (as STA does), so every query tile sees the same number of key tiles.
+    """
+    axes = []
+    for n, w in zip(tile_grid, window):
+        start = _window_starts(n, w, device)[:, None]  # start: [n, 1]
+        k = torch.arange(n, device=device)[None, :]
+        axes.append((k >= start) & (k < start + min(w, n)))  # [n_q, n_k] along this axis
+    a_t, a_h, a_w = axes
+    nt, nh, nw = tile_grid
+    m = a_t[:, None, None, :, None, None] & a_h[None, :, None, None, :, None] & a_w[None, None, :, None, None, :]
+    return m.reshape(nt * nh * nw, nt * nh * nw)
+
+
+def static_tile_mask(
+    grid: tuple[int, int, int],
+    tile: tuple[int, int, int],
+    window: tuple[int, int, int],
+    block_m: int,
+    block_n: int,
+    *,
+    local: int = 0,
+    sinks: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Block mask [Mq, Mk] of the sliding-tile window for tokens in ``tile_3d_permutation`` order.
+
+    A (query block, key block) pair is kept when some token of the query block lies in a tile whose
+    window contains the tile of some token of the key block; this is exact when a block is one
+    tile (``tt*th*tw == block``) and conservative (never drops a windowed pair) otherwise. The
+    forced blocks of :func:`forced_block_mask` (diagonal +- ``local``, first ``sinks``) are added.
+    Built from [blocks, tiles] incidence matrices, so it costs O(blocks * tiles), not O(N^2).
+    """
+    T, H, W = grid
+    tt, th, tw = (max(1, int(s)) for s in tile)
+    tile_grid = (-(-T // tt), -(-H // th), -(-W // tw))
+    n_tiles = math.prod(tile_grid)
+    perm, _ = tile_3d_permutation(T, H, W, (tt, th, tw), device=device)
+    # tile of each token in tiled order (perm lists row-major token ids)
+    t, rest = perm // (H * W), perm % (H * W)
+    h, w = rest // W, rest % W
+    tile_of = ((t // tt) * tile_grid[1] + h // th) * tile_grid[2] + w // tw  # tile_of: [N]
+    n = T * H * W
+    pos = torch.arange(n, device=device)
+
+    def incidence(block: int) -> torch.Tensor:  # [ceil(N/block), n_tiles] float: block touches tile
+        inc = torch.zeros(-(-n // block), n_tiles, device=device)
+        inc[pos // block, tile_of] = 1.0
+        return inc
+
+    win = tile_window_mask(tile_grid, window, device=device).float()  # win: [n_tiles, n_tiles]
+    keep = (incidence(block_m) @ win @ incidence(block_n).T) > 0  # keep: [Mq, Mk]
+    return keep | forced_block_mask(n, n, block_m, block_n, diagonal=True, local=local, sinks=sinks, device=device)

@@ -498,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for SD-Turbo on an H200)")
     s.add_argument("--attention", default=None,
                    help='self-attention: "dense" (default, PyTorch SDPA), "xformers" (CUDA, needs the xformers '
-                        'package for the installed torch) or, on DiTs, "block_sparse(threshold=0.9,block=128)"')
+                        'package for the installed torch) or, on DiTs, "block_sparse(threshold=0.9,block=128)"; '
+                        '"block_sparse(mode=static,window=3x3x3,tile_3d=2x8x8)" for a fixed sliding-tile window (STA), '
+                        'table=FILE inside the parentheses for a per-layer JSON table')
     s.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's choice)")
     s.add_argument("--engine-process", action="store_true", default=None,
                    help="run the engine in a process of its own (ZeroMQ between the two), so that HTTP parsing, JSON "

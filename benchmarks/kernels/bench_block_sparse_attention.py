@@ -5,7 +5,8 @@ Sections (all on by default, pick with --sections):
   b  tile-config sweep of the dense mode at N=8192, D 64/128; the winners are used afterwards
   c  dense mode (all blocks kept) vs SDPA default / cuDNN, N 4k..32k, hidden 1536, bf16 -> TFLOP/s
   d  random block masks at 50/75/90% sparsity vs dense SDPA and compiled FlexAttention
-  e  cost of the ASA mask construction relative to the attention it gates
+  e  cost of the ASA mask construction relative to the attention it gates; static STA windows
+     (mode=static, built once per grid) on an 8x64x64 grid: build cost, attention time vs SDPA
   f  Wan2.1-T2V-1.3B-architecture transformer forward (random bf16 weights, 480x832, 81 frames):
      dense vs block-sparse processor (needs diffusers; --skip-wan)
 
@@ -97,7 +98,7 @@ except ImportError:  # run by path from a checkout without fewstep installed: lo
 
 from fewstep.kernels import attention_processor as ap  # noqa: E402
 from fewstep.kernels import block_sparse_attention as bsa  # noqa: E402
-from fewstep.kernels.block_sparse_mask import build_block_mask  # noqa: E402
+from fewstep.kernels.block_sparse_mask import build_block_mask, static_tile_mask  # noqa: E402
 from fewstep.kernels.reference import attention_ref, block_sparse_attention_ref, expand_block_mask  # noqa: E402
 
 SMOKE = ARGS.cpu_smoke
@@ -460,6 +461,42 @@ def section_e():
               f"-> overhead {100 * mask_ms / attn_ms:.1f}%")
         SUMMARY.append(f"e  N={n:<6} ASA mask {mask_ms:.3f} ms = {100 * mask_ms / attn_ms:.1f}% of gated attention "
                        f"(sparsity {sp:.2f}, smooth synthetic q/k)")
+    section_e_static(block)
+
+
+# static sliding-tile windows (STA): the mask depends only on the grid, so it is built once and the step pays
+# only the attention; windows in tiles of 2 x 8 x 8 = 128 tokens (SMOKE: 2 x 4 x 4 = 32)
+STA_WINDOWS = ((3, 3, 3), (3, 5, 5), (1, 5, 5))
+
+
+def section_e_static(block):
+    grid, tile = ((2, 8, 8), (2, 4, 4)) if SMOKE else ((8, 64, 64), (2, 8, 8))
+    n = math.prod(grid)
+    D = 128
+    H = HIDDEN // D
+    q, k, v = rand_qkv(1, H, n, n, D, torch.bfloat16)
+    sdpa_ms = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    log(f"e) static STA windows {STA_WINDOWS} on grid {grid}, tile {tile}, N={n}, D={D}")
+    for window in STA_WINDOWS:
+        def build(window=window):
+            mask = static_tile_mask(grid, tile, window, block, block, local=1, device=DEVICE)[None, None]
+            return mask, bsa.mask_to_indices(mask)
+
+        mask, (counts, indices) = build()
+        build_ms = bench_ms(build)
+        ms = bench_ms(lambda: bsa.block_sparse_attention(
+            q, k, v, kv_indices=indices, kv_counts=counts, block_m=block, block_n=block))
+        density = mask.float().mean().item()
+        wname = "x".join(map(str, window))
+        add_row("e", "sta_mask_build_once", build_ms, H=H, n_q=n, n_k=n, D=D, sparsity=1 - density, window=wname,
+                grid=list(grid), tile=list(tile))
+        add_row("e", "bsa_sta", ms, H=H, n_q=n, n_k=n, D=D, sparsity=1 - density, window=wname, grid=list(grid),
+                tile=list(tile), tflops=attn_tflops(1, H, n, n, D, ms, density), speedup_vs_sdpa=sdpa_ms / ms,
+                sdpa_ms=sdpa_ms)
+        print(f"  window {wname}: sparsity {1 - density:.2f}, attention {ms:.3f} ms vs sdpa {sdpa_ms:.3f} ms "
+              f"({sdpa_ms / ms:.2f}x); mask built once in {build_ms:.3f} ms")
+        SUMMARY.append(f"e  STA window {wname:<6} grid {'x'.join(map(str, grid))} sparsity {1 - density:.2f} "
+                       f"speed-up vs sdpa {sdpa_ms / ms:5.2f}x (mask once: {build_ms:.2f} ms)")
 
 
 # -- f: Wan transformer forward -------------------------------------------------------------------
@@ -519,6 +556,9 @@ def section_f():
     options = [
         ("asa", ARGS.wan_attention),
         ("top64", "block_sparse(threshold=none,topk=64,block=128,local=1,tile_3d=2x8x8)"),
+        # static windows over the 11 x 4 x 7 tiles of 2 x 8 x 8: 27 and 75 of 308 tiles (~91% / ~76% skipped)
+        ("sta333", "block_sparse(mode=static,window=3x3x3,block=128,local=1,tile_3d=2x8x8)"),
+        ("sta535", "block_sparse(mode=static,window=5x3x5,block=128,local=1,tile_3d=2x8x8)"),
         ("full", "block_sparse(threshold=1.0,block=128)"),
     ]
     if SMOKE:

@@ -53,3 +53,23 @@ def test_xformers_matches_sdpa_on_gpu(tiny_dir, name, size):
     b = xf(["a red circle"], [3], size, size, 2, 0.0).cpu().numpy()
     print(f"PSNR xformers {name}: {psnr(a, b):.1f} dB")
     assert psnr(a, b) >= 35
+
+
+def test_static_and_table_options_are_checked(tmp_path, tiny_dir):
+    opt = "block_sparse(mode=static,window=3x3x3,block=16,tile_3d=1x4x4)"
+    assert EngineConfig(attention=opt).attention == opt
+    with pytest.raises(ValueError, match="mode=static needs window"):
+        EngineConfig(attention="block_sparse(mode=static,block=16,tile_3d=1x4x4)")
+    with pytest.raises(ValueError, match="attention table .*cannot read it"):
+        EngineConfig(attention=f"block_sparse(block=16,table={tmp_path / 'missing.json'})")
+    table = tmp_path / "layers.json"
+    table.write_text('{"layers": {"transformer_blocks.0.attn1": "static(1x3x3)", "blocks.7.attn1": "dense"}}')
+    with pytest.raises(ValueError, match="unknown layer 'blocks.7.attn1'; valid: 0..1 or transformer_blocks.0.attn1, "
+                                         "transformer_blocks.1.attn1"):
+        FewStepPipeline(load_checkpoint(tiny_dir / "pixart"), attention=f"block_sparse(block=16,tile_3d=1x4x4,"
+                                                                        f"table={table})")
+    table.write_text('{"layers": {"transformer_blocks.0.attn1": "static(1x3x3)", "1": "dense"}}')
+    sparse = FewStepPipeline(load_checkpoint(tiny_dir / "pixart"),
+                             attention=f"block_sparse(block=16,tile_3d=1x4x4,table={table})")
+    procs = block_sparse_processors(sparse.denoiser)
+    assert len(procs) == 1 and procs[0].config.static and procs[0].config.window == (1, 3, 3)
