@@ -16,5 +16,6 @@ def test_cpu_smoke_writes_rows(tmp_path):
     providers = {(row["section"], row["provider"]) for row in data["rows"]}
     assert providers == {("cfg", "torch"), ("cfg", "fused"), ("adapter", "torch"), ("adapter", "fused"),
                          ("adapter", "linear_only"), ("nasa", "torch"), ("nasa", "fused"),
-                         ("nasa", "sdpa_positive_only")}
+                         ("nasa", "sdpa_positive_only"), ("nag", "torch"), ("nag", "fused"),
+                         ("nag", "fused_plain_nasa")}
     assert all(row["ok"] for row in data["rows"])
