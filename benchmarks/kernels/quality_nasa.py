@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -180,7 +181,7 @@ def _finish(args, meta: dict, rows: list, grid_cols, free: list[str], conflict: 
     import torch
 
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(), "command": "fewstep bench nasa-quality " + " ".join(sys.argv[1:]),
+            "commit": _commit(), "command": "fewstep bench nasa-quality " + shlex.join(sys.argv[1:]),
             "env": {"device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
                               "threads)", "torch": torch.__version__, "python": platform.python_version()},
             **meta, "wall_seconds": time.perf_counter() - t0}
