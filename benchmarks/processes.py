@@ -3,6 +3,7 @@ free local port. Shared by the reliability report (benchmarks/reliability.py) an
 
 from __future__ import annotations
 
+import platform
 import socket
 import sys
 from pathlib import Path
@@ -20,3 +21,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for benchmark records (Linux's /proc/cpuinfo; elsewhere what platform knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "?"

@@ -36,20 +36,15 @@ import httpx
 
 from fewstep.clients.bench_util import git_commit
 
-from .processes import fewstep_command, free_port
+from .processes import cpu_model, fewstep_command, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _env(argv: list[str]) -> dict:
     import datetime as dt
-    import platform
 
-    cpu = platform.processor() or "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "git_commit": git_commit(where=ROOT), "cpu": cpu, "cores": os.cpu_count(),

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from fewstep.benchmarks.processes import fewstep_command, free_port
+from fewstep.benchmarks.processes import cpu_model, fewstep_command, free_port
 from fewstep.clients.bench_util import git_commit
 
 SCENARIOS = {
@@ -1257,11 +1257,7 @@ RUNNERS = {"bad_inputs": scenario_bad_inputs, "overload": scenario_overload, "gi
 def environment(argv: list[str]) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    cpu = platform.processor() or "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     versions = {}
     for name in ("fewstep", "torch", "fastapi", "starlette", "uvicorn", "pydantic", "httpx", "websockets", "h11"):
         try:

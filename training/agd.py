@@ -37,7 +37,7 @@ from torch import nn
 from fewstep.engines.adapters import AdapterLinear, AdapterState, attach_adapters, load_adapters, save_adapters
 from fewstep.training.common import (JsonlLog, Stage, UsageError, bf16_autocast, log, pick_device, read_json,
                                      setup_torch, step_seed, write_json)
-from fewstep.training.export import load_export
+from fewstep.training.export import load_export, replace_dir
 from fewstep.training.loop import Trainer
 from fewstep.training.model import guided_velocity, served_sigmas, to_uint8_list, tokenize
 
@@ -345,14 +345,7 @@ def export_agd(denoiser: nn.Module, teacher_dir: Path, out_dir: Path, info: dict
         "method": "adapter guidance distillation (arXiv 2503.07274): one pass per step at guidance_scale > 1",
         "teacher": str(teacher_dir), **info}
     write_json(tmp / "model_index.json", index)
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + f".old{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
+    return replace_dir(tmp, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -107,6 +107,12 @@ def export_model(model: FewstepModel, tokenizer, out_dir: str | Path, fewstep: d
     write_json(tmp / "model_index.json", index)
     check_export(tmp)
 
+    return replace_dir(tmp, out_dir)
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> Path:
+    """Move a finished export ``tmp`` into place at ``out_dir``, replacing any earlier one only once the new one is
+    complete (a crash leaves the old export, never half of each)."""
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + f".old{os.getpid()}")
         os.replace(out_dir, old)
